@@ -1,0 +1,163 @@
+// Batch-norm CPU launchers: validate (common/batch_norm.h), allocate, do the per-channel math of
+// the statistics in float64, and run the SIMD kernels of the CPU's capability
+// (batch_norm_kernel.cpp). Registered under the CPU dispatch key.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <vector>
+
+#include "common/batch_norm.h"
+#include "cpu/batch_norm_kernel.h"
+#include "cpu/capability.h"
+
+namespace pyfastdl {
+namespace {
+
+const cpu::BatchNormKernels* kernels() {
+  switch (cpu::capability()) {
+    case cpu::Capability::AVX512: return cpu::batch_norm_kernels_AVX512();
+    case cpu::Capability::AVX2: return cpu::batch_norm_kernels_AVX2();
+    default: return cpu::batch_norm_kernels_DEFAULT();
+  }
+}
+
+// scale = weight * invstd, shift = bias - mean * scale, in the input dtype. Forward and backward
+// both take them from here, so the backward's ReLU mask (x * scale + shift > 0) is the forward's.
+template <typename T>
+void scale_shift(const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+                 const at::Tensor& mean, const at::Tensor& invstd, at::Tensor& scale, at::Tensor& shift) {
+  const int64_t C = mean.numel();
+  const bool has_w = weight.has_value() && weight->defined();
+  const bool has_b = bias.has_value() && bias->defined();
+  const at::Tensor w = has_w ? weight->contiguous() : at::Tensor();
+  const at::Tensor b = has_b ? bias->contiguous() : at::Tensor();
+  const T* wp = has_w ? w.const_data_ptr<T>() : nullptr;
+  const T* bp = has_b ? b.const_data_ptr<T>() : nullptr;
+  const T* mp = mean.const_data_ptr<T>();
+  const T* ip = invstd.const_data_ptr<T>();
+  T* sc = scale.mutable_data_ptr<T>();
+  T* sh = shift.mutable_data_ptr<T>();
+  for (int64_t c = 0; c < C; ++c) {
+    const T s = (wp ? wp[c] : T(1)) * ip[c];
+    sc[c] = s;
+    sh[c] = (bp ? bp[c] : T(0)) - mp[c] * s;
+  }
+}
+
+// Brings grad_out into the memory layout chosen for input.
+at::Tensor like_layout(const at::Tensor& g, const at::Tensor& x, const bn::Layout& L) {
+  if (!L.channels_last || g.dim() <= 3 || L.S == 1) return g.contiguous();
+  return g.contiguous(g.dim() == 4 ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::ChannelsLast3d);
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd_cpu(
+    const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
+    const c10::optional<at::Tensor>& running_var, bool training, double momentum, double eps,
+    bool relu) {
+  bn::check_fwd(input, weight, bias, running_mean, running_var, training, momentum, eps,
+                {at::kFloat, at::kDouble});
+  bn::Layout L;
+  const at::Tensor x = bn::to_kernel_layout(input, L);
+  const int64_t C = L.C;
+  at::Tensor y = at::empty_like(x);
+  at::Tensor save_mean = at::empty({C}, x.options());
+  at::Tensor save_invstd = at::empty({C}, x.options());
+  if (x.numel() == 0) {
+    save_mean.zero_();
+    save_invstd.zero_();
+    return {y, save_mean, save_invstd};
+  }
+  const bool has_running = running_mean.has_value() && running_mean->defined();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "batch_norm_fwd_cpu", [&] {
+    auto sm = save_mean.accessor<scalar_t, 1>();
+    auto si = save_invstd.accessor<scalar_t, 1>();
+    if (training) {
+      std::vector<double> mean(C), var(C);
+      kernels()->stats(x, L, mean.data(), var.data());
+      for (int64_t c = 0; c < C; ++c) {
+        sm[c] = static_cast<scalar_t>(mean[c]);
+        si[c] = static_cast<scalar_t>(1.0 / std::sqrt(var[c] + eps));
+      }
+      if (has_running) {
+        auto rm = running_mean->accessor<scalar_t, 1>();
+        auto rv = running_var->accessor<scalar_t, 1>();
+        const double n = static_cast<double>(L.reduce_size());
+        const double unbias = n / (n - 1);
+        for (int64_t c = 0; c < C; ++c) {
+          rm[c] = static_cast<scalar_t>((1 - momentum) * rm[c] + momentum * mean[c]);
+          rv[c] = static_cast<scalar_t>((1 - momentum) * rv[c] + momentum * var[c] * unbias);
+        }
+      }
+    } else {
+      auto rm = running_mean->accessor<scalar_t, 1>();
+      auto rv = running_var->accessor<scalar_t, 1>();
+      for (int64_t c = 0; c < C; ++c) {
+        sm[c] = rm[c];
+        si[c] = static_cast<scalar_t>(1.0 / std::sqrt(static_cast<double>(rv[c]) + eps));
+      }
+    }
+    at::Tensor scale = at::empty({C}, x.options()), shift = at::empty({C}, x.options());
+    scale_shift<scalar_t>(weight, bias, save_mean, save_invstd, scale, shift);
+    kernels()->apply(x, L, scale, shift, relu, y);
+  });
+  return {y, save_mean, save_invstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd_cpu(
+    const at::Tensor& grad_out, const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, const at::Tensor& save_mean,
+    const at::Tensor& save_invstd, bool training, bool relu) {
+  TORCH_CHECK(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble,
+              "batch_norm_bwd: input dtype ", input.scalar_type(), " is not supported on cpu");
+  bn::check_bwd(grad_out, input, save_mean, save_invstd);
+  bn::Layout L;
+  const at::Tensor x = bn::to_kernel_layout(input, L);
+  const at::Tensor g = like_layout(grad_out, x, L);
+  const int64_t C = L.C;
+  at::Tensor grad_input = at::empty_like(x);
+  at::Tensor grad_weight = at::zeros({C}, x.options());
+  at::Tensor grad_bias = at::zeros({C}, x.options());
+  if (x.numel() == 0) return {grad_input, grad_weight, grad_bias};
+  const at::Tensor mean = save_mean.contiguous(), invstd = save_invstd.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "batch_norm_bwd_cpu", [&] {
+    at::Tensor scale = at::empty({C}, x.options()), shift = at::empty({C}, x.options());
+    scale_shift<scalar_t>(weight, bias, mean, invstd, scale, shift);
+    std::vector<double> sum_g(C), sum_gx(C);
+    kernels()->bwd_reduce(g, x, L, scale, shift, mean, relu, sum_g.data(), sum_gx.data());
+    // grad_input = scale * (g' - sum_g / n - xhat * sum(g' * xhat) / n), xhat = (x - mean) * invstd
+    //            = a * g' + b * x + d
+    at::Tensor a = scale, b = at::zeros({C}, x.options()), d = at::zeros({C}, x.options());
+    const scalar_t* mp = mean.const_data_ptr<scalar_t>();
+    const scalar_t* ip = invstd.const_data_ptr<scalar_t>();
+    const scalar_t* sp = scale.const_data_ptr<scalar_t>();
+    scalar_t* gw = grad_weight.mutable_data_ptr<scalar_t>();
+    scalar_t* gb = grad_bias.mutable_data_ptr<scalar_t>();
+    scalar_t* bp = b.mutable_data_ptr<scalar_t>();
+    scalar_t* dp = d.mutable_data_ptr<scalar_t>();
+    const double n = static_cast<double>(L.reduce_size());
+    for (int64_t c = 0; c < C; ++c) {
+      gb[c] = static_cast<scalar_t>(sum_g[c]);
+      gw[c] = static_cast<scalar_t>(sum_gx[c] * ip[c]);
+      if (training) {
+        const double s = sp[c], is = ip[c];
+        const double bc = -s * is * is * sum_gx[c] / n;
+        bp[c] = static_cast<scalar_t>(bc);
+        dp[c] = static_cast<scalar_t>(-s * sum_g[c] / n - bc * mp[c]);
+      }
+    }
+    kernels()->bwd_apply(g, x, L, scale, shift, a, b, d, relu, grad_input);
+  });
+  return {grad_input, grad_weight, grad_bias};
+}
+
+TORCH_LIBRARY_IMPL(pyfastdl, CPU, m) {
+  m.impl("batch_norm_fwd", &batch_norm_fwd_cpu);
+  m.impl("batch_norm_bwd", &batch_norm_bwd_cpu);
+}
+
+}  // namespace pyfastdl

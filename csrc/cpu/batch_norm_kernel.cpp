@@ -1,0 +1,357 @@
+// Batch-norm CPU kernels (at::vec SIMD + ATen parallel_for), compiled once per capability:
+// setup.py defines CPU_CAPABILITY (DEFAULT, AVX2 or AVX512) and the matching -m flags.
+//
+// Two memory layouts (common/batch_norm.h):
+//   NCS: (N, C, S) contiguous. A "run" is one (n, c) row of S contiguous elements; the per-channel
+//        constants are broadcast scalars for the whole run.
+//   MC:  (M, C) contiguous, C innermost (channels_last, (N, C)). A row holds one element of every
+//        channel; the per-channel constants are loaded as vectors alongside.
+// Two generic loops cover all four kernels: reduce_* (two per-channel sums) and map_* (elementwise
+// with per-channel constants). The ops plugged into them hold the math.
+//
+// Determinism: reductions write one partial per run (NCS) or per fixed-size row block (MC) and sum
+// the partials in a fixed order, so results do not depend on the thread count.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <vector>
+
+#include "cpu/batch_norm_kernel.h"
+
+namespace pyfastdl {
+namespace cpu {
+namespace CPU_CAPABILITY {
+namespace {
+
+using at::vec::Vectorized;
+
+constexpr int64_t kGrain = 32768;  // elements per parallel task, below which one thread runs
+constexpr int kMaxK = 5;            // per-channel constants an op can take
+
+template <typename T>
+double hsum(const Vectorized<T>& v) {
+  alignas(64) T buf[Vectorized<T>::size()];
+  v.store(buf);
+  double s = 0;
+  for (int i = 0; i < Vectorized<T>::size(); ++i) s += buf[i];
+  return s;
+}
+
+// Per-channel constants for one position: broadcast (NCS) or loaded at channel offset j (MC).
+template <typename T>
+struct Consts {
+  Vectorized<T> v[kMaxK];
+};
+
+template <typename T, int NK>
+struct ConstPtrs {
+  const T* p[NK > 0 ? NK : 1];
+  Consts<T> broadcast(int64_t c) const {
+    Consts<T> k;
+    for (int i = 0; i < NK; ++i) k.v[i] = Vectorized<T>(p[i][c]);
+    return k;
+  }
+  Consts<T> load(int64_t j, int64_t count = Vectorized<T>::size()) const {
+    Consts<T> k;
+    for (int i = 0; i < NK; ++i) k.v[i] = Vectorized<T>::loadu(p[i] + j, count);
+    return k;
+  }
+};
+
+// ---- generic per-channel reduction: s1[c] = sum op.first(x, g, k), s2[c] = sum op.second(...) --
+
+// Op: void operator()(Vec x, Vec g, const Consts& k, Vec& acc1, Vec& acc2) adds one vector's terms.
+// Masked tail: terms are computed into zeroed vectors and blended so padding lanes add nothing.
+template <typename T, int NK, typename Op>
+void reduce_ncs(const T* x, const T* g, const bn::Layout& L, const ConstPtrs<T, NK>& kp, Op op,
+                double* out1, double* out2) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  const int64_t rows = L.N * L.C, S = L.S, C = L.C;
+  std::vector<double> part(2 * rows);
+  at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / std::max<int64_t>(S, 1)),
+                   [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t c = r % C;
+      const T* xr = x + r * S;
+      const T* gr = g + r * S;
+      const Consts<T> k = kp.broadcast(c);
+      Vec a1(0), a2(0), b1(0), b2(0);
+      int64_t i = 0;
+      for (; i + 2 * W <= S; i += 2 * W) {
+        op(Vec::loadu(xr + i), Vec::loadu(gr + i), k, a1, a2);
+        op(Vec::loadu(xr + i + W), Vec::loadu(gr + i + W), k, b1, b2);
+      }
+      for (; i < S; i += W) {
+        const int64_t n = std::min<int64_t>(W, S - i);
+        Vec t1(0), t2(0);
+        op(Vec::loadu(xr + i, n), Vec::loadu(gr + i, n), k, t1, t2);
+        a1 = a1 + Vec::set(Vec(0), t1, n);
+        a2 = a2 + Vec::set(Vec(0), t2, n);
+      }
+      part[2 * r] = hsum(a1 + b1);
+      part[2 * r + 1] = hsum(a2 + b2);
+    }
+  });
+  for (int64_t c = 0; c < C; ++c) {
+    double s1 = 0, s2 = 0;
+    for (int64_t n = 0; n < L.N; ++n) {
+      s1 += part[2 * (n * C + c)];
+      s2 += part[2 * (n * C + c) + 1];
+    }
+    out1[c] = s1;
+    out2[c] = s2;
+  }
+}
+
+// Rows of an (M, C) block that fill about 16 KB (L1) — the channel tiles walk such a block in turn.
+template <typename T>
+int64_t l1_rows(int64_t C) {
+  return std::max<int64_t>(1, (16384 / static_cast<int64_t>(sizeof(T))) / C);
+}
+
+template <typename T, int NK, typename Op>
+void reduce_mc(const T* x, const T* g, const bn::Layout& L, const ConstPtrs<T, NK>& kp, Op op,
+               double* out1, double* out2) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  const int64_t M = L.N * L.S, C = L.C;
+  // A task sums SB rows (at most 1024 terms per lane in T, ~256 K elements) into one partial; the
+  // partials are summed in float64 in a fixed order. Inside a task, L1-sized sub-blocks of RB rows
+  // are walked once per channel tile, the running sums kept in acc (C,).
+  const int64_t SB = std::max<int64_t>(1, std::min<int64_t>(1024, 262144 / C));
+  const int64_t RB = std::min(SB, l1_rows<T>(C));
+  const int64_t nb = (M + SB - 1) / SB;
+  std::vector<double> part(2 * nb * C);
+  at::parallel_for(0, nb, std::max<int64_t>(1, kGrain / (SB * C)), [&](int64_t b0, int64_t b1) {
+    std::vector<T> acc(2 * C);
+    for (int64_t b = b0; b < b1; ++b) {
+      std::fill(acc.begin(), acc.end(), T(0));
+      const int64_t end = std::min(M, (b + 1) * SB);
+      for (int64_t r0 = b * SB; r0 < end; r0 += RB) {
+        const int64_t r1 = std::min(end, r0 + RB);
+        for (int64_t j = 0; j < C; j += W) {
+          const int64_t n = std::min<int64_t>(W, C - j);
+          const Consts<T> k = kp.load(j, n);
+          Vec a1 = Vec::loadu(acc.data() + j, n), a2 = Vec::loadu(acc.data() + C + j, n);
+          if (n == W) {
+            for (int64_t m = r0; m < r1; ++m)
+              op(Vec::loadu(x + m * C + j), Vec::loadu(g + m * C + j), k, a1, a2);
+          } else {
+            for (int64_t m = r0; m < r1; ++m) {
+              Vec t1(0), t2(0);
+              op(Vec::loadu(x + m * C + j, n), Vec::loadu(g + m * C + j, n), k, t1, t2);
+              a1 = a1 + Vec::set(Vec(0), t1, n);
+              a2 = a2 + Vec::set(Vec(0), t2, n);
+            }
+          }
+          a1.store(acc.data() + j, n);
+          a2.store(acc.data() + C + j, n);
+        }
+      }
+      double* p = part.data() + 2 * b * C;
+      for (int64_t c = 0; c < 2 * C; ++c) p[c] = acc[c];
+    }
+  });
+  for (int64_t c = 0; c < C; ++c) out1[c] = out2[c] = 0;
+  for (int64_t b = 0; b < nb; ++b) {
+    const double* p = part.data() + 2 * b * C;
+    for (int64_t c = 0; c < C; ++c) {
+      out1[c] += p[c];
+      out2[c] += p[C + c];
+    }
+  }
+}
+
+template <typename T, int NK, typename Op>
+void reduce(const T* x, const T* g, const bn::Layout& L, const ConstPtrs<T, NK>& kp, Op op,
+            double* out1, double* out2) {
+  if (L.channels_last)
+    reduce_mc<T, NK>(x, g, L, kp, op, out1, out2);
+  else
+    reduce_ncs<T, NK>(x, g, L, kp, op, out1, out2);
+}
+
+// ---- generic elementwise map with per-channel constants: out = op(x, g, k) ----------------------
+
+template <typename T, int NK, typename Op>
+void map(const T* x, const T* g, const bn::Layout& L, const ConstPtrs<T, NK>& kp, Op op, T* out) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  const int64_t C = L.C;
+  if (!L.channels_last) {
+    const int64_t rows = L.N * C, S = L.S;
+    at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / std::max<int64_t>(S, 1)),
+                     [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const Consts<T> k = kp.broadcast(r % C);
+        const T* xr = x + r * S;
+        const T* gr = g + r * S;
+        T* o = out + r * S;
+        int64_t i = 0;
+        for (; i + 2 * W <= S; i += 2 * W) {
+          op(Vec::loadu(xr + i), Vec::loadu(gr + i), k).store(o + i);
+          op(Vec::loadu(xr + i + W), Vec::loadu(gr + i + W), k).store(o + i + W);
+        }
+        for (; i < S; i += W) {
+          const int64_t n = std::min<int64_t>(W, S - i);
+          op(Vec::loadu(xr + i, n), Vec::loadu(gr + i, n), k).store(o + i, n);
+        }
+      }
+    });
+  } else {
+    const int64_t M = L.N * L.S, RB = l1_rows<T>(C);
+    at::parallel_for(0, M, std::max<int64_t>(1, kGrain / C), [&](int64_t m0, int64_t m1) {
+      // L1-sized row blocks; channel tiles outside, rows inside: a tile's constants stay in registers.
+      for (int64_t r0 = m0; r0 < m1; r0 += RB) {
+        const int64_t r1 = std::min(m1, r0 + RB);
+        for (int64_t j = 0; j < C; j += W) {
+          const int64_t n = std::min<int64_t>(W, C - j);
+          const Consts<T> k = kp.load(j, n);
+          if (n == W) {
+            for (int64_t m = r0; m < r1; ++m)
+              op(Vec::loadu(x + m * C + j), Vec::loadu(g + m * C + j), k).store(out + m * C + j);
+          } else {
+            for (int64_t m = r0; m < r1; ++m)
+              op(Vec::loadu(x + m * C + j, n), Vec::loadu(g + m * C + j, n), k).store(out + m * C + j, n);
+          }
+        }
+      }
+    });
+  }
+}
+
+// ---- the batch-norm math ------------------------------------------------------------------------
+
+template <typename T>
+void stats_impl(const at::Tensor& x_, const bn::Layout& L, double* mean, double* var) {
+  const T* x = x_.const_data_ptr<T>();
+  const int64_t C = L.C;
+  // Shift every channel by its first element: sums of (x - k) stay small when |mean| >> std.
+  std::vector<T> shift(C);
+  for (int64_t c = 0; c < C; ++c) shift[c] = L.channels_last ? x[c] : x[c * L.S];
+  ConstPtrs<T, 1> kp{{shift.data()}};
+  using Vec = Vectorized<T>;
+  std::vector<double> s1(C), s2(C);
+  reduce<T, 1>(x, x, L, kp,
+               [](Vec xv, Vec, const Consts<T>& k, Vec& a1, Vec& a2) {
+                 const Vec d = xv - k.v[0];
+                 a1 = a1 + d;
+                 a2 = at::vec::fmadd(d, d, a2);
+               },
+               s1.data(), s2.data());
+  const double n = static_cast<double>(L.reduce_size());
+  for (int64_t c = 0; c < C; ++c) {
+    const double m = s1[c] / n;
+    mean[c] = static_cast<double>(shift[c]) + m;
+    var[c] = std::max(s2[c] / n - m * m, 0.0);
+  }
+}
+
+template <typename T, bool Relu>
+void apply_impl(const at::Tensor& x, const bn::Layout& L, const at::Tensor& scale,
+                const at::Tensor& shift, at::Tensor& y) {
+  using Vec = Vectorized<T>;
+  ConstPtrs<T, 2> kp{{scale.const_data_ptr<T>(), shift.const_data_ptr<T>()}};
+  const T* xp = x.const_data_ptr<T>();
+  map<T, 2>(xp, xp, L, kp,
+            [](Vec xv, Vec, const Consts<T>& k) {
+              const Vec yv = at::vec::fmadd(xv, k.v[0], k.v[1]);
+              return Relu ? at::vec::maximum(yv, Vec(0)) : yv;
+            },
+            y.mutable_data_ptr<T>());
+}
+
+// The ReLU-masked gradient: g where x * scale + shift > 0 (the forward's output), else 0.
+template <typename T, bool Relu>
+inline Vectorized<T> masked_grad(const Vectorized<T>& xv, const Vectorized<T>& gv, const Consts<T>& k) {
+  if (!Relu) return gv;
+  const Vectorized<T> yv = at::vec::fmadd(xv, k.v[0], k.v[1]);
+  return Vectorized<T>::blendv(Vectorized<T>(0), gv, yv > Vectorized<T>(0));
+}
+
+template <typename T, bool Relu>
+void bwd_reduce_impl(const at::Tensor& g, const at::Tensor& x, const bn::Layout& L,
+                     const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& mean,
+                     double* sum_g, double* sum_gx) {
+  using Vec = Vectorized<T>;
+  ConstPtrs<T, 3> kp{{scale.const_data_ptr<T>(), shift.const_data_ptr<T>(), mean.const_data_ptr<T>()}};
+  reduce<T, 3>(x.const_data_ptr<T>(), g.const_data_ptr<T>(), L, kp,
+               [](Vec xv, Vec gv, const Consts<T>& k, Vec& a1, Vec& a2) {
+                 const Vec gp = masked_grad<T, Relu>(xv, gv, k);
+                 a1 = a1 + gp;
+                 a2 = at::vec::fmadd(gp, xv - k.v[2], a2);
+               },
+               sum_g, sum_gx);
+}
+
+template <typename T, bool Relu>
+void bwd_apply_impl(const at::Tensor& g, const at::Tensor& x, const bn::Layout& L,
+                    const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& a,
+                    const at::Tensor& b, const at::Tensor& d, at::Tensor& gi) {
+  using Vec = Vectorized<T>;
+  ConstPtrs<T, 5> kp{{scale.const_data_ptr<T>(), shift.const_data_ptr<T>(), a.const_data_ptr<T>(),
+                      b.const_data_ptr<T>(), d.const_data_ptr<T>()}};
+  map<T, 5>(x.const_data_ptr<T>(), g.const_data_ptr<T>(), L, kp,
+            [](Vec xv, Vec gv, const Consts<T>& k) {
+              const Vec gp = masked_grad<T, Relu>(xv, gv, k);
+              return at::vec::fmadd(k.v[2], gp, at::vec::fmadd(k.v[3], xv, k.v[4]));
+            },
+            gi.mutable_data_ptr<T>());
+}
+
+// ---- type/flag dispatch into the table ----------------------------------------------------------
+
+void stats(const at::Tensor& x, const bn::Layout& L, double* mean, double* var) {
+  if (x.scalar_type() == at::kDouble)
+    stats_impl<double>(x, L, mean, var);
+  else
+    stats_impl<float>(x, L, mean, var);
+}
+
+void apply(const at::Tensor& x, const bn::Layout& L, const at::Tensor& scale,
+           const at::Tensor& shift, bool relu, at::Tensor& y) {
+  const bool dbl = x.scalar_type() == at::kDouble;
+  if (dbl)
+    relu ? apply_impl<double, true>(x, L, scale, shift, y) : apply_impl<double, false>(x, L, scale, shift, y);
+  else
+    relu ? apply_impl<float, true>(x, L, scale, shift, y) : apply_impl<float, false>(x, L, scale, shift, y);
+}
+
+void bwd_reduce(const at::Tensor& g, const at::Tensor& x, const bn::Layout& L,
+                const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& mean, bool relu,
+                double* sum_g, double* sum_gx) {
+  if (x.scalar_type() == at::kDouble)
+    relu ? bwd_reduce_impl<double, true>(g, x, L, scale, shift, mean, sum_g, sum_gx)
+         : bwd_reduce_impl<double, false>(g, x, L, scale, shift, mean, sum_g, sum_gx);
+  else
+    relu ? bwd_reduce_impl<float, true>(g, x, L, scale, shift, mean, sum_g, sum_gx)
+         : bwd_reduce_impl<float, false>(g, x, L, scale, shift, mean, sum_g, sum_gx);
+}
+
+void bwd_apply(const at::Tensor& g, const at::Tensor& x, const bn::Layout& L,
+               const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& a,
+               const at::Tensor& b, const at::Tensor& d, bool relu, at::Tensor& gi) {
+  if (x.scalar_type() == at::kDouble)
+    relu ? bwd_apply_impl<double, true>(g, x, L, scale, shift, a, b, d, gi)
+         : bwd_apply_impl<double, false>(g, x, L, scale, shift, a, b, d, gi);
+  else
+    relu ? bwd_apply_impl<float, true>(g, x, L, scale, shift, a, b, d, gi)
+         : bwd_apply_impl<float, false>(g, x, L, scale, shift, a, b, d, gi);
+}
+
+const BatchNormKernels kTable{&stats, &apply, &bwd_reduce, &bwd_apply};
+
+}  // namespace
+}  // namespace CPU_CAPABILITY
+
+#define PYFASTDL_CAT_(a, b) a##b
+#define PYFASTDL_CAT(a, b) PYFASTDL_CAT_(a, b)
+const BatchNormKernels* PYFASTDL_CAT(batch_norm_kernels_, CPU_CAPABILITY)() {
+  return &CPU_CAPABILITY::kTable;
+}
+
+}  // namespace cpu
+}  // namespace pyfastdl

@@ -1,0 +1,38 @@
+// Batch-norm CPU kernels, one table per SIMD capability (batch_norm_kernel.cpp is compiled once per
+// capability; batch_norm.cpp picks the table at run time). Kernels trust their arguments: the
+// launcher in batch_norm.cpp has validated shapes, dtypes (float32/float64) and layouts.
+//
+// Every per-channel constant tensor below is (C,) contiguous in the input's dtype.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include "common/batch_norm.h"
+
+namespace pyfastdl {
+namespace cpu {
+
+struct BatchNormKernels {
+  // Per-channel mean and biased variance of x, numerically stable (sums shifted by the channel's
+  // first element, partial sums of short runs combined in float64). mean, var: (C,) float64.
+  void (*stats)(const at::Tensor& x, const bn::Layout& layout, double* mean, double* var);
+  // y = x * scale + shift, then max(y, 0) when relu.                          y: like x
+  void (*apply)(const at::Tensor& x, const bn::Layout& layout, const at::Tensor& scale,
+                const at::Tensor& shift, bool relu, at::Tensor& y);
+  // g' = g, or g where (x * scale + shift > 0) when relu;
+  // sum_g[c] = sum g', sum_gx[c] = sum g' * (x - mean[c]). sum_g, sum_gx: (C,) float64.
+  void (*bwd_reduce)(const at::Tensor& g, const at::Tensor& x, const bn::Layout& layout,
+                     const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& mean,
+                     bool relu, double* sum_g, double* sum_gx);
+  // grad_input = a * g' + b * x + d (g' as above).                   grad_input: like x
+  void (*bwd_apply)(const at::Tensor& g, const at::Tensor& x, const bn::Layout& layout,
+                    const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& a,
+                    const at::Tensor& b, const at::Tensor& d, bool relu, at::Tensor& grad_input);
+};
+
+const BatchNormKernels* batch_norm_kernels_DEFAULT();
+const BatchNormKernels* batch_norm_kernels_AVX2();
+const BatchNormKernels* batch_norm_kernels_AVX512();
+
+}  // namespace cpu
+}  // namespace pyfastdl

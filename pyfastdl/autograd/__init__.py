@@ -1,0 +1,4 @@
+"""torch.autograd.Function subclasses whose forward and backward call the registered ops."""
+from .batch_norm import BatchNormFunction
+
+__all__ = ["BatchNormFunction"]

@@ -1,0 +1,170 @@
+"""Which implementation runs: one place decides (DESIGN.md, "Backends").
+
+Backends: ``cpu`` (C++ kernels, CPU tensors), ``cuda`` (CUDA C++ kernels, CUDA tensors), ``triton``
+(Triton kernels; CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``) and ``reference`` (the
+notes' pure-Python math, following torch's conventions).
+
+Default: ``cpu`` for CPU tensors, ``cuda`` for CUDA tensors. ``use(name)`` (a setter and a context
+manager) or the environment variable ``PYFASTDL_BACKEND`` chooses another; an explicitly chosen
+backend that is not built, or does not run on the tensor's device, raises. When a kernel does not
+cover a case (a dtype, say) the call falls back visibly -- ``last_dispatch()`` says what ran and why --
+and with ``PYFASTDL_STRICT=1`` the fallback raises instead.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import importlib
+import logging
+import os
+import threading
+
+import torch
+
+__all__ = ["NAMES", "built", "available", "use", "current", "last_dispatch", "strict", "Dispatch",
+           "BackendError", "resolve", "ops", "record"]
+
+NAMES = ("cpu", "cuda", "triton", "reference")
+_log = logging.getLogger("pyfastdl.backends")
+_state = threading.local()
+
+
+class BackendError(RuntimeError):
+    """A backend was asked for that cannot run this call, or a fallback was refused (strict mode)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Dispatch:
+    """What ran for the last pyfastdl call of this thread."""
+    op: str
+    backend: str              # "cpu" | "cuda" | "triton" | "reference" | "torch"
+    fallback: str | None = None  # why the intended backend did not run, when it did not
+
+
+def _build_info() -> dict:
+    info = {}
+    for item in torch.ops.pyfastdl.build_info().split(";"):
+        key, _, value = item.partition("=")
+        info[key] = value
+    return info
+
+
+@functools.lru_cache(None)
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def strict() -> bool:
+    """True when PYFASTDL_STRICT=1: every fallback raises."""
+    return os.environ.get("PYFASTDL_STRICT", "0").lower() not in ("", "0", "false", "no", "off")
+
+
+def built() -> dict:
+    """Which backends this installation has: {"cpu": True, "cuda": bool, "triton": bool, "reference": True}."""
+    return {"cpu": True, "cuda": _build_info().get("cuda") == "1", "triton": _triton_importable(),
+            "reference": True}
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def available(device: torch.device | str) -> list[str]:
+    """The backends that can run tensors on ``device`` here, fastest first."""
+    device = torch.device(device)
+    b = built()
+    if device.type == "cpu":
+        names = ["cpu"] + (["triton"] if b["triton"] and _interpreting() else [])
+    elif device.type == "cuda":
+        names = (["cuda"] if b["cuda"] else []) + (["triton"] if b["triton"] else [])
+    else:
+        names = []
+    return names + ["reference"]
+
+
+def current() -> str | None:
+    """The explicitly chosen backend (``use`` or PYFASTDL_BACKEND), or None for the default."""
+    chosen = getattr(_state, "chosen", None)
+    if chosen is not None:
+        return chosen
+    env = os.environ.get("PYFASTDL_BACKEND", "").strip().lower()
+    return env or None
+
+
+class use(contextlib.ContextDecorator):
+    """Choose the backend: ``pyfastdl.backends.use("triton")`` sets it for this thread;
+    ``with pyfastdl.backends.use("triton"): ...`` sets it for the block. ``use(None)`` restores the
+    default choice."""
+
+    def __init__(self, name: str | None):
+        if name is not None and name not in NAMES:
+            raise ValueError(f"unknown backend {name!r}; expected one of {NAMES} or None")
+        self._previous = getattr(_state, "chosen", None)
+        _state.chosen = name
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        _state.chosen = self._previous
+        return False
+
+
+def record(op: str, backend: str, fallback: str | None = None) -> None:
+    """Notes what ran; a fallback raises under PYFASTDL_STRICT=1 and is logged otherwise."""
+    if fallback is not None:
+        if strict():
+            raise BackendError(f"pyfastdl.{op}: {fallback}; refusing to fall back to {backend} "
+                               "because PYFASTDL_STRICT=1")
+        _log.info("pyfastdl.%s: %s; running %s", op, fallback, backend)
+    _state.last = Dispatch(op, backend, fallback)
+
+
+def last_dispatch() -> Dispatch | None:
+    """The backend that ran the last pyfastdl call of this thread (and the fallback reason, if any)."""
+    return getattr(_state, "last", None)
+
+
+def resolve(op: str, device: torch.device, covers) -> tuple[str, str | None]:
+    """Picks the backend for ``op`` on ``device``. ``covers(backend)`` returns None when that backend's
+    kernel handles the call, or the reason it does not. Returns (backend, fallback_reason); backend
+    "torch" means PyTorch's own op."""
+    chosen = current()
+    names = available(device)
+    if chosen is not None:
+        if chosen not in NAMES:
+            raise BackendError(f"PYFASTDL_BACKEND={chosen!r} is not one of {NAMES}")
+        if chosen not in names:
+            why = ("not built in this installation" if not built().get(chosen, False)
+                   else f"does not run {device.type} tensors"
+                   + (" (set TRITON_INTERPRET=1 before importing triton for CPU tensors)"
+                      if chosen == "triton" and device.type == "cpu" else ""))
+            raise BackendError(f"pyfastdl.{op}: backend {chosen!r} was requested but it is {why}")
+        reason = covers(chosen)
+        if reason is None:
+            return chosen, None
+        return "torch", f"backend {chosen!r} does not cover this call ({reason})"
+    intended = "cuda" if device.type == "cuda" else "cpu"
+    if intended not in names:
+        kernels = [n for n in names if n != "reference" and covers(n) is None]
+        why = f"backend {intended!r} is not built" if device.type in ("cpu", "cuda") else \
+            f"no pyfastdl backend runs {device.type} tensors"
+        return (kernels[0] if kernels else "torch"), why
+    reason = covers(intended)
+    if reason is None:
+        return intended, None
+    return "torch", f"backend {intended!r} does not cover this call ({reason})"
+
+
+def ops(backend: str, family: str):
+    """The op namespace of a kernel backend: torch.ops.pyfastdl (cpu, cuda) or, for triton,
+    torch.ops.pyfastdl_triton after importing that family's kernels (pyfastdl/triton_kernels/<family>.py)."""
+    if backend == "triton":
+        importlib.import_module(f"pyfastdl.triton_kernels.{family}")
+        return torch.ops.pyfastdl_triton
+    return torch.ops.pyfastdl

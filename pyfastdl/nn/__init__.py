@@ -1,0 +1,4 @@
+"""Drop-in modules for torch.nn: same constructor arguments, parameter and buffer names."""
+from .batch_norm import BatchNorm1d, BatchNorm2d, BatchNorm3d
+
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]

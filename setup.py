@@ -1,0 +1,138 @@
+"""Build of pyfastdl and its extension pyfastdl._C.
+
+    pip install --no-build-isolation -e .
+
+Environment:
+    PYFASTDL_CUDA=auto|0|1   build the CUDA sources (auto: when torch has CUDA and nvcc is found)
+    TORCH_CUDA_ARCH_LIST     GPU archs (default "8.0;9.0")
+    MAX_JOBS                 parallel compile jobs (ninja)
+
+CPU kernels with SIMD (csrc/cpu/*_kernel.cpp) are compiled once per capability (DEFAULT, AVX2,
+AVX512), each with its own flags and `CPU_CAPABILITY` namespace, and chosen at run time from what the
+CPU supports (csrc/cpu/capability.h), the way ATen's own dispatch works.
+"""
+import concurrent.futures
+import glob
+import os
+import shutil
+import sys
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _find_cuda_home():
+    """nvcc may sit on PATH as a symlink (/usr/local/bin/nvcc); torch would then guess CUDA_HOME wrong."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        os.environ["CUDA_HOME"] = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+
+
+_find_cuda_home()
+
+import torch  # noqa: E402
+from torch.utils import cpp_extension  # noqa: E402
+
+CAPABILITIES = {
+    "DEFAULT": [],
+    "AVX2": ["-mavx2", "-mfma", "-mf16c"],
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mavx2", "-mf16c"],
+}
+
+
+def _want_cuda():
+    mode = os.environ.get("PYFASTDL_CUDA", "auto").lower()
+    found = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None and (
+        shutil.which("nvcc") or os.path.exists(os.path.join(cpp_extension.CUDA_HOME or "", "bin", "nvcc")))
+    if mode in ("0", "off", "false", "no"):
+        return False
+    if mode in ("1", "on", "true", "yes"):
+        if not found:
+            sys.exit("PYFASTDL_CUDA=1 but torch has no CUDA or nvcc was not found")
+        return True
+    return bool(found)
+
+
+def _nvidia_include_dirs():
+    """Headers that torch's own nvidia wheels ship (cusparse.h & co) for the CUDA build."""
+    dirs = []
+    for sp in sys.path:
+        for sub in ("nvidia/cu13/include", "nvidia/cu12/include"):
+            p = os.path.join(sp, sub)
+            if os.path.isdir(p) and p not in dirs:
+                dirs.append(p)
+        dirs += [d for d in glob.glob(os.path.join(sp, "nvidia", "*", "include")) if d not in dirs]
+    return dirs
+
+
+WITH_CUDA = _want_cuda()
+if WITH_CUDA:
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+
+CXX_FLAGS = ["-O3", "-std=c++20", "-fno-math-errno"]
+NVCC_FLAGS = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]
+
+simd_sources = sorted(glob.glob("csrc/cpu/*_kernel.cpp"))
+plain_sources = ["csrc/ops.cpp"] + sorted(s for s in glob.glob("csrc/cpu/*.cpp") if s not in simd_sources)
+cuda_sources = sorted(glob.glob("csrc/cuda/*.cu")) if WITH_CUDA else []
+
+macros = [("PYFASTDL_WITH_CUDA", "1" if WITH_CUDA else "0"),
+          ("PYFASTDL_CUDA_ARCHS", '"%s"' % os.environ.get("TORCH_CUDA_ARCH_LIST", "") if WITH_CUDA else '""')]
+
+Ext = cpp_extension.CUDAExtension if WITH_CUDA else cpp_extension.CppExtension
+ext = Ext(
+    name="pyfastdl._C",
+    sources=plain_sources + cuda_sources,
+    include_dirs=[os.path.join(ROOT, "csrc")] + (_nvidia_include_dirs() if WITH_CUDA else []),
+    define_macros=macros,
+    extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS} if WITH_CUDA else CXX_FLAGS,
+    py_limited_api=False,
+)
+
+
+class BuildExt(cpp_extension.BuildExtension):
+    """Compiles each SIMD kernel source once per CPU capability, then links them into pyfastdl._C."""
+
+    def build_extensions(self):
+        for e in self.extensions:
+            def compile_cap(item):
+                cap, flags = item
+                return self.compiler.compile(
+                    simd_sources,
+                    output_dir=os.path.join(self.build_temp, "cap_" + cap),
+                    macros=[("CPU_CAPABILITY", cap), ("CPU_CAPABILITY_" + cap, None)] + macros,
+                    include_dirs=e.include_dirs + cpp_extension.include_paths(),
+                    extra_postargs=CXX_FLAGS + flags + ["-fPIC", "-g0"] + self._abi_flags(),
+                )
+
+            jobs = int(os.environ.get("MAX_JOBS") or os.cpu_count() or 1)
+            with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
+                objects = [o for objs in pool.map(compile_cap, CAPABILITIES.items()) for o in objs]
+            e.extra_objects = list(e.extra_objects or []) + objects
+        super().build_extensions()
+
+    @staticmethod
+    def _abi_flags():
+        return ["-D_GLIBCXX_USE_CXX11_ABI=%d" % int(torch._C._GLIBCXX_USE_CXX11_ABI),
+                "-DTORCH_API_INCLUDE_EXTENSION_H", "-DTORCH_EXTENSION_NAME=_C"]
+
+
+setup(
+    name="pyfastdl",
+    version="0.1.0",
+    description="Hand-written C++, CUDA and Triton kernels for classic deep-learning layers, "
+                "as drop-in replacements for torch.nn / torch.nn.functional / torch.optim",
+    packages=["pyfastdl", "pyfastdl.autograd", "pyfastdl.nn", "pyfastdl.optim", "pyfastdl.reference",
+              "pyfastdl.bench", "pyfastdl.triton_kernels"],
+    package_dir={"pyfastdl.triton_kernels": "triton_kernels"},
+    ext_modules=[ext],
+    cmdclass={"build_ext": BuildExt.with_options(use_ninja=True)},
+    python_requires=">=3.10",
+    install_requires=["torch>=2.6", "numpy"],
+    extras_require={"test": ["pytest", "pytest-benchmark"], "bench": ["matplotlib", "tqdm"],
+                    "triton": ["triton"]},
+    zip_safe=False,
+)
