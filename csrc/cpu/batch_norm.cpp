@@ -23,27 +23,28 @@ const cpu::BatchNormKernels* kernels() {
   }
 }
 
-// scale = weight * invstd, shift = bias - mean * scale, in the input dtype. Forward and backward
-// both take them from here, so the backward's ReLU mask (x * scale + shift > 0) is the forward's.
+// The kernels' per-channel constants (cpu/batch_norm_kernel.h): m1 = mean rounded to T,
+// m2 = the rest of the float64 mean (nullptr: 0), scale = weight * invstd, bias (None: 0).
+// Forward and backward both build them here, so the backward's ReLU mask is the forward's.
 template <typename T>
-void scale_shift(const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
-                 const at::Tensor& mean, const at::Tensor& invstd, at::Tensor& scale, at::Tensor& shift) {
-  const int64_t C = mean.numel();
+cpu::NormConsts norm_consts(const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+                            const at::Tensor& m1, const double* mean, const at::Tensor& invstd) {
+  const int64_t C = m1.numel();
+  cpu::NormConsts k{m1, at::zeros({C}, m1.options()), at::empty({C}, m1.options()),
+                    at::zeros({C}, m1.options())};
   const bool has_w = weight.has_value() && weight->defined();
-  const bool has_b = bias.has_value() && bias->defined();
   const at::Tensor w = has_w ? weight->contiguous() : at::Tensor();
-  const at::Tensor b = has_b ? bias->contiguous() : at::Tensor();
+  if (bias.has_value() && bias->defined()) k.bias.copy_(*bias);
   const T* wp = has_w ? w.const_data_ptr<T>() : nullptr;
-  const T* bp = has_b ? b.const_data_ptr<T>() : nullptr;
-  const T* mp = mean.const_data_ptr<T>();
+  const T* mp = m1.const_data_ptr<T>();
   const T* ip = invstd.const_data_ptr<T>();
-  T* sc = scale.mutable_data_ptr<T>();
-  T* sh = shift.mutable_data_ptr<T>();
+  T* m2 = k.m2.mutable_data_ptr<T>();
+  T* sc = k.scale.mutable_data_ptr<T>();
   for (int64_t c = 0; c < C; ++c) {
-    const T s = (wp ? wp[c] : T(1)) * ip[c];
-    sc[c] = s;
-    sh[c] = (bp ? bp[c] : T(0)) - mp[c] * s;
+    sc[c] = (wp ? wp[c] : T(1)) * ip[c];
+    if (mean) m2[c] = static_cast<T>(mean[c] - static_cast<double>(mp[c]));
   }
+  return k;
 }
 
 // Brings grad_out into the memory layout chosen for input.
@@ -76,9 +77,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd_cpu(
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "batch_norm_fwd_cpu", [&] {
     auto sm = save_mean.accessor<scalar_t, 1>();
     auto si = save_invstd.accessor<scalar_t, 1>();
+    std::vector<double> batch_mean(training ? C : 0);
     if (training) {
-      std::vector<double> mean(C), var(C);
-      kernels()->stats(x, L, mean.data(), var.data());
+      std::vector<double> var(C);
+      double* mean = batch_mean.data();
+      kernels()->stats(x, L, mean, var.data());
       for (int64_t c = 0; c < C; ++c) {
         sm[c] = static_cast<scalar_t>(mean[c]);
         si[c] = static_cast<scalar_t>(1.0 / std::sqrt(var[c] + eps));
@@ -101,9 +104,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd_cpu(
         si[c] = static_cast<scalar_t>(1.0 / std::sqrt(static_cast<double>(rv[c]) + eps));
       }
     }
-    at::Tensor scale = at::empty({C}, x.options()), shift = at::empty({C}, x.options());
-    scale_shift<scalar_t>(weight, bias, save_mean, save_invstd, scale, shift);
-    kernels()->apply(x, L, scale, shift, relu, y);
+    const cpu::NormConsts k =
+        norm_consts<scalar_t>(weight, bias, save_mean, training ? batch_mean.data() : nullptr, save_invstd);
+    kernels()->apply(x, L, k, relu, y);
   });
   return {y, save_mean, save_invstd};
 }
@@ -125,14 +128,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd_cpu(
   if (x.numel() == 0) return {grad_input, grad_weight, grad_bias};
   const at::Tensor mean = save_mean.contiguous(), invstd = save_invstd.contiguous();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "batch_norm_bwd_cpu", [&] {
-    at::Tensor scale = at::empty({C}, x.options()), shift = at::empty({C}, x.options());
-    scale_shift<scalar_t>(weight, bias, mean, invstd, scale, shift);
+    const cpu::NormConsts k = norm_consts<scalar_t>(weight, bias, mean, nullptr, invstd);
     std::vector<double> sum_g(C), sum_gx(C);
-    kernels()->bwd_reduce(g, x, L, scale, shift, mean, relu, sum_g.data(), sum_gx.data());
+    kernels()->bwd_reduce(g, x, L, k, relu, sum_g.data(), sum_gx.data());
     // grad_input = scale * (g' - sum_g / n - xhat * sum(g' * xhat) / n), xhat = (x - mean) * invstd
-    //            = a * g' + b * x + d
+    //            = a * g' + b * (x - mean) + d
+    const at::Tensor& scale = k.scale;
     at::Tensor a = scale, b = at::zeros({C}, x.options()), d = at::zeros({C}, x.options());
-    const scalar_t* mp = mean.const_data_ptr<scalar_t>();
     const scalar_t* ip = invstd.const_data_ptr<scalar_t>();
     const scalar_t* sp = scale.const_data_ptr<scalar_t>();
     scalar_t* gw = grad_weight.mutable_data_ptr<scalar_t>();
@@ -147,10 +149,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd_cpu(
         const double s = sp[c], is = ip[c];
         const double bc = -s * is * is * sum_gx[c] / n;
         bp[c] = static_cast<scalar_t>(bc);
-        dp[c] = static_cast<scalar_t>(-s * sum_g[c] / n - bc * mp[c]);
+        dp[c] = static_cast<scalar_t>(-s * sum_g[c] / n);
       }
     }
-    kernels()->bwd_apply(g, x, L, scale, shift, a, b, d, relu, grad_input);
+    kernels()->bwd_apply(g, x, L, k, a, b, d, relu, grad_input);
   });
   return {grad_input, grad_weight, grad_bias};
 }

@@ -28,7 +28,7 @@ namespace {
 using at::vec::Vectorized;
 
 constexpr int64_t kGrain = 32768;  // elements per parallel task, below which one thread runs
-constexpr int kMaxK = 5;            // per-channel constants an op can take
+constexpr int kMaxK = 7;            // per-channel constants an op can take
 
 template <typename T>
 double hsum(const Vectorized<T>& v) {
@@ -250,54 +250,68 @@ void stats_impl(const at::Tensor& x_, const bn::Layout& L, double* mean, double*
   }
 }
 
+// Constants of the normalization, per channel: the mean split in two (m1 = mean rounded to T,
+// m2 = the rest), so that x - mean keeps its precision when |mean| >> std (x - m1 is exact for x
+// near m1), the scale (weight * invstd) and the bias.
+//   xc = (x - m1) - m2,  y = xc * scale + bias
+enum { kM1 = 0, kM2 = 1, kScale = 2, kBias = 3, kA = 4, kB = 5, kD = 6 };
+
+template <typename T>
+inline Vectorized<T> centered(const Vectorized<T>& xv, const Consts<T>& k) {
+  return (xv - k.v[kM1]) - k.v[kM2];
+}
+
 template <typename T, bool Relu>
-void apply_impl(const at::Tensor& x, const bn::Layout& L, const at::Tensor& scale,
-                const at::Tensor& shift, at::Tensor& y) {
+void apply_impl(const at::Tensor& x, const bn::Layout& L, const NormConsts& nc, at::Tensor& y) {
   using Vec = Vectorized<T>;
-  ConstPtrs<T, 2> kp{{scale.const_data_ptr<T>(), shift.const_data_ptr<T>()}};
+  ConstPtrs<T, 4> kp{{nc.m1.const_data_ptr<T>(), nc.m2.const_data_ptr<T>(), nc.scale.const_data_ptr<T>(),
+                      nc.bias.const_data_ptr<T>()}};
   const T* xp = x.const_data_ptr<T>();
-  map<T, 2>(xp, xp, L, kp,
+  map<T, 4>(xp, xp, L, kp,
             [](Vec xv, Vec, const Consts<T>& k) {
-              const Vec yv = at::vec::fmadd(xv, k.v[0], k.v[1]);
+              const Vec yv = at::vec::fmadd(centered(xv, k), k.v[kScale], k.v[kBias]);
               return Relu ? at::vec::maximum(yv, Vec(0)) : yv;
             },
             y.mutable_data_ptr<T>());
 }
 
-// The ReLU-masked gradient: g where x * scale + shift > 0 (the forward's output), else 0.
+// The ReLU-masked gradient: g where the forward's output xc * scale + bias > 0, else 0.
 template <typename T, bool Relu>
-inline Vectorized<T> masked_grad(const Vectorized<T>& xv, const Vectorized<T>& gv, const Consts<T>& k) {
+inline Vectorized<T> masked_grad(const Vectorized<T>& xc, const Vectorized<T>& gv, const Consts<T>& k) {
   if (!Relu) return gv;
-  const Vectorized<T> yv = at::vec::fmadd(xv, k.v[0], k.v[1]);
+  const Vectorized<T> yv = at::vec::fmadd(xc, k.v[kScale], k.v[kBias]);
   return Vectorized<T>::blendv(Vectorized<T>(0), gv, yv > Vectorized<T>(0));
 }
 
 template <typename T, bool Relu>
 void bwd_reduce_impl(const at::Tensor& g, const at::Tensor& x, const bn::Layout& L,
-                     const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& mean,
-                     double* sum_g, double* sum_gx) {
+                     const NormConsts& nc, double* sum_g, double* sum_gx) {
   using Vec = Vectorized<T>;
-  ConstPtrs<T, 3> kp{{scale.const_data_ptr<T>(), shift.const_data_ptr<T>(), mean.const_data_ptr<T>()}};
-  reduce<T, 3>(x.const_data_ptr<T>(), g.const_data_ptr<T>(), L, kp,
+  ConstPtrs<T, 4> kp{{nc.m1.const_data_ptr<T>(), nc.m2.const_data_ptr<T>(), nc.scale.const_data_ptr<T>(),
+                      nc.bias.const_data_ptr<T>()}};
+  reduce<T, 4>(x.const_data_ptr<T>(), g.const_data_ptr<T>(), L, kp,
                [](Vec xv, Vec gv, const Consts<T>& k, Vec& a1, Vec& a2) {
-                 const Vec gp = masked_grad<T, Relu>(xv, gv, k);
+                 const Vec xc = centered(xv, k);
+                 const Vec gp = masked_grad<T, Relu>(xc, gv, k);
                  a1 = a1 + gp;
-                 a2 = at::vec::fmadd(gp, xv - k.v[2], a2);
+                 a2 = at::vec::fmadd(gp, xc, a2);
                },
                sum_g, sum_gx);
 }
 
 template <typename T, bool Relu>
 void bwd_apply_impl(const at::Tensor& g, const at::Tensor& x, const bn::Layout& L,
-                    const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& a,
-                    const at::Tensor& b, const at::Tensor& d, at::Tensor& gi) {
+                    const NormConsts& nc, const at::Tensor& a, const at::Tensor& b,
+                    const at::Tensor& d, at::Tensor& gi) {
   using Vec = Vectorized<T>;
-  ConstPtrs<T, 5> kp{{scale.const_data_ptr<T>(), shift.const_data_ptr<T>(), a.const_data_ptr<T>(),
-                      b.const_data_ptr<T>(), d.const_data_ptr<T>()}};
-  map<T, 5>(x.const_data_ptr<T>(), g.const_data_ptr<T>(), L, kp,
+  ConstPtrs<T, 7> kp{{nc.m1.const_data_ptr<T>(), nc.m2.const_data_ptr<T>(), nc.scale.const_data_ptr<T>(),
+                      nc.bias.const_data_ptr<T>(), a.const_data_ptr<T>(), b.const_data_ptr<T>(),
+                      d.const_data_ptr<T>()}};
+  map<T, 7>(x.const_data_ptr<T>(), g.const_data_ptr<T>(), L, kp,
             [](Vec xv, Vec gv, const Consts<T>& k) {
-              const Vec gp = masked_grad<T, Relu>(xv, gv, k);
-              return at::vec::fmadd(k.v[2], gp, at::vec::fmadd(k.v[3], xv, k.v[4]));
+              const Vec xc = centered(xv, k);
+              const Vec gp = masked_grad<T, Relu>(xc, gv, k);
+              return at::vec::fmadd(k.v[kA], gp, at::vec::fmadd(k.v[kB], xc, k.v[kD]));
             },
             gi.mutable_data_ptr<T>());
 }
@@ -311,35 +325,31 @@ void stats(const at::Tensor& x, const bn::Layout& L, double* mean, double* var) 
     stats_impl<float>(x, L, mean, var);
 }
 
-void apply(const at::Tensor& x, const bn::Layout& L, const at::Tensor& scale,
-           const at::Tensor& shift, bool relu, at::Tensor& y) {
-  const bool dbl = x.scalar_type() == at::kDouble;
-  if (dbl)
-    relu ? apply_impl<double, true>(x, L, scale, shift, y) : apply_impl<double, false>(x, L, scale, shift, y);
+void apply(const at::Tensor& x, const bn::Layout& L, const NormConsts& nc, bool relu, at::Tensor& y) {
+  if (x.scalar_type() == at::kDouble)
+    relu ? apply_impl<double, true>(x, L, nc, y) : apply_impl<double, false>(x, L, nc, y);
   else
-    relu ? apply_impl<float, true>(x, L, scale, shift, y) : apply_impl<float, false>(x, L, scale, shift, y);
+    relu ? apply_impl<float, true>(x, L, nc, y) : apply_impl<float, false>(x, L, nc, y);
 }
 
-void bwd_reduce(const at::Tensor& g, const at::Tensor& x, const bn::Layout& L,
-                const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& mean, bool relu,
-                double* sum_g, double* sum_gx) {
+void bwd_reduce(const at::Tensor& g, const at::Tensor& x, const bn::Layout& L, const NormConsts& nc,
+                bool relu, double* sum_g, double* sum_gx) {
   if (x.scalar_type() == at::kDouble)
-    relu ? bwd_reduce_impl<double, true>(g, x, L, scale, shift, mean, sum_g, sum_gx)
-         : bwd_reduce_impl<double, false>(g, x, L, scale, shift, mean, sum_g, sum_gx);
+    relu ? bwd_reduce_impl<double, true>(g, x, L, nc, sum_g, sum_gx)
+         : bwd_reduce_impl<double, false>(g, x, L, nc, sum_g, sum_gx);
   else
-    relu ? bwd_reduce_impl<float, true>(g, x, L, scale, shift, mean, sum_g, sum_gx)
-         : bwd_reduce_impl<float, false>(g, x, L, scale, shift, mean, sum_g, sum_gx);
+    relu ? bwd_reduce_impl<float, true>(g, x, L, nc, sum_g, sum_gx)
+         : bwd_reduce_impl<float, false>(g, x, L, nc, sum_g, sum_gx);
 }
 
-void bwd_apply(const at::Tensor& g, const at::Tensor& x, const bn::Layout& L,
-               const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& a,
-               const at::Tensor& b, const at::Tensor& d, bool relu, at::Tensor& gi) {
+void bwd_apply(const at::Tensor& g, const at::Tensor& x, const bn::Layout& L, const NormConsts& nc,
+               const at::Tensor& a, const at::Tensor& b, const at::Tensor& d, bool relu, at::Tensor& gi) {
   if (x.scalar_type() == at::kDouble)
-    relu ? bwd_apply_impl<double, true>(g, x, L, scale, shift, a, b, d, gi)
-         : bwd_apply_impl<double, false>(g, x, L, scale, shift, a, b, d, gi);
+    relu ? bwd_apply_impl<double, true>(g, x, L, nc, a, b, d, gi)
+         : bwd_apply_impl<double, false>(g, x, L, nc, a, b, d, gi);
   else
-    relu ? bwd_apply_impl<float, true>(g, x, L, scale, shift, a, b, d, gi)
-         : bwd_apply_impl<float, false>(g, x, L, scale, shift, a, b, d, gi);
+    relu ? bwd_apply_impl<float, true>(g, x, L, nc, a, b, d, gi)
+         : bwd_apply_impl<float, false>(g, x, L, nc, a, b, d, gi);
 }
 
 const BatchNormKernels kTable{&stats, &apply, &bwd_reduce, &bwd_apply};

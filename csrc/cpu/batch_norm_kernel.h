@@ -12,22 +12,29 @@
 namespace pyfastdl {
 namespace cpu {
 
+// Per-channel constants of the normalization, (C,) in the input dtype:
+//   xc = (x - m1) - m2      m1 + m2 = mean split in two parts, so x - mean keeps its precision
+//                           when |mean| >> std (m2 = 0 in the backward, which has the saved mean)
+//   y  = xc * scale + bias  scale = weight * invstd; relu: max(y, 0)
+struct NormConsts {
+  at::Tensor m1, m2, scale, bias;
+};
+
 struct BatchNormKernels {
   // Per-channel mean and biased variance of x, numerically stable (sums shifted by the channel's
   // first element, partial sums of short runs combined in float64). mean, var: (C,) float64.
   void (*stats)(const at::Tensor& x, const bn::Layout& layout, double* mean, double* var);
-  // y = x * scale + shift, then max(y, 0) when relu.                          y: like x
-  void (*apply)(const at::Tensor& x, const bn::Layout& layout, const at::Tensor& scale,
-                const at::Tensor& shift, bool relu, at::Tensor& y);
-  // g' = g, or g where (x * scale + shift > 0) when relu;
-  // sum_g[c] = sum g', sum_gx[c] = sum g' * (x - mean[c]). sum_g, sum_gx: (C,) float64.
+  // y = xc * scale + bias, then max(y, 0) when relu.                            y: like x
+  void (*apply)(const at::Tensor& x, const bn::Layout& layout, const NormConsts& k, bool relu,
+                at::Tensor& y);
+  // g' = g, or g where (xc * scale + bias > 0) when relu;
+  // sum_g[c] = sum g', sum_gx[c] = sum g' * xc. sum_g, sum_gx: (C,) float64.
   void (*bwd_reduce)(const at::Tensor& g, const at::Tensor& x, const bn::Layout& layout,
-                     const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& mean,
-                     bool relu, double* sum_g, double* sum_gx);
-  // grad_input = a * g' + b * x + d (g' as above).                   grad_input: like x
+                     const NormConsts& k, bool relu, double* sum_g, double* sum_gx);
+  // grad_input = a * g' + b * xc + d (g' as above).                     grad_input: like x
   void (*bwd_apply)(const at::Tensor& g, const at::Tensor& x, const bn::Layout& layout,
-                    const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& a,
-                    const at::Tensor& b, const at::Tensor& d, bool relu, at::Tensor& grad_input);
+                    const NormConsts& k, const at::Tensor& a, const at::Tensor& b,
+                    const at::Tensor& d, bool relu, at::Tensor& grad_input);
 };
 
 const BatchNormKernels* batch_norm_kernels_DEFAULT();
