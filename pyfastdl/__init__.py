@@ -9,7 +9,9 @@ drop-in replacements for ``torch.nn.functional``, ``torch.nn`` and ``torch.optim
 Importing pyfastdl loads the extension ``pyfastdl._C`` (which registers ``torch.ops.pyfastdl.*``) and
 touches no GPU; Triton is imported only when its backend is used.
 """
-from . import _C  # noqa: F401  (registers torch.ops.pyfastdl.*)
+import torch  # noqa: F401  (loads libtorch, which pyfastdl._C links against)
+
+from . import _C  # noqa: F401,E402  (registers torch.ops.pyfastdl.*)
 from . import backends, functional, nn, reference  # noqa: F401
 from .convert import convert
 

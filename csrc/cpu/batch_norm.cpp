@@ -3,6 +3,7 @@
 // (batch_norm_kernel.cpp). Registered under the CPU dispatch key.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -23,28 +24,41 @@ const cpu::BatchNormKernels* kernels() {
   }
 }
 
-// The kernels' per-channel constants (cpu/batch_norm_kernel.h): m1 = mean rounded to T,
-// m2 = the rest of the float64 mean (nullptr: 0), scale = weight * invstd, bias (None: 0).
-// Forward and backward both build them here, so the backward's ReLU mask is the forward's.
+// The kernels' per-channel constants (cpu/batch_norm_kernel.h): m1 = mean rounded to T, m2 = the
+// rest of the float64 mean (0 in the backward), scale = weight * invstd, bias (None: 0). Forward and
+// backward both fill them with set(), so the backward's ReLU mask is the forward's.
 template <typename T>
-cpu::NormConsts norm_consts(const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
-                            const at::Tensor& m1, const double* mean, const at::Tensor& invstd) {
-  const int64_t C = m1.numel();
-  cpu::NormConsts k{m1, at::zeros({C}, m1.options()), at::empty({C}, m1.options()),
-                    at::zeros({C}, m1.options())};
-  const bool has_w = weight.has_value() && weight->defined();
-  const at::Tensor w = has_w ? weight->contiguous() : at::Tensor();
-  if (bias.has_value() && bias->defined()) k.bias.copy_(*bias);
-  const T* wp = has_w ? w.const_data_ptr<T>() : nullptr;
-  const T* mp = m1.const_data_ptr<T>();
-  const T* ip = invstd.const_data_ptr<T>();
-  T* m2 = k.m2.mutable_data_ptr<T>();
-  T* sc = k.scale.mutable_data_ptr<T>();
-  for (int64_t c = 0; c < C; ++c) {
-    sc[c] = (wp ? wp[c] : T(1)) * ip[c];
-    if (mean) m2[c] = static_cast<T>(mean[c] - static_cast<double>(mp[c]));
+struct Consts {
+  cpu::NormConsts k;
+  const T* w;
+  T *m1, *m2, *scale;
+  Consts(const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+         const at::Tensor& m1_tensor, const at::Tensor& w_contig) {
+    const int64_t C = m1_tensor.numel();
+    const auto opt = m1_tensor.options();
+    k = {m1_tensor, at::zeros({C}, opt), at::empty({C}, opt), at::zeros({C}, opt)};
+    if (bias.has_value() && bias->defined()) k.bias.copy_(*bias);
+    w = w_contig.defined() ? w_contig.const_data_ptr<T>() : nullptr;
+    m1 = k.m1.mutable_data_ptr<T>();
+    m2 = k.m2.mutable_data_ptr<T>();
+    scale = k.scale.mutable_data_ptr<T>();
   }
-  return k;
+  // Channel c, given m1[c] already set (the saved mean) and the exact mean when known.
+  void set(int64_t c, T invstd, const double* exact_mean) {
+    scale[c] = (w ? w[c] : T(1)) * invstd;
+    if (exact_mean) m2[c] = static_cast<T>(*exact_mean - static_cast<double>(m1[c]));
+  }
+};
+
+at::Tensor contiguous_or_undefined(const c10::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined() ? t->contiguous() : at::Tensor();
+}
+
+// The fused per-channel kernels (statistics and normalization of a channel while it is in cache)
+// run on the NCS layout when the channels split evenly enough over the threads.
+bool use_fused(const bn::Layout& L) {
+  const int64_t t = at::get_num_threads();
+  return !L.channels_last && L.S > 1 && (L.C % t == 0 || L.C >= 8 * t);
 }
 
 // Brings grad_out into the memory layout chosen for input.
@@ -74,39 +88,45 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd_cpu(
     return {y, save_mean, save_invstd};
   }
   const bool has_running = running_mean.has_value() && running_mean->defined();
+  const at::Tensor w = contiguous_or_undefined(weight);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "batch_norm_fwd_cpu", [&] {
-    auto sm = save_mean.accessor<scalar_t, 1>();
-    auto si = save_invstd.accessor<scalar_t, 1>();
-    std::vector<double> batch_mean(training ? C : 0);
+    Consts<scalar_t> k(weight, bias, save_mean, w);
+    scalar_t* si = save_invstd.mutable_data_ptr<scalar_t>();
     if (training) {
-      std::vector<double> var(C);
-      double* mean = batch_mean.data();
-      kernels()->stats(x, L, mean, var.data());
-      for (int64_t c = 0; c < C; ++c) {
-        sm[c] = static_cast<scalar_t>(mean[c]);
-        si[c] = static_cast<scalar_t>(1.0 / std::sqrt(var[c] + eps));
-      }
+      at::TensorAccessor<scalar_t, 1> rm(nullptr, nullptr, nullptr), rv(nullptr, nullptr, nullptr);
       if (has_running) {
-        auto rm = running_mean->accessor<scalar_t, 1>();
-        auto rv = running_var->accessor<scalar_t, 1>();
-        const double n = static_cast<double>(L.reduce_size());
-        const double unbias = n / (n - 1);
-        for (int64_t c = 0; c < C; ++c) {
-          rm[c] = static_cast<scalar_t>((1 - momentum) * rm[c] + momentum * mean[c]);
-          rv[c] = static_cast<scalar_t>((1 - momentum) * rv[c] + momentum * var[c] * unbias);
+        rm = running_mean->accessor<scalar_t, 1>();
+        rv = running_var->accessor<scalar_t, 1>();
+      }
+      const double n = static_cast<double>(L.reduce_size());
+      // Everything per channel that follows from its batch statistics.
+      auto on_stats = [&](int64_t c, double mean, double var) {
+        k.m1[c] = static_cast<scalar_t>(mean);
+        si[c] = static_cast<scalar_t>(1.0 / std::sqrt(var + eps));
+        k.set(c, si[c], &mean);
+        if (has_running) {
+          rm[c] = static_cast<scalar_t>((1 - momentum) * rm[c] + momentum * mean);
+          rv[c] = static_cast<scalar_t>((1 - momentum) * rv[c] + momentum * var * n / (n - 1));
         }
+      };
+      if (use_fused(L)) {
+        kernels()->train_fwd_fused(x, L, on_stats, k.k, relu, y);
+      } else {
+        std::vector<double> mean(C), var(C);
+        kernels()->stats(x, L, mean.data(), var.data());
+        for (int64_t c = 0; c < C; ++c) on_stats(c, mean[c], var[c]);
+        kernels()->apply(x, L, k.k, relu, y);
       }
     } else {
       auto rm = running_mean->accessor<scalar_t, 1>();
       auto rv = running_var->accessor<scalar_t, 1>();
       for (int64_t c = 0; c < C; ++c) {
-        sm[c] = rm[c];
+        k.m1[c] = rm[c];
         si[c] = static_cast<scalar_t>(1.0 / std::sqrt(static_cast<double>(rv[c]) + eps));
+        k.set(c, si[c], nullptr);
       }
+      kernels()->apply(x, L, k.k, relu, y);
     }
-    const cpu::NormConsts k =
-        norm_consts<scalar_t>(weight, bias, save_mean, training ? batch_mean.data() : nullptr, save_invstd);
-    kernels()->apply(x, L, k, relu, y);
   });
   return {y, save_mean, save_invstd};
 }
@@ -126,33 +146,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd_cpu(
   at::Tensor grad_weight = at::zeros({C}, x.options());
   at::Tensor grad_bias = at::zeros({C}, x.options());
   if (x.numel() == 0) return {grad_input, grad_weight, grad_bias};
-  const at::Tensor mean = save_mean.contiguous(), invstd = save_invstd.contiguous();
+  const at::Tensor invstd = save_invstd.contiguous();
+  const at::Tensor w = contiguous_or_undefined(weight);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "batch_norm_bwd_cpu", [&] {
-    const cpu::NormConsts k = norm_consts<scalar_t>(weight, bias, mean, nullptr, invstd);
-    std::vector<double> sum_g(C), sum_gx(C);
-    kernels()->bwd_reduce(g, x, L, k, relu, sum_g.data(), sum_gx.data());
-    // grad_input = scale * (g' - sum_g / n - xhat * sum(g' * xhat) / n), xhat = (x - mean) * invstd
-    //            = a * g' + b * (x - mean) + d
-    const at::Tensor& scale = k.scale;
-    at::Tensor a = scale, b = at::zeros({C}, x.options()), d = at::zeros({C}, x.options());
+    Consts<scalar_t> k(weight, bias, save_mean.contiguous().clone(), w);
     const scalar_t* ip = invstd.const_data_ptr<scalar_t>();
-    const scalar_t* sp = scale.const_data_ptr<scalar_t>();
+    for (int64_t c = 0; c < C; ++c) k.set(c, ip[c], nullptr);
+    // grad_input = scale * (g' - sum_g / n - xhat * sum(g' * xhat) / n), xhat = (x - mean) * invstd
+    //            = a * g' + b * (x - mean) + d,  a = scale (eval: b = d = 0)
+    const at::Tensor& a = k.k.scale;
+    at::Tensor b = at::zeros({C}, x.options()), d = at::zeros({C}, x.options());
     scalar_t* gw = grad_weight.mutable_data_ptr<scalar_t>();
     scalar_t* gb = grad_bias.mutable_data_ptr<scalar_t>();
     scalar_t* bp = b.mutable_data_ptr<scalar_t>();
     scalar_t* dp = d.mutable_data_ptr<scalar_t>();
     const double n = static_cast<double>(L.reduce_size());
-    for (int64_t c = 0; c < C; ++c) {
-      gb[c] = static_cast<scalar_t>(sum_g[c]);
-      gw[c] = static_cast<scalar_t>(sum_gx[c] * ip[c]);
+    auto on_sums = [&](int64_t c, double sum_g, double sum_gx) {
+      gb[c] = static_cast<scalar_t>(sum_g);
+      gw[c] = static_cast<scalar_t>(sum_gx * ip[c]);
       if (training) {
-        const double s = sp[c], is = ip[c];
-        const double bc = -s * is * is * sum_gx[c] / n;
-        bp[c] = static_cast<scalar_t>(bc);
-        dp[c] = static_cast<scalar_t>(-s * sum_g[c] / n);
+        const double s = k.scale[c], is = ip[c];
+        bp[c] = static_cast<scalar_t>(-s * is * is * sum_gx / n);
+        dp[c] = static_cast<scalar_t>(-s * sum_g / n);
       }
+    };
+    if (use_fused(L)) {
+      kernels()->bwd_fused(g, x, L, k.k, on_sums, a, b, d, relu, grad_input);
+    } else {
+      std::vector<double> sum_g(C), sum_gx(C);
+      kernels()->bwd_reduce(g, x, L, k.k, relu, sum_g.data(), sum_gx.data());
+      for (int64_t c = 0; c < C; ++c) on_sums(c, sum_g[c], sum_gx[c]);
+      kernels()->bwd_apply(g, x, L, k.k, a, b, d, relu, grad_input);
     }
-    kernels()->bwd_apply(g, x, L, k, a, b, d, relu, grad_input);
   });
   return {grad_input, grad_weight, grad_bias};
 }

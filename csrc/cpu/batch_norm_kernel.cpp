@@ -63,36 +63,56 @@ struct ConstPtrs {
 // ---- generic per-channel reduction: s1[c] = sum op.first(x, g, k), s2[c] = sum op.second(...) --
 
 // Op: void operator()(Vec x, Vec g, const Consts& k, Vec& acc1, Vec& acc2) adds one vector's terms.
-// Masked tail: terms are computed into zeroed vectors and blended so padding lanes add nothing.
+// One contiguous run of S elements sharing the constants k; returns its two sums (the run's terms
+// summed in T, at most a few thousand per lane). Masked tail: terms are computed into zeroed
+// vectors and blended so padding lanes add nothing.
+template <typename T, typename Op>
+inline std::pair<double, double> reduce_run(const T* xr, const T* gr, int64_t S, const Consts<T>& k, Op& op) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  Vec a1(0), a2(0), b1(0), b2(0);
+  int64_t i = 0;
+  for (; i + 2 * W <= S; i += 2 * W) {
+    op(Vec::loadu(xr + i), Vec::loadu(gr + i), k, a1, a2);
+    op(Vec::loadu(xr + i + W), Vec::loadu(gr + i + W), k, b1, b2);
+  }
+  for (; i < S; i += W) {
+    const int64_t n = std::min<int64_t>(W, S - i);
+    Vec t1(0), t2(0);
+    op(Vec::loadu(xr + i, n), Vec::loadu(gr + i, n), k, t1, t2);
+    a1 = a1 + Vec::set(Vec(0), t1, n);
+    a2 = a2 + Vec::set(Vec(0), t2, n);
+  }
+  return {hsum(a1 + b1), hsum(a2 + b2)};
+}
+
+// One contiguous run mapped: out[i] = op(x[i], g[i], k).
+template <typename T, typename Op>
+inline void map_run(const T* xr, const T* gr, int64_t S, const Consts<T>& k, Op& op, T* o) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  int64_t i = 0;
+  for (; i + 2 * W <= S; i += 2 * W) {
+    op(Vec::loadu(xr + i), Vec::loadu(gr + i), k).store(o + i);
+    op(Vec::loadu(xr + i + W), Vec::loadu(gr + i + W), k).store(o + i + W);
+  }
+  for (; i < S; i += W) {
+    const int64_t n = std::min<int64_t>(W, S - i);
+    op(Vec::loadu(xr + i, n), Vec::loadu(gr + i, n), k).store(o + i, n);
+  }
+}
+
 template <typename T, int NK, typename Op>
 void reduce_ncs(const T* x, const T* g, const bn::Layout& L, const ConstPtrs<T, NK>& kp, Op op,
                 double* out1, double* out2) {
-  using Vec = Vectorized<T>;
-  constexpr int64_t W = Vec::size();
   const int64_t rows = L.N * L.C, S = L.S, C = L.C;
   std::vector<double> part(2 * rows);
   at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / std::max<int64_t>(S, 1)),
                    [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      const int64_t c = r % C;
-      const T* xr = x + r * S;
-      const T* gr = g + r * S;
-      const Consts<T> k = kp.broadcast(c);
-      Vec a1(0), a2(0), b1(0), b2(0);
-      int64_t i = 0;
-      for (; i + 2 * W <= S; i += 2 * W) {
-        op(Vec::loadu(xr + i), Vec::loadu(gr + i), k, a1, a2);
-        op(Vec::loadu(xr + i + W), Vec::loadu(gr + i + W), k, b1, b2);
-      }
-      for (; i < S; i += W) {
-        const int64_t n = std::min<int64_t>(W, S - i);
-        Vec t1(0), t2(0);
-        op(Vec::loadu(xr + i, n), Vec::loadu(gr + i, n), k, t1, t2);
-        a1 = a1 + Vec::set(Vec(0), t1, n);
-        a2 = a2 + Vec::set(Vec(0), t2, n);
-      }
-      part[2 * r] = hsum(a1 + b1);
-      part[2 * r + 1] = hsum(a2 + b2);
+      const auto s = reduce_run(x + r * S, g + r * S, S, kp.broadcast(r % C), op);
+      part[2 * r] = s.first;
+      part[2 * r + 1] = s.second;
     }
   });
   for (int64_t c = 0; c < C; ++c) {
@@ -104,6 +124,33 @@ void reduce_ncs(const T* x, const T* g, const bn::Layout& L, const ConstPtrs<T, 
     out1[c] = s1;
     out2[c] = s2;
   }
+}
+
+// NCS, one task per channel: reduce channel c's N runs (same order as reduce_ncs), hand the sums
+// to on_sums(c, s1, s2) (which fills channel c's constants), then map the same runs while they are
+// still in L2/L3: DRAM sees the data once where the two-phase path reads it twice.
+template <typename T, int NKR, int NKM, typename RedOp, typename MapOp>
+void reduce_then_map_per_channel(const T* x, const T* g, const bn::Layout& L,
+                                 const ConstPtrs<T, NKR>& kr, RedOp red, PerChannelFn on_sums,
+                                 const ConstPtrs<T, NKM>& km, MapOp mp, T* out) {
+  const int64_t C = L.C, S = L.S, N = L.N;
+  at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const Consts<T> k = kr.broadcast(c);
+      double s1 = 0, s2 = 0;
+      for (int64_t n = 0; n < N; ++n) {
+        const auto s = reduce_run(x + (n * C + c) * S, g + (n * C + c) * S, S, k, red);
+        s1 += s.first;
+        s2 += s.second;
+      }
+      on_sums(c, s1, s2);
+      const Consts<T> k2 = km.broadcast(c);
+      for (int64_t n = 0; n < N; ++n) {
+        const int64_t o = (n * C + c) * S;
+        map_run(x + o, g + o, S, k2, mp, out + o);
+      }
+    }
+  });
 }
 
 // Rows of an (M, C) block that fill about 16 KB (L1) — the channel tiles walk such a block in turn.
@@ -185,21 +232,8 @@ void map(const T* x, const T* g, const bn::Layout& L, const ConstPtrs<T, NK>& kp
     const int64_t rows = L.N * C, S = L.S;
     at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / std::max<int64_t>(S, 1)),
                      [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        const Consts<T> k = kp.broadcast(r % C);
-        const T* xr = x + r * S;
-        const T* gr = g + r * S;
-        T* o = out + r * S;
-        int64_t i = 0;
-        for (; i + 2 * W <= S; i += 2 * W) {
-          op(Vec::loadu(xr + i), Vec::loadu(gr + i), k).store(o + i);
-          op(Vec::loadu(xr + i + W), Vec::loadu(gr + i + W), k).store(o + i + W);
-        }
-        for (; i < S; i += W) {
-          const int64_t n = std::min<int64_t>(W, S - i);
-          op(Vec::loadu(xr + i, n), Vec::loadu(gr + i, n), k).store(o + i, n);
-        }
-      }
+      for (int64_t r = r0; r < r1; ++r)
+        map_run(x + r * S, g + r * S, S, kp.broadcast(r % C), op, out + r * S);
     });
   } else {
     const int64_t M = L.N * L.S, RB = l1_rows<T>(C);
@@ -225,54 +259,16 @@ void map(const T* x, const T* g, const bn::Layout& L, const ConstPtrs<T, NK>& kp
 
 // ---- the batch-norm math ------------------------------------------------------------------------
 
-template <typename T>
-void stats_impl(const at::Tensor& x_, const bn::Layout& L, double* mean, double* var) {
-  const T* x = x_.const_data_ptr<T>();
-  const int64_t C = L.C;
-  // Shift every channel by its first element: sums of (x - k) stay small when |mean| >> std.
-  std::vector<T> shift(C);
-  for (int64_t c = 0; c < C; ++c) shift[c] = L.channels_last ? x[c] : x[c * L.S];
-  ConstPtrs<T, 1> kp{{shift.data()}};
-  using Vec = Vectorized<T>;
-  std::vector<double> s1(C), s2(C);
-  reduce<T, 1>(x, x, L, kp,
-               [](Vec xv, Vec, const Consts<T>& k, Vec& a1, Vec& a2) {
-                 const Vec d = xv - k.v[0];
-                 a1 = a1 + d;
-                 a2 = at::vec::fmadd(d, d, a2);
-               },
-               s1.data(), s2.data());
-  const double n = static_cast<double>(L.reduce_size());
-  for (int64_t c = 0; c < C; ++c) {
-    const double m = s1[c] / n;
-    mean[c] = static_cast<double>(shift[c]) + m;
-    var[c] = std::max(s2[c] / n - m * m, 0.0);
-  }
-}
-
 // Constants of the normalization, per channel: the mean split in two (m1 = mean rounded to T,
 // m2 = the rest), so that x - mean keeps its precision when |mean| >> std (x - m1 is exact for x
 // near m1), the scale (weight * invstd) and the bias.
 //   xc = (x - m1) - m2,  y = xc * scale + bias
+// The backward adds a, b, d: grad_input = a * g' + b * xc + d.
 enum { kM1 = 0, kM2 = 1, kScale = 2, kBias = 3, kA = 4, kB = 5, kD = 6 };
 
 template <typename T>
 inline Vectorized<T> centered(const Vectorized<T>& xv, const Consts<T>& k) {
   return (xv - k.v[kM1]) - k.v[kM2];
-}
-
-template <typename T, bool Relu>
-void apply_impl(const at::Tensor& x, const bn::Layout& L, const NormConsts& nc, at::Tensor& y) {
-  using Vec = Vectorized<T>;
-  ConstPtrs<T, 4> kp{{nc.m1.const_data_ptr<T>(), nc.m2.const_data_ptr<T>(), nc.scale.const_data_ptr<T>(),
-                      nc.bias.const_data_ptr<T>()}};
-  const T* xp = x.const_data_ptr<T>();
-  map<T, 4>(xp, xp, L, kp,
-            [](Vec xv, Vec, const Consts<T>& k) {
-              const Vec yv = at::vec::fmadd(centered(xv, k), k.v[kScale], k.v[kBias]);
-              return Relu ? at::vec::maximum(yv, Vec(0)) : yv;
-            },
-            y.mutable_data_ptr<T>());
 }
 
 // The ReLU-masked gradient: g where the forward's output xc * scale + bias > 0, else 0.
@@ -283,19 +279,86 @@ inline Vectorized<T> masked_grad(const Vectorized<T>& xc, const Vectorized<T>& g
   return Vectorized<T>::blendv(Vectorized<T>(0), gv, yv > Vectorized<T>(0));
 }
 
+// Shifted sums for the statistics: sum (x - k0), sum (x - k0)^2, k0 = the channel's first element.
+template <typename T>
+struct StatsOp {
+  void operator()(Vectorized<T> xv, Vectorized<T>, const Consts<T>& k, Vectorized<T>& a1, Vectorized<T>& a2) const {
+    const Vectorized<T> d = xv - k.v[0];
+    a1 = a1 + d;
+    a2 = at::vec::fmadd(d, d, a2);
+  }
+};
+
+template <typename T, bool Relu>
+struct ApplyOp {
+  Vectorized<T> operator()(Vectorized<T> xv, Vectorized<T>, const Consts<T>& k) const {
+    const Vectorized<T> yv = at::vec::fmadd(centered(xv, k), k.v[kScale], k.v[kBias]);
+    return Relu ? at::vec::maximum(yv, Vectorized<T>(0)) : yv;
+  }
+};
+
+template <typename T, bool Relu>
+struct BwdReduceOp {
+  void operator()(Vectorized<T> xv, Vectorized<T> gv, const Consts<T>& k, Vectorized<T>& a1, Vectorized<T>& a2) const {
+    const Vectorized<T> xc = centered(xv, k);
+    const Vectorized<T> gp = masked_grad<T, Relu>(xc, gv, k);
+    a1 = a1 + gp;
+    a2 = at::vec::fmadd(gp, xc, a2);
+  }
+};
+
+template <typename T, bool Relu>
+struct BwdApplyOp {
+  Vectorized<T> operator()(Vectorized<T> xv, Vectorized<T> gv, const Consts<T>& k) const {
+    const Vectorized<T> xc = centered(xv, k);
+    const Vectorized<T> gp = masked_grad<T, Relu>(xc, gv, k);
+    return at::vec::fmadd(k.v[kA], gp, at::vec::fmadd(k.v[kB], xc, k.v[kD]));
+  }
+};
+
+template <typename T>
+ConstPtrs<T, 4> norm_ptrs(const NormConsts& nc) {
+  return {{nc.m1.const_data_ptr<T>(), nc.m2.const_data_ptr<T>(), nc.scale.const_data_ptr<T>(),
+           nc.bias.const_data_ptr<T>()}};
+}
+
+template <typename T>
+ConstPtrs<T, 7> bwd_ptrs(const NormConsts& nc, const at::Tensor& a, const at::Tensor& b, const at::Tensor& d) {
+  return {{nc.m1.const_data_ptr<T>(), nc.m2.const_data_ptr<T>(), nc.scale.const_data_ptr<T>(),
+           nc.bias.const_data_ptr<T>(), a.const_data_ptr<T>(), b.const_data_ptr<T>(), d.const_data_ptr<T>()}};
+}
+
+template <typename T>
+std::vector<T> first_elements(const T* x, const bn::Layout& L) {
+  std::vector<T> shift(L.C);
+  for (int64_t c = 0; c < L.C; ++c) shift[c] = L.channels_last ? x[c] : x[c * L.S];
+  return shift;
+}
+
+template <typename T>
+void stats_impl(const at::Tensor& x_, const bn::Layout& L, double* mean, double* var) {
+  const T* x = x_.const_data_ptr<T>();
+  const std::vector<T> shift = first_elements(x, L);
+  std::vector<double> s1(L.C), s2(L.C);
+  reduce<T, 1>(x, x, L, ConstPtrs<T, 1>{{shift.data()}}, StatsOp<T>{}, s1.data(), s2.data());
+  const double n = static_cast<double>(L.reduce_size());
+  for (int64_t c = 0; c < L.C; ++c) {
+    const double m = s1[c] / n;
+    mean[c] = static_cast<double>(shift[c]) + m;
+    var[c] = std::max(s2[c] / n - m * m, 0.0);
+  }
+}
+
+template <typename T, bool Relu>
+void apply_impl(const at::Tensor& x, const bn::Layout& L, const NormConsts& nc, at::Tensor& y) {
+  const T* xp = x.const_data_ptr<T>();
+  map<T, 4>(xp, xp, L, norm_ptrs<T>(nc), ApplyOp<T, Relu>{}, y.mutable_data_ptr<T>());
+}
+
 template <typename T, bool Relu>
 void bwd_reduce_impl(const at::Tensor& g, const at::Tensor& x, const bn::Layout& L,
                      const NormConsts& nc, double* sum_g, double* sum_gx) {
-  using Vec = Vectorized<T>;
-  ConstPtrs<T, 4> kp{{nc.m1.const_data_ptr<T>(), nc.m2.const_data_ptr<T>(), nc.scale.const_data_ptr<T>(),
-                      nc.bias.const_data_ptr<T>()}};
-  reduce<T, 4>(x.const_data_ptr<T>(), g.const_data_ptr<T>(), L, kp,
-               [](Vec xv, Vec gv, const Consts<T>& k, Vec& a1, Vec& a2) {
-                 const Vec xc = centered(xv, k);
-                 const Vec gp = masked_grad<T, Relu>(xc, gv, k);
-                 a1 = a1 + gp;
-                 a2 = at::vec::fmadd(gp, xc, a2);
-               },
+  reduce<T, 4>(x.const_data_ptr<T>(), g.const_data_ptr<T>(), L, norm_ptrs<T>(nc), BwdReduceOp<T, Relu>{},
                sum_g, sum_gx);
 }
 
@@ -303,20 +366,47 @@ template <typename T, bool Relu>
 void bwd_apply_impl(const at::Tensor& g, const at::Tensor& x, const bn::Layout& L,
                     const NormConsts& nc, const at::Tensor& a, const at::Tensor& b,
                     const at::Tensor& d, at::Tensor& gi) {
-  using Vec = Vectorized<T>;
-  ConstPtrs<T, 7> kp{{nc.m1.const_data_ptr<T>(), nc.m2.const_data_ptr<T>(), nc.scale.const_data_ptr<T>(),
-                      nc.bias.const_data_ptr<T>(), a.const_data_ptr<T>(), b.const_data_ptr<T>(),
-                      d.const_data_ptr<T>()}};
-  map<T, 7>(x.const_data_ptr<T>(), g.const_data_ptr<T>(), L, kp,
-            [](Vec xv, Vec gv, const Consts<T>& k) {
-              const Vec xc = centered(xv, k);
-              const Vec gp = masked_grad<T, Relu>(xc, gv, k);
-              return at::vec::fmadd(k.v[kA], gp, at::vec::fmadd(k.v[kB], xc, k.v[kD]));
-            },
+  map<T, 7>(x.const_data_ptr<T>(), g.const_data_ptr<T>(), L, bwd_ptrs<T>(nc, a, b, d), BwdApplyOp<T, Relu>{},
             gi.mutable_data_ptr<T>());
 }
 
+template <typename T, bool Relu>
+void train_fwd_fused_impl(const at::Tensor& x_, const bn::Layout& L, PerChannelFn on_stats,
+                          const NormConsts& nc, at::Tensor& y) {
+  const T* x = x_.const_data_ptr<T>();
+  const std::vector<T> shift = first_elements(x, L);
+  const double n = static_cast<double>(L.reduce_size());
+  reduce_then_map_per_channel<T, 1, 4>(
+      x, x, L, ConstPtrs<T, 1>{{shift.data()}}, StatsOp<T>{},
+      [&](int64_t c, double s1, double s2) {
+        const double m = s1 / n;
+        on_stats(c, static_cast<double>(shift[c]) + m, std::max(s2 / n - m * m, 0.0));
+      },
+      norm_ptrs<T>(nc), ApplyOp<T, Relu>{}, y.mutable_data_ptr<T>());
+}
+
+template <typename T, bool Relu>
+void bwd_fused_impl(const at::Tensor& g, const at::Tensor& x, const bn::Layout& L, const NormConsts& nc,
+                    PerChannelFn on_sums, const at::Tensor& a, const at::Tensor& b, const at::Tensor& d,
+                    at::Tensor& gi) {
+  reduce_then_map_per_channel<T, 4, 7>(x.const_data_ptr<T>(), g.const_data_ptr<T>(), L, norm_ptrs<T>(nc),
+                                       BwdReduceOp<T, Relu>{}, on_sums, bwd_ptrs<T>(nc, a, b, d),
+                                       BwdApplyOp<T, Relu>{}, gi.mutable_data_ptr<T>());
+}
+
 // ---- type/flag dispatch into the table ----------------------------------------------------------
+
+// Calls F<T, Relu>::run(args...) for the input's dtype (float32/float64) and the relu flag.
+#define PYFASTDL_BN_DISPATCH(dtype, relu, FN, ...)                   \
+  do {                                                              \
+    if ((dtype) == at::kDouble) {                                   \
+      if (relu) FN<double, true>(__VA_ARGS__);                      \
+      else FN<double, false>(__VA_ARGS__);                          \
+    } else {                                                        \
+      if (relu) FN<float, true>(__VA_ARGS__);                       \
+      else FN<float, false>(__VA_ARGS__);                           \
+    }                                                               \
+  } while (0)
 
 void stats(const at::Tensor& x, const bn::Layout& L, double* mean, double* var) {
   if (x.scalar_type() == at::kDouble)
@@ -326,33 +416,31 @@ void stats(const at::Tensor& x, const bn::Layout& L, double* mean, double* var) 
 }
 
 void apply(const at::Tensor& x, const bn::Layout& L, const NormConsts& nc, bool relu, at::Tensor& y) {
-  if (x.scalar_type() == at::kDouble)
-    relu ? apply_impl<double, true>(x, L, nc, y) : apply_impl<double, false>(x, L, nc, y);
-  else
-    relu ? apply_impl<float, true>(x, L, nc, y) : apply_impl<float, false>(x, L, nc, y);
+  PYFASTDL_BN_DISPATCH(x.scalar_type(), relu, apply_impl, x, L, nc, y);
 }
 
 void bwd_reduce(const at::Tensor& g, const at::Tensor& x, const bn::Layout& L, const NormConsts& nc,
                 bool relu, double* sum_g, double* sum_gx) {
-  if (x.scalar_type() == at::kDouble)
-    relu ? bwd_reduce_impl<double, true>(g, x, L, nc, sum_g, sum_gx)
-         : bwd_reduce_impl<double, false>(g, x, L, nc, sum_g, sum_gx);
-  else
-    relu ? bwd_reduce_impl<float, true>(g, x, L, nc, sum_g, sum_gx)
-         : bwd_reduce_impl<float, false>(g, x, L, nc, sum_g, sum_gx);
+  PYFASTDL_BN_DISPATCH(x.scalar_type(), relu, bwd_reduce_impl, g, x, L, nc, sum_g, sum_gx);
 }
 
 void bwd_apply(const at::Tensor& g, const at::Tensor& x, const bn::Layout& L, const NormConsts& nc,
                const at::Tensor& a, const at::Tensor& b, const at::Tensor& d, bool relu, at::Tensor& gi) {
-  if (x.scalar_type() == at::kDouble)
-    relu ? bwd_apply_impl<double, true>(g, x, L, nc, a, b, d, gi)
-         : bwd_apply_impl<double, false>(g, x, L, nc, a, b, d, gi);
-  else
-    relu ? bwd_apply_impl<float, true>(g, x, L, nc, a, b, d, gi)
-         : bwd_apply_impl<float, false>(g, x, L, nc, a, b, d, gi);
+  PYFASTDL_BN_DISPATCH(x.scalar_type(), relu, bwd_apply_impl, g, x, L, nc, a, b, d, gi);
 }
 
-const BatchNormKernels kTable{&stats, &apply, &bwd_reduce, &bwd_apply};
+void train_fwd_fused(const at::Tensor& x, const bn::Layout& L, PerChannelFn on_stats, const NormConsts& nc,
+                     bool relu, at::Tensor& y) {
+  PYFASTDL_BN_DISPATCH(x.scalar_type(), relu, train_fwd_fused_impl, x, L, on_stats, nc, y);
+}
+
+void bwd_fused(const at::Tensor& g, const at::Tensor& x, const bn::Layout& L, const NormConsts& nc,
+               PerChannelFn on_sums, const at::Tensor& a, const at::Tensor& b, const at::Tensor& d,
+               bool relu, at::Tensor& gi) {
+  PYFASTDL_BN_DISPATCH(x.scalar_type(), relu, bwd_fused_impl, g, x, L, nc, on_sums, a, b, d, gi);
+}
+
+const BatchNormKernels kTable{&stats, &apply, &bwd_reduce, &bwd_apply, &train_fwd_fused, &bwd_fused};
 
 }  // namespace
 }  // namespace CPU_CAPABILITY

@@ -6,6 +6,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/util/FunctionRef.h>
 
 #include "common/batch_norm.h"
 
@@ -19,6 +20,9 @@ namespace cpu {
 struct NormConsts {
   at::Tensor m1, m2, scale, bias;
 };
+
+// Called once per channel by the fused kernels, from worker threads (distinct c in parallel).
+using PerChannelFn = c10::function_ref<void(int64_t c, double a, double b)>;
 
 struct BatchNormKernels {
   // Per-channel mean and biased variance of x, numerically stable (sums shifted by the channel's
@@ -35,6 +39,16 @@ struct BatchNormKernels {
   void (*bwd_apply)(const at::Tensor& g, const at::Tensor& x, const bn::Layout& layout,
                     const NormConsts& k, const at::Tensor& a, const at::Tensor& b,
                     const at::Tensor& d, bool relu, at::Tensor& grad_input);
+  // NCS layout only, one task per channel (fused_ok): the channel's statistics, then
+  // on_stats(c, mean, biased var) -- which must fill channel c of k --, then y for that channel while
+  // its data is still in cache. Same results as stats + apply.
+  void (*train_fwd_fused)(const at::Tensor& x, const bn::Layout& layout, PerChannelFn on_stats,
+                          const NormConsts& k, bool relu, at::Tensor& y);
+  // NCS layout only, per channel: bwd_reduce's sums, on_sums(c, sum_g, sum_gx) -- which must fill
+  // channel c of a, b, d --, then bwd_apply for that channel.
+  void (*bwd_fused)(const at::Tensor& g, const at::Tensor& x, const bn::Layout& layout,
+                    const NormConsts& k, PerChannelFn on_sums, const at::Tensor& a,
+                    const at::Tensor& b, const at::Tensor& d, bool relu, at::Tensor& grad_input);
 };
 
 const BatchNormKernels* batch_norm_kernels_DEFAULT();

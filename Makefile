@@ -1,0 +1,45 @@
+# pyfastdl: the two commands of the README, and the GPU check.
+#   make bench      quick benchmark report -> bench/results/<device>-<date>.{md,json,png}
+#   make test       the test suite (CPU kernels, Triton under the interpreter, CUDA build checks)
+#   make gpu-check OUT=dir   on a machine with an NVIDIA GPU: rebuild, run every CUDA/Triton test
+#                            and the GPU benchmarks, write report and logs into OUT
+# Each target creates the virtual environment and builds the extension when that is not done yet.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# auto: build the CUDA sources when torch has CUDA and nvcc is found (it is, with torch 2.14.1 + nvcc 13)
+export PYFASTDL_CUDA ?= auto
+export MAX_JOBS ?= 2
+
+SOURCES := setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' 2>/dev/null)
+
+.PHONY: test bench bench-full build venv gpu-check clean
+
+venv: $(VENV)/.deps
+$(VENV)/.deps: requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements-dev.txt
+	touch $@
+
+build: $(VENV)/.built
+$(VENV)/.built: $(VENV)/.deps $(SOURCES)
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	$(PY) -m pyfastdl info
+	touch $@
+
+test: build
+	$(PY) -m pytest tests -q -rs
+
+bench: build
+	$(PY) -m pyfastdl bench --quick
+
+bench-full: build
+	$(PY) -m pyfastdl bench
+
+gpu-check:
+	bash scripts/gpu_check.sh $(or $(OUT),gpu-check-out)
+
+clean:
+	rm -rf build pyfastdl/_C*.so *.egg-info $(VENV)/.built
