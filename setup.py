@@ -15,6 +15,7 @@ import concurrent.futures
 import glob
 import os
 import shutil
+import subprocess
 import sys
 
 from setuptools import setup
@@ -23,12 +24,28 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
 def _find_cuda_home():
-    """nvcc may sit on PATH as a symlink (/usr/local/bin/nvcc); torch would then guess CUDA_HOME wrong."""
+    """nvcc may sit on PATH as a symlink or a wrapper script (/usr/local/bin/nvcc); torch would then
+    guess CUDA_HOME=/usr/local, where libcudart is not. Ask nvcc itself where its toolkit is."""
     if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
         return
+    candidates = []
     nvcc = shutil.which("nvcc")
     if nvcc:
-        os.environ["CUDA_HOME"] = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+        try:  # `nvcc -v` on a dummy input prints "#$ TOP=<toolkit root>"
+            out = subprocess.run([nvcc, "-v", "--version"], capture_output=True, text=True, timeout=60)
+            for line in (out.stdout + out.stderr).splitlines():
+                if line.startswith("#$ TOP="):
+                    candidates.insert(0, line.split("=", 1)[1].strip())
+        except (OSError, subprocess.SubprocessError):
+            pass
+    candidates.append("/usr/local/cuda")
+    for home in candidates:
+        if os.path.exists(os.path.join(home, "bin", "nvcc")) and (
+                glob.glob(os.path.join(home, "lib64", "libcudart.so*")) or
+                glob.glob(os.path.join(home, "lib", "libcudart.so*"))):
+            os.environ["CUDA_HOME"] = home
+            return
 
 
 _find_cuda_home()

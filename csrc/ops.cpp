@@ -20,9 +20,12 @@ TORCH_LIBRARY(pyfastdl, m) {
       "batch_norm_fwd(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
       "Tensor(b!)? running_var, bool training, float momentum, float eps, bool relu) "
       "-> (Tensor, Tensor, Tensor)");
-  // Backward of batch_norm_fwd. With relu=true the ReLU mask is recomputed from input:
-  // y = input * scale + shift, scale = weight * invstd, shift = bias - mean * scale (the forward's
-  // formula), and grad_out is zeroed where y <= 0.
+  // Backward of batch_norm_fwd. With relu=true the ReLU mask is recomputed from input with the
+  // forward's formula, y = (input - save_mean) * weight * save_invstd + bias, and grad_out is zeroed
+  // where y <= 0. (Each backend's forward centres x on the batch mean held to twice the
+  // accumulation precision -- save_mean plus its rounding error --, so that a channel with
+  // |mean| >> std normalizes accurately; the backward, which has only save_mean, may differ from the
+  // forward's mask only where |y| is below that rounding error times the scale.)
   // Returns (grad_input [input's shape and memory format], grad_weight (C,), grad_bias (C,)), the
   // last two in the accumulation dtype.
   m.def(

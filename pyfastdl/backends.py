@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import functools
 import importlib
+import importlib.util
 import logging
 import os
 import threading
@@ -42,6 +43,7 @@ class Dispatch:
     fallback: str | None = None  # why the intended backend did not run, when it did not
 
 
+@functools.lru_cache(None)
 def _build_info() -> dict:
     info = {}
     for item in torch.ops.pyfastdl.build_info().split(";"):
@@ -52,11 +54,8 @@ def _build_info() -> dict:
 
 @functools.lru_cache(None)
 def _triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-    except Exception:
-        return False
-    return True
+    # find_spec, not import: choosing a backend must not import triton (slow) until it is used
+    return importlib.util.find_spec("triton") is not None
 
 
 def strict() -> bool:
@@ -66,8 +65,13 @@ def strict() -> bool:
 
 def built() -> dict:
     """Which backends this installation has: {"cpu": True, "cuda": bool, "triton": bool, "reference": True}."""
-    return {"cpu": True, "cuda": _build_info().get("cuda") == "1", "triton": _triton_importable(),
-            "reference": True}
+    return dict(_built())
+
+
+@functools.lru_cache(None)
+def _built() -> tuple:
+    return (("cpu", True), ("cuda", _build_info().get("cuda") == "1"), ("triton", _triton_importable()),
+            ("reference", True))
 
 
 def _interpreting() -> bool:
@@ -135,6 +139,12 @@ def resolve(op: str, device: torch.device, covers) -> tuple[str, str | None]:
     kernel handles the call, or the reason it does not. Returns (backend, fallback_reason); backend
     "torch" means PyTorch's own op."""
     chosen = current()
+    if chosen is None and (device.type == "cpu" or (device.type == "cuda" and _build_info().get("cuda") == "1")):
+        intended = device.type  # the common case, kept cheap: the default kernel backend is built
+        reason = covers(intended)
+        if reason is None:
+            return intended, None
+        return "torch", f"backend {intended!r} does not cover this call ({reason})"
     names = available(device)
     if chosen is not None:
         if chosen not in NAMES:
