@@ -126,7 +126,14 @@ def record(op: str, backend: str, fallback: str | None = None) -> None:
             raise BackendError(f"pyfastdl.{op}: {fallback}; refusing to fall back to {backend} "
                                "because PYFASTDL_STRICT=1")
         _log.info("pyfastdl.%s: %s; running %s", op, fallback, backend)
-    _state.last = Dispatch(op, backend, fallback)
+        _state.last = Dispatch(op, backend, fallback)
+    else:  # the hot path: one cached record per (op, backend)
+        _state.last = _clean_dispatch(op, backend)
+
+
+@functools.lru_cache(None)
+def _clean_dispatch(op: str, backend: str) -> Dispatch:
+    return Dispatch(op, backend, None)
 
 
 def last_dispatch() -> Dispatch | None:

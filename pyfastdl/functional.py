@@ -18,16 +18,20 @@ _BATCH_NORM_DTYPES = {
     "triton": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
 }
 _ACTIVATIONS = (None, "relu")
+_BN_TENSOR_ARGS = ("weight", "bias", "running_mean", "running_var")
 
 
-def _check_same_device(op: str, input: torch.Tensor, **tensors) -> None:
-    for name, t in tensors.items():
+def _check_same_device(op: str, input: torch.Tensor, names: tuple, tensors: tuple) -> None:
+    """Optional tensor arguments must be Tensors on input's device (checked here: the dispatcher
+    would otherwise route a mixed call to another device's kernel)."""
+    device = input.device
+    for name, t in zip(names, tensors):
         if t is None:
             continue
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{op}: expected {name} to be a Tensor or None, got {type(t).__name__}")
-        if t.device != input.device:
-            raise RuntimeError(f"{op}: expected {name} on {input.device} like input, got {name} on {t.device}")
+        if t.device != device:
+            raise RuntimeError(f"{op}: expected {name} on {device} like input, got {name} on {t.device}")
 
 
 def batch_norm(input: torch.Tensor, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
@@ -47,8 +51,7 @@ def batch_norm(input: torch.Tensor, running_mean: torch.Tensor | None, running_v
         raise TypeError(f"batch_norm: expected input to be a Tensor, got {type(input).__name__}")
     if activation not in _ACTIVATIONS:
         raise ValueError(f"batch_norm: expected activation in {_ACTIVATIONS}, got {activation!r}")
-    _check_same_device("batch_norm", input, weight=weight, bias=bias, running_mean=running_mean,
-                       running_var=running_var)
+    _check_same_device("batch_norm", input, _BN_TENSOR_ARGS, (weight, bias, running_mean, running_var))
     if not input.is_floating_point():
         raise RuntimeError(f"batch_norm: expected a floating-point input, got input of dtype {input.dtype}")
     relu = activation == "relu"

@@ -32,16 +32,22 @@ struct Consts {
   cpu::NormConsts k;
   const T* w;
   T *m1, *m2, *scale;
-  Consts(const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
-         const at::Tensor& m1_tensor, const at::Tensor& w_contig) {
+  Consts(const c10::optional<at::Tensor>& bias, const at::Tensor& m1_tensor, const at::Tensor& w_contig) {
     const int64_t C = m1_tensor.numel();
-    const auto opt = m1_tensor.options();
-    k = {m1_tensor, at::zeros({C}, opt), at::empty({C}, opt), at::zeros({C}, opt)};
-    if (bias.has_value() && bias->defined()) k.bias.copy_(*bias);
+    // m2, scale and bias in one allocation (this runs on every call: small inputs feel it)
+    const at::Tensor buf = at::empty({3 * C}, m1_tensor.options());
+    k = {m1_tensor, buf.narrow(0, 0, C), buf.narrow(0, C, C), buf.narrow(0, 2 * C, C)};
     w = w_contig.defined() ? w_contig.const_data_ptr<T>() : nullptr;
     m1 = k.m1.mutable_data_ptr<T>();
     m2 = k.m2.mutable_data_ptr<T>();
     scale = k.scale.mutable_data_ptr<T>();
+    T* bp = k.bias.mutable_data_ptr<T>();
+    const at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
+    const T* src = b.defined() ? b.const_data_ptr<T>() : nullptr;
+    for (int64_t c = 0; c < C; ++c) {
+      m2[c] = T(0);
+      bp[c] = src ? src[c] : T(0);
+    }
   }
   // Channel c, given m1[c] already set (the saved mean) and the exact mean when known.
   void set(int64_t c, T invstd, const double* exact_mean) {
@@ -90,7 +96,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd_cpu(
   const bool has_running = running_mean.has_value() && running_mean->defined();
   const at::Tensor w = contiguous_or_undefined(weight);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "batch_norm_fwd_cpu", [&] {
-    Consts<scalar_t> k(weight, bias, save_mean, w);
+    Consts<scalar_t> k(bias, save_mean, w);
     scalar_t* si = save_invstd.mutable_data_ptr<scalar_t>();
     if (training) {
       at::TensorAccessor<scalar_t, 1> rm(nullptr, nullptr, nullptr), rv(nullptr, nullptr, nullptr);
@@ -149,13 +155,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd_cpu(
   const at::Tensor invstd = save_invstd.contiguous();
   const at::Tensor w = contiguous_or_undefined(weight);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "batch_norm_bwd_cpu", [&] {
-    Consts<scalar_t> k(weight, bias, save_mean.contiguous().clone(), w);
+    Consts<scalar_t> k(bias, save_mean.contiguous(), w);
     const scalar_t* ip = invstd.const_data_ptr<scalar_t>();
     for (int64_t c = 0; c < C; ++c) k.set(c, ip[c], nullptr);
     // grad_input = scale * (g' - sum_g / n - xhat * sum(g' * xhat) / n), xhat = (x - mean) * invstd
     //            = a * g' + b * (x - mean) + d,  a = scale (eval: b = d = 0)
     const at::Tensor& a = k.k.scale;
-    at::Tensor b = at::zeros({C}, x.options()), d = at::zeros({C}, x.options());
+    const at::Tensor bd = at::zeros({2 * C}, x.options());
+    const at::Tensor b = bd.narrow(0, 0, C), d = bd.narrow(0, C, C);
     scalar_t* gw = grad_weight.mutable_data_ptr<scalar_t>();
     scalar_t* gb = grad_bias.mutable_data_ptr<scalar_t>();
     scalar_t* bp = b.mutable_data_ptr<scalar_t>();
