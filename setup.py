@@ -89,7 +89,9 @@ WITH_CUDA = _want_cuda()
 if WITH_CUDA:
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
 
-CXX_FLAGS = ["-O3", "-std=c++20", "-fno-math-errno"]
+# -fopenmp: at::parallel_for is a header template whose OpenMP pragma is compiled into *our* code;
+# without the flag it silently runs on one thread.
+CXX_FLAGS = ["-O3", "-std=c++20", "-fno-math-errno", "-fopenmp"]
 NVCC_FLAGS = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]
 
 simd_sources = sorted(glob.glob("csrc/cpu/*_kernel.cpp"))
@@ -105,7 +107,8 @@ ext = Ext(
     sources=plain_sources + cuda_sources,
     include_dirs=[os.path.join(ROOT, "csrc")] + (_nvidia_include_dirs() if WITH_CUDA else []),
     define_macros=macros,
-    extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS} if WITH_CUDA else CXX_FLAGS,
+    extra_link_args=["-fopenmp"],
+    extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS + ["-Xcompiler", "-fopenmp"]} if WITH_CUDA else CXX_FLAGS,
     py_limited_api=False,
 )
 
