@@ -184,4 +184,7 @@ def ops(backend: str, family: str):
     if backend == "triton":
         importlib.import_module(f"pyfastdl.triton_kernels.{family}")
         return torch.ops.pyfastdl_triton
-    return torch.ops.pyfastdl
+    return _PYFASTDL_OPS
+
+
+_PYFASTDL_OPS = torch.ops.pyfastdl

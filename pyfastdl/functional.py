@@ -73,5 +73,11 @@ def batch_norm(input: torch.Tensor, running_mean: torch.Tensor | None, running_v
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.size()}")
         return batch_norm_like_torch(input, running_mean, running_var, weight, bias, training,
                                      momentum, eps, activation)
+    ops = backends.ops(backend, "batch_norm")
+    if not (torch.is_grad_enabled() and (input.requires_grad or (weight is not None and weight.requires_grad)
+                                         or (bias is not None and bias.requires_grad))):
+        # Nothing to differentiate: the op alone, without the autograd Function's bookkeeping.
+        return ops.batch_norm_fwd(input, weight, bias, running_mean, running_var, bool(training),
+                                  float(momentum), float(eps), relu)[0]
     return BatchNormFunction.apply(input, weight, bias, running_mean, running_var, bool(training),
-                                   float(momentum), float(eps), relu, backends.ops(backend, "batch_norm"))
+                                   float(momentum), float(eps), relu, ops)

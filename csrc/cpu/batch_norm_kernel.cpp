@@ -153,12 +153,6 @@ void reduce_then_map_per_channel(const T* x, const T* g, const bn::Layout& L,
   });
 }
 
-// Rows of an (M, C) block that fill about 16 KB (L1) — the channel tiles walk such a block in turn.
-template <typename T>
-int64_t l1_rows(int64_t C) {
-  return std::max<int64_t>(1, (16384 / static_cast<int64_t>(sizeof(T))) / C);
-}
-
 template <typename T, int NK, typename Op>
 void reduce_mc(const T* x, const T* g, const bn::Layout& L, const ConstPtrs<T, NK>& kp, Op op,
                double* out1, double* out2) {
@@ -166,10 +160,8 @@ void reduce_mc(const T* x, const T* g, const bn::Layout& L, const ConstPtrs<T, N
   constexpr int64_t W = Vec::size();
   const int64_t M = L.N * L.S, C = L.C;
   // A task sums SB rows (at most 1024 terms per lane in T, ~256 K elements) into one partial; the
-  // partials are summed in float64 in a fixed order. Inside a task, L1-sized sub-blocks of RB rows
-  // are walked once per channel tile, the running sums kept in acc (C,).
+  // partials are summed in float64 in a fixed order.
   const int64_t SB = std::max<int64_t>(1, std::min<int64_t>(1024, 262144 / C));
-  const int64_t RB = std::min(SB, l1_rows<T>(C));
   const int64_t nb = (M + SB - 1) / SB;
   std::vector<double> part(2 * nb * C);
   at::parallel_for(0, nb, std::max<int64_t>(1, kGrain / (SB * C)), [&](int64_t b0, int64_t b1) {
@@ -177,25 +169,25 @@ void reduce_mc(const T* x, const T* g, const bn::Layout& L, const ConstPtrs<T, N
     for (int64_t b = b0; b < b1; ++b) {
       std::fill(acc.begin(), acc.end(), T(0));
       const int64_t end = std::min(M, (b + 1) * SB);
-      for (int64_t r0 = b * SB; r0 < end; r0 += RB) {
-        const int64_t r1 = std::min(end, r0 + RB);
-        for (int64_t j = 0; j < C; j += W) {
-          const int64_t n = std::min<int64_t>(W, C - j);
-          const Consts<T> k = kp.load(j, n);
-          Vec a1 = Vec::loadu(acc.data() + j, n), a2 = Vec::loadu(acc.data() + C + j, n);
-          if (n == W) {
-            for (int64_t m = r0; m < r1; ++m)
-              op(Vec::loadu(x + m * C + j), Vec::loadu(g + m * C + j), k, a1, a2);
-          } else {
-            for (int64_t m = r0; m < r1; ++m) {
-              Vec t1(0), t2(0);
-              op(Vec::loadu(x + m * C + j, n), Vec::loadu(g + m * C + j, n), k, t1, t2);
-              a1 = a1 + Vec::set(Vec(0), t1, n);
-              a2 = a2 + Vec::set(Vec(0), t2, n);
-            }
-          }
-          a1.store(acc.data() + j, n);
-          a2.store(acc.data() + C + j, n);
+      // Row by row, contiguous (the prefetcher streams); the running sums acc (2, C) stay in L1.
+      T* acc1 = acc.data();
+      T* acc2 = acc1 + C;
+      for (int64_t m = b * SB; m < end; ++m) {
+        const T* xr = x + m * C;
+        const T* gr = g + m * C;
+        int64_t j = 0;
+        for (; j + W <= C; j += W) {
+          Vec a1 = Vec::loadu(acc1 + j), a2 = Vec::loadu(acc2 + j);
+          op(Vec::loadu(xr + j), Vec::loadu(gr + j), kp.load(j), a1, a2);
+          a1.store(acc1 + j);
+          a2.store(acc2 + j);
+        }
+        if (j < C) {
+          const int64_t n = C - j;
+          Vec t1(0), t2(0);
+          op(Vec::loadu(xr + j, n), Vec::loadu(gr + j, n), kp.load(j, n), t1, t2);
+          (Vec::loadu(acc1 + j, n) + t1).store(acc1 + j, n);
+          (Vec::loadu(acc2 + j, n) + t2).store(acc2 + j, n);
         }
       }
       double* p = part.data() + 2 * b * C;
@@ -236,21 +228,18 @@ void map(const T* x, const T* g, const bn::Layout& L, const ConstPtrs<T, NK>& kp
         map_run(x + r * S, g + r * S, S, kp.broadcast(r % C), op, out + r * S);
     });
   } else {
-    const int64_t M = L.N * L.S, RB = l1_rows<T>(C);
+    const int64_t M = L.N * L.S;
     at::parallel_for(0, M, std::max<int64_t>(1, kGrain / C), [&](int64_t m0, int64_t m1) {
-      // L1-sized row blocks; channel tiles outside, rows inside: a tile's constants stay in registers.
-      for (int64_t r0 = m0; r0 < m1; r0 += RB) {
-        const int64_t r1 = std::min(m1, r0 + RB);
-        for (int64_t j = 0; j < C; j += W) {
-          const int64_t n = std::min<int64_t>(W, C - j);
-          const Consts<T> k = kp.load(j, n);
-          if (n == W) {
-            for (int64_t m = r0; m < r1; ++m)
-              op(Vec::loadu(x + m * C + j), Vec::loadu(g + m * C + j), k).store(out + m * C + j);
-          } else {
-            for (int64_t m = r0; m < r1; ++m)
-              op(Vec::loadu(x + m * C + j, n), Vec::loadu(g + m * C + j, n), k).store(out + m * C + j, n);
-          }
+      // Row by row, contiguous: the hardware prefetcher streams; the constants come from L1.
+      const int64_t Cv = C - C % W;
+      for (int64_t m = m0; m < m1; ++m) {
+        const T* xr = x + m * C;
+        const T* gr = g + m * C;
+        T* o = out + m * C;
+        for (int64_t j = 0; j < Cv; j += W) op(Vec::loadu(xr + j), Vec::loadu(gr + j), kp.load(j)).store(o + j);
+        if (Cv < C) {
+          const int64_t n = C - Cv;
+          op(Vec::loadu(xr + Cv, n), Vec::loadu(gr + Cv, n), kp.load(Cv, n)).store(o + Cv, n);
         }
       }
     });
