@@ -1,5 +1,7 @@
 """Batch norm: every backend against torch and the float64 reference, forward and backward,
 gradcheck, opcheck, running statistics, drop-in modules, layouts, bad input."""
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -323,3 +325,36 @@ def test_strict_mode_refuses_fallback_and_dispatch_is_visible(monkeypatch):
     monkeypatch.setenv("PYFASTDL_BACKEND", "reference")
     PF.batch_norm(x.float(), None, None, training=True)
     assert backends.last_dispatch().backend == "reference"
+
+
+_STREAM_CHECK = """
+import torch, torch.nn.functional as F, pyfastdl.functional as PF
+from pyfastdl import backends
+for shape in [(3, 5, 17, 17), (4, 6, 8, 8), (2, 3, 5, 7, 3)]:
+    for dtype in (torch.float32, torch.float64):
+        x = torch.randn(shape, dtype=dtype, requires_grad=True)
+        w = torch.randn(shape[1], dtype=dtype, requires_grad=True)
+        b = torch.randn(shape[1], dtype=dtype, requires_grad=True)
+        g = torch.randn(shape, dtype=dtype)
+        for training in (True, False):
+            rm, rv = torch.zeros(shape[1], dtype=dtype), torch.ones(shape[1], dtype=dtype)
+            y = PF.batch_norm(x, rm.clone(), rv.clone(), w, b, training, activation="relu")
+            assert backends.last_dispatch().backend == "cpu"
+            r = F.relu(F.batch_norm(x.double(), rm.double(), rv.double(), w.double(), b.double(), training))
+            gy = torch.autograd.grad(y, (x, w, b), g)
+            gr = torch.autograd.grad(r, (x, w, b), g.double())
+            for a, e in [(y, r)] + list(zip(gy, gr)):
+                err = ((a.double() - e).norm() / e.norm()).item()
+                assert err < 1e-4, (shape, dtype, training, err)
+print("ok")
+"""
+
+
+def test_cpu_streaming_stores_path():
+    """Outputs above PYFASTDL_STREAM_BYTES take non-temporal stores (with a plain-store head where a
+    row is not vector-aligned); force that path on small shapes in a fresh process."""
+    import subprocess
+    import sys
+    env = {**os.environ, "PYFASTDL_STREAM_BYTES": "0"}
+    r = subprocess.run([sys.executable, "-c", _STREAM_CHECK], capture_output=True, text=True, env=env)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr

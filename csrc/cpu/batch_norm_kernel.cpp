@@ -16,7 +16,13 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <cstdint>
+#include <cstdlib>
 #include <vector>
+
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+#include <immintrin.h>
+#endif
 
 #include "cpu/batch_norm_kernel.h"
 
@@ -86,12 +92,60 @@ inline std::pair<double, double> reduce_run(const T* xr, const T* gr, int64_t S,
   return {hsum(a1 + b1), hsum(a2 + b2)};
 }
 
-// One contiguous run mapped: out[i] = op(x[i], g[i], k).
-template <typename T, typename Op>
+// Non-temporal ("streaming") store of a full vector to a vector-aligned address: the line goes to
+// memory without being read first (no read-for-ownership) and without evicting the inputs from the
+// caches. Worth it only for outputs much larger than the caches (stream_bytes()), which the next
+// layer would read from DRAM anyway. Plain store where the ISA has none.
+inline void stream_store(float* p, const Vectorized<float>& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  _mm512_stream_ps(p, v);
+#elif defined(CPU_CAPABILITY_AVX2)
+  _mm256_stream_ps(p, v);
+#else
+  v.store(p);
+#endif
+}
+inline void stream_store(double* p, const Vectorized<double>& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  _mm512_stream_pd(p, v);
+#elif defined(CPU_CAPABILITY_AVX2)
+  _mm256_stream_pd(p, v);
+#else
+  v.store(p);
+#endif
+}
+inline void stream_fence() {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  _mm_sfence();
+#endif
+}
+// Outputs above this many bytes skip the caches: 16 MB (about half a server L3 slice; sysconf's
+// cache size is not trustworthy in VMs: it reported 320 MB for a 32 MB L3 here);
+// PYFASTDL_STREAM_BYTES overrides. Measured on a 2-core EPYC (32 MB L3), float32 (32, 64, 56, 56),
+// 25.7 MB: training forward 2.3 -> 1.4 ms, backward 3.75 -> 2.5 ms.
+inline int64_t stream_bytes() {
+  static const int64_t v = [] {
+    const char* e = std::getenv("PYFASTDL_STREAM_BYTES");
+    return e && *e ? static_cast<int64_t>(std::atoll(e)) : int64_t(16) << 20;
+  }();
+  return v;
+}
+
+// One contiguous run mapped: out[i] = op(x[i], g[i], k). Stream: non-temporal stores where the
+// output is vector-aligned (the caller fences).
+template <bool Stream, typename T, typename Op>
 inline void map_run(const T* xr, const T* gr, int64_t S, const Consts<T>& k, Op& op, T* o) {
   using Vec = Vectorized<T>;
   constexpr int64_t W = Vec::size();
   int64_t i = 0;
+  if (Stream) {  // plain stores up to the first aligned element, then streaming ones
+    const int64_t mis = (reinterpret_cast<uintptr_t>(o) % sizeof(Vec)) / sizeof(T);
+    const int64_t head = mis == 0 ? 0 : std::min<int64_t>(S, W - mis);
+    if (reinterpret_cast<uintptr_t>(o) % sizeof(T) == 0) {
+      if (head > 0) op(Vec::loadu(xr, head), Vec::loadu(gr, head), k).store(o, head);
+      for (i = head; i + W <= S; i += W) stream_store(o + i, op(Vec::loadu(xr + i), Vec::loadu(gr + i), k));
+    }
+  }
   for (; i + 2 * W <= S; i += 2 * W) {
     op(Vec::loadu(xr + i), Vec::loadu(gr + i), k).store(o + i);
     op(Vec::loadu(xr + i + W), Vec::loadu(gr + i + W), k).store(o + i + W);
@@ -134,6 +188,7 @@ void reduce_then_map_per_channel(const T* x, const T* g, const bn::Layout& L,
                                  const ConstPtrs<T, NKR>& kr, RedOp red, PerChannelFn on_sums,
                                  const ConstPtrs<T, NKM>& km, MapOp mp, T* out) {
   const int64_t C = L.C, S = L.S, N = L.N;
+  const bool stream = N * C * S * static_cast<int64_t>(sizeof(T)) > stream_bytes();
   at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       const Consts<T> k = kr.broadcast(c);
@@ -147,9 +202,13 @@ void reduce_then_map_per_channel(const T* x, const T* g, const bn::Layout& L,
       const Consts<T> k2 = km.broadcast(c);
       for (int64_t n = 0; n < N; ++n) {
         const int64_t o = (n * C + c) * S;
-        map_run(x + o, g + o, S, k2, mp, out + o);
+        if (stream)
+          map_run<true>(x + o, g + o, S, k2, mp, out + o);
+        else
+          map_run<false>(x + o, g + o, S, k2, mp, out + o);
       }
     }
+    if (stream) stream_fence();
   });
 }
 
@@ -222,10 +281,16 @@ void map(const T* x, const T* g, const bn::Layout& L, const ConstPtrs<T, NK>& kp
   const int64_t C = L.C;
   if (!L.channels_last) {
     const int64_t rows = L.N * C, S = L.S;
+    const bool stream = rows * S * static_cast<int64_t>(sizeof(T)) > stream_bytes();
     at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / std::max<int64_t>(S, 1)),
                      [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r)
-        map_run(x + r * S, g + r * S, S, kp.broadcast(r % C), op, out + r * S);
+      for (int64_t r = r0; r < r1; ++r) {
+        if (stream)
+          map_run<true>(x + r * S, g + r * S, S, kp.broadcast(r % C), op, out + r * S);
+        else
+          map_run<false>(x + r * S, g + r * S, S, kp.broadcast(r % C), op, out + r * S);
+      }
+      if (stream) stream_fence();
     });
   } else {
     const int64_t M = L.N * L.S;
