@@ -223,30 +223,48 @@ void reduce_mc(const T* x, const T* g, const bn::Layout& L, const ConstPtrs<T, N
   const int64_t SB = std::max<int64_t>(1, std::min<int64_t>(1024, 262144 / C));
   const int64_t nb = (M + SB - 1) / SB;
   std::vector<double> part(2 * nb * C);
+  const bool small = M * C * static_cast<int64_t>(sizeof(T)) <= (int64_t(1) << 20);
   at::parallel_for(0, nb, std::max<int64_t>(1, kGrain / (SB * C)), [&](int64_t b0, int64_t b1) {
     std::vector<T> acc(2 * C);
     for (int64_t b = b0; b < b1; ++b) {
       std::fill(acc.begin(), acc.end(), T(0));
       const int64_t end = std::min(M, (b + 1) * SB);
-      // Row by row, contiguous (the prefetcher streams); the running sums acc (2, C) stay in L1.
       T* acc1 = acc.data();
       T* acc2 = acc1 + C;
-      for (int64_t m = b * SB; m < end; ++m) {
-        const T* xr = x + m * C;
-        const T* gr = g + m * C;
-        int64_t j = 0;
-        for (; j + W <= C; j += W) {
-          Vec a1 = Vec::loadu(acc1 + j), a2 = Vec::loadu(acc2 + j);
-          op(Vec::loadu(xr + j), Vec::loadu(gr + j), kp.load(j), a1, a2);
-          a1.store(acc1 + j);
-          a2.store(acc2 + j);
+      if (small) {
+        // The block sits in L1/L2: one channel tile at a time down the rows, sums in registers.
+        for (int64_t j = 0; j < C; j += W) {
+          const int64_t n = std::min<int64_t>(W, C - j);
+          const Consts<T> k = kp.load(j, n);
+          Vec a1(0), a2(0);
+          for (int64_t m = b * SB; m < end; ++m) {
+            Vec t1(0), t2(0);
+            op(Vec::loadu(x + m * C + j, n), Vec::loadu(g + m * C + j, n), k, t1, t2);
+            a1 = a1 + Vec::set(Vec(0), t1, n);
+            a2 = a2 + Vec::set(Vec(0), t2, n);
+          }
+          a1.store(acc1 + j, n);
+          a2.store(acc2 + j, n);
         }
-        if (j < C) {
-          const int64_t n = C - j;
-          Vec t1(0), t2(0);
-          op(Vec::loadu(xr + j, n), Vec::loadu(gr + j, n), kp.load(j, n), t1, t2);
-          (Vec::loadu(acc1 + j, n) + t1).store(acc1 + j, n);
-          (Vec::loadu(acc2 + j, n) + t2).store(acc2 + j, n);
+      } else {
+        // Row by row, contiguous (the prefetcher streams); the running sums acc (2, C) stay in L1.
+        for (int64_t m = b * SB; m < end; ++m) {
+          const T* xr = x + m * C;
+          const T* gr = g + m * C;
+          int64_t j = 0;
+          for (; j + W <= C; j += W) {
+            Vec a1 = Vec::loadu(acc1 + j), a2 = Vec::loadu(acc2 + j);
+            op(Vec::loadu(xr + j), Vec::loadu(gr + j), kp.load(j), a1, a2);
+            a1.store(acc1 + j);
+            a2.store(acc2 + j);
+          }
+          if (j < C) {
+            const int64_t n = C - j;
+            Vec t1(0), t2(0);
+            op(Vec::loadu(xr + j, n), Vec::loadu(gr + j, n), kp.load(j, n), t1, t2);
+            (Vec::loadu(acc1 + j, n) + t1).store(acc1 + j, n);
+            (Vec::loadu(acc2 + j, n) + t2).store(acc2 + j, n);
+          }
         }
       }
       double* p = part.data() + 2 * b * C;
