@@ -41,6 +41,13 @@ inline at::Tensor to_kernel_layout(const at::Tensor& input, Layout& layout) {
   return input.contiguous();
 }
 
+// `t` (grad_out, same shape as the input) in the memory layout chosen for the input.
+inline at::Tensor to_layout(const at::Tensor& t, const Layout& layout) {
+  if (layout.channels_last && layout.S > 1 && t.dim() == 4) return t.contiguous(at::MemoryFormat::ChannelsLast);
+  if (layout.channels_last && layout.S > 1 && t.dim() == 5) return t.contiguous(at::MemoryFormat::ChannelsLast3d);
+  return t.contiguous();
+}
+
 // The accumulation ("opmath") dtype: float64 for float64 input, float32 otherwise.
 inline at::ScalarType acc_dtype(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;

@@ -67,12 +67,6 @@ bool use_fused(const bn::Layout& L) {
   return !L.channels_last && L.S > 1 && (L.C % t == 0 || L.C >= 8 * t);
 }
 
-// Brings grad_out into the memory layout chosen for input.
-at::Tensor like_layout(const at::Tensor& g, const at::Tensor& x, const bn::Layout& L) {
-  if (!L.channels_last || g.dim() <= 3 || L.S == 1) return g.contiguous();
-  return g.contiguous(g.dim() == 4 ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::ChannelsLast3d);
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd_cpu(
@@ -146,7 +140,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd_cpu(
   bn::check_bwd(grad_out, input, save_mean, save_invstd);
   bn::Layout L;
   const at::Tensor x = bn::to_kernel_layout(input, L);
-  const at::Tensor g = like_layout(grad_out, x, L);
+  const at::Tensor g = bn::to_layout(grad_out, L);
   const int64_t C = L.C;
   at::Tensor grad_input = at::empty_like(x);
   at::Tensor grad_weight = at::zeros({C}, x.options());

@@ -742,13 +742,6 @@ const T* ptr_or_null(const at::Tensor& t) {
   return t.defined() ? t.const_data_ptr<T>() : nullptr;
 }
 
-// grad_out in the memory layout chosen for input.
-at::Tensor like_layout(const at::Tensor& g, const bn::Layout& L) {
-  if (L.channels_last && g.dim() == 4) return g.contiguous(at::MemoryFormat::ChannelsLast);
-  if (L.channels_last && g.dim() == 5) return g.contiguous(at::MemoryFormat::ChannelsLast3d);
-  return g.contiguous();
-}
-
 void check_cuda_and_size(const at::Tensor& input, const char* op) {
   TORCH_CHECK(input.is_cuda(), op, ": expected input on a CUDA device, got ", input.device());
   TORCH_CHECK(input.size(1) <= kMaxGridX, op, ": expected at most ", kMaxGridX,
@@ -869,7 +862,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd_cuda(
   c10::cuda::CUDAGuard guard(input.device());
   bn::Layout L;
   const at::Tensor x = bn::to_kernel_layout(input, L);
-  const at::Tensor g = like_layout(grad_out, L);
+  const at::Tensor g = bn::to_layout(grad_out, L);
   const KernelShape k = kernel_shape(L);
   const int64_t C = k.C;
   const at::ScalarType acc = bn::acc_dtype(st);
