@@ -31,6 +31,64 @@ TORCH_LIBRARY(pyfastdl, m) {
   m.def(
       "batch_norm_bwd(Tensor grad_out, Tensor input, Tensor? weight, Tensor? bias, Tensor save_mean, "
       "Tensor save_invstd, bool training, bool relu) -> (Tensor, Tensor, Tensor)");
+
+  // ---- fused optimizers (one multi-tensor step per call) ---------------------------------------
+  // Each op applies one step of torch.optim.<X>(foreach=False)'s update rule to every tensor of the
+  // lists, in place. List i of every argument describes parameter i: params[i], grads[i] and the
+  // state tensors have params[i]'s shape; all params share one device and dtype. Dtypes: params and
+  // grads float32/float64 (CPU), float32/float16/bfloat16 (CUDA, Triton); state tensors float32 for
+  // float16/bfloat16 params, the param's dtype otherwise. Any strides: the kernels run over the
+  // flattened elements when param, grad and state share strides and are dense, and over dense
+  // copies (written back) otherwise.
+  // state_steps: one 0-dim float32/float64 tensor per param (torch's state["step"]) on the CPU or
+  // on the params' device; the op adds 1 to each and uses the new value (bias corrections, lr decay)
+  // of that param.
+  // grad_scale, found_inf: 1-element float32 tensors on the params' device, as torch.amp.GradScaler
+  // gives fused optimizers. found_inf != 0: nothing at all is written (params, state, steps).
+  // Otherwise each gradient is divided by grad_scale before use (grads themselves stay read-only;
+  // torch's fused kernels write the unscaled gradient back, these do not).
+  // lr and the other hyper-parameters are Python floats; checks on their ranges are the
+  // optimizers' constructors' (torch's).
+
+  // SGD: g = (maximize ? -grad : grad) + weight_decay * p; with momentum != 0,
+  // buf = first_step ? g : momentum * buf + (1 - dampening) * g, and g = nesterov ? g + momentum * buf
+  // : buf; then p -= lr * g. momentum_buffers: empty when momentum == 0; with first_step=true their
+  // content is ignored (torch's buffer created by clone(g)).
+  m.def(
+      "sgd_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, float lr, "
+      "float momentum, float dampening, float weight_decay, bool nesterov, bool maximize, "
+      "bool first_step, Tensor? grad_scale, Tensor? found_inf) -> ()");
+  // Adam / AdamW (decoupled_weight_decay=true: p *= 1 - lr * weight_decay instead of adding
+  // weight_decay * p to g). t = step after the increment, m = lerp(m, g, 1 - beta1),
+  // v = beta2 * v + (1 - beta2) * g * g, vmax = max(vmax, v) with amsgrad (max_exp_avg_sqs empty
+  // otherwise), p -= lr / (1 - beta1^t) * m / (sqrt(v or vmax) / sqrt(1 - beta2^t) + eps).
+  // master_params: empty, or one float32 tensor per float16/bfloat16 param, a master copy that is
+  // updated in float32 and rounded into params (the params' own values are then not read).
+  m.def(
+      "adam_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+      "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] state_steps, Tensor(f!)[] master_params, float lr, "
+      "float beta1, float beta2, float weight_decay, float eps, bool amsgrad, bool maximize, "
+      "bool decoupled_weight_decay, Tensor? grad_scale, Tensor? found_inf) -> ()");
+  // Adagrad: clr = lr / (1 + (t - 1) * lr_decay), sum += g * g, p -= clr * g / (sqrt(sum) + eps).
+  m.def(
+      "adagrad_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state_sums, "
+      "Tensor(c!)[] state_steps, float lr, float lr_decay, float weight_decay, float eps, bool maximize, "
+      "Tensor? grad_scale, Tensor? found_inf) -> ()");
+  // RMSprop: sq = alpha * sq + (1 - alpha) * g * g; centered: ga = lerp(ga, g, 1 - alpha),
+  // avg = sqrt(sq - ga * ga) + eps, else avg = sqrt(sq) + eps; momentum > 0: buf = momentum * buf +
+  // g / avg, p -= lr * buf; else p -= lr * g / avg. grad_avgs empty unless centered,
+  // momentum_buffers empty unless momentum > 0.
+  m.def(
+      "rmsprop_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] square_avgs, Tensor(c!)[] grad_avgs, "
+      "Tensor(d!)[] momentum_buffers, Tensor(e!)[] state_steps, float lr, float alpha, float eps, "
+      "float weight_decay, float momentum, bool centered, bool maximize, Tensor? grad_scale, "
+      "Tensor? found_inf) -> ()");
+  // Adadelta: sq = rho * sq + (1 - rho) * g * g, delta = sqrt(acc + eps) / sqrt(sq + eps) * g,
+  // acc = rho * acc + (1 - rho) * delta * delta, p -= lr * delta.
+  m.def(
+      "adadelta_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] square_avgs, Tensor(c!)[] acc_deltas, "
+      "Tensor(d!)[] state_steps, float lr, float rho, float eps, float weight_decay, bool maximize, "
+      "Tensor? grad_scale, Tensor? found_inf) -> ()");
 }
 
 // ---- build information (python -m pyfastdl info) ---------------------------------------------------
