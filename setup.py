@@ -99,7 +99,7 @@ plain_sources = ["csrc/ops.cpp"] + sorted(s for s in glob.glob("csrc/cpu/*.cpp")
 cuda_sources = sorted(glob.glob("csrc/cuda/*.cu")) if WITH_CUDA else []
 
 macros = [("PYFASTDL_WITH_CUDA", "1" if WITH_CUDA else "0"),
-          ("PYFASTDL_CUDA_ARCHS", '"%s"' % os.environ.get("TORCH_CUDA_ARCH_LIST", "") if WITH_CUDA else '""')]
+          ("PYFASTDL_CUDA_ARCHS", '"%s"' % os.environ.get("TORCH_CUDA_ARCH_LIST", "").replace(";", ",") if WITH_CUDA else '""')]
 
 Ext = cpp_extension.CUDAExtension if WITH_CUDA else cpp_extension.CppExtension
 ext = Ext(

@@ -2,8 +2,8 @@
 // (schemas and update rules: csrc/ops.cpp). Launchers validate, kernels trust (STYLE.md rule 4):
 // every check runs before any parameter, state tensor or step is written.
 //
-// A launcher builds a TensorLists from the op's arguments, calls check(), then dense(), runs its
-// kernel over lists.flat(), then finish() (copies back tensors that had to be made dense).
+// A launcher builds the op's TensorLists (sgd_lists() etc. below), calls check(), drop_absent(),
+// dense(), runs its kernel over the lists, then finish() (copies back tensors made dense).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -28,6 +28,7 @@ struct TensorLists {
   std::vector<Role> roles;      // roles[0] is "params"; roles[1] is "grads"
   std::vector<at::Tensor> steps;  // may be empty (SGD)
   std::vector<std::pair<at::Tensor, at::Tensor>> copy_back;  // (original, dense working copy)
+  std::vector<size_t> absent;   // roles the call does not use (amsgrad off, ...): emptied by drop_absent()
 
   TensorLists(const char* op_name, at::TensorList params, at::TensorList grads) : op(op_name) {
     roles.push_back({"params", params.vec(), true, false});
@@ -54,12 +55,13 @@ struct TensorLists {
     const at::Device dev = param(0).device();
     const at::ScalarType dt = param(0).scalar_type();
     const bool low = dt == at::kHalf || dt == at::kBFloat16;
-    if (cpu_kernel)
+    if (cpu_kernel) {
       TORCH_CHECK(dt == at::kFloat || dt == at::kDouble, op, ": the CPU kernel takes float32 or float64 params, got ",
                   dt);
-    else
+    } else {
       TORCH_CHECK(dt == at::kFloat || low || dt == at::kDouble, op,
                   ": expected float32, float64, float16 or bfloat16 params, got ", dt);
+    }
     for (size_t i = 0; i < n; ++i) {
       const at::Tensor& p = param(i);
       TORCH_CHECK(p.device() == dev && p.scalar_type() == dt, op, ": params[", i, "] is ", p.scalar_type(), " on ",
@@ -122,6 +124,10 @@ struct TensorLists {
     }
   }
 
+  void drop_absent() {
+    for (size_t r : absent) roles[r].tensors.clear();
+  }
+
   // The lists as the kernels see them (after dense()): roles[r].tensors.
   const std::vector<at::Tensor>& list(size_t r) const { return roles[r].tensors; }
 
@@ -130,6 +136,91 @@ struct TensorLists {
     copy_back.clear();
   }
 };
+
+// ---- each op's lists, with the checks on their counts (the roles' order is the schema's) ------------
+
+inline void check_count(const char* op, const char* name, size_t got, size_t n, const char* why = "") {
+  TORCH_CHECK(got == n, op, ": expected ", name, " to have one tensor per param (", n, ")", why, ", got ", got);
+}
+
+// roles: 0 params, 1 grads, 2 momentum_buffers (absent when momentum == 0)
+inline TensorLists sgd_lists(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                             double momentum) {
+  TensorLists L("sgd_step_", params, grads);
+  L.add("momentum_buffers", momentum_buffers);
+  if (momentum != 0) check_count(L.op, "momentum_buffers", momentum_buffers.size(), params.size(), " as momentum != 0");
+  else L.absent = {2};
+  return L;
+}
+
+// roles: 0 params, 1 grads, 2 exp_avgs, 3 exp_avg_sqs, 4 max_exp_avg_sqs (absent unless amsgrad),
+// 5 master_params (absent when empty; only for float16/bfloat16 params)
+inline TensorLists adam_lists(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                              at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+                              at::TensorList state_steps, at::TensorList master_params, bool amsgrad) {
+  TensorLists L("adam_step_", params, grads);
+  L.add("exp_avgs", exp_avgs);
+  L.add("exp_avg_sqs", exp_avg_sqs);
+  L.add("max_exp_avg_sqs", max_exp_avg_sqs);
+  L.add("master_params", master_params);
+  L.steps = state_steps.vec();
+  check_count(L.op, "exp_avgs", exp_avgs.size(), params.size());
+  check_count(L.op, "exp_avg_sqs", exp_avg_sqs.size(), params.size());
+  check_count(L.op, "state_steps", state_steps.size(), params.size());
+  if (amsgrad) check_count(L.op, "max_exp_avg_sqs", max_exp_avg_sqs.size(), params.size(), " as amsgrad=True");
+  else L.absent.push_back(4);
+  if (master_params.empty()) {
+    L.absent.push_back(5);
+  } else if (!params.empty()) {
+    const at::ScalarType dt = params[0].scalar_type();
+    TORCH_CHECK(dt == at::kHalf || dt == at::kBFloat16, L.op,
+                ": master_params are float32 copies of float16/bfloat16 params; params are ", dt);
+  }
+  return L;
+}
+
+// roles: 0 params, 1 grads, 2 state_sums
+inline TensorLists adagrad_lists(at::TensorList params, at::TensorList grads, at::TensorList state_sums,
+                                 at::TensorList state_steps) {
+  TensorLists L("adagrad_step_", params, grads);
+  L.add("state_sums", state_sums);
+  L.steps = state_steps.vec();
+  check_count(L.op, "state_sums", state_sums.size(), params.size());
+  check_count(L.op, "state_steps", state_steps.size(), params.size());
+  return L;
+}
+
+// roles: 0 params, 1 grads, 2 square_avgs, 3 grad_avgs (absent unless centered), 4 momentum_buffers
+// (absent unless momentum > 0)
+inline TensorLists rmsprop_lists(at::TensorList params, at::TensorList grads, at::TensorList square_avgs,
+                                 at::TensorList grad_avgs, at::TensorList momentum_buffers,
+                                 at::TensorList state_steps, bool centered, double momentum) {
+  TensorLists L("rmsprop_step_", params, grads);
+  L.add("square_avgs", square_avgs);
+  L.add("grad_avgs", grad_avgs);
+  L.add("momentum_buffers", momentum_buffers);
+  L.steps = state_steps.vec();
+  check_count(L.op, "square_avgs", square_avgs.size(), params.size());
+  check_count(L.op, "state_steps", state_steps.size(), params.size());
+  if (centered) check_count(L.op, "grad_avgs", grad_avgs.size(), params.size(), " as centered=True");
+  else L.absent.push_back(3);
+  if (momentum > 0) check_count(L.op, "momentum_buffers", momentum_buffers.size(), params.size(), " as momentum > 0");
+  else L.absent.push_back(4);
+  return L;
+}
+
+// roles: 0 params, 1 grads, 2 square_avgs, 3 acc_deltas
+inline TensorLists adadelta_lists(at::TensorList params, at::TensorList grads, at::TensorList square_avgs,
+                                  at::TensorList acc_deltas, at::TensorList state_steps) {
+  TensorLists L("adadelta_step_", params, grads);
+  L.add("square_avgs", square_avgs);
+  L.add("acc_deltas", acc_deltas);
+  L.steps = state_steps.vec();
+  check_count(L.op, "square_avgs", square_avgs.size(), params.size());
+  check_count(L.op, "acc_deltas", acc_deltas.size(), params.size());
+  check_count(L.op, "state_steps", state_steps.size(), params.size());
+  return L;
+}
 
 // Reads a 1-element CPU tensor of any floating dtype as double (steps, found_inf, grad_scale).
 inline double host_value(const at::Tensor& t) {

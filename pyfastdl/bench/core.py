@@ -78,6 +78,9 @@ class Case:
     bound: str = "memory"           # "memory" or "compute"
     formula: str = ""
     targets: list[Target] = dataclasses.field(default_factory=list)
+    # called once per provider after the timing, (name, provider) -> {label: value}: numbers beside
+    # the time, e.g. peak memory of one iteration; shown in the report's "other" column
+    extra: Callable[[str, Provider], dict] | None = None
 
 
 @dataclasses.dataclass
@@ -380,14 +383,14 @@ def _rows(case: Case, res: dict[str, dict], info: dict, limit: dict) -> list[dic
                "versions": info["versions"], "commit": info["commit"],
                "bound": case.bound, "bytes": case.bytes, "flops": case.flops, "formula": case.formula,
                "error": r["error"], "first_call_s": r["first_call_s"], "iters_per_round": r["iters"],
-               "rounds": len(r["times"])}
+               "rounds": len(r["times"]), "extra": r.get("extra")}
         if name in med:
             t = r["times"]
             row.update({"median_ms": med[name] * 1e3, "p25_ms": _quantile(t, 0.25) * 1e3,
                         "p75_ms": _quantile(t, 0.75) * 1e3, "min_ms": min(t) * 1e3, "max_ms": max(t) * 1e3,
                         "faults_per_iter": (None if r["faults"][0] is None
                                             else _quantile(r["faults"], 0.5))})
-            for base in ("torch", "torch.compile"):
+            for base in dict.fromkeys(["torch", "torch.compile"] + [tg.baseline for tg in case.targets]):
                 if base in med:
                     row[f"speedup_vs_{base}"] = med[base] / med[name]
                     # paired by round (same moment of the run): a drift-free view of the spread
@@ -449,6 +452,13 @@ def run(family_names: list[str] | None, cfg: Config, out_dir: str | Path) -> lis
         if not cfg.compile:
             providers = {n: p for n, p in providers.items() if n != "torch.compile"}
         res = measure(providers, cfg)
+        if case.extra is not None:
+            for name, fn in providers.items():
+                if not res[name]["error"]:
+                    try:
+                        res[name]["extra"] = case.extra(name, fn)
+                    except Exception as e:  # noqa: BLE001
+                        res[name]["extra"] = {"error": _error(e)}
         del providers
         gc.collect()
         rows.append((case, res))
@@ -516,8 +526,10 @@ def _markdown(meta: dict, rows: list[dict]) -> str:
         fam_rows = [r for r in rows if r["family"] == fam]
         lines += ["", f"## {fam}", ""]
         lines += [f"- {f}" for f in dict.fromkeys(r["formula"] for r in fam_rows if r["formula"])]
+        other = any(r.get("extra") for r in fam_rows)
         lines += ["", "| case | mode | dtype | shape | provider | median ms (p25-p75) | vs torch | vs compile "
-                  "| rate | % limit | pf/it | target |", "|" + "---|" * 12]
+                  "| rate | % limit | pf/it | " + ("other | " if other else "") + "target |",
+                  "|" + "---|" * (13 if other else 12)]
         previous = None
         for r in fam_rows:
             key = (r["case"], r["mode"], r["dtype"], str(r["shape"]))
@@ -527,7 +539,7 @@ def _markdown(meta: dict, rows: list[dict]) -> str:
                 timing = f"error: {r['error']}".replace("|", "/")
                 errors.append(f"{fam} {r['case']} {r['mode']} {_fmt_shape(r['shape'])} {r['dtype']}: "
                               f"{r['provider']}: {r['error']}")
-                cells = [timing, "", "", "", "", ""]
+                cells = [timing, "", "", "", "", ""] + ([""] if other else [])
             else:
                 pf = r.get("faults_per_iter")
                 cells = [f"{r['median_ms']:.3f} ({r['p25_ms']:.3f}-{r['p75_ms']:.3f})",
@@ -535,6 +547,9 @@ def _markdown(meta: dict, rows: list[dict]) -> str:
                          f"{r['achieved']:.1f} {r['unit']}" if "achieved" in r else "",
                          f"{r['pct_of_limit']:.0f}%" if "pct_of_limit" in r else "",
                          "" if pf is None else f"{pf:.0f}"]
+                if other:
+                    cells.append(", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}"
+                                           for k, v in (r.get("extra") or {}).items()))
             tgt = []
             for t in r["targets"]:
                 got = "n/a" if t["speedup"] is None else f"{t['speedup']:.2f}x"
