@@ -2,8 +2,7 @@
 chapter 7): linear regression with the squared loss, minibatches of 10, the training loss recorded
 every 100 examples, run once with each from-scratch optimizer of ``pyfastdl.reference`` and once
 with each optimizer class (``train_concise_ch7``, the notes' ``train_pytorch_ch7`` /
-``train_concise_ch11``) from ``pyfastdl.optim``, or from ``torch.optim`` where ``pyfastdl.optim``
-does not have the class yet.
+``train_concise_ch11``) from ``pyfastdl.optim``.
 
 The notes use NASA's airfoil self-noise data (the first 1500 rows, 5 features, standardized); to
 need no download this script synthesizes a problem of the same shape: 5 correlated features of
@@ -84,14 +83,10 @@ def train_ch7(optimizer_fn, states, hyperparams, features, labels, batch_size=10
 
 
 def resolve_optimizer(name, optim_module=None):
-    """The class `name` (torch.optim's spelling) from optim_module, by default pyfastdl.optim,
-    falling back to torch.optim when pyfastdl.optim does not define it. Returns (class, where)."""
+    """The class `name` (torch.optim's spelling) from optim_module, by default pyfastdl.optim.
+    Returns (class, where)."""
     if optim_module is None:
         import pyfastdl.optim as optim_module
-        cls = getattr(optim_module, name, None)
-        if cls is None:
-            return getattr(torch.optim, name), "torch.optim (pyfastdl.optim has no %s)" % name
-        return cls, "pyfastdl.optim"
     return getattr(optim_module, name), optim_module.__name__
 
 

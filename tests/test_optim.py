@@ -312,12 +312,13 @@ def _mlp(seed=0, dtype=torch.float64):
 @pytest.mark.parametrize("name,kwargs", [("Adam", dict(lr=0.01, weight_decay=0.1)), ("SGD", dict(lr=0.1, momentum=0.9)),
                                          ("RMSprop", dict(lr=0.01, centered=True)), ("Adagrad", dict(lr=0.1))],
                          ids=["Adam", "SGD", "RMSprop", "Adagrad"])
-def test_step_in_backward_matches_the_plain_step(name, kwargs):
+@pytest.mark.parametrize("bucket_bytes", [0, 4096, 1 << 40], ids=["each-param", "4KB-buckets", "all-at-end"])
+def test_step_in_backward_matches_the_plain_step(name, kwargs, bucket_bytes):
     a, b = _mlp(), _mlp()
     x, y = torch.randn(16, 10, dtype=torch.float64), torch.randn(16, 3, dtype=torch.float64)
     opt_a = getattr(po, name)(a.parameters(), **kwargs)
     opt_b = getattr(po, name)(b.parameters(), **kwargs)
-    with po.step_in_backward(opt_a):
+    with po.step_in_backward(opt_a, bucket_bytes=bucket_bytes):
         for _ in range(5):
             torch.nn.functional.mse_loss(a(x), y).backward()
             assert all(p.grad is None for p in a.parameters())  # freed right after each update
@@ -346,3 +347,35 @@ def test_step_in_backward_refuses_grad_scaler_and_torch_optimizers():
         scaler.scale(m(torch.randn(4, 10)).sum()).backward()
         with pytest.raises(RuntimeError, match="inside backward"):
             scaler.step(opt)
+
+
+@pytest.mark.parametrize("backend", [pytest.param(b, marks=MARKS[b]) for b in ("cuda", "triton")])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("master", [False, True], ids=["no-master", "master"])
+def test_low_precision_params_keep_float32_state(backend, dtype, master):
+    """float16/bfloat16 params: float32 state. With master_weights the update runs on a float32 copy
+    (the same trajectory as float32 Adam fed the same rounded gradients) and the param is its
+    rounding; without, the param is rounded at every step (a few roundings off after 5 steps)."""
+    device = DEVICE[backend]
+    low = [p.to(dtype).requires_grad_() for p in make_params(torch.float32, device)]
+    full = [p.detach().float().requires_grad_() for p in low]  # the same starting values
+    kwargs = dict(lr=0.01, weight_decay=0.1 if master else 0.0)
+    ours = po.Adam(low, master_weights=master, **kwargs)
+    ref = torch.optim.Adam(full, foreach=False, **kwargs)
+    with backends.use(backend):
+        for s in range(5):
+            for p, q, g in zip(low, full, grads_for(s, full)):
+                p.grad = g.to(dtype)
+                q.grad = p.grad.float()
+            ours.step()
+            ref.step()
+        assert backends.last_dispatch().backend == backend
+    eps = torch.finfo(dtype).eps
+    for p, q in zip(low, full):
+        state = ours.state[p]
+        assert state["exp_avg"].dtype == torch.float32 and state["exp_avg_sq"].dtype == torch.float32
+        if master:
+            torch.testing.assert_close(state["master_param"], q.detach(), rtol=1e-5, atol=1e-6)
+            assert torch.equal(p, state["master_param"].to(dtype))
+        else:
+            torch.testing.assert_close(p.float(), q.detach(), rtol=6 * eps, atol=6 * eps)

@@ -470,7 +470,9 @@ def run(family_names: list[str] | None, cfg: Config, out_dir: str | Path) -> lis
     elapsed = (datetime.datetime.now().astimezone() - started).total_seconds()
 
     all_rows = [row for case, res in rows for row in _rows(case, res, info, limit)]
+    chosen = list(family_names or families())
     meta = {**info, "date": started.isoformat(timespec="seconds"), "elapsed_s": round(elapsed, 1),
+            "families": chosen, "all_families": sorted(chosen) == families(),
             "quick": cfg.quick, "compile": cfg.compile, "rounds": cfg.rounds, "batch_s": cfg.batch_s,
             "limit": limit, "load_average_1min": load}
     return write_report(meta, all_rows, Path(out_dir))
@@ -620,7 +622,9 @@ def _chart(meta: dict, fam: str, rows: list[dict], path: Path) -> None:
 def write_report(meta: dict, rows: list[dict], out_dir: Path) -> list[Path]:
     """``<out>/<slug>-<date>[-quick].md`` / ``.json`` and ``...-<family>.png``; returns the paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    prefix = f"{meta['slug']}-{meta['date'][:10]}" + ("-quick" if meta["quick"] else "")
+    # a report of some families only is named after them, so it never replaces a whole report
+    prefix = (f"{meta['slug']}-{meta['date'][:10]}" + ("-quick" if meta["quick"] else "")
+              + ("" if meta.get("all_families", True) else "-" + "-".join(f.replace("_", "-") for f in meta["families"])))
     md, js = out_dir / f"{prefix}.md", out_dir / f"{prefix}.json"
     md.write_text(_markdown(meta, rows))
     js.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str) + "\n")
