@@ -14,7 +14,7 @@ Mode "train step": a whole training step (forward, backward, optimizer step) of 
 50 M parameters (batch 64; a deep and a wide one, see MLP_DEEP) and of a ResNet-18 at width 16
 (batch 32, 3x32x32): backward then ``opt.step()`` vs ``pyfastdl.optim.step_in_backward`` (the update inside backward, gradients freed
 as they are used). "other" shows the peak memory of one iteration above what was allocated before it
-(CPU: the process's peak resident set, reset through /proc/self/clear_refs; GPU:
+(CPU: measured in a fresh process, its peak resident set, reset through /proc/self/clear_refs; GPU:
 torch.cuda.max_memory_allocated) and the size of the gradients. The notes' reference runs on the
 ResNet-18 set only (on 100 M elements it takes 2.5 s and faults 5 GB of fresh pages per step, which
 disturbs the other providers' timing).
@@ -24,7 +24,10 @@ from __future__ import annotations
 import ctypes
 import functools
 import gc
+import json
 import os
+import subprocess
+import sys
 
 import torch
 
@@ -189,7 +192,8 @@ def peak_bytes(fn, device: str) -> int:
     """Peak memory of one call of ``fn`` above what was in use before it.
 
     CPU: the process's peak resident set (VmHWM, reset through /proc/self/clear_refs) over the call,
-    minus the resident set before it. For that to follow the tensors, blocks of 1 MB and more are
+    minus the resident set before it; the smallest of three calls (other activity on the machine can
+    only add resident pages). For that to follow the tensors, blocks of 4 KB and more are
     taken from mmap (and unmapped when freed) during the measurement and the free heap pages are
     returned to the OS first (malloc_trim) -- with --tuned-malloc glibc would otherwise keep freed
     blocks resident and the peak would read 0 --; afterwards the threshold goes back to the run's
@@ -203,19 +207,30 @@ def peak_bytes(fn, device: str) -> int:
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - before
     tuned = "mmap_threshold" in os.environ.get("GLIBC_TUNABLES", "")
-    if not _mallopt_mmap_threshold(1 << 20):
+    if not _mallopt_mmap_threshold(4096):
         raise RuntimeError("mallopt(M_MMAP_THRESHOLD) unavailable: cannot follow the peak through the RSS")
     try:
         fn()  # once with the new threshold, so that its blocks come from mmap
-        gc.collect()
-        ctypes.CDLL(None).malloc_trim(0)  # free heap pages back to the OS: reusing them faults again
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets the peak resident set (VmHWM) to the current one
-        before = _rss_bytes()
-        fn()
-        return _hwm_bytes() - before
+        peaks = []
+        for _ in range(3):
+            gc.collect()
+            ctypes.CDLL(None).malloc_trim(0)  # free heap pages back to the OS: reusing them faults again
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets the peak resident set (VmHWM) to the current one
+            before = _rss_bytes()
+            fn()
+            peaks.append(_hwm_bytes() - before)
+        return min(peaks)
     finally:
         _mallopt_mmap_threshold((64 if tuned else 32) << 20)
+
+
+# the training-step models: key -> (label, model factory, input shape, target)
+TRAIN_MODELS = {
+    "mlp-deep": ("MLP 50M deep (12 x 2048^2), batch 64", MLP_DEEP, (64, 2048), ("mse", 2048)),
+    "mlp-wide": ("MLP 50M wide (3 x 4096^2), batch 64", MLP_WIDE, (64, 4096), ("mse", 4096)),
+    "resnet18-16": ("ResNet-18 width 16, batch 32", resnet18_small, (32, 3, 32, 32), ("ce", 10)),
+}
 
 
 def _train_providers(model_fn, input_shape, target, device, memo):
@@ -257,13 +272,37 @@ def _train_providers(model_fn, input_shape, target, device, memo):
     return out
 
 
-def _memory_extra(device, memo, name, fn):
-    peak = peak_bytes(fn, device)
+def _child_peak(key: str, provider: str) -> None:
+    """In a fresh process (see _memory_extra): prints the peak bytes of one iteration of
+    ``provider`` of training model ``key`` on the CPU."""
+    _mallopt_mmap_threshold(4096)
+    _, model_fn, shape, target = TRAIN_MODELS[key]
+    memo = {}
+    fn = _train_providers(model_fn, shape, target, "cpu", memo)[provider]
+    fn()
+    print(json.dumps({"peak": peak_bytes(fn, "cpu"), "grad_bytes": memo["grad_bytes"]}))
+
+
+def _memory_extra(device, key, memo, name, fn):
+    """Peak memory of one iteration of provider ``name``. On the CPU it is measured in a fresh
+    process with the default allocator: in a long run the heap holds many freed blocks, and glibc
+    serving a gradient from a different freed (and trimmed) block each time makes the resident set
+    grow where the live memory does not."""
+    if device.startswith("cuda"):
+        peak, grad_bytes = peak_bytes(fn, device), memo["grad_bytes"]
+    else:
+        env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+        code = f"from pyfastdl.bench.optim import _child_peak; _child_peak({key!r}, {name!r})"
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+        if out.returncode != 0:
+            raise RuntimeError((out.stderr.strip().splitlines() or ["child failed"])[-1])
+        got = json.loads(out.stdout.strip().splitlines()[-1])
+        peak, grad_bytes = got["peak"], got["grad_bytes"]
     memo[name] = peak
-    extra = {"peak MB": peak / 2**20, "grads MB": memo["grad_bytes"] / 2**20}
+    extra = {"peak MB": peak / 2**20, "grads MB": grad_bytes / 2**20}
     plain = memo.get("pyfastdl: backward + step")
-    if name == "pyfastdl: step in backward" and plain is not None and memo["grad_bytes"]:
-        extra["saved % of grads"] = 100.0 * (plain - peak) / memo["grad_bytes"]
+    if name == "pyfastdl: step in backward" and plain is not None and grad_bytes:
+        extra["saved % of grads"] = 100.0 * (plain - peak) / grad_bytes
     return extra
 
 
@@ -289,11 +328,8 @@ def cases(device: str, quick: bool) -> list[Case]:
                     # float32 state for low-precision params: count the state at 4 B
                     bytes=numel * (3 * itemsize + (k - 3) * 4), bound="memory", formula=FORMULA,
                     targets=_targets(name, device) if dtype == torch.float32 else []))
-    trains = [("MLP 50M deep (12 x 2048^2), batch 64", MLP_DEEP, (64, 2048), ("mse", 2048))]
-    if not quick:
-        trains.append(("MLP 50M wide (3 x 4096^2), batch 64", MLP_WIDE, (64, 4096), ("mse", 4096)))
-        trains.append(("ResNet-18 width 16, batch 32", resnet18_small, (32, 3, 32, 32), ("ce", 10)))
-    for label, model_fn, shape, target in trains:
+    for key in (["mlp-deep"] if quick else list(TRAIN_MODELS)):
+        label, model_fn, shape, target = TRAIN_MODELS[key]
         memo = {}
         out.append(Case(
             family=FAMILY, name=f"Adam train step, {label}", mode="train step", dtype=torch.float32,
@@ -301,5 +337,5 @@ def cases(device: str, quick: bool) -> list[Case]:
             make_providers=functools.partial(_train_providers, model_fn, shape, target, device, memo),
             bound="time", formula="train step: forward, backward, Adam update (time only)",
             targets=[Target("pyfastdl: step in backward", "pyfastdl: backward + step", 1.0)],
-            extra=functools.partial(_memory_extra, device, memo)))
+            extra=functools.partial(_memory_extra, device, key, memo)))
     return out
