@@ -89,6 +89,17 @@ TORCH_LIBRARY(pyfastdl, m) {
       "adadelta_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] square_avgs, Tensor(c!)[] acc_deltas, "
       "Tensor(d!)[] state_steps, float lr, float rho, float eps, float weight_decay, bool maximize, "
       "Tensor? grad_scale, Tensor? found_inf) -> ()");
+
+  // ---- scaled dot-product attention --------------------------------------------------------------
+  // The contract (shapes, masks, valid_lens, fully masked rows, Philox dropout, lse) is spelled out in
+  // csrc/common/attention.h.
+  m.def(
+      "attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, Tensor? valid_lens, bool is_causal, "
+      "float scale, float dropout_p, int seed, int offset) -> (Tensor, Tensor)");
+  m.def(
+      "attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? attn_mask, "
+      "Tensor? valid_lens, bool is_causal, float scale, float dropout_p, int seed, int offset) "
+      "-> (Tensor, Tensor, Tensor)");
 }
 
 // ---- build information (python -m pyfastdl info) ---------------------------------------------------

@@ -1,0 +1,113 @@
+// Flash-attention CPU launchers: validate (csrc/common/attention.h), lay q, k, v (and grad_out) out
+// contiguously, allocate, and run the SIMD kernels of the CPU's capability (attention_kernel.cpp).
+// Registered under the CPU dispatch key; the schemas are in csrc/ops.cpp.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include "common/attention.h"
+#include "cpu/attention_kernel.h"
+#include "cpu/capability.h"
+
+namespace pyfastdl {
+namespace {
+
+const cpu::AttentionKernels* kernels() {
+  switch (cpu::capability()) {
+    case cpu::Capability::AVX512: return cpu::attention_kernels_AVX512();
+    case cpu::Capability::AVX2: return cpu::attention_kernels_AVX2();
+    default: return cpu::attention_kernels_DEFAULT();
+  }
+}
+
+// The arguments both ops share, checked and laid out; the tensors are kept alive here.
+struct Prepared {
+  at::Tensor q, k, v, mask, valid_lens;
+  cpu::AttnArgs a;
+};
+
+Prepared prepare(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                 const c10::optional<at::Tensor>& attn_mask, const c10::optional<at::Tensor>& valid_lens,
+                 bool is_causal, double scale, double dropout_p, int64_t seed, int64_t offset) {
+  attention::check(op, q, k, v, attn_mask, valid_lens, dropout_p);
+  TORCH_CHECK(q.device().is_cpu(), op, ": the CPU kernel got q on ", q.device());
+  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble, op,
+              ": the CPU kernel takes float32 or float64 q, k, v; got ", q.scalar_type());
+  Prepared p;
+  p.q = q.contiguous();
+  p.k = k.contiguous();
+  p.v = v.contiguous();
+  cpu::AttnArgs& a = p.a;
+  a.B = q.size(0), a.Hq = q.size(1), a.L = q.size(2), a.E = q.size(3);
+  a.Hk = k.size(1), a.S = k.size(2), a.Ev = v.size(3);
+  a.scale = scale, a.causal = is_causal, a.dropout_p = dropout_p;
+  a.seed = static_cast<uint64_t>(seed), a.offset = static_cast<uint64_t>(offset);
+  a.q = p.q.const_data_ptr(), a.k = p.k.const_data_ptr(), a.v = p.v.const_data_ptr();
+  if (attn_mask.has_value() && attn_mask->defined()) {
+    p.mask = *attn_mask;
+    const at::ScalarType mt = p.mask.scalar_type();
+    if (mt != at::kBool && mt != at::kFloat && mt != at::kDouble) p.mask = p.mask.to(at::kFloat);  // a float16 mask
+    a.mask_kind = p.mask.scalar_type() == at::kBool    ? cpu::MaskKind::BOOL
+                  : p.mask.scalar_type() == at::kFloat ? cpu::MaskKind::FLOAT32
+                                                       : cpu::MaskKind::FLOAT64;
+    a.mask = p.mask.const_data_ptr();
+    for (int d = 0; d < 4; ++d) a.mask_stride[d] = p.mask.stride(d);
+  }
+  if (valid_lens.has_value() && valid_lens->defined()) {
+    p.valid_lens = valid_lens->to(at::kLong).contiguous();
+    a.valid_lens = p.valid_lens.const_data_ptr<int64_t>();
+    a.valid_lens_dim = static_cast<int>(p.valid_lens.dim());
+  }
+  return p;
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                     const c10::optional<at::Tensor>& attn_mask,
+                                                     const c10::optional<at::Tensor>& valid_lens, bool is_causal,
+                                                     double scale, double dropout_p, int64_t seed, int64_t offset) {
+  Prepared p = prepare("attention_fwd", q, k, v, attn_mask, valid_lens, is_causal, scale, dropout_p, seed, offset);
+  at::Tensor out = at::empty({p.a.B, p.a.Hq, p.a.L, p.a.Ev}, q.options());
+  at::Tensor lse = at::empty({p.a.B, p.a.Hq, p.a.L}, q.options().dtype(attention::lse_dtype(q.scalar_type())));
+  if (out.numel() == 0) {
+    lse.fill_(-std::numeric_limits<float>::infinity());
+    return {out, lse};
+  }
+  p.a.out = out.data_ptr();
+  p.a.lse = lse.data_ptr();
+  if (p.a.S == 0) {  // no key at all: every row is fully masked
+    out.zero_();
+    lse.fill_(-std::numeric_limits<float>::infinity());
+    return {out, lse};
+  }
+  if (q.scalar_type() == at::kDouble) kernels()->fwd_double(p.a);
+  else kernels()->fwd_float(p.a);
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const c10::optional<at::Tensor>& attn_mask, const c10::optional<at::Tensor>& valid_lens,
+    bool is_causal, double scale, double dropout_p, int64_t seed, int64_t offset) {
+  Prepared p = prepare("attention_bwd", q, k, v, attn_mask, valid_lens, is_causal, scale, dropout_p, seed, offset);
+  attention::check_bwd_tensors("attention_bwd", grad_out, out, lse, q, v);
+  const at::Tensor g = grad_out.contiguous(), o = out.contiguous(), l = lse.contiguous();
+  at::Tensor gq = at::empty_like(p.q), gk = at::empty_like(p.k), gv = at::empty_like(p.v);
+  if (gq.numel() == 0 || gk.numel() == 0 || gv.numel() == 0 || p.a.Ev == 0) {
+    return {gq.zero_(), gk.zero_(), gv.zero_()};
+  }
+  p.a.out = const_cast<void*>(o.const_data_ptr());
+  p.a.lse = const_cast<void*>(l.const_data_ptr());
+  p.a.grad_out = g.const_data_ptr();
+  p.a.grad_q = gq.data_ptr(), p.a.grad_k = gk.data_ptr(), p.a.grad_v = gv.data_ptr();
+  if (q.scalar_type() == at::kDouble) kernels()->bwd_double(p.a);
+  else kernels()->bwd_float(p.a);
+  return {gq, gk, gv};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pyfastdl, CPU, m) {
+  m.impl("attention_fwd", &attention_fwd_cpu);
+  m.impl("attention_bwd", &attention_bwd_cpu);
+}
+
+}  // namespace pyfastdl

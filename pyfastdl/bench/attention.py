@@ -1,0 +1,93 @@
+"""Attention cases of the benchmark report (``python -m pyfastdl bench --families attention``).
+
+Providers: ``pyfastdl-<backend>`` (``pyfastdl.functional.scaled_dot_product_attention``), ``torch``
+(``torch.nn.functional.scaled_dot_product_attention``, its default backend choice: on the CPU its own
+flash kernel) and ``reference`` (the notes' ``DotProductAttention`` on (B*H, L, E): materialized
+scores, ``masked_softmax``, two bmm's; causal through 2-D valid_lens i + 1). Modes: "fwd" and
+"fwd+bwd" (forward, then ``autograd.grad`` of q, k, v).
+
+FLOPs counted (the matmul work; causal counts the half that is needed):
+  fwd      4 B H L S E             (Q K^T and P V)
+  fwd+bwd  14 B H L S E            (forward 4 + backward 10: Q K^T again, dO V^T, P^T dO, dS^T Q, dS K)
+"other" shows, for the L = 4096 / 8192 forward cases, the peak memory of one call above what was in
+use before it (CPU: peak resident set, measured as in bench/optim.py).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from .core import Case, Target, pyfastdl_providers
+
+__all__ = ["cases"]
+
+FAMILY = "attention"
+SHAPES = [(4, 8, 512, 64), (1, 8, 2048, 64), (2, 12, 1024, 64), (1, 8, 4096, 128)]
+FORMULA = "flops = 4 B H L S E (fwd), 14 B H L S E (fwd+bwd); causal: half"
+
+
+def _providers(shape, causal, mode, dtype, device, with_reference):
+    B, H, L, E = shape
+    g = torch.Generator().manual_seed(0)
+    grad = mode == "fwd+bwd"
+    q, k, v = (torch.randn(B, H, L, E, generator=g).to(device=device, dtype=dtype).requires_grad_(grad)
+               for _ in range(3))
+    dout = torch.randn(B, H, L, E, generator=g).to(device=device, dtype=dtype)
+
+    def step(fn, inputs=(q, k, v), d=dout):
+        if not grad:
+            def fwd():
+                with torch.no_grad():
+                    return fn(*inputs)
+            return fwd
+        return lambda: torch.autograd.grad(fn(*inputs), inputs, d)
+
+    import pyfastdl
+    out = pyfastdl_providers(device, step(lambda a, b, c: pyfastdl.functional.scaled_dot_product_attention(
+        a, b, c, is_causal=causal)))
+    out["torch"] = step(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=causal))
+    if with_reference:
+        from pyfastdl.reference import DotProductAttention
+        notes = DotProductAttention(0.0).eval()
+        lens = (torch.arange(1, L + 1, device=device).expand(B * H, L) if causal else None)
+        q3, k3, v3 = (t.detach().reshape(B * H, L, E).requires_grad_(grad) for t in (q, k, v))
+        out["reference"] = step(lambda a, b, c: notes(a, b, c, lens), (q3, k3, v3), dout.reshape(B * H, L, E))
+    return out
+
+
+def _memory_extra(device, name, fn):
+    from .optim import peak_bytes
+    return {"peak MB": peak_bytes(fn, device) / 2**20}
+
+
+def cases(device: str, quick: bool) -> list[Case]:
+    """Full: every shape x causal x mode, float32 (GPU: also bfloat16), the notes' reference up to
+    L = 2048, and the forward at L = 8192 for memory. Quick: (1, 8, 2048, 64) and (2, 12, 1024, 64),
+    fwd+bwd, the reference only at L = 2048 causal."""
+    on_cuda = str(device).startswith("cuda")
+    dtypes = [torch.float32, torch.bfloat16] if on_cuda else [torch.float32]
+    shapes = SHAPES if not quick else [(1, 8, 2048, 64), (2, 12, 1024, 64)]
+    modes = ["fwd", "fwd+bwd"] if not quick else ["fwd+bwd"]
+    out = []
+    for dtype in dtypes:
+        for shape in shapes + ([] if quick else [(1, 8, 8192, 64)]):
+            B, H, L, E = shape
+            for causal in (False, True):
+                for mode in (modes if L <= 4096 else ["fwd"]):
+                    reference = dtype == torch.float32 and L <= 2048 and (not quick or (L == 2048 and causal))
+                    flops = (4 if mode == "fwd" else 14) * B * H * L * L * E // (2 if causal else 1)
+                    targets = []
+                    if not on_cuda and dtype == torch.float32:
+                        if mode == "fwd+bwd" and L >= 1024:
+                            targets.append(Target("pyfastdl-cpu", "torch", 1.6 if causal else 1.3))
+                        if L == 2048 and causal and reference:
+                            targets.append(Target("pyfastdl-cpu", "reference", 8.0))
+                    out.append(Case(
+                        family=FAMILY, name="SDPA causal" if causal else "SDPA", mode=mode, dtype=dtype,
+                        params={"shape": shape, "causal": causal},
+                        make_providers=functools.partial(_providers, shape, causal, mode, dtype, device, reference),
+                        flops=flops, bound="compute", formula=FORMULA, targets=targets,
+                        extra=(functools.partial(_memory_extra, device) if mode == "fwd" and L >= 4096 else None)))
+    return out
