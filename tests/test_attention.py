@@ -208,3 +208,54 @@ def test_masked_softmax_is_the_notes():
     X = torch.randn(2, 3, 5, dtype=torch.float64)
     for lens in (torch.tensor([2, 0]), torch.tensor([[1, 3, 5], [0, 2, 4]])):
         torch.testing.assert_close(PF.masked_softmax(X, lens), R.masked_softmax(X.clone(), lens))
+
+
+@pytest.mark.parametrize("batch_first", [True, False], ids=["batch_first", "seq_first"])
+@pytest.mark.parametrize("masks", ["none", "bool", "float", "causal"])
+def test_multihead_attention_matches_torch(batch_first, masks):
+    torch.manual_seed(0)
+    E, H, N, L, S = 32, 4, 3, 7, 9
+    kw = dict(batch_first=batch_first, dtype=torch.float64)
+    theirs = torch.nn.MultiheadAttention(E, H, kdim=20, vdim=24, **kw) if masks == "none" else \
+        torch.nn.MultiheadAttention(E, H, **kw)
+    ours = pyfastdl.nn.MultiheadAttention(E, H, kdim=20, vdim=24, **kw) if masks == "none" else \
+        pyfastdl.nn.MultiheadAttention(E, H, **kw)
+    ours.load_state_dict(theirs.state_dict())
+    kd, vd = (20, 24) if masks == "none" else (E, E)
+    if masks == "causal":
+        S = L
+    shape = lambda n, d: (N, n, d) if batch_first else (n, N, d)  # noqa: E731
+    q = torch.randn(*shape(L, E), dtype=torch.float64, requires_grad=True)
+    k = torch.randn(*shape(S, kd), dtype=torch.float64, requires_grad=True)
+    v = torch.randn(*shape(S, vd), dtype=torch.float64, requires_grad=True)
+    args = {}
+    if masks == "bool":
+        args = dict(key_padding_mask=torch.tensor([[False] * S, [False] * (S - 2) + [True] * 2, [True] + [False] * (S - 1)]),
+                    attn_mask=torch.rand(L, S) > 0.8)
+        args["attn_mask"][:, 0] = False
+        args["key_padding_mask"][:, 1] = False
+    elif masks == "float":
+        args = dict(attn_mask=torch.randn(N * H, L, S, dtype=torch.float64),
+                    key_padding_mask=torch.randn(N, S, dtype=torch.float64))
+    elif masks == "causal":
+        args = dict(attn_mask=torch.nn.Transformer.generate_square_subsequent_mask(L, dtype=torch.float64), is_causal=True)
+    ref, _ = theirs(q, k, v, need_weights=False, **args)
+    out, w = ours(q, k, v, need_weights=False, **args)
+    assert w is None and backends.last_dispatch().backend == "cpu"
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    d = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v, ours.in_proj_weight if ours.in_proj_weight is not None
+                                                   else ours.q_proj_weight), d),
+                    torch.autograd.grad(ref, (q, k, v, theirs.in_proj_weight if theirs.in_proj_weight is not None
+                                                   else theirs.q_proj_weight), d)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+def test_multihead_attention_need_weights_takes_torchs_path_and_says_so(monkeypatch):
+    m = pyfastdl.nn.MultiheadAttention(16, 2)
+    x = torch.randn(5, 2, 16)
+    with pytest.raises(backends.BackendError, match="need_weights"):
+        m(x, x, x)
+    monkeypatch.setenv("PYFASTDL_STRICT", "0")
+    out, w = m(x, x, x)
+    assert w.shape == (2, 5, 5) and backends.last_dispatch().backend == "torch"
