@@ -24,7 +24,7 @@ import threading
 import torch
 
 __all__ = ["NAMES", "built", "available", "use", "current", "last_dispatch", "strict", "Dispatch",
-           "BackendError", "resolve", "ops", "record"]
+           "BackendError", "resolve", "ops", "record", "dtype_covers"]
 
 NAMES = ("cpu", "cuda", "triton", "reference")
 _log = logging.getLogger("pyfastdl.backends")
@@ -176,6 +176,16 @@ def resolve(op: str, device: torch.device, covers) -> tuple[str, str | None]:
     if reason is None:
         return intended, None
     return "torch", f"backend {intended!r} does not cover this call ({reason})"
+
+
+def dtype_covers(table: dict, dtype: torch.dtype):
+    """A ``covers(backend)`` for ``resolve``: None when ``table[backend]`` (the dtypes that backend's
+    kernel takes) has ``dtype`` -- the reference takes every dtype --, else the reason."""
+    def covers(backend):
+        if backend == "reference" or dtype in table.get(backend, ()):
+            return None
+        return f"dtype {dtype}"
+    return covers
 
 
 def ops(backend: str, family: str):

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 from . import backends
 from .autograd import AttentionFunction, BatchNormFunction
-from .reference import batch_norm_like_torch
+from .reference import batch_norm_like_torch, sdpa_like_torch
+from .reference import masked_softmax as masked_softmax_notes
 
 __all__ = ["batch_norm", "scaled_dot_product_attention", "masked_softmax"]
 
@@ -19,16 +20,6 @@ _BATCH_NORM_DTYPES = {
 }
 _ACTIVATIONS = (None, "relu")
 _BN_TENSOR_ARGS = ("weight", "bias", "running_mean", "running_var")
-
-
-def _dtype_covers(table: dict, dtype: torch.dtype):
-    """``covers(backend)`` for backends.resolve: None when the backend's kernel takes ``dtype``
-    (the reference takes everything), else the reason."""
-    def covers(backend):
-        if backend == "reference" or dtype in table[backend]:
-            return None
-        return f"input dtype {dtype}"
-    return covers
 
 
 def _check_same_device(op: str, input: torch.Tensor, names: tuple, tensors: tuple) -> None:
@@ -66,7 +57,7 @@ def batch_norm(input: torch.Tensor, running_mean: torch.Tensor | None, running_v
         raise RuntimeError(f"batch_norm: expected a floating-point input, got input of dtype {input.dtype}")
     relu = activation == "relu"
 
-    backend, fallback = backends.resolve("batch_norm", input.device, _dtype_covers(_BATCH_NORM_DTYPES, input.dtype))
+    backend, fallback = backends.resolve("batch_norm", input.device, backends.dtype_covers(_BATCH_NORM_DTYPES, input.dtype))
     backends.record("batch_norm", backend, fallback)
     if backend == "torch":
         y = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
@@ -96,39 +87,11 @@ _ATTENTION_DTYPES = {
 
 
 def masked_softmax(X: torch.Tensor, valid_lens: torch.Tensor | None) -> torch.Tensor:
-    """The notes' masked softmax over the last axis (section 65): positions at or beyond the valid
-    length get -1e6 before the softmax (so a row whose valid length is 0 weighs every position
-    equally). X: (..., S); valid_lens: None, (X.shape[0],) or X.shape[:-1] with the notes' broadcast
-    (1-D: one length per leading index, repeated over the rest). Unlike the notes' code, X is not
-    modified in place."""
-    if valid_lens is None:
-        return torch.softmax(X, dim=-1)
-    S = X.shape[-1]
-    if valid_lens.dim() == 1:
-        lens = valid_lens.reshape((-1,) + (1,) * (X.dim() - 1)).to(X.device)
-    else:
-        lens = valid_lens.reshape(X.shape[:-1] + (1,)).to(X.device)
-    keep = torch.arange(S, device=X.device) < lens
-    return torch.softmax(X.masked_fill(~keep, -1e6), dim=-1)
-
-
-def _sdpa_reference(q, k, v, attn_mask, valid_lens, dropout_p, is_causal, scale):
-    """The kernels' semantics (csrc/common/attention.h) in plain torch ops, on (B, H, L, E) tensors."""
-    group = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    s = (q @ k.transpose(-1, -2)) * scale
-    if valid_lens is not None:  # the notes' rule, -1e6 beyond the valid length
-        lens = valid_lens.view(-1, 1, 1, 1) if valid_lens.dim() == 1 else valid_lens[:, None, :, None]
-        s = s.masked_fill(torch.arange(s.shape[-1], device=s.device) >= lens, -1e6)
-    if attn_mask is not None:
-        s = s.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else s + attn_mask
-    if is_causal:
-        L, S = s.shape[-2:]
-        s = s.masked_fill(~torch.ones(L, S, dtype=torch.bool, device=s.device).tril(), float("-inf"))
-    p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # a row with no key left: 0, as torch
-    if dropout_p > 0:
-        p = F.dropout(p, dropout_p)
-    return p @ v
+    """The notes' masked softmax (section 65, ``pyfastdl.reference.masked_softmax``): X (batch,
+    queries, keys); positions at or beyond the valid length ((batch,) or (batch, queries)) get -1e6
+    before the softmax, so a row whose valid length is 0 weighs every position equally. Unlike the
+    notes' code, X is not overwritten."""
+    return masked_softmax_notes(X if valid_lens is None else X.clone(), valid_lens)
 
 
 def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -221,13 +184,14 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     out_shape = tuple(batch) + (L, Ev)
 
     backend, fallback = backends.resolve("scaled_dot_product_attention", query.device,
-                                         _dtype_covers(_ATTENTION_DTYPES, query.dtype))
+                                         backends.dtype_covers(_ATTENTION_DTYPES, query.dtype))
     backends.record("scaled_dot_product_attention", backend, fallback)
     if backend in ("torch", "reference"):
         if backend == "torch" and vl is None:
             return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
                                                   is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
-        return _sdpa_reference(q4, k4, v4, mask4, vl, dropout_p, is_causal, scale).reshape(out_shape)
+        return sdpa_like_torch(q4, k4, v4, mask4, dropout_p, is_causal, scale, enable_gqa=heads != kv_heads,
+                               valid_lens=vl).reshape(out_shape)
     seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout_p > 0 else 0
     ops = backends.ops(backend, "attention")
     if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):

@@ -379,3 +379,17 @@ def test_low_precision_params_keep_float32_state(backend, dtype, master):
             assert torch.equal(p, state["master_param"].to(dtype))
         else:
             torch.testing.assert_close(p.float(), q.detach(), rtol=6 * eps, atol=6 * eps)
+
+
+def test_several_kernel_calls_check_every_state_before_the_first_writes():
+    """One group with float32 and float64 params is two kernel calls; a bad state tensor in the second
+    must raise before the first call has updated anything."""
+    a, b = torch.randn(6, requires_grad=True), torch.randn(4, dtype=torch.float64, requires_grad=True)
+    opt = po.Adam([a, b], lr=0.1)
+    a.grad, b.grad = torch.ones(6), torch.ones(4, dtype=torch.float64)
+    opt.step()
+    opt.state[b]["exp_avg"] = opt.state[b]["exp_avg"].float()
+    a0 = a.detach().clone()
+    with pytest.raises(RuntimeError, match="does not match its param"):
+        opt.step()
+    assert torch.equal(a, a0) and float(opt.state[a]["step"]) == 1

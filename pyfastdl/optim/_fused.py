@@ -93,19 +93,9 @@ def _state_like(p: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
     return _empty_state(p).fill_(fill)
 
 
-def _covers(dtype: torch.dtype):
-    def covers(backend: str):
-        if backend == "reference":
-            return None
-        if dtype not in _KERNEL_DTYPES.get(backend, ()):
-            return f"{dtype} params"
-        return None
-    return covers
-
-
 class _FusedStep:
     """The shared step(): collects each group's params with gradients (lazily creating state the way
-    torch does), splits them by (device, dtype), and hands each bucket to ``_launch``."""
+    torch does), splits them by (device, dtype), and hands each bucket's lists (``_lists``) to ``_call``."""
 
     _op: str  # the op's name in csrc/ops.cpp
 
@@ -149,19 +139,18 @@ class _FusedStep:
         first = params[0]
         device, dtype = first.device, first.dtype
         if all(p.device == device and p.dtype == dtype for p in params):
-            buckets = [params]
-        else:  # validate everything before the first bucket writes
-            buckets = {}
+            buckets = [self._lists(group, params)]
+        else:  # several kernel calls: every bucket's state is checked before the first one writes
+            by_kind = {}
             for p in params:
-                buckets.setdefault((p.device, p.dtype), []).append(p)
-            buckets = list(buckets.values())
-            for bucket in buckets:
-                self._lists(group, bucket, check=True)
-        for bucket in buckets:
-            b_dev, b_dtype = bucket[0].device, bucket[0].dtype
-            name = f"optim.{type(self).__name__}"
-            backend, fallback = backends.resolve(name, b_dev, _covers(b_dtype))
-            lists, kwargs = self._lists(group, bucket)
+                by_kind.setdefault((p.device, p.dtype), []).append(p)
+            buckets = [self._lists(group, ps) for ps in by_kind.values()]
+            for lists in buckets:
+                self._check_states(lists)
+        name = f"optim.{type(self).__name__}"
+        for lists in buckets:
+            b_dev, b_dtype = lists[0][0].device, lists[0][0].dtype
+            backend, fallback = backends.resolve(name, b_dev, backends.dtype_covers(_KERNEL_DTYPES, b_dtype))
             scale = grad_scale.to(b_dev) if grad_scale is not None else None
             inf = found_inf.to(b_dev) if found_inf is not None else None
             if backend in ("cpu", "cuda", "triton"):
@@ -170,9 +159,27 @@ class _FusedStep:
             else:  # reference, or a kernel that does not cover this call
                 backends.record(name, "reference", fallback)
                 fn = getattr(_reference, self._op)
-            self._call(fn, group, lists, kwargs, scale, inf)
+            self._call(fn, group, lists, scale, inf)
 
-    def _grads(self, params, check=False):
+    # positions, in the tuple _lists returns, of the lists of state tensors shaped like the params
+    _state_lists: tuple = ()
+
+    def _check_states(self, lists):
+        """Each state tensor on its param's device, in its dtype (float32 for float16/bfloat16) and
+        shape -- what the kernel launchers check, for the case of several kernel calls."""
+        params = lists[0]
+        for pos in self._state_lists:
+            for p, t in zip(params, lists[pos]):
+                if t is None:
+                    continue
+                want = torch.float32 if p.dtype in _LOW else p.dtype
+                if t.device != p.device or t.dtype != want or t.shape != p.shape:
+                    raise RuntimeError(
+                        f"pyfastdl.optim.{type(self).__name__}: state tensor of dtype {t.dtype} on {t.device} "
+                        f"with shape {tuple(t.shape)} does not match its param ({p.dtype} on {p.device}, shape "
+                        f"{tuple(p.shape)})")
+
+    def _grads(self, params):
         grads = []
         for p in params:
             g = p.grad
@@ -182,29 +189,24 @@ class _FusedStep:
         return grads
 
 
-def _check_state(name, p, t, want_dtype):
-    if t.device != p.device or t.dtype != want_dtype or t.shape != p.shape:
-        raise RuntimeError(f"{name}: state tensor of dtype {t.dtype} on {t.device} with shape {tuple(t.shape)} "
-                           f"does not match its param ({p.dtype} on {p.device}, shape {tuple(p.shape)})")
-
-
 class SGD(_FusedStep, torch.optim.SGD):
     __doc__ = torch.optim.SGD.__doc__
     _op = "sgd_step_"
+    _state_lists = (2,)  # momentum buffers (None before the first step)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._check_supported()
 
-    def _lists(self, group, params, check=False):
+    def _lists(self, group, params):
         grads = self._grads(params)
         bufs = []
         if group["momentum"] != 0:
             for p in params:
                 bufs.append(self.state[p].get("momentum_buffer"))
-        return (params, grads, bufs), {}
+        return (params, grads, bufs)
 
-    def _call(self, fn, group, lists, kwargs, scale, inf):
+    def _call(self, fn, group, lists, scale, inf):
         params, grads, bufs = lists
         lr, momentum = _value(group["lr"]), group["momentum"]
         rest = (group["dampening"], group["weight_decay"], group["nesterov"], group["maximize"])
@@ -236,6 +238,7 @@ class SGD(_FusedStep, torch.optim.SGD):
 class Adam(_FusedStep, torch.optim.Adam):
     __doc__ = torch.optim.Adam.__doc__
     _op = "adam_step_"
+    _state_lists = (2, 3, 4)
 
     def __init__(self, *args, master_weights: bool = False, **kwargs):
         """torch.optim.Adam's arguments, plus ``master_weights``: keep a float32 master copy of each
@@ -244,7 +247,7 @@ class Adam(_FusedStep, torch.optim.Adam):
         self.master_weights = master_weights
         self._check_supported()
 
-    def _lists(self, group, params, check=False):
+    def _lists(self, group, params):
         grads = self._grads(params)
         exp_avgs, exp_avg_sqs, max_sqs, steps, masters = [], [], [], [], []
         amsgrad = group["amsgrad"]
@@ -266,14 +269,9 @@ class Adam(_FusedStep, torch.optim.Adam):
                 if "master_param" not in state:
                     state["master_param"] = p.detach().float()
                 masters.append(state["master_param"])
-        if check:
-            want = torch.float32 if params[0].dtype in _LOW else params[0].dtype
-            for p, a, b in zip(params, exp_avgs, exp_avg_sqs):
-                _check_state(f"pyfastdl.optim.{type(self).__name__}", p, a, want)
-                _check_state(f"pyfastdl.optim.{type(self).__name__}", p, b, want)
-        return (params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps, masters), {}
+        return (params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps, masters)
 
-    def _call(self, fn, group, lists, kwargs, scale, inf):
+    def _call(self, fn, group, lists, scale, inf):
         beta1, beta2 = group["betas"]
         fn(*lists, _value(group["lr"]), _value(beta1), _value(beta2), group["weight_decay"], group["eps"],
            group["amsgrad"], group["maximize"], group.get("decoupled_weight_decay", False), scale, inf)
@@ -282,6 +280,7 @@ class Adam(_FusedStep, torch.optim.Adam):
 class AdamW(_FusedStep, torch.optim.AdamW):
     __doc__ = torch.optim.AdamW.__doc__
     _op = "adam_step_"
+    _state_lists = (2, 3, 4)
     _lists = Adam._lists
 
     def __init__(self, *args, master_weights: bool = False, **kwargs):
@@ -289,7 +288,7 @@ class AdamW(_FusedStep, torch.optim.AdamW):
         self.master_weights = master_weights
         self._check_supported()
 
-    def _call(self, fn, group, lists, kwargs, scale, inf):
+    def _call(self, fn, group, lists, scale, inf):
         beta1, beta2 = group["betas"]
         fn(*lists, _value(group["lr"]), _value(beta1), _value(beta2), group["weight_decay"], group["eps"],
            group["amsgrad"], group["maximize"], True, scale, inf)
@@ -298,6 +297,7 @@ class AdamW(_FusedStep, torch.optim.AdamW):
 class Adagrad(_FusedStep, torch.optim.Adagrad):
     __doc__ = torch.optim.Adagrad.__doc__
     _op = "adagrad_step_"
+    _state_lists = (2,)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -311,7 +311,7 @@ class Adagrad(_FusedStep, torch.optim.Adagrad):
                 if p.device.type != "cpu":
                     state["step"] = _new_step(p)
 
-    def _lists(self, group, params, check=False):
+    def _lists(self, group, params):
         grads = self._grads(params)
         sums, steps = [], []
         for p in params:
@@ -321,13 +321,9 @@ class Adagrad(_FusedStep, torch.optim.Adagrad):
                 state["sum"] = _state_like(p, group["initial_accumulator_value"])
             sums.append(state["sum"])
             steps.append(state["step"])
-        if check:
-            want = torch.float32 if params[0].dtype in _LOW else params[0].dtype
-            for p, s in zip(params, sums):
-                _check_state(f"pyfastdl.optim.{type(self).__name__}", p, s, want)
-        return (params, grads, sums, steps), {}
+        return (params, grads, sums, steps)
 
-    def _call(self, fn, group, lists, kwargs, scale, inf):
+    def _call(self, fn, group, lists, scale, inf):
         fn(*lists, _value(group["lr"]), group["lr_decay"], group["weight_decay"], group["eps"], group["maximize"],
            scale, inf)
 
@@ -335,12 +331,13 @@ class Adagrad(_FusedStep, torch.optim.Adagrad):
 class RMSprop(_FusedStep, torch.optim.RMSprop):
     __doc__ = torch.optim.RMSprop.__doc__
     _op = "rmsprop_step_"
+    _state_lists = (2, 3, 4)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._check_supported()
 
-    def _lists(self, group, params, check=False):
+    def _lists(self, group, params):
         grads = self._grads(params)
         sq, ga, bufs, steps = [], [], [], []
         centered, momentum = group["centered"], group["momentum"]
@@ -359,13 +356,9 @@ class RMSprop(_FusedStep, torch.optim.RMSprop):
             if momentum > 0:
                 bufs.append(state["momentum_buffer"])
             steps.append(state["step"])
-        if check:
-            want = torch.float32 if params[0].dtype in _LOW else params[0].dtype
-            for p, s in zip(params, sq):
-                _check_state(f"pyfastdl.optim.{type(self).__name__}", p, s, want)
-        return (params, grads, sq, ga, bufs, steps), {}
+        return (params, grads, sq, ga, bufs, steps)
 
-    def _call(self, fn, group, lists, kwargs, scale, inf):
+    def _call(self, fn, group, lists, scale, inf):
         fn(*lists, _value(group["lr"]), group["alpha"], group["eps"], group["weight_decay"], group["momentum"],
            group["centered"], group["maximize"], scale, inf)
 
@@ -373,12 +366,13 @@ class RMSprop(_FusedStep, torch.optim.RMSprop):
 class Adadelta(_FusedStep, torch.optim.Adadelta):
     __doc__ = torch.optim.Adadelta.__doc__
     _op = "adadelta_step_"
+    _state_lists = (2, 3)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._check_supported()
 
-    def _lists(self, group, params, check=False):
+    def _lists(self, group, params):
         grads = self._grads(params)
         sq, acc, steps = [], [], []
         for p in params:
@@ -390,13 +384,8 @@ class Adadelta(_FusedStep, torch.optim.Adadelta):
             sq.append(state["square_avg"])
             acc.append(state["acc_delta"])
             steps.append(state["step"])
-        if check:
-            want = torch.float32 if params[0].dtype in _LOW else params[0].dtype
-            for p, s, a in zip(params, sq, acc):
-                _check_state(f"pyfastdl.optim.{type(self).__name__}", p, s, want)
-                _check_state(f"pyfastdl.optim.{type(self).__name__}", p, a, want)
-        return (params, grads, sq, acc, steps), {}
+        return (params, grads, sq, acc, steps)
 
-    def _call(self, fn, group, lists, kwargs, scale, inf):
+    def _call(self, fn, group, lists, scale, inf):
         fn(*lists, _value(group["lr"]), group["rho"], group["eps"], group["weight_decay"], group["maximize"],
            scale, inf)

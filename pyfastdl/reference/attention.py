@@ -379,7 +379,7 @@ def valid_lens_mask(valid_lens, L, S):
 
 
 def sdpa_like_torch(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                    enable_gqa=False):
+                    enable_gqa=False, valid_lens=None):
     """torch.nn.functional.scaled_dot_product_attention's documented reference implementation,
     written out: softmax(Q K^T * scale + bias) V with materialized (..., L, S) scores.
     query: (..., Hq, L, E); key: (..., Hkv, S, E); value: (..., Hkv, S, Ev) (Hkv = Hq unless
@@ -392,7 +392,12 @@ def sdpa_like_torch(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=
 
     Float math: float64 for float64 inputs, float32 otherwise. One difference from the
     documentation's code, which returns NaN there: a row whose scores are all -inf (fully masked)
-    returns zeros, as torch 2.14 does, and passes a zero gradient."""
+    returns zeros, as torch 2.14 does, and passes a zero gradient.
+
+    valid_lens (pyfastdl's kernels' extra, csrc/common/attention.h): None, or (N,) / (N, L) lengths
+    over query's first dimension (3-D or more inputs); the notes' rule on the scaled scores -- -1e6
+    at and beyond the length, so a row whose length is <= 0 weighs every key equally -- before
+    attn_mask / is_causal apply."""
     if is_causal and attn_mask is not None:
         raise ValueError("sdpa_like_torch: attn_mask must be None when is_causal=True")
     compute = torch.float64 if query.dtype == torch.float64 else torch.float32
@@ -418,7 +423,14 @@ def sdpa_like_torch(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=
         k = k.repeat_interleave(hq // hkv, -3)
         v = v.repeat_interleave(hq // hkv, -3)
 
-    scores = q @ k.transpose(-2, -1) * scale_factor + attn_bias   # (..., L, S)
+    scores = q @ k.transpose(-2, -1) * scale_factor   # (..., L, S)
+    if valid_lens is not None:
+        if scores.dim() < 3:
+            raise ValueError("sdpa_like_torch: valid_lens needs inputs of 3 or more dimensions")
+        lens = valid_lens.reshape((scores.shape[0],) + (1,) * (scores.dim() - 3)
+                                  + ((L,) if valid_lens.dim() == 2 else (1,)) + (1,))
+        scores = scores.masked_fill(torch.arange(S, device=scores.device) >= lens, -1e6)
+    scores = scores + attn_bias
     # A fully masked row: softmax of all -inf is NaN in the documentation's code; torch returns 0.
     dead = torch.isneginf(scores).all(dim=-1, keepdim=True)
     attn_weight = torch.softmax(scores.masked_fill(dead, 0.0), dim=-1).masked_fill(dead, 0.0)
