@@ -113,16 +113,31 @@ ext = Ext(
 )
 
 
+def _up_to_date(obj: str, source: str, newest_header: float) -> bool:
+    return os.path.exists(obj) and os.path.getmtime(obj) > max(os.path.getmtime(source), newest_header)
+
+
 class BuildExt(cpp_extension.BuildExtension):
     """Compiles each SIMD kernel source once per CPU capability, then links them into pyfastdl._C."""
 
     def build_extensions(self):
         for e in self.extensions:
+            # Incremental rebuilds (`python setup.py build_ext --inplace`): distutils recompiles every
+            # source, so skip a capability's objects that are newer than their source and every header.
+            headers = glob.glob(os.path.join(ROOT, "csrc", "**", "*.h"), recursive=True)
+            newest_header = max((os.path.getmtime(h) for h in headers), default=0.0)
+
             def compile_cap(item):
                 cap, flags = item
-                return self.compiler.compile(
-                    simd_sources,
-                    output_dir=os.path.join(self.build_temp, "cap_" + cap),
+                out_dir = os.path.join(self.build_temp, "cap_" + cap)
+                stale = [s for s in simd_sources
+                         if not _up_to_date(os.path.join(out_dir, os.path.splitext(s)[0] + ".o"), s, newest_header)]
+                fresh = [os.path.join(out_dir, os.path.splitext(s)[0] + ".o") for s in simd_sources if s not in stale]
+                if not stale:
+                    return fresh
+                return fresh + self.compiler.compile(
+                    stale,
+                    output_dir=out_dir,
                     macros=[("CPU_CAPABILITY", cap), ("CPU_CAPABILITY_" + cap, None)] + macros,
                     include_dirs=e.include_dirs + cpp_extension.include_paths(),
                     extra_postargs=CXX_FLAGS + flags + ["-fPIC", "-g0"] + self._abi_flags(),

@@ -12,8 +12,8 @@ touches no GPU; Triton is imported only when its backend is used.
 import torch  # noqa: F401  (loads libtorch, which pyfastdl._C links against)
 
 from . import _C  # noqa: F401,E402  (registers torch.ops.pyfastdl.*)
-from . import backends, functional, nn, reference  # noqa: F401
+from . import backends, functional, nn, optim, reference  # noqa: F401
 from .convert import convert
 
 __version__ = "0.1.0"
-__all__ = ["backends", "functional", "nn", "reference", "convert"]
+__all__ = ["backends", "functional", "nn", "optim", "reference", "convert"]

@@ -23,7 +23,7 @@ import threading
 
 import torch
 
-__all__ = ["NAMES", "built", "available", "use", "current", "last_dispatch", "strict", "Dispatch",
+__all__ = ["NAMES", "built", "available", "use", "current", "last_dispatch", "strict", "set_strict", "Dispatch",
            "BackendError", "resolve", "ops", "record", "dtype_covers"]
 
 NAMES = ("cpu", "cuda", "triton", "reference")
@@ -58,9 +58,36 @@ def _triton_importable() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "0").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+# Configuration is read once, at import (per-call cost: no environment lookups on the hot path).
+# ``set_strict`` changes it at run time (the tests use it as a context manager).
+_config = {"strict": _env_flag("PYFASTDL_STRICT"),
+           "backend": os.environ.get("PYFASTDL_BACKEND", "").strip().lower() or None,
+           "interpret": os.environ.get("TRITON_INTERPRET", "0") == "1"}
+
+
 def strict() -> bool:
-    """True when PYFASTDL_STRICT=1: every fallback raises."""
-    return os.environ.get("PYFASTDL_STRICT", "0").lower() not in ("", "0", "false", "no", "off")
+    """True when PYFASTDL_STRICT=1 was set at import (or ``set_strict(True)``): every fallback raises."""
+    return _config["strict"]
+
+
+class set_strict(contextlib.ContextDecorator):
+    """``set_strict(False)`` turns strict mode off (process-wide); as a context manager it restores the
+    previous setting on exit: ``with pyfastdl.backends.set_strict(False): ...``."""
+
+    def __init__(self, on: bool):
+        self._previous = _config["strict"]
+        _config["strict"] = bool(on)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        _config["strict"] = self._previous
+        return False
 
 
 def built() -> dict:
@@ -75,6 +102,7 @@ def _built() -> tuple:
 
 
 def _interpreting() -> bool:
+    # read when first needed (the test session sets TRITON_INTERPRET before triton's first import)
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -94,10 +122,7 @@ def available(device: torch.device | str) -> list[str]:
 def current() -> str | None:
     """The explicitly chosen backend (``use`` or PYFASTDL_BACKEND), or None for the default."""
     chosen = getattr(_state, "chosen", None)
-    if chosen is not None:
-        return chosen
-    env = os.environ.get("PYFASTDL_BACKEND", "").strip().lower()
-    return env or None
+    return chosen if chosen is not None else _config["backend"]
 
 
 class use(contextlib.ContextDecorator):
@@ -128,12 +153,15 @@ def record(op: str, backend: str, fallback: str | None = None) -> None:
         _log.info("pyfastdl.%s: %s; running %s", op, fallback, backend)
         _state.last = Dispatch(op, backend, fallback)
     else:  # the hot path: one cached record per (op, backend)
-        _state.last = _clean_dispatch(op, backend)
+        key = (op, backend)
+        d = _CLEAN.get(key)
+        if d is None:
+            d = _CLEAN[key] = Dispatch(op, backend, None)
+        _state.last = d
 
 
-@functools.lru_cache(None)
-def _clean_dispatch(op: str, backend: str) -> Dispatch:
-    return Dispatch(op, backend, None)
+# (op, backend) -> Dispatch; a plain dict, not functools.lru_cache (which torch.compile warns about)
+_CLEAN: dict = {}
 
 
 def last_dispatch() -> Dispatch | None:

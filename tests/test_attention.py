@@ -191,7 +191,7 @@ def test_strict_mode_refuses_bfloat16_on_cpu(monkeypatch):
     q = torch.randn(1, 1, 4, 8, dtype=torch.bfloat16)
     with pytest.raises(backends.BackendError, match="bfloat16"):
         PF.scaled_dot_product_attention(q, q, q)
-    monkeypatch.setenv("PYFASTDL_STRICT", "0")
+    monkeypatch.setitem(backends._config, "strict", False)
     out = PF.scaled_dot_product_attention(q, q, q)
     assert backends.last_dispatch().backend == "torch" and out.shape == (1, 1, 4, 8)
 
@@ -256,6 +256,6 @@ def test_multihead_attention_need_weights_takes_torchs_path_and_says_so(monkeypa
     x = torch.randn(5, 2, 16)
     with pytest.raises(backends.BackendError, match="need_weights"):
         m(x, x, x)
-    monkeypatch.setenv("PYFASTDL_STRICT", "0")
+    monkeypatch.setitem(backends._config, "strict", False)
     out, w = m(x, x, x)
     assert w.shape == (2, 5, 5) and backends.last_dispatch().backend == "torch"

@@ -317,12 +317,12 @@ def test_strict_mode_refuses_fallback_and_dispatch_is_visible(monkeypatch):
     x = torch.randn(4, 3, 5, 5, dtype=torch.bfloat16)  # the CPU kernels cover float32/float64 only
     with pytest.raises(backends.BackendError, match="STRICT"):
         PF.batch_norm(x, None, None, training=True)
-    monkeypatch.setenv("PYFASTDL_STRICT", "0")
+    monkeypatch.setitem(backends._config, "strict", False)
     out = PF.batch_norm(x, None, None, training=True)
     d = backends.last_dispatch()
     assert d.backend == "torch" and "bfloat16" in d.fallback
     assert rel_err(out, F.batch_norm(x.double(), None, None, training=True)) <= 1e-2
-    monkeypatch.setenv("PYFASTDL_BACKEND", "reference")
+    monkeypatch.setitem(backends._config, "backend", "reference")
     PF.batch_norm(x.float(), None, None, training=True)
     assert backends.last_dispatch().backend == "reference"
 

@@ -295,7 +295,7 @@ def test_strict_mode_refuses_a_dtype_the_kernel_does_not_cover(monkeypatch):
     opt = po.Adam([p])
     with pytest.raises(backends.BackendError, match="bfloat16"):
         opt.step()
-    monkeypatch.setenv("PYFASTDL_STRICT", "0")
+    monkeypatch.setitem(backends._config, "strict", False)
     opt.step()  # visible fallback to the reference rules
     d = backends.last_dispatch()
     assert d.backend == "reference" and "bfloat16" in d.fallback
