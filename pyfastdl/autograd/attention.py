@@ -20,7 +20,8 @@ def _attention_fwd_fake(q, k, v, attn_mask, valid_lens, is_causal, scale, dropou
 @torch.library.register_fake("pyfastdl::attention_bwd")
 def _attention_bwd_fake(grad_out, q, k, v, out, lse, attn_mask, valid_lens, is_causal, scale, dropout_p, seed,
                         offset):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    # the kernels return contiguous gradients, whatever q, k, v's strides (torch.compile relies on it)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 class AttentionFunction(torch.autograd.Function):
