@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import importlib
 import importlib.util
 import logging
@@ -43,19 +42,24 @@ class Dispatch:
     fallback: str | None = None  # why the intended backend did not run, when it did not
 
 
-@functools.lru_cache(None)
+# Facts about this installation, computed once. Plain module-level values rather than
+# functools.lru_cache: torch.compile warns about (and traces through) lru_cache-wrapped calls.
+_BUILD_INFO = dict(item.partition("=")[::2] for item in torch.ops.pyfastdl.build_info().split(";"))
+_CUDA_BUILT = _BUILD_INFO.get("cuda") == "1"
+
+
 def _build_info() -> dict:
-    info = {}
-    for item in torch.ops.pyfastdl.build_info().split(";"):
-        key, _, value = item.partition("=")
-        info[key] = value
-    return info
+    return _BUILD_INFO
 
 
-@functools.lru_cache(None)
+_memo: dict = {}
+
+
 def _triton_importable() -> bool:
     # find_spec, not import: choosing a backend must not import triton (slow) until it is used
-    return importlib.util.find_spec("triton") is not None
+    if "triton" not in _memo:
+        _memo["triton"] = importlib.util.find_spec("triton") is not None
+    return _memo["triton"]
 
 
 def _env_flag(name: str) -> bool:
@@ -92,13 +96,7 @@ class set_strict(contextlib.ContextDecorator):
 
 def built() -> dict:
     """Which backends this installation has: {"cpu": True, "cuda": bool, "triton": bool, "reference": True}."""
-    return dict(_built())
-
-
-@functools.lru_cache(None)
-def _built() -> tuple:
-    return (("cpu", True), ("cuda", _build_info().get("cuda") == "1"), ("triton", _triton_importable()),
-            ("reference", True))
+    return {"cpu": True, "cuda": _CUDA_BUILT, "triton": _triton_importable(), "reference": True}
 
 
 def _interpreting() -> bool:
@@ -174,7 +172,7 @@ def resolve(op: str, device: torch.device, covers) -> tuple[str, str | None]:
     kernel handles the call, or the reason it does not. Returns (backend, fallback_reason); backend
     "torch" means PyTorch's own op."""
     chosen = current()
-    if chosen is None and (device.type == "cpu" or (device.type == "cuda" and _build_info().get("cuda") == "1")):
+    if chosen is None and (device.type == "cpu" or (device.type == "cuda" and _CUDA_BUILT)):
         intended = device.type  # the common case, kept cheap: the default kernel backend is built
         reason = covers(intended)
         if reason is None:
