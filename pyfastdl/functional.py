@@ -110,6 +110,14 @@ def _gqa_heads(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> t
     return hq, hk, hv
 
 
+def _as_4d(t: torch.Tensor, batch: tuple, B: int, H: int, n: int, d: int) -> torch.Tensor:
+    """t (..., n, d), broadcastable to batch + (n, d), as the kernel's (B, H, n, d): a view when the
+    strides allow (stride 0 where broadcast), a copy otherwise."""
+    if t.dim() == 4 and t.shape == (B, H, n, d):
+        return t
+    return t.expand(batch + (n, d)).reshape(B, H, n, d)
+
+
 def masked_softmax(X: torch.Tensor, valid_lens: torch.Tensor | None) -> torch.Tensor:
     """The notes' masked softmax (section 65, ``pyfastdl.reference.masked_softmax``): X (batch,
     queries, keys); positions at or beyond the valid length ((batch,) or (batch, queries)) get -1e6
@@ -152,11 +160,11 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
             raise _sdpa_error(f"expected a floating-point {name}, got {t.dtype}")
     if not (key.dtype == query.dtype == value.dtype):
         raise _sdpa_error(f"expected query, key, value of one dtype, got {query.dtype}, {key.dtype}, {value.dtype}")
-    if query.shape[-1] != key.shape[-1]:
-        raise _sdpa_error(f"query and key must have the same head dim, got {query.shape[-1]} and {key.shape[-1]}")
-    if key.shape[-2] != value.shape[-2]:
-        raise _sdpa_error(f"key and value must have the same sequence length, got {key.shape[-2]} and "
-                          f"{value.shape[-2]}")
+    qs, ks, vs = query.shape, key.shape, value.shape
+    if qs[-1] != ks[-1]:
+        raise _sdpa_error(f"query and key must have the same head dim, got {qs[-1]} and {ks[-1]}")
+    if ks[-2] != vs[-2]:
+        raise _sdpa_error(f"key and value must have the same sequence length, got {ks[-2]} and {vs[-2]}")
     if not 0.0 <= dropout_p <= 1.0:
         raise ValueError(f"scaled_dot_product_attention: dropout_p must be in [0, 1], got {dropout_p}")
     if is_causal and attn_mask is not None:
@@ -171,8 +179,7 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
         # torch: dropout(p=1) multiplies the weights by 0 -- zeros, zero gradients, NaN kept
         return scaled_dot_product_attention(query, key, value, attn_mask, 0.0, is_causal, scale, enable_gqa,
                                             valid_lens=valid_lens) * 0
-    L, E = query.shape[-2], query.shape[-1]
-    S, Ev = key.shape[-2], value.shape[-1]
+    L, E, S, Ev = qs[-2], qs[-1], ks[-2], vs[-1]
     # Batch dims: broadcast as torch (k, v repeated over the query heads first under enable_gqa).
     # The kernel takes (B, heads, L, E) q and (B, kv_heads, S, E) k, v with heads % kv_heads == 0.
     if enable_gqa:
@@ -180,7 +187,7 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
         gqa = not hq == hk == hv
     else:
         gqa = False
-    qb, kb, vb = query.shape[:-2], key.shape[:-2], value.shape[:-2]
+    qb, kb, vb = qs[:-2], ks[:-2], vs[:-2]
     if qb == kb == vb:
         batch = qb  # the common case: no broadcasting
     else:
@@ -196,12 +203,13 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     # (B, heads): the last batch dim is the heads when there are two or more (or under GQA)
     split = len(batch) >= 2 or gqa
     heads = batch[-1] if split else 1
-    lead = tuple(batch[:-1]) if split else tuple(batch)
+    lead = batch[:-1] if split else batch
     B = _prod(lead)
-    out_shape = tuple(batch) + (L, Ev)
+    batch = tuple(batch)
+    out_shape = batch + (L, Ev)
     if attn_mask is not None:
         try:
-            attn_mask_b = attn_mask.expand(tuple(batch) + (L, S))
+            attn_mask_b = attn_mask if attn_mask.shape == batch + (L, S) else attn_mask.expand(batch + (L, S))
         except RuntimeError as e:
             raise _sdpa_error(f"attn_mask of shape {tuple(attn_mask.shape)} is not broadcastable to "
                               f"{tuple(batch) + (L, S)}") from e
@@ -228,7 +236,7 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
         if query.requires_grad or key.requires_grad:
             zq = zq + (query.sum() + key.sum()) * 0
         query, key, E, scale = zq, zk, 1, 1.0
-    q4 = query.expand(tuple(batch) + (L, E)).reshape(B, heads, L, E)
+    q4 = _as_4d(query, batch, B, heads, L, E)
     kv_heads = heads
     if gqa:
         # the kernel's grouped heads: query head h reads key/value head h // (heads / kv_heads); key and
@@ -238,11 +246,11 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
                       for t in (key, value))
     elif split and heads > 1 and (key.dim() < 3 or key.shape[-3] == 1) and (value.dim() < 3 or value.shape[-3] == 1):
         kv_heads = 1  # key and value broadcast over the heads: one shared head (multi-query), no copy
-    k_batch = lead + (kv_heads,) if split else tuple(batch)
-    k4 = key.expand(k_batch + (S, E)).reshape(B, kv_heads, S, E)
-    v4 = value.expand(k_batch + (S, Ev)).reshape(B, kv_heads, S, Ev)
+    k_batch = lead + (kv_heads,) if split else batch
+    k4 = _as_4d(key, k_batch, B, kv_heads, S, E)
+    v4 = _as_4d(value, k_batch, B, kv_heads, S, Ev)
     scale = 1.0 / E ** 0.5 if scale is None else float(scale)
-    mask4 = None if attn_mask is None else attn_mask_b.reshape(B, heads, L, S)
+    mask4 = None if attn_mask is None else _as_4d(attn_mask_b, batch, B, heads, L, S)
     vl = None
     if valid_lens is not None:
         vl = valid_lens.to(torch.int64)
