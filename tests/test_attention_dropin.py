@@ -17,6 +17,8 @@ import pyfastdl.functional as PF
 from pyfastdl import backends
 from pyfastdl.reference.attention import dropout_keep_mask
 
+from helpers import DEVICE, MARKS
+
 F64 = torch.float64
 
 
@@ -30,12 +32,14 @@ def rand(*shape, seed=0, dtype=F64, grad=True):
     return torch.randn(*shape, generator=g, dtype=F64).to(dtype).requires_grad_(grad)
 
 
-def compare(ours_fn, theirs_fn, inputs, rtol=1e-9, atol=1e-10):
-    """Output and gradients of every input that requires grad, pyfastdl's against torch's."""
+def compare(ours_fn, theirs_fn, inputs, rtol=1e-9, atol=1e-10, backend="cpu"):
+    """Output and gradients of every input that requires grad, pyfastdl's (on ``backend``) against
+    torch's."""
     ours_in = [t.detach().clone().requires_grad_(t.requires_grad) if isinstance(t, torch.Tensor) else t
                for t in inputs]
-    out = ours_fn(*ours_in)
-    assert backends.last_dispatch().backend == "cpu", backends.last_dispatch()
+    with backends.use(backend):
+        out = ours_fn(*ours_in)
+    assert backends.last_dispatch().backend == backend, backends.last_dispatch()
     ref = theirs_fn(*inputs)
     assert out.shape == ref.shape
     torch.testing.assert_close(out, ref, rtol=rtol, atol=atol, equal_nan=True)
@@ -85,6 +89,21 @@ def test_sdpa_broadcasts_leading_dimensions_as_torch(qs, ks, vs, kw):
     compare(lambda q, k, v: PF.scaled_dot_product_attention(q, k, v, attn_mask=m, **kw),
             lambda q, k, v: torch_sdpa(q, k, v, attn_mask=m, **kw),
             (rand(*qs, seed=1), rand(*ks, seed=2), rand(*vs, seed=3)))
+
+
+TRITON_CASES = [BROADCAST[i] for i in (0, 4, 9, 14)]
+
+
+@pytest.mark.parametrize("qs,ks,vs,kw", TRITON_CASES, ids=[f"{q}-{k}-{v}-{sorted(kw)}" for q, k, v, kw in TRITON_CASES])
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=MARKS["triton"])])
+def test_sdpa_broadcasting_on_triton(backend, qs, ks, vs, kw):
+    """The same (B, H, L, E) views reach the Triton kernel (float32, stride-0 broadcast dims)."""
+    f32 = torch.float32
+    compare(lambda q, k, v: PF.scaled_dot_product_attention(q, k, v, **kw),
+            lambda q, k, v: torch_sdpa(q, k, v, **kw),
+            tuple(rand(*sh, seed=i, dtype=f32).to(DEVICE[backend]).detach().requires_grad_()
+                  for i, sh in enumerate((qs, ks, vs))),
+            rtol=1e-4, atol=1e-5, backend=backend)  # float32 against float32: sums in another order
 
 
 def test_sdpa_broadcast_errors_like_torch():
@@ -183,9 +202,9 @@ def _err(a, b):
 def test_opinfo_samples_match_torch(dtype):
     """Every OpInfo sample of torch's SDPA through pyfastdl's (strict): the same output and
     gradients -- float64 to 1e-9; float32 by FlashAttention's rule, the error against torch in
-    float64 at most 2x torch's own float32 error (plus 2e-5, relative to the largest entry). Samples with dropout run twice: with
-    dropout_p=0 (compared), and with their dropout_p (different random numbers than torch's: shape,
-    finiteness and a backward)."""
+    float64 at most 2x torch's own float32 error (plus 2e-5, relative to the largest entry).
+    Samples with dropout run twice: with dropout_p=0 (compared), and with their dropout_p
+    (different random numbers than torch's: shape, finiteness and a backward)."""
     samples = _opinfo_samples(dtype)
     assert len(samples) >= 20
     for s in samples:
@@ -400,3 +419,43 @@ def test_converted_decoder_layer_runs_pyfastdl_attention():
     out = ours(tgt, mem, tgt_mask=causal, tgt_is_causal=True)
     assert backends.last_dispatch().op == "scaled_dot_product_attention"
     torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-10)
+
+
+def test_multihead_attention_fully_masked_row_is_a_deliberate_difference():
+    """A query whose every key is masked: torch's need_weights=True path gives NaN output (its
+    need_weights=False path gives 0); pyfastdl's kernel gives 0 either way (documented). The
+    weights are NaN as torch's; the other rows are unaffected."""
+    ours, theirs = _pair(8, 2, dtype=F64, batch_first=True)
+    x = rand(2, 4, 8, seed=1, grad=False)
+    kpm = torch.zeros(2, 4, dtype=torch.bool)
+    kpm[1] = True  # batch 1 sees no key
+    ref, ref_w = theirs(x, x, x, key_padding_mask=kpm)
+    out, w = ours(x, x, x, key_padding_mask=kpm)
+    assert backends.last_dispatch().backend == "cpu"
+    assert torch.isnan(ref[1]).all() and torch.isnan(ref_w[1]).all() and torch.isnan(w[1]).all()
+    torch.testing.assert_close(out[1], F.linear(torch.zeros(4, 8, dtype=F64), ours.out_proj.weight,
+                                                ours.out_proj.bias))
+    torch.testing.assert_close(out[0], ref[0], rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(w[0], ref_w[0], rtol=1e-9, atol=1e-10)
+    ref0, _ = theirs(x, x, x, key_padding_mask=kpm, need_weights=False)
+    out0, _ = ours(x, x, x, key_padding_mask=kpm, need_weights=False)
+    torch.testing.assert_close(out0, ref0, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("need_weights", [True, False])
+def test_multihead_attention_eval_no_grad_where_torch_takes_its_fast_path(need_weights):
+    """Eval mode, no grad, batched self-attention: torch runs _native_multi_head_attention; pyfastdl
+    runs its kernel (never torch's fast path) and agrees."""
+    ours, theirs = _pair(8, 2, dtype=F64, batch_first=True)
+    ours.eval()
+    theirs.eval()
+    x = rand(2, 5, 8, seed=1, grad=False)
+    kpm = torch.tensor([[False] * 5, [False] * 3 + [True] * 2])
+    with torch.no_grad():
+        ref, ref_w = theirs(x, x, x, key_padding_mask=kpm, need_weights=need_weights)
+        backends.record("nothing", "cpu")
+        out, w = ours(x, x, x, key_padding_mask=kpm, need_weights=need_weights)
+    assert backends.last_dispatch().op == "scaled_dot_product_attention"
+    torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-10)
+    if need_weights:
+        torch.testing.assert_close(w, ref_w, rtol=1e-9, atol=1e-10)

@@ -76,7 +76,8 @@ class MultiheadAttention(nn.MultiheadAttention):
         if self._qkv_same_embed_dim and key.shape != value.shape:
             raise AssertionError(f"key shape {key.shape} does not match value shape {value.shape}")
         if not self._qkv_same_embed_dim and key.shape[:2] != value.shape[:2]:
-            raise AssertionError(f"key's sequence and batch dims {key.shape[:2]} do not match value's {value.shape[:2]}")
+            raise AssertionError(f"key's sequence and batch dims {key.shape[:2]} do not match value's "
+                                 f"{value.shape[:2]}")
         q, k, v = self._project(query, key, value)
         if self.bias_k is not None:  # a learned key/value appended to every sequence
             k = torch.cat([k, self.bias_k.expand(N, 1, E)], dim=1)
@@ -95,7 +96,8 @@ class MultiheadAttention(nn.MultiheadAttention):
             raise RuntimeError(f"The shape of the attn_mask is {tuple(attn_mask.shape)}, but its last dimension "
                                f"should be {S}")
         if key_padding_mask is not None and tuple(key_padding_mask.shape) != (N, S):
-            raise AssertionError(f"expecting key_padding_mask shape of {(N, S)}, but got {tuple(key_padding_mask.shape)}")
+            raise AssertionError(f"expecting key_padding_mask shape of {(N, S)}, but got "
+                                 f"{tuple(key_padding_mask.shape)}")
         mask = _merge_masks(attn_mask, key_padding_mask, N, H, L, S, q.dtype)
         p = self.dropout if self.training else 0.0
         seed = None
