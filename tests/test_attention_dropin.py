@@ -459,3 +459,21 @@ def test_multihead_attention_eval_no_grad_where_torch_takes_its_fast_path(need_w
     torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-10)
     if need_weights:
         torch.testing.assert_close(w, ref_w, rtol=1e-9, atol=1e-10)
+
+
+def test_multihead_attention_refuses_what_torch_refuses():
+    ours, theirs = _pair(8, 2, dtype=F64, batch_first=True)
+    x = rand(2, 5, 8, seed=1, grad=False)
+    bad = [
+        ((rand(2, 5, 6, grad=False),) * 3, {}),                                     # embed dim 6, not 8
+        ((x, x, x), {"key_padding_mask": torch.zeros(2, 4, dtype=torch.bool)}),     # S is 5
+        ((x, x, x), {"attn_mask": torch.zeros(5, 5, dtype=torch.int64)}),           # integer mask
+        ((x, x, x), {"is_causal": True}),                                           # hint without a mask
+        ((x, x, x), {"attn_mask": torch.zeros(3, 5, 5, dtype=torch.bool)}),         # (N * H, L, S) is (4, 5, 5)
+        ((x, rand(2, 6, 8, grad=False), x), {}),                                    # key and value differ
+    ]
+    for args, kw in bad:
+        with pytest.raises(Exception) as theirs_err:
+            theirs(*args, **kw)
+        with pytest.raises(type(theirs_err.value)):
+            ours(*args, **kw)
