@@ -477,3 +477,16 @@ def test_multihead_attention_refuses_what_torch_refuses():
             theirs(*args, **kw)
         with pytest.raises(type(theirs_err.value)):
             ours(*args, **kw)
+
+
+@pytest.mark.parametrize("batch_first", [True, False], ids=["batch_first", "seq_first"])
+def test_multihead_self_attention_projects_with_one_gemm(batch_first, monkeypatch):
+    """query is key is value: one input projection (as torch's _in_projection_packed), also after
+    the seq-first transpose."""
+    m = pyfastdl.nn.MultiheadAttention(8, 2, batch_first=batch_first)
+    calls = []
+    linear = F.linear
+    monkeypatch.setattr(F, "linear", lambda *a: calls.append(a[1].shape) or linear(*a))
+    x = torch.randn(3, 4, 8)
+    m(x, x, x, need_weights=False)
+    assert calls == [(24, 8), (8, 8)]

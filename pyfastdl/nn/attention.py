@@ -64,11 +64,11 @@ class MultiheadAttention(nn.MultiheadAttention):
         if causal:
             attn_mask = None
         if not is_batched:
-            query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
+            query, key, value = _same_way(lambda x: x.unsqueeze(0), query, key, value)
             if key_padding_mask is not None:
                 key_padding_mask = key_padding_mask.unsqueeze(0)
         elif not self.batch_first:
-            query, key, value = (x.transpose(0, 1) for x in (query, key, value))
+            query, key, value = _same_way(lambda x: x.transpose(0, 1), query, key, value)
         N, L, E = query.shape
         H, hd = self.num_heads, self.head_dim
         if E != self.embed_dim:
@@ -136,6 +136,15 @@ class MultiheadAttention(nn.MultiheadAttention):
         w_k, w_v = w_kv.chunk(2)
         b_k, b_v = b_kv.chunk(2) if b is not None else (None, None)
         return F.linear(query, w_q, b_q), F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
+
+
+def _same_way(f, query, key, value):
+    """f applied to each, keeping ``query is key`` / ``key is value`` (self-attention projects with
+    one GEMM; torch keeps the identities the same way)."""
+    q = f(query)
+    k = q if key is query else f(key)
+    v = k if value is key else (q if value is query else f(value))
+    return q, k, v
 
 
 def _pad_masks(attn_mask, key_padding_mask):
