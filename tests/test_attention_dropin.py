@@ -490,3 +490,21 @@ def test_multihead_self_attention_projects_with_one_gemm(batch_first, monkeypatc
     x = torch.randn(3, 4, 8)
     m(x, x, x, need_weights=False)
     assert calls == [(24, 8), (8, 8)]
+
+
+@pytest.mark.parametrize("with_padding", [False, True], ids=["causal", "causal+padding"])
+def test_converted_encoder_causal_hint(with_padding):
+    """TransformerEncoder(mask=causal, is_causal=True): the layers pass the hint to self_attn with
+    need_weights=False; pyfastdl uses it as torch does (kernel's is_causal, or the mask with padding)."""
+    theirs = _encoder(True)
+    ours = pyfastdl.convert(copy.deepcopy(theirs))
+    x = rand(2, 6, 16, seed=1, grad=False)
+    causal = torch.nn.Transformer.generate_square_subsequent_mask(6, dtype=F64)
+    kpm = torch.tensor([[False] * 6, [False] * 4 + [True] * 2]) if with_padding else None
+    ref = theirs(x, mask=causal, src_key_padding_mask=kpm, is_causal=True)
+    out = ours(x, mask=causal, src_key_padding_mask=kpm, is_causal=True)
+    assert backends.last_dispatch().backend == "cpu"
+    torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-10)
+    grads = [torch.autograd.grad((y * y).sum(), list(m.parameters())) for y, m in ((out, ours), (ref, theirs))]
+    for a, b in zip(*grads):
+        assert _err(a, b) < 1e-8
