@@ -3,4 +3,5 @@ notes' modules."""
 from .attention import DotProductAttention, MultiheadAttention, TransformerEncoderLayer
 from .batch_norm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "DotProductAttention", "MultiheadAttention", "TransformerEncoderLayer"]
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "DotProductAttention", "MultiheadAttention",
+           "TransformerEncoderLayer"]
