@@ -11,18 +11,27 @@ _SWAPS = {
     torch.nn.BatchNorm1d: pnn.BatchNorm1d,
     torch.nn.BatchNorm2d: pnn.BatchNorm2d,
     torch.nn.BatchNorm3d: pnn.BatchNorm3d,
+    torch.nn.MultiheadAttention: pnn.MultiheadAttention,
+    torch.nn.TransformerEncoderLayer: pnn.TransformerEncoderLayer,
 }
 
 
 def convert(model: torch.nn.Module) -> torch.nn.Module:
-    """Returns ``model`` with each supported layer replaced in place (parameters, buffers, training
-    mode and hooks-free state carried over). The model itself is returned for chaining; a bare
+    """Returns ``model`` with each supported layer replaced in place: batch norm, MultiheadAttention
+    (also inside torch's Transformer layers, which call ``self.self_attn(...)``), and
+    TransformerEncoderLayer (whose eval-mode fast path would bypass its attention; a
+    TransformerEncoder's nested-tensor path is switched off for the same reason). Parameters,
+    buffers, training mode and hooks-free state are carried over. The model itself is returned for chaining; a bare
     supported layer is returned converted."""
     target = _SWAPS.get(type(model))
     if target is not None:
-        return _swap(model, target)
+        model = _swap(model, target)  # then its children too (a Transformer layer's self_attn)
     for name, child in model.named_children():
         setattr(model, name, convert(child))
+    if type(model) is torch.nn.TransformerEncoder:
+        # its eval-mode nested-tensor path packs the batch and hands it to torch's fused layer op;
+        # switched off, every layer runs its own forward (and pyfastdl's attention)
+        model.use_nested_tensor = False
     return model
 
 

@@ -86,6 +86,38 @@ _ATTENTION_DTYPES = {
 }
 
 
+def _sdpa_error(msg: str) -> RuntimeError:
+    return RuntimeError(f"scaled_dot_product_attention: {msg}")
+
+
+def _prod(dims) -> int:
+    n = 1
+    for d in dims:
+        n *= d
+    return n
+
+
+def _gqa_heads(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> tuple[int, int, int]:
+    """torch's enable_gqa rule (dim -3 holds the heads): key and value heads both divide the query
+    heads, each repeated (repeat_interleave) up to them; all equal means plain attention."""
+    if min(query.dim(), key.dim(), value.dim()) < 3:
+        raise IndexError("scaled_dot_product_attention: enable_gqa reads the heads at dim -3; expected query, key "
+                         f"and value of at least 3 dimensions, got {query.dim()}, {key.dim()} and {value.dim()}")
+    hq, hk, hv = query.shape[-3], key.shape[-3], value.shape[-3]
+    if not (hq == hk == hv) and (hk == 0 or hv == 0 or hq % hk or hq % hv):
+        raise _sdpa_error(f"the number of heads in key ({hk}) and value ({hv}) must divide the number of heads in "
+                          f"query ({hq}) with enable_gqa=True")
+    return hq, hk, hv
+
+
+def _as_4d(t: torch.Tensor, batch: tuple, B: int, H: int, n: int, d: int) -> torch.Tensor:
+    """t (..., n, d), broadcastable to batch + (n, d), as the kernel's (B, H, n, d): a view when the
+    strides allow (stride 0 where broadcast), a copy otherwise."""
+    if t.dim() == 4 and t.shape == (B, H, n, d):
+        return t
+    return t.expand(batch + (n, d)).reshape(B, H, n, d)
+
+
 def masked_softmax(X: torch.Tensor, valid_lens: torch.Tensor | None) -> torch.Tensor:
     """The notes' masked softmax (section 65, ``pyfastdl.reference.masked_softmax``): X (batch,
     queries, keys); positions at or beyond the valid length ((batch,) or (batch, queries)) get -1e6
@@ -101,87 +133,130 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     """Drop-in for ``torch.nn.functional.scaled_dot_product_attention``: one fused, tiled kernel
     (FlashAttention-2: online softmax, the (L, S) score matrix never exists), forward and backward.
 
-    query (..., L, E), key (..., S, E), value (..., S, Ev) with the same leading dimensions, except
-    that with ``enable_gqa`` key and value may have fewer heads (dim -3) than query. attn_mask: bool
-    (True = takes part) or float (added), broadcastable to (..., L, S). is_causal: key j <= query i.
-    A query with no key left gets 0, as torch. Dropout inside the kernel (Philox keyed by a seed drawn
-    from torch's generator), the same mask in the backward.
+    query (..., L, E), key (..., S, E), value (..., S, Ev); the leading dimensions broadcast as
+    torch's (matmul's rule: a 3-D query against 4-D key/value, size-1 batch or head dims). With
+    ``enable_gqa`` dim -3 holds the heads: key and value heads must each divide the query heads
+    (grouped-query attention, run natively by the kernel, no copy of key/value). attn_mask: bool
+    (True = takes part) or float (added; float32 or query's dtype, as torch), broadcastable to
+    (..., L, S). is_causal: key j <= query i. A query with no key left gets 0, as torch. Dropout
+    inside the kernel (Philox keyed by a seed drawn from torch's generator), the same mask in the
+    backward; dropout_p = 1 gives zeros (and zero gradients), as torch.
+    Edge sizes as torch: L, heads or batch 0 give an empty result; S = 0 gives zeros; head dim
+    E = 0 gives the mean of the values (every score is 0).
+    Deliberate differences from torch: a 1-D or 0-D attn_mask is broadcast for 4-D inputs too
+    (torch's CPU flash path raises IndexError there, its math path broadcasts); dropout draws
+    different random numbers (Philox, csrc/common/attention.h) from torch's.
     valid_lens (pyfastdl's own, the notes' masking): (N,) or (N, L) lengths, N = the first dimension
-    of query; keys at or beyond the length are left out; a length <= 0 weighs every key equally (the
-    notes' -1e6 fill). Kernels: cpu float32/float64; cuda, triton float16/bfloat16/float32.
+    of the (broadcast) batch; keys at or beyond the length are left out; a length <= 0 weighs every
+    key equally (the notes' -1e6 fill). Kernels: cpu float32/float64; cuda, triton
+    float16/bfloat16/float32.
     Vaswani et al. 2017; Dao 2023 (FlashAttention-2); notes sections 65-67."""
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"scaled_dot_product_attention: expected {name} to be a Tensor, got {type(t).__name__}")
         if t.dim() < 2:
-            raise RuntimeError(f"scaled_dot_product_attention: expected {name} of at least 2 dimensions (..., L, E), "
-                               f"got shape {tuple(t.shape)}")
+            raise _sdpa_error(f"expected {name} of at least 2 dimensions (..., L, E), got shape {tuple(t.shape)}")
         if not t.is_floating_point():
-            raise RuntimeError(f"scaled_dot_product_attention: expected a floating-point {name}, got {t.dtype}")
+            raise _sdpa_error(f"expected a floating-point {name}, got {t.dtype}")
     if not (key.dtype == query.dtype == value.dtype):
-        raise RuntimeError(f"scaled_dot_product_attention: expected query, key, value of one dtype, got "
-                           f"{query.dtype}, {key.dtype}, {value.dtype}")
-    if query.shape[-1] != key.shape[-1]:
-        raise RuntimeError(f"scaled_dot_product_attention: query and key must have the same head dim, got "
-                           f"{query.shape[-1]} and {key.shape[-1]}")
-    if key.shape[-2] != value.shape[-2]:
-        raise RuntimeError(f"scaled_dot_product_attention: key and value must have the same sequence length, got "
-                           f"{key.shape[-2]} and {value.shape[-2]}")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"scaled_dot_product_attention: dropout_p must be in [0, 1), got {dropout_p}")
+        raise _sdpa_error(f"expected query, key, value of one dtype, got {query.dtype}, {key.dtype}, {value.dtype}")
+    qs, ks, vs = query.shape, key.shape, value.shape
+    if qs[-1] != ks[-1]:
+        raise _sdpa_error(f"query and key must have the same head dim, got {qs[-1]} and {ks[-1]}")
+    if ks[-2] != vs[-2]:
+        raise _sdpa_error(f"key and value must have the same sequence length, got {ks[-2]} and {vs[-2]}")
+    if not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"scaled_dot_product_attention: dropout_p must be in [0, 1], got {dropout_p}")
     if is_causal and attn_mask is not None:
-        raise RuntimeError("scaled_dot_product_attention: explicit attn_mask should not be set when is_causal=True")
+        raise _sdpa_error("explicit attn_mask should not be set when is_causal=True")
     _check_same_device("scaled_dot_product_attention", query, ("key", "value", "attn_mask", "valid_lens"),
                        (key, value, attn_mask, valid_lens))
-    batch, L, E = query.shape[:-2], query.shape[-2], query.shape[-1]
-    S, Ev = key.shape[-2], value.shape[-1]
-    # (B, heads, L, E): dims before the head dim (-3) form B; 3-D input (N, L, E) is N x 1 head
-    heads_dim = query.dim() >= 4
-    heads = batch[-1] if heads_dim else 1
-    lead = batch[:-1] if heads_dim else batch
-    kv_heads = key.shape[-3] if heads_dim else 1
-    if key.dim() != query.dim() or value.dim() != query.dim() or key.shape[:len(lead)] != lead or \
-            value.shape[:len(lead)] != lead or (heads_dim and value.shape[-3] != kv_heads):
-        raise RuntimeError(f"scaled_dot_product_attention: query {tuple(query.shape)}, key {tuple(key.shape)} and "
-                           f"value {tuple(value.shape)} must have the same leading dimensions")
-    if kv_heads != heads:
-        if not enable_gqa:
-            raise RuntimeError(f"scaled_dot_product_attention: query has {heads} heads but key/value {kv_heads}; "
-                               "pass enable_gqa=True for grouped-query attention")
-        if heads % kv_heads:
-            raise RuntimeError(f"scaled_dot_product_attention: the query heads ({heads}) must be a multiple of the "
-                               f"key/value heads ({kv_heads})")
-    scale = 1.0 / E ** 0.5 if scale is None else float(scale)
-    B = 1
-    for d in lead:
-        B *= d
-    q4 = query.reshape(B, heads, L, E)
-    k4 = key.reshape(B, kv_heads, S, E)
-    v4 = value.reshape(B, kv_heads, S, Ev)
-    mask4 = None
-    if attn_mask is not None:
-        if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
-            raise RuntimeError(f"scaled_dot_product_attention: attn_mask must be bool or floating point, got "
-                               f"{attn_mask.dtype}")
+    if attn_mask is not None and attn_mask.dtype not in (torch.bool, torch.float32, query.dtype):
+        # torch's rule and words (validate_sdpa_input)
+        raise _sdpa_error(f"expected attn_mask dtype to be bool or float or to match query dtype, but got "
+                          f"attn_mask.dtype: {attn_mask.dtype} and query.dtype: {query.dtype} instead")
+    if dropout_p == 1.0:
+        # torch: dropout(p=1) multiplies the weights by 0 -- zeros, zero gradients, NaN kept
+        return scaled_dot_product_attention(query, key, value, attn_mask, 0.0, is_causal, scale, enable_gqa,
+                                            valid_lens=valid_lens) * 0
+    L, E, S, Ev = qs[-2], qs[-1], ks[-2], vs[-1]
+    # Batch dims: broadcast as torch (k, v repeated over the query heads first under enable_gqa).
+    # The kernel takes (B, heads, L, E) q and (B, kv_heads, S, E) k, v with heads % kv_heads == 0.
+    if enable_gqa:
+        hq, hk, hv = _gqa_heads(query, key, value)
+        gqa = not hq == hk == hv
+    else:
+        gqa = False
+    qb, kb, vb = qs[:-2], ks[:-2], vs[:-2]
+    if qb == kb == vb:
+        batch = qb  # the common case: no broadcasting
+    else:
         try:
-            mask4 = attn_mask.expand(tuple(batch) + (L, S)).reshape(B, heads, L, S)
+            batch = torch.broadcast_shapes(qb, kb[:-1] + (hq,) if gqa else kb, vb[:-1] + (hq,) if gqa else vb)
         except RuntimeError as e:
-            raise RuntimeError(f"scaled_dot_product_attention: attn_mask of shape {tuple(attn_mask.shape)} is not "
-                               f"broadcastable to {tuple(batch) + (L, S)}") from e
-    vl = None
+            hint = ""
+            if not enable_gqa and min(query.dim(), key.dim()) >= 3 and key.shape[-3] > 0 and \
+                    query.shape[-3] % key.shape[-3] == 0:
+                hint = "; for grouped-query attention (fewer key/value heads) pass enable_gqa=True"
+            raise _sdpa_error(f"query {tuple(query.shape)}, key {tuple(key.shape)} and value {tuple(value.shape)}: "
+                              f"the leading dimensions do not broadcast ({e}){hint}") from None
+    # (B, heads): the last batch dim is the heads when there are two or more (or under GQA)
+    split = len(batch) >= 2 or gqa
+    heads = batch[-1] if split else 1
+    lead = batch[:-1] if split else batch
+    B = _prod(lead)
+    batch = tuple(batch)
+    out_shape = batch + (L, Ev)
+    if attn_mask is not None:
+        try:
+            attn_mask_b = attn_mask if attn_mask.shape == batch + (L, S) else attn_mask.expand(batch + (L, S))
+        except RuntimeError as e:
+            raise _sdpa_error(f"attn_mask of shape {tuple(attn_mask.shape)} is not broadcastable to "
+                              f"{tuple(batch) + (L, S)}") from e
     if valid_lens is not None:
-        n = query.shape[0] if query.dim() >= 3 else 1
+        n = batch[0] if batch else 1
         if valid_lens.dim() not in (1, 2) or valid_lens.shape[0] != n or \
                 (valid_lens.dim() == 2 and valid_lens.shape[1] != L):
-            raise RuntimeError(f"scaled_dot_product_attention: expected valid_lens of shape ({n},) or ({n}, {L}), "
-                               f"got {tuple(valid_lens.shape)}")
+            raise _sdpa_error(f"expected valid_lens of shape ({n},) or ({n}, {L}), got {tuple(valid_lens.shape)}")
         if valid_lens.is_floating_point() or valid_lens.dtype == torch.bool:
-            raise RuntimeError(f"scaled_dot_product_attention: valid_lens must be integer, got {valid_lens.dtype}")
+            raise _sdpa_error(f"valid_lens must be integer, got {valid_lens.dtype}")
+        if not lead and n > 1:
+            raise _sdpa_error("valid_lens indexes the first dimension, which holds the heads here (enable_gqa "
+                              "on 3-D input); pass 4-D (N, heads, L, E) input")
+    if B * heads * L * Ev == 0:
+        # nothing to compute (L, heads, batch or Ev is 0): zeros tied to the inputs, zero gradients
+        backend, fallback = backends.resolve("scaled_dot_product_attention", query.device,
+                                             backends.dtype_covers(_ATTENTION_DTYPES, query.dtype))
+        backends.record("scaled_dot_product_attention", backend, fallback)
+        return query.new_zeros(out_shape) + (query.sum() + key.sum() + value.sum()) * 0
+    if E == 0:
+        # every score is 0 (an empty dot product), whatever the scale: torch gives the mean of the
+        # values. The kernel sees a head dim of 1 holding zeros; q and k keep their (empty) gradient.
+        zq, zk = query.new_zeros(query.shape[:-1] + (1,)), key.new_zeros(key.shape[:-1] + (1,))
+        if query.requires_grad or key.requires_grad:
+            zq = zq + (query.sum() + key.sum()) * 0
+        query, key, E, scale = zq, zk, 1, 1.0
+    q4 = _as_4d(query, batch, B, heads, L, E)
+    kv_heads = heads
+    if gqa:
+        # the kernel's grouped heads: query head h reads key/value head h // (heads / kv_heads); key and
+        # value with different head counts meet at the larger one when it is a multiple of the other
+        kv_heads = max(hk, hv) if max(hk, hv) % min(hk, hv) == 0 else hq
+        key, value = (t if t.shape[-3] == kv_heads else t.repeat_interleave(kv_heads // t.shape[-3], dim=-3)
+                      for t in (key, value))
+    elif split and heads > 1 and (key.dim() < 3 or key.shape[-3] == 1) and (value.dim() < 3 or value.shape[-3] == 1):
+        kv_heads = 1  # key and value broadcast over the heads: one shared head (multi-query), no copy
+    k_batch = lead + (kv_heads,) if split else batch
+    k4 = _as_4d(key, k_batch, B, kv_heads, S, E)
+    v4 = _as_4d(value, k_batch, B, kv_heads, S, Ev)
+    scale = 1.0 / E ** 0.5 if scale is None else float(scale)
+    mask4 = None if attn_mask is None else _as_4d(attn_mask_b, batch, B, heads, L, S)
+    vl = None
+    if valid_lens is not None:
         vl = valid_lens.to(torch.int64)
         per_b = B // n  # the first dimension's entries own B / n consecutive (batch) rows
         if per_b != 1:
             vl = vl.repeat_interleave(per_b, dim=0)
-    out_shape = tuple(batch) + (L, Ev)
 
     backend, fallback = backends.resolve("scaled_dot_product_attention", query.device,
                                          backends.dtype_covers(_ATTENTION_DTYPES, query.dtype))

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from pyfastdl import reference as R
+from pyfastdl.reference import attention as RA
 
 F64 = torch.float64
 
@@ -266,3 +267,20 @@ def test_positional_encoding_values():
     w = 3 / 10000 ** (2 * j / 6)
     torch.testing.assert_close(out[0, i, 2 * j], torch.tensor(w).sin().float())
     torch.testing.assert_close(out[0, i, 2 * j + 1], torch.tensor(w).cos().float())
+
+
+# ---- the kernels' dropout generator, in Python --------------------------------------------------------
+
+def test_philox_first_word_known_answer():
+    """Random123's known-answer vector for Philox-4x32-10 (counter 0, key 0: first word 0x6627e8d5),
+    and 64-bit counters split into two words."""
+    assert int(RA.philox_first_word(0, torch.tensor([0]))[0]) == 0x6627E8D5
+    words = RA.philox_first_word(2**40 + 7, torch.tensor([0, 1, 2**33 + 5]))
+    assert words.dtype == torch.int64 and ((words >= 0) & (words < 2**32)).all()
+    assert len(set(words.tolist())) == 3
+
+
+def test_dropout_keep_mask_rate():
+    keep = RA.dropout_keep_mask(12345, 0, (2, 3, 64, 64), 0.25)
+    assert keep.shape == (2, 3, 64, 64) and keep.dtype == torch.bool
+    assert abs(keep.double().mean().item() - 0.75) < 0.02

@@ -1,6 +1,7 @@
 """Drop-in modules for torch.nn (same constructor arguments, parameter and buffer names) and for the
 notes' modules."""
-from .attention import DotProductAttention, MultiheadAttention
+from .attention import DotProductAttention, MultiheadAttention, TransformerEncoderLayer
 from .batch_norm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "DotProductAttention", "MultiheadAttention"]
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "DotProductAttention", "MultiheadAttention",
+           "TransformerEncoderLayer"]

@@ -52,7 +52,7 @@ __all__ = [
     "sequence_mask", "masked_softmax", "AdditiveAttention", "DotProductAttention",
     "transpose_qkv", "transpose_output", "MultiHeadAttention", "PositionWiseFFN", "AddNorm",
     "PositionalEncoding", "EncoderBlock", "TransformerEncoder", "BERTEncoder",
-    "sdpa_like_torch", "valid_lens_mask",
+    "sdpa_like_torch", "valid_lens_mask", "philox_first_word", "dropout_keep_mask",
 ]
 
 
@@ -437,3 +437,35 @@ def sdpa_like_torch(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=
     if dropout_p > 0.0:
         attn_weight = torch.dropout(attn_weight, dropout_p, train=True)
     return (attn_weight @ v).to(query.dtype)
+
+
+def philox_first_word(seed: int, counter: torch.Tensor) -> torch.Tensor:
+    """Philox-4x32-10 (Salmon et al. 2011, Random123), the first output word, written with int64
+    tensor ops: key = (seed & 0xffffffff, seed >> 32), counter = (counter lo, counter hi, 0, 0)
+    (``counter``: int64 tensor of non-negative 64-bit counters). Returns the words as int64 in
+    [0, 2^32). The kernels' generator (csrc/common/attention.h), one counter per element."""
+    m32 = 0xFFFFFFFF
+    c0, c1 = counter & m32, (counter >> 32) & m32
+    c2 = torch.zeros_like(counter)
+    c3 = torch.zeros_like(counter)
+    k0, k1 = seed & m32, (seed >> 32) & m32
+    for r in range(10):
+        if r > 0:
+            k0, k1 = (k0 + 0x9E3779B9) & m32, (k1 + 0xBB67AE85) & m32
+        # 32 x 32 -> 64-bit products; int64 wraps modulo 2^64, so the bits are exact
+        p0, p1 = c0 * 0xD2511F53, c2 * 0xCD9E8D57
+        hi0, lo0 = (p0 >> 32) & m32, p0 & m32
+        hi1, lo1 = (p1 >> 32) & m32, p1 & m32
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+    return c0
+
+
+def dropout_keep_mask(seed: int, offset: int, shape: tuple, dropout_p: float, device=None) -> torch.Tensor:
+    """The attention kernels' dropout keep mask (csrc/common/attention.h) for weights of ``shape``
+    (B, H, L, S): element (b, h, i, j) is kept when philox(seed, offset + linear index) * 2^-32 >=
+    dropout_p. Bool tensor of ``shape``; forms the weights the kernel applied to its output."""
+    n = 1
+    for d in shape:
+        n *= d
+    counter = torch.arange(offset, offset + n, dtype=torch.int64, device=device).reshape(shape)
+    return philox_first_word(seed, counter).to(torch.float64) * 2.0 ** -32 >= dropout_p
