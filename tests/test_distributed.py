@@ -238,8 +238,11 @@ def test_batch_norm_and_attention_layers_under_ddp_match_torch(ranks):
         assert sa.keys() == sb.keys()
         for k in sa:
             torch.testing.assert_close(sa[k], sb[k], rtol=1e-4, atol=1e-5, msg=lambda m: f"{k}: {m}")
+    # parameters agree across ranks; running statistics do not, in torch either (each rank updates them
+    # from its own batch; DDP broadcasts rank 0's at the next forward)
     for k in ranks[0]["layers/state/ours"]:
-        assert torch.equal(ranks[0]["layers/state/ours"][k], ranks[1]["layers/state/ours"][k]), k
+        if "running" not in k and "num_batches" not in k:
+            assert torch.equal(ranks[0]["layers/state/ours"][k], ranks[1]["layers/state/ours"][k]), k
 
 
 def test_fsdp2_fully_shard_with_a_pyfastdl_optimizer_matches_torch(ranks):
