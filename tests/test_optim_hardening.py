@@ -417,7 +417,7 @@ def test_sgd_step_on_one_tensor_past_2_31_elements():
     updated at their own index: a 32-bit index would wrap and update the first elements twice."""
     lr = 0.25  # p * (1 - lr) in one rounding: exact for these values (multiples of 2^-10 times 0.75)
     p = torch.empty(HUGE_N)
-    chunk = 1 << 27
+    chunk = 1 << 25
 
     def values(lo, hi):
         return (torch.arange(lo, hi, dtype=torch.int64) % 1021).to(torch.float32) / 1024 + 1
