@@ -12,7 +12,9 @@ cover run the reference and say so (``last_dispatch()``; ``PYFASTDL_STRICT=1`` r
 
 Complex params (torch accepts them): their state is complex, as torch's state_dict keeps it, and
 the kernels update the real views (``torch.view_as_real``) of param, gradient and state, which is
-what torch's single-tensor rules do.
+what torch's single-tensor rules do. FSDP2 (``fully_shard``): DTensor params, their gradients and
+state (DTensors too, sharded alike, as torch's) are updated through their local shards; the update
+is elementwise, so each rank steps its shard (tests/test_distributed.py).
 
 Where this differs from torch: the fused kernels do not write the unscaled gradient back into
 ``p.grad`` when a GradScaler passes ``grad_scale`` (torch's fused kernels do); a tensor ``lr`` on a
@@ -127,6 +129,11 @@ def _real(t):
     return torch.view_as_real(t) if t.is_complex() else t
 
 
+def _plain(params) -> bool:
+    """One bucket's params (one dtype) need no views: real and no DTensor among them."""
+    return not params[0].is_complex() and (_DTensor is None or not any(isinstance(p, _DTensor) for p in params))
+
+
 def _check_dtensors(op_name, lists, state_lists):
     """A DTensor param's gradient and state must be laid out like it (same mesh and placements),
     for its local shard to be updated from theirs; plain tensors cannot mix with DTensor params."""
@@ -217,8 +224,7 @@ class _FusedStep:
 
     def _real_lists(self, lists):
         """``lists`` with the param-shaped tensors as the kernels see them (``_real``)."""
-        first = lists[0][0]
-        if not first.is_complex() and type(first) is torch.Tensor:
+        if _plain(lists[0]):
             return lists
         _check_dtensors(type(self).__name__, lists, self._state_lists)
         return tuple([_real(t) for t in ts] if pos in (0, 1) + self._state_lists else ts
@@ -258,7 +264,8 @@ class SGD(_FusedStep, torch.optim.SGD):
     _state_lists = (2,)  # momentum buffers (None before the first step)
 
     def _real_lists(self, lists):
-        _check_dtensors(type(self).__name__, lists, self._state_lists)
+        if not _plain(lists[0]):
+            _check_dtensors(type(self).__name__, lists, self._state_lists)
         return lists  # _call takes the views itself (it creates buffers, keyed by the params)
 
     def __init__(self, *args, **kwargs):
@@ -275,7 +282,8 @@ class SGD(_FusedStep, torch.optim.SGD):
 
     def _call(self, fn, group, lists, scale, inf):
         keys, grads, bufs = lists
-        params, grads = [_real(p) for p in keys], [_real(g) for g in grads]
+        view = (lambda ts: ts) if _plain(keys) else (lambda ts: [_real(t) for t in ts])
+        params, grads = view(keys), view(grads)
         lr, momentum = _value(group["lr"]), group["momentum"]
         rest = (group["dampening"], group["weight_decay"], group["nesterov"], group["maximize"])
         if momentum == 0:
@@ -288,17 +296,17 @@ class SGD(_FusedStep, torch.optim.SGD):
             return
         if len(fresh) == len(bufs):
             bufs = [_empty_state(p) for p in keys]
-            fn(params, grads, [_real(b) for b in bufs], lr, momentum, *rest, True, scale, inf)
+            fn(params, grads, view(bufs), lr, momentum, *rest, True, scale, inf)
         elif fresh:
             old = [i for i, b in enumerate(bufs) if b is not None]
             new_bufs = {i: _empty_state(keys[i]) for i in fresh}
-            fn([params[i] for i in old], [grads[i] for i in old], [_real(bufs[i]) for i in old], lr, momentum,
+            fn([params[i] for i in old], [grads[i] for i in old], view([bufs[i] for i in old]), lr, momentum,
                *rest, False, scale, inf)
-            fn([params[i] for i in fresh], [grads[i] for i in fresh], [_real(new_bufs[i]) for i in fresh], lr,
+            fn([params[i] for i in fresh], [grads[i] for i in fresh], view([new_bufs[i] for i in fresh]), lr,
                momentum, *rest, True, scale, inf)
             bufs = [new_bufs.get(i, b) for i, b in enumerate(bufs)]
         else:
-            fn(params, grads, [_real(b) for b in bufs], lr, momentum, *rest, False, scale, inf)
+            fn(params, grads, view(bufs), lr, momentum, *rest, False, scale, inf)
         for p, b in zip(keys, bufs):
             self.state[p]["momentum_buffer"] = b
 
