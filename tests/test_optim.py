@@ -393,3 +393,54 @@ def test_several_kernel_calls_check_every_state_before_the_first_writes():
     with pytest.raises(RuntimeError, match="does not match its param"):
         opt.step()
     assert torch.equal(a, a0) and float(opt.state[a]["step"]) == 1
+
+
+# ---- opcheck: schema, mutations, fake implementations, autograd registration, AOT dispatch -----------
+
+def _opcheck_calls(dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    P = [torch.randn(s, generator=g, dtype=dtype) for s in [(3,), (), (2, 5)]]
+    G = [torch.randn(p.shape, generator=g, dtype=dtype) for p in P]
+    z = lambda: [torch.rand(p.shape, generator=g, dtype=dtype) for p in P]  # noqa: E731
+    steps = lambda: [torch.tensor(2.0) for _ in P]  # noqa: E731
+    gs, fi = torch.full((1,), 4.0), torch.zeros(1)
+    return [
+        ("sgd_step_", (P, G, z(), 1e-2, 0.9, 0.1, 0.01, True, False, False, gs, fi)),
+        ("sgd_step_", (P, G, [], 1e-2, 0.0, 0.0, 0.0, False, True, False, None, None)),
+        ("adam_step_", (P, G, z(), z(), z(), steps(), [], 1e-2, 0.9, 0.999, 0.1, 1e-8, True, False, True, gs, fi)),
+        ("adam_step_", (P, G, z(), z(), [], steps(), [], 1e-2, 0.9, 0.999, 0.1, 1e-8, False, True, False, None,
+                        None)),
+        ("adagrad_step_", (P, G, z(), steps(), 1e-2, 0.1, 0.1, 1e-10, False, gs, None)),
+        ("rmsprop_step_", (P, G, z(), z(), z(), steps(), 1e-2, 0.99, 1e-8, 0.1, 0.5, True, False, None, fi)),
+        ("rmsprop_step_", (P, G, z(), [], [], steps(), 1e-2, 0.99, 1e-8, 0.0, 0.0, False, True, None, None)),
+        ("adadelta_step_", (P, G, z(), z(), steps(), 1.0, 0.9, 1e-6, 0.1, True, gs, fi)),
+    ]
+
+
+@pytest.mark.parametrize("backend", [pytest.param(b, marks=MARKS[b]) for b in ("cpu", "triton")])
+@pytest.mark.parametrize("i", range(8))
+def test_opcheck_every_optimizer_op(backend, i):
+    """torch.library.opcheck with all its checks (schema and declared mutations, fake tensors, autograd
+    registration, AOT dispatch with dynamic shapes) on each op of the CPU library and of the Triton
+    library (under the interpreter without a GPU)."""
+    name, args = _opcheck_calls()[i]
+    op = getattr(backends.ops(backend, "optim"), name)
+    torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("backend", [pytest.param(b, marks=MARKS[b]) for b in ("cpu", "triton")])
+def test_fake_implementations_check_the_lists(backend):
+    """The ops return nothing, so torch would trace them with a trivial fake; pyfastdl's fake (one per
+    op, shared by the C++ and the Triton op) runs the launchers' checks, so a bad call fails while
+    tracing (torch.compile, FakeTensorMode), naming the argument, as it fails eagerly."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    ops = backends.ops(backend, "optim")
+    with FakeTensorMode() as mode:
+        P = [mode.from_tensor(torch.zeros(3)), mode.from_tensor(torch.zeros(2))]
+        bad = [mode.from_tensor(torch.zeros(3)), mode.from_tensor(torch.zeros(4))]
+        steps = [mode.from_tensor(torch.zeros(())) for _ in P]
+        with pytest.raises(RuntimeError, match=r"exp_avg_sqs\[1\] has shape"):
+            ops.adam_step_(P, P, P, bad, [], steps, [], 1e-3, 0.9, 0.999, 0.0, 1e-8, False, False, False, None,
+                           None)
+        with pytest.raises(RuntimeError, match="momentum_buffers"):
+            ops.sgd_step_(P, P, [], 0.1, 0.9, 0.0, 0.0, False, False, False, None, None)

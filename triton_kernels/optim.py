@@ -17,8 +17,12 @@ Registers five ops with the schemas and update rules of the "fused optimizers" b
                    weight_decay, maximize, grad_scale?, found_inf?)
 
 The math is torch.optim.<X>(foreach=False)'s ``_single_tensor_<x>``, operation for operation
-(torch's CPU order of evaluation: addcmul = self + value * t1 * t2, addcdiv = self + value * t1 /
-t2, lerp's two branches), in ACC = float32 (float64 for float64 params). Per element, with
+(torch's CPU order of evaluation: addcmul = self + value * t1 * t2, the scaled factor first and
+the product fused with the addition, ``tl.fma(value * t1, t2, self)``; addcdiv = self + value * t1
+/ t2; lerp's two branches), in ACC = float32 (float64 for float64 params). Scaling before squaring
+matters: with g = 1e20 and 1 - beta2 = 1e-3, (1e-3 * g) * g = 1e37 while g * g overflows float32
+and would leave exp_avg_sq inf for good (issue 9, defect 5). (The interpreter's tl.fma rounds the
+product; compiled kernels fuse it, as ATen's vectorized CPU kernels do.) Per element, with
 g = grad / grad_scale, negated when maximize::
 
     SGD       g += wd * p;  buf = first ? g : momentum * buf + (1 - dampening) * g
@@ -84,6 +88,10 @@ from torch import Tensor
 
 import triton
 import triton.language as tl
+
+from pyfastdl.optim import _lists as _fakes
+from pyfastdl.optim._lists import (_LOW, _Lists, _adadelta_lists, _adagrad_lists, _adam_lists,
+                                   _rmsprop_lists, _sgd_lists)
 
 # ---------------------------------------------------------------------------------------------
 # Tuning constants. Tests may shrink them to exercise several chunks, tiles and launches on small
@@ -275,7 +283,7 @@ def _adam_tile(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, master_ptr, offs, mask, oth
         else:
             g = g + wd * p
     m = _lerp(tl.load(m_ptr + offs, mask=mask, other=other), g, b1w, W_SMALL)
-    v = tl.load(v_ptr + offs, mask=mask, other=other) * b2 + b2w * g * g
+    v = tl.fma(b2w * g, g, tl.load(v_ptr + offs, mask=mask, other=other) * b2)  # exp_avg_sq.mul_(b2).addcmul_(g, g, 1 - b2)
     tl.store(m_ptr + offs, m, mask=mask)
     tl.store(v_ptr + offs, v, mask=mask)
     if AMSGRAD:
@@ -340,7 +348,7 @@ def _adagrad_tile(p_ptr, g_ptr, s_ptr, offs, mask, other, clr, wd, eps, scale,
     g = _grad(g_ptr, offs, mask, other, scale, ACC, IS_FP64, HAS_GRAD_SCALE, MAXIMIZE)
     if HAS_WD:
         g = g + wd * p
-    s = tl.load(s_ptr + offs, mask=mask, other=other) + g * g
+    s = tl.fma(g, g, tl.load(s_ptr + offs, mask=mask, other=other))
     tl.store(s_ptr + offs, s, mask=mask)
     p = p + _div((-clr) * g, _sqrt(s, IS_FP64) + eps, IS_FP64)
     tl.store(p_ptr + offs, _round(p, P_DT, EMULATE_BF16), mask=mask)
@@ -387,12 +395,12 @@ def _rmsprop_tile(p_ptr, g_ptr, sq_ptr, ga_ptr, buf_ptr, offs, mask, other,
     g = _grad(g_ptr, offs, mask, other, scale, ACC, IS_FP64, HAS_GRAD_SCALE, MAXIMIZE)
     if HAS_WD:
         g = g + wd * p
-    sq = tl.load(sq_ptr + offs, mask=mask, other=other) * alpha + aw * g * g
+    sq = tl.fma(aw * g, g, tl.load(sq_ptr + offs, mask=mask, other=other) * alpha)
     tl.store(sq_ptr + offs, sq, mask=mask)
     if CENTERED:
         ga = _lerp(tl.load(ga_ptr + offs, mask=mask, other=other), g, aw, W_SMALL)
         tl.store(ga_ptr + offs, ga, mask=mask)
-        avg = _sqrt(sq + (-ga) * ga, IS_FP64) + eps
+        avg = _sqrt(tl.fma(-ga, ga, sq), IS_FP64) + eps
     else:
         avg = _sqrt(sq, IS_FP64) + eps
     if HAS_MOMENTUM:
@@ -448,10 +456,10 @@ def _adadelta_tile(p_ptr, g_ptr, sq_ptr, acc_ptr, offs, mask, other, lr, rho, rw
     g = _grad(g_ptr, offs, mask, other, scale, ACC, IS_FP64, HAS_GRAD_SCALE, MAXIMIZE)
     if HAS_WD:
         g = g + wd * p
-    sq = tl.load(sq_ptr + offs, mask=mask, other=other) * rho + rw * g * g
+    sq = tl.fma(rw * g, g, tl.load(sq_ptr + offs, mask=mask, other=other) * rho)
     acc = tl.load(acc_ptr + offs, mask=mask, other=other)
     delta = _div(_sqrt(acc + eps, IS_FP64), _sqrt(sq + eps, IS_FP64), IS_FP64) * g
-    acc = acc * rho + rw * delta * delta
+    acc = tl.fma(rw * delta, delta, acc * rho)
     tl.store(sq_ptr + offs, sq, mask=mask)
     tl.store(acc_ptr + offs, acc, mask=mask)
     p = p + (-lr) * delta
@@ -490,172 +498,25 @@ def _adadelta_kernel(
 
 
 # =============================================================================================
-# Launcher helpers: checks, dense working copies, tables, steps
+# Launcher helpers: tables, steps (the lists and their checks: pyfastdl/optim/_lists.py)
 # =============================================================================================
-_LOW = (torch.float16, torch.bfloat16)
-_PARAM_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _TL = {torch.float32: tl.float32, torch.float64: tl.float64, torch.float16: tl.float16,
        torch.bfloat16: tl.bfloat16}
 
 
-def _fmt(shape) -> str:
-    return str(list(shape))
-
-
-def _dense(t: Tensor) -> bool:
-    """Non-overlapping and dense: the elements fill numel consecutive slots from data_ptr()."""
-    if t.numel() <= 1:
-        return True
-    expected = 1
-    for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
-
-
-def _same_layout(t: Tensor, p: Tensor) -> bool:
-    """t's element k sits at the same flat offset as p's (p dense): equal strides wherever a
-    dimension has more than one element."""
-    if t.numel() <= 1:
-        return True
-    return all(st == sp for sz, st, sp in zip(p.shape, t.stride(), p.stride()) if sz != 1)
-
-
-class _Lists:
-    """The op's tensor lists by role (mirrors pyfastdl::optim::TensorLists, csrc/common/optim.h):
-    role 0 is params, role 1 grads, the others state tensors (float32 for float16/bfloat16
-    params) that the step writes."""
-
-    def __init__(self, op: str, params: Sequence[Tensor], grads: Sequence[Tensor]):
-        self.op = op
-        # [name, tensors, writes, state]
-        self.roles: List[list] = [["params", list(params), True, False],
-                                  ["grads", list(grads), False, False]]
-        self.steps: List[Tensor] = []
-        self.copy_back: List[Tuple[Tensor, Tensor]] = []
-
-    def add(self, name: str, tensors: Sequence[Tensor]):
-        self.roles.append([name, list(tensors), True, True])
-
-    def role(self, name: str) -> List[Tensor]:
-        return next(r[1] for r in self.roles if r[0] == name)
-
-    def clear(self, name: str):
-        """Drops an optional role the step does not use (after the checks)."""
-        next(r for r in self.roles if r[0] == name)[1] = []
-
-    @property
-    def n(self) -> int:
-        return len(self.roles[0][1])
-
-    def require(self, name: str, why: str = ""):
-        """Role `name` must have one tensor per param (not empty)."""
-        ts = self.steps if name == "state_steps" else self.role(name)
-        if len(ts) != self.n:
-            raise RuntimeError(f"{self.op}: expected {name} to have one tensor per param "
-                               f"({self.n}){why}, got {len(ts)}")
-
-    def check(self, grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
-        """Every structural check of the contract, before anything is written."""
-        op, n = self.op, self.n
-        if len(self.roles[1][1]) != n:
-            raise RuntimeError(f"{op}: expected grads to have one tensor per param ({n}), got "
-                               f"{len(self.roles[1][1])}")
-        for name, ts, _, _ in self.roles[2:]:
-            if len(ts) not in (0, n):
-                raise RuntimeError(f"{op}: expected {name} to be empty or have one tensor per "
-                                   f"param ({n}), got {len(ts)}")
-        if self.steps and len(self.steps) != n:
-            raise RuntimeError(f"{op}: expected state_steps to have one tensor per param ({n}), "
-                               f"got {len(self.steps)}")
-        if n == 0:
-            return
-        p0 = self.roles[0][1][0]
-        dev, dt = p0.device, p0.dtype
-        if dt not in _PARAM_DTYPES:
-            raise RuntimeError(f"{op}: expected float32, float64, float16 or bfloat16 params, "
-                               f"got {dt}")
-        low = dt in _LOW
-        for i in range(n):
-            p = self.roles[0][1][i]
-            if p.layout != torch.strided:
-                raise RuntimeError(f"{op}: params[{i}] is not a strided tensor ({p.layout})")
-            if p.device != dev or p.dtype != dt:
-                raise RuntimeError(f"{op}: params[{i}] is {p.dtype} on {p.device} but params[0] "
-                                   f"is {dt} on {dev}; one call takes one device and dtype")
-            for name, ts, _, state in self.roles[1:]:
-                if not ts:
-                    continue
-                t = ts[i]
-                if t.layout != torch.strided:
-                    raise RuntimeError(f"{op}: {name}[{i}] is sparse; fused optimizers do not "
-                                       f"support sparse gradients")
-                if t.device != dev:
-                    raise RuntimeError(f"{op}: {name}[{i}] is on {t.device} but params[{i}] is "
-                                       f"on {dev}")
-                want = torch.float32 if (state and low) else dt
-                if t.dtype != want:
-                    raise RuntimeError(f"{op}: {name}[{i}] is {t.dtype} but params[{i}] is {dt} "
-                                       f"(expected {want})")
-                if t.shape != p.shape:
-                    raise RuntimeError(f"{op}: {name}[{i}] has shape {_fmt(t.shape)} but "
-                                       f"params[{i}] has shape {_fmt(p.shape)}")
-            if self.steps:
-                s = self.steps[i]
-                if s.numel() != 1 or s.dtype not in (torch.float32, torch.float64):
-                    raise RuntimeError(f"{op}: state_steps[{i}] must be a 1-element float32 or "
-                                       f"float64 tensor, got {s.dtype} of shape {_fmt(s.shape)}")
-                if s.device.type != "cpu" and s.device != dev:
-                    raise RuntimeError(f"{op}: state_steps[{i}] is on {s.device}; expected the "
-                                       f"CPU or {dev}")
-        for name, t in (("grad_scale", grad_scale), ("found_inf", found_inf)):
-            if t is None:
-                continue
-            if t.numel() != 1 or t.dtype != torch.float32:
-                raise RuntimeError(f"{op}: {name} must be a 1-element float32 tensor, got "
-                                   f"{t.dtype} of shape {_fmt(t.shape)}")
-            if t.device != dev:
-                raise RuntimeError(f"{op}: {name} is on {t.device} but params are on {dev}")
-
-    def check_launchable(self) -> None:
-        """Triton runs on CUDA tensors; CPU tensors only under the interpreter. (Under the
-        interpreter CUDA tensors cannot work: the kernels follow the addresses of a table, and the
-        interpreter only moves tensors passed as arguments to the host.)"""
-        if self.n == 0:
-            return
-        dev = self.roles[0][1][0].device
-        if (dev.type == "cuda" and not _INTERPRETED) or (dev.type == "cpu" and _INTERPRETED):
-            return
-        raise RuntimeError(
-            f"{self.op} (triton): params on {dev} cannot be run by the Triton kernels: they need "
-            f"CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set before triton is imported"
-            + (" (under the interpreter, CPU tensors only)" if dev.type == "cuda" else ""))
-
-    def dense(self) -> None:
-        """Makes param i dense and every tensor of slot i share its layout, through working copies
-        (params and state written back by finish(); grads only read). Copies nothing in the common
-        case."""
-        for i in range(self.n):
-            p = self.roles[0][1][i]
-            if not _dense(p):
-                w = torch.empty_like(p, memory_format=torch.contiguous_format).copy_(p)
-                self.copy_back.append((p, w))
-                self.roles[0][1][i] = p = w
-            for role in self.roles[1:]:
-                ts, writes = role[1], role[2]
-                if not ts or _same_layout(ts[i], p):
-                    continue
-                w = torch.empty_strided(p.shape, p.stride(), dtype=ts[i].dtype,
-                                        device=p.device).copy_(ts[i])
-                if writes:
-                    self.copy_back.append((ts[i], w))
-                ts[i] = w
-
-    def finish(self) -> None:
-        if self.copy_back:
-            torch._foreach_copy_([o for o, _ in self.copy_back], [w for _, w in self.copy_back])
-            self.copy_back.clear()
+def _check_launchable(L: _Lists) -> None:
+    """Triton runs on CUDA tensors; CPU tensors only under the interpreter. (Under the
+    interpreter CUDA tensors cannot work: the kernels follow the addresses of a table, and the
+    interpreter only moves tensors passed as arguments to the host.)"""
+    if L.n == 0:
+        return
+    dev = L.roles[0][1][0].device
+    if (dev.type == "cuda" and not _INTERPRETED) or (dev.type == "cpu" and _INTERPRETED):
+        return
+    raise RuntimeError(
+        f"{L.op} (triton): params on {dev} cannot be run by the Triton kernels: they need "
+        f"CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set before triton is imported"
+        + (" (under the interpreter, CPU tensors only)" if dev.type == "cuda" else ""))
 
 
 def _split_f32(v: float) -> Tuple[float, float]:
@@ -784,76 +645,6 @@ def _device_guard(L: _Lists):
 
 
 # =============================================================================================
-# Argument preparation (shared by the ops and their fake kernels)
-# =============================================================================================
-def _sgd_lists(params, grads, momentum_buffers, momentum, grad_scale, found_inf) -> _Lists:
-    L = _Lists("sgd_step_", params, grads)
-    L.add("momentum_buffers", momentum_buffers)
-    L.check(grad_scale, found_inf)
-    if momentum != 0:
-        L.require("momentum_buffers", ", since momentum != 0")
-    return L
-
-
-def _adam_lists(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
-                master_params, amsgrad, grad_scale, found_inf) -> _Lists:
-    L = _Lists("adam_step_", params, grads)
-    L.add("exp_avgs", exp_avgs)
-    L.add("exp_avg_sqs", exp_avg_sqs)
-    L.add("max_exp_avg_sqs", max_exp_avg_sqs)
-    L.add("master_params", master_params)
-    L.steps = list(state_steps)
-    L.check(grad_scale, found_inf)  # master_params: float32 for low-precision params
-    for name in ("exp_avgs", "exp_avg_sqs", "state_steps"):
-        L.require(name)
-    if amsgrad:
-        L.require("max_exp_avg_sqs", ", since amsgrad=True")
-    if master_params and L.roles[0][1][0].dtype not in _LOW:
-        raise RuntimeError(f"adam_step_: master_params are for float16/bfloat16 params, got "
-                           f"{L.roles[0][1][0].dtype} params; pass an empty list")
-    return L
-
-
-def _adagrad_lists(params, grads, state_sums, state_steps, grad_scale, found_inf) -> _Lists:
-    L = _Lists("adagrad_step_", params, grads)
-    L.add("state_sums", state_sums)
-    L.steps = list(state_steps)
-    L.check(grad_scale, found_inf)
-    L.require("state_sums")
-    L.require("state_steps")
-    return L
-
-
-def _rmsprop_lists(params, grads, square_avgs, grad_avgs, momentum_buffers, state_steps,
-                   momentum, centered, grad_scale, found_inf) -> _Lists:
-    L = _Lists("rmsprop_step_", params, grads)
-    L.add("square_avgs", square_avgs)
-    L.add("grad_avgs", grad_avgs)
-    L.add("momentum_buffers", momentum_buffers)
-    L.steps = list(state_steps)
-    L.check(grad_scale, found_inf)
-    L.require("square_avgs")
-    L.require("state_steps")
-    if centered:
-        L.require("grad_avgs", ", since centered=True")
-    if momentum > 0:
-        L.require("momentum_buffers", ", since momentum > 0")
-    return L
-
-
-def _adadelta_lists(params, grads, square_avgs, acc_deltas, state_steps, grad_scale,
-                    found_inf) -> _Lists:
-    L = _Lists("adadelta_step_", params, grads)
-    L.add("square_avgs", square_avgs)
-    L.add("acc_deltas", acc_deltas)
-    L.steps = list(state_steps)
-    L.check(grad_scale, found_inf)
-    for name in ("square_avgs", "acc_deltas", "state_steps"):
-        L.require(name)
-    return L
-
-
-# =============================================================================================
 # The ops
 # =============================================================================================
 @torch.library.custom_op("pyfastdl_triton::sgd_step_", mutates_args=("params", "momentum_buffers"))
@@ -866,7 +657,7 @@ def sgd_step_(params: List[Tensor], grads: List[Tensor], momentum_buffers: List[
     for float16/bfloat16 params), content ignored when first_step. grad_scale, found_inf:
     1-element float32 or None."""
     L = _sgd_lists(params, grads, momentum_buffers, momentum, grad_scale, found_inf)
-    L.check_launchable()
+    _check_launchable(L)
     if L.n == 0:
         return
     if momentum == 0:
@@ -881,10 +672,7 @@ def sgd_step_(params: List[Tensor], grads: List[Tensor], momentum_buffers: List[
         L.finish()
 
 
-@sgd_step_.register_fake
-def _sgd_step_fake(params, grads, momentum_buffers, lr, momentum, dampening, weight_decay,
-                   nesterov, maximize, first_step, grad_scale, found_inf):
-    _sgd_lists(params, grads, momentum_buffers, momentum, grad_scale, found_inf)
+sgd_step_.register_fake(_fakes.sgd_step_fake)
 
 
 @torch.library.custom_op(
@@ -904,7 +692,7 @@ def adam_step_(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor]
     copies of float16/bfloat16 params, updated and rounded into params."""
     L = _adam_lists(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
                     master_params, amsgrad, grad_scale, found_inf)
-    L.check_launchable()
+    _check_launchable(L)
     if L.n == 0:
         return
     if not amsgrad:
@@ -926,12 +714,7 @@ def adam_step_(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor]
         L.finish()
 
 
-@adam_step_.register_fake
-def _adam_step_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
-                    master_params, lr, beta1, beta2, weight_decay, eps, amsgrad, maximize,
-                    decoupled_weight_decay, grad_scale, found_inf):
-    _adam_lists(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
-                master_params, amsgrad, grad_scale, found_inf)
+adam_step_.register_fake(_fakes.adam_step_fake)
 
 
 @torch.library.custom_op("pyfastdl_triton::adagrad_step_",
@@ -944,7 +727,7 @@ def adagrad_step_(params: List[Tensor], grads: List[Tensor], state_sums: List[Te
     in place. state_sums: the params' shapes (float32 for float16/bfloat16 params);
     state_steps: 0-dim float32/float64, incremented."""
     L = _adagrad_lists(params, grads, state_sums, state_steps, grad_scale, found_inf)
-    L.check_launchable()
+    _check_launchable(L)
     if L.n == 0:
         return
     with _device_guard(L):
@@ -957,10 +740,7 @@ def adagrad_step_(params: List[Tensor], grads: List[Tensor], state_sums: List[Te
         L.finish()
 
 
-@adagrad_step_.register_fake
-def _adagrad_step_fake(params, grads, state_sums, state_steps, lr, lr_decay, weight_decay, eps,
-                       maximize, grad_scale, found_inf):
-    _adagrad_lists(params, grads, state_sums, state_steps, grad_scale, found_inf)
+adagrad_step_.register_fake(_fakes.adagrad_step_fake)
 
 
 @torch.library.custom_op(
@@ -977,7 +757,7 @@ def rmsprop_step_(params: List[Tensor], grads: List[Tensor], square_avgs: List[T
     float16/bfloat16 params. state_steps: 0-dim float32/float64, incremented."""
     L = _rmsprop_lists(params, grads, square_avgs, grad_avgs, momentum_buffers, state_steps,
                        momentum, centered, grad_scale, found_inf)
-    L.check_launchable()
+    _check_launchable(L)
     if L.n == 0:
         return
     if not centered:
@@ -995,12 +775,7 @@ def rmsprop_step_(params: List[Tensor], grads: List[Tensor], square_avgs: List[T
         L.finish()
 
 
-@rmsprop_step_.register_fake
-def _rmsprop_step_fake(params, grads, square_avgs, grad_avgs, momentum_buffers, state_steps, lr,
-                       alpha, eps, weight_decay, momentum, centered, maximize, grad_scale,
-                       found_inf):
-    _rmsprop_lists(params, grads, square_avgs, grad_avgs, momentum_buffers, state_steps,
-                   momentum, centered, grad_scale, found_inf)
+rmsprop_step_.register_fake(_fakes.rmsprop_step_fake)
 
 
 @torch.library.custom_op("pyfastdl_triton::adadelta_step_",
@@ -1014,7 +789,7 @@ def adadelta_step_(params: List[Tensor], grads: List[Tensor], square_avgs: List[
     state_steps: 0-dim float32/float64, incremented."""
     L = _adadelta_lists(params, grads, square_avgs, acc_deltas, state_steps, grad_scale,
                         found_inf)
-    L.check_launchable()
+    _check_launchable(L)
     if L.n == 0:
         return
     with _device_guard(L):
@@ -1027,10 +802,7 @@ def adadelta_step_(params: List[Tensor], grads: List[Tensor], square_avgs: List[
         L.finish()
 
 
-@adadelta_step_.register_fake
-def _adadelta_step_fake(params, grads, square_avgs, acc_deltas, state_steps, lr, rho, eps,
-                        weight_decay, maximize, grad_scale, found_inf):
-    _adadelta_lists(params, grads, square_avgs, acc_deltas, state_steps, grad_scale, found_inf)
+adadelta_step_.register_fake(_fakes.adadelta_step_fake)
 
 
 def _is_interpreted(kernel) -> bool:

@@ -3,8 +3,12 @@
 //
 // Each update reads every element of param, grad and state once and writes param and state once,
 // in one pass over the concatenated tensors. The arithmetic follows torch.optim's single-tensor
-// updates operation by operation (same roundings in the same order, up to FMA contraction), so the
-// results match torch.optim.X(foreach=False) to a few ulps.
+// updates operation by operation, in the order of ATen's CPU kernels (same roundings in the same
+// order, up to FMA contraction), so the results match torch.optim.X(foreach=False) to a few ulps:
+//   addcmul_(t1, t2, value=w):  self + (w * t1) * t2, as fmadd(w * t1, t2, self) -- the scaled
+//     factor first, so one gradient of 1e20 with w = 1 - beta2 = 1e-3 gives 1e37, not inf (g * g
+//     first overflows float32 and would freeze the parameter for good: issue 9, defect 5);
+//   addcdiv_(t1, t2, value=w):  self + (w * t1) / t2.
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
 
@@ -76,6 +80,13 @@ inline Vectorized<T> lerp(const Vectorized<T>& self, const Vectorized<T>& end, T
   return end - (end - self) * Vectorized<T>(T(1) - w);
 }
 
+// torch's addcmul on the CPU: self + (value * t1) * t2, the product fused with the addition.
+template <typename T>
+inline Vectorized<T> addcmul(const Vectorized<T>& self, const Vectorized<T>& value, const Vectorized<T>& t1,
+                             const Vectorized<T>& t2) {
+  return at::vec::fmadd(value * t1, t2, self);
+}
+
 // The gradient as every update rule starts: unscaled, negated for maximize, plus L2 weight decay.
 template <typename T>
 struct GradPrep {
@@ -138,7 +149,7 @@ void adam(const MultiTensor<T>& mt, const OptimHyper& h) {
       const V gv = prep(IO::load(g + i, n), pv);
       if (decay) pv = pv * vdecay;
       const V mv = lerp(IO::load(m + i, n), gv, w1);
-      V vv = IO::load(v + i, n) * vb2 + v1mb2 * (gv * gv);
+      V vv = addcmul(IO::load(v + i, n) * vb2, v1mb2, gv, gv);  // v.mul_(beta2).addcmul_(g, g, 1 - beta2)
       IO::store(mv, m + i, n);
       IO::store(vv, v + i, n);
       if (vmax) {
@@ -146,7 +157,7 @@ void adam(const MultiTensor<T>& mt, const OptimHyper& h) {
         IO::store(vv, vmax + i, n);
       }
       const V denom = vv.sqrt() / bc2_sqrt + veps;
-      IO::store(pv + neg_step * (mv / denom), p + i, n);
+      IO::store(pv + neg_step * mv / denom, p + i, n);  // param.addcdiv_(exp_avg, denom, value=-step_size)
     });
   });
 }
@@ -165,9 +176,9 @@ void adagrad(const MultiTensor<T>& mt, const OptimHyper& h) {
     vector_loop<T>(count, [&](int64_t i, int n) {
       const V pv = IO::load(p + i, n);
       const V gv = prep(IO::load(g + i, n), pv);
-      const V sv = IO::load(sum + i, n) + gv * gv;
+      const V sv = at::vec::fmadd(gv, gv, IO::load(sum + i, n));  // state_sum.addcmul_(g, g, value=1)
       IO::store(sv, sum + i, n);
-      IO::store(pv + neg_clr * (gv / (sv.sqrt() + veps)), p + i, n);
+      IO::store(pv + neg_clr * gv / (sv.sqrt() + veps), p + i, n);  // param.addcdiv_(g, std, value=-clr)
     });
   });
 }
@@ -190,13 +201,13 @@ void rmsprop(const MultiTensor<T>& mt, const OptimHyper& h) {
     vector_loop<T>(count, [&](int64_t i, int n) {
       const V pv = IO::load(p + i, n);
       const V gv = prep(IO::load(g + i, n), pv);
-      const V sv = IO::load(sq + i, n) * valpha + v1ma * (gv * gv);
+      const V sv = addcmul(IO::load(sq + i, n) * valpha, v1ma, gv, gv);
       IO::store(sv, sq + i, n);
       V avg;
       if (ga) {
         const V gav = lerp(IO::load(ga + i, n), gv, w);
         IO::store(gav, ga + i, n);
-        avg = (sv - gav * gav).sqrt() + veps;  // square_avg.addcmul(grad_avg, grad_avg, value=-1)
+        avg = at::vec::fmadd(gav.neg(), gav, sv).sqrt() + veps;  // square_avg.addcmul(ga, ga, value=-1)
       } else {
         avg = sv.sqrt() + veps;
       }
@@ -205,7 +216,7 @@ void rmsprop(const MultiTensor<T>& mt, const OptimHyper& h) {
         IO::store(bv, b + i, n);
         IO::store(pv + vlr * bv, p + i, n);
       } else {
-        IO::store(pv + vlr * (gv / avg), p + i, n);
+        IO::store(pv + vlr * gv / avg, p + i, n);  // param.addcdiv_(g, avg, value=-lr)
       }
     });
   });
@@ -226,11 +237,11 @@ void adadelta(const MultiTensor<T>& mt, const OptimHyper& h) {
     vector_loop<T>(count, [&](int64_t i, int n) {
       const V pv = IO::load(p + i, n);
       const V gv = prep(IO::load(g + i, n), pv);
-      const V sv = IO::load(sq + i, n) * vrho + v1mr * (gv * gv);
+      const V sv = addcmul(IO::load(sq + i, n) * vrho, v1mr, gv, gv);
       IO::store(sv, sq + i, n);
       const V av = IO::load(acc + i, n);
       const V delta = (av + veps).sqrt() / (sv + veps).sqrt() * gv;
-      IO::store(av * vrho + v1mr * (delta * delta), acc + i, n);
+      IO::store(addcmul(av * vrho, v1mr, delta, delta), acc + i, n);
       IO::store(pv + vlr * delta, p + i, n);
     });
   });

@@ -188,7 +188,7 @@ struct AdamRule {
       else g = g + c.wd * p;
     }
     x[2] = lerp_acc(x[2], g, c.w1);
-    x[3] = x[3] * c.beta2 + c.one_minus_beta2 * g * g;
+    x[3] = fma(c.one_minus_beta2 * g, g, x[3] * c.beta2);  // addcmul: (w * g) * g fused, never g * g first
     acc_t v = x[3];
     if (amsgrad) {
       x[4] = max_nan(x[4], v);
@@ -223,7 +223,7 @@ struct AdagradRule {
     const acc_t p = x[0];
     acc_t g = maximize ? -x[1] : x[1];
     if (weight_decay != 0) g = g + c.wd * p;
-    x[2] = x[2] + g * g;
+    x[2] = fma(g, g, x[2]);
     const acc_t std = sqrt_acc(x[2]) + c.eps;
     x[0] = p + c.neg_clr * (g / std);
   }
@@ -252,11 +252,11 @@ struct RmspropRule {
     const acc_t p = x[0];
     acc_t g = maximize ? -x[1] : x[1];
     if (weight_decay != 0) g = g + c.wd * p;
-    x[2] = x[2] * c.alpha + c.one_minus_alpha * g * g;
+    x[2] = fma(c.one_minus_alpha * g, g, x[2] * c.alpha);
     acc_t avg;
     if (centered) {
       x[3] = lerp_acc(x[3], g, c.one_minus_alpha);
-      avg = sqrt_acc(x[2] - x[3] * x[3]);
+      avg = sqrt_acc(fma(-x[3], x[3], x[2]));
     } else {
       avg = sqrt_acc(x[2]);
     }
@@ -292,10 +292,10 @@ struct AdadeltaRule {
     const acc_t p = x[0];
     acc_t g = maximize ? -x[1] : x[1];
     if (weight_decay != 0) g = g + c.wd * p;
-    x[2] = x[2] * c.rho + c.one_minus_rho * g * g;
+    x[2] = fma(c.one_minus_rho * g, g, x[2] * c.rho);
     const acc_t std = sqrt_acc(x[2] + c.eps);
     const acc_t delta = sqrt_acc(x[3] + c.eps) / std * g;
-    x[3] = x[3] * c.rho + c.one_minus_rho * delta * delta;
+    x[3] = fma(c.one_minus_rho * delta, delta, x[3] * c.rho);
     x[0] = p + c.neg_lr * delta;
   }
 };

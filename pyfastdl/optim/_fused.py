@@ -10,6 +10,12 @@ Backends as everywhere in pyfastdl (``pyfastdl.backends``): ``cpu`` (float32/flo
 (``pyfastdl.reference.optim``: the same rules as plain per-tensor torch ops). Calls a kernel does not
 cover run the reference and say so (``last_dispatch()``; ``PYFASTDL_STRICT=1`` raises instead).
 
+Complex params (torch accepts them): their state is complex, as torch's state_dict keeps it, and
+the kernels update the real views (``torch.view_as_real``) of param, gradient and state, which is
+what torch's single-tensor rules do. FSDP2 (``fully_shard``): DTensor params, their gradients and
+state (DTensors too, sharded alike, as torch's) are updated through their local shards; the update
+is elementwise, so each rank steps its shard (tests/test_distributed.py).
+
 Where this differs from torch: the fused kernels do not write the unscaled gradient back into
 ``p.grad`` when a GradScaler passes ``grad_scale`` (torch's fused kernels do); a tensor ``lr`` on a
 GPU is read with ``.item()`` (one sync per step); ``differentiable=True`` is refused.
@@ -25,6 +31,12 @@ import torch
 
 from .. import backends
 from ..reference import optim as _reference
+from ._lists import FAKES as _FAKES
+
+# The C++ ops' fake implementations (torch.compile, opcheck): the same functions as the Triton ops'
+# (pyfastdl/optim/_lists.py), which check the lists and return nothing.
+for _name, _fake in _FAKES.items():
+    torch.library.register_fake(f"pyfastdl::{_name}")(_fake)
 
 __all__ = ["SGD", "Adam", "AdamW", "Adagrad", "RMSprop", "Adadelta"]
 
@@ -81,7 +93,7 @@ def _empty_state(p: torch.Tensor) -> torch.Tensor:
     dtype = torch.float32 if p.dtype in _LOW else p.dtype
     t = torch.empty_like(p, dtype=dtype, memory_format=torch.preserve_format)
     nbytes = t.numel() * t.element_size()
-    madvise = _madvise() if t.device.type == "cpu" and nbytes >= 2 * _HUGE_PAGE else None
+    madvise = _madvise() if type(t) is torch.Tensor and t.device.type == "cpu" and nbytes >= 2 * _HUGE_PAGE else None
     if madvise is not None:
         lo = -(-t.data_ptr() // _HUGE_PAGE) * _HUGE_PAGE
         hi = (t.data_ptr() + nbytes) // _HUGE_PAGE * _HUGE_PAGE
@@ -90,7 +102,54 @@ def _empty_state(p: torch.Tensor) -> torch.Tensor:
 
 
 def _state_like(p: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
-    return _empty_state(p).fill_(fill)
+    """A state tensor for ``p`` filled with ``fill``; complex params get ``fill`` in both the real
+    and the imaginary part (torch's Adagrad: complex(initial_accumulator_value, same))."""
+    return _empty_state(p).fill_(complex(fill, fill) if p.is_complex() else fill)
+
+
+def _dtensor_type():
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        return None
+    return DTensor
+
+
+_DTensor = _dtensor_type()
+
+
+def _real(t):
+    """What the kernels see of a param-shaped tensor: a DTensor's local shard (FSDP2's sharded
+    params, their gradients and state: the update is elementwise, so each rank updates its shard),
+    and of a complex tensor its real view (..., 2), as torch's single-tensor rules do."""
+    if not isinstance(t, torch.Tensor):
+        return t
+    if _DTensor is not None and isinstance(t, _DTensor):
+        t = t.to_local()
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+def _plain(params) -> bool:
+    """One bucket's params (one dtype) need no views: real and no DTensor among them."""
+    return not params[0].is_complex() and (_DTensor is None or not any(isinstance(p, _DTensor) for p in params))
+
+
+def _check_dtensors(op_name, lists, state_lists):
+    """A DTensor param's gradient and state must be laid out like it (same mesh and placements),
+    for its local shard to be updated from theirs; plain tensors cannot mix with DTensor params."""
+    if _DTensor is None:
+        return
+    params = lists[0]
+    for pos in (1,) + state_lists:
+        for i, (p, t) in enumerate(zip(params, lists[pos])):
+            if t is None or isinstance(p, _DTensor) == isinstance(t, _DTensor) and (
+                    not isinstance(p, _DTensor) or (t.device_mesh == p.device_mesh
+                                                    and t.placements == p.placements)):
+                continue
+            what = "gradient" if pos == 1 else "state tensor"
+            lay = lambda x: f"DTensor{tuple(x.placements)}" if isinstance(x, _DTensor) else "a plain tensor"
+            raise RuntimeError(f"pyfastdl.optim.{op_name}: the {what} of param {i} is {lay(t)} but the param is "
+                               f"{lay(p)}; a sharded (DTensor) param needs its gradient and state sharded alike")
 
 
 class _FusedStep:
@@ -150,6 +209,8 @@ class _FusedStep:
         name = f"optim.{type(self).__name__}"
         for lists in buckets:
             b_dev, b_dtype = lists[0][0].device, lists[0][0].dtype
+            if b_dtype.is_complex:  # the kernels run on the real views
+                b_dtype = b_dtype.to_real()
             backend, fallback = backends.resolve(name, b_dev, backends.dtype_covers(_KERNEL_DTYPES, b_dtype))
             scale = grad_scale.to(b_dev) if grad_scale is not None else None
             inf = found_inf.to(b_dev) if found_inf is not None else None
@@ -159,7 +220,15 @@ class _FusedStep:
             else:  # reference, or a kernel that does not cover this call
                 backends.record(name, "reference", fallback)
                 fn = getattr(_reference, self._op)
-            self._call(fn, group, lists, scale, inf)
+            self._call(fn, group, self._real_lists(lists), scale, inf)
+
+    def _real_lists(self, lists):
+        """``lists`` with the param-shaped tensors as the kernels see them (``_real``)."""
+        if _plain(lists[0]):
+            return lists
+        _check_dtensors(type(self).__name__, lists, self._state_lists)
+        return tuple([_real(t) for t in ts] if pos in (0, 1) + self._state_lists else ts
+                     for pos, ts in enumerate(lists))
 
     # positions, in the tuple _lists returns, of the lists of state tensors shaped like the params
     _state_lists: tuple = ()
@@ -194,6 +263,11 @@ class SGD(_FusedStep, torch.optim.SGD):
     _op = "sgd_step_"
     _state_lists = (2,)  # momentum buffers (None before the first step)
 
+    def _real_lists(self, lists):
+        if not _plain(lists[0]):
+            _check_dtensors(type(self).__name__, lists, self._state_lists)
+        return lists  # _call takes the views itself (it creates buffers, keyed by the params)
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._check_supported()
@@ -207,7 +281,9 @@ class SGD(_FusedStep, torch.optim.SGD):
         return (params, grads, bufs)
 
     def _call(self, fn, group, lists, scale, inf):
-        params, grads, bufs = lists
+        keys, grads, bufs = lists
+        view = (lambda ts: ts) if _plain(keys) else (lambda ts: [_real(t) for t in ts])
+        params, grads = view(keys), view(grads)
         lr, momentum = _value(group["lr"]), group["momentum"]
         rest = (group["dampening"], group["weight_decay"], group["nesterov"], group["maximize"])
         if momentum == 0:
@@ -219,19 +295,19 @@ class SGD(_FusedStep, torch.optim.SGD):
             # one); this reads found_inf on the host, only while some buffer is still missing
             return
         if len(fresh) == len(bufs):
-            bufs = [_empty_state(p) for p in params]
-            fn(params, grads, bufs, lr, momentum, *rest, True, scale, inf)
+            bufs = [_empty_state(p) for p in keys]
+            fn(params, grads, view(bufs), lr, momentum, *rest, True, scale, inf)
         elif fresh:
             old = [i for i, b in enumerate(bufs) if b is not None]
-            new_bufs = {i: _empty_state(params[i]) for i in fresh}
-            fn([params[i] for i in old], [grads[i] for i in old], [bufs[i] for i in old], lr, momentum, *rest,
-               False, scale, inf)
-            fn([params[i] for i in fresh], [grads[i] for i in fresh], [new_bufs[i] for i in fresh], lr, momentum,
-               *rest, True, scale, inf)
+            new_bufs = {i: _empty_state(keys[i]) for i in fresh}
+            fn([params[i] for i in old], [grads[i] for i in old], view([bufs[i] for i in old]), lr, momentum,
+               *rest, False, scale, inf)
+            fn([params[i] for i in fresh], [grads[i] for i in fresh], view([new_bufs[i] for i in fresh]), lr,
+               momentum, *rest, True, scale, inf)
             bufs = [new_bufs.get(i, b) for i, b in enumerate(bufs)]
         else:
-            fn(params, grads, bufs, lr, momentum, *rest, False, scale, inf)
-        for p, b in zip(params, bufs):
+            fn(params, grads, view(bufs), lr, momentum, *rest, False, scale, inf)
+        for p, b in zip(keys, bufs):
             self.state[p]["momentum_buffer"] = b
 
 

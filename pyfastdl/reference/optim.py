@@ -169,54 +169,54 @@ def _opmath(dtype):
 def _check_params_grads(op, params, grads):
     n = len(params)
     if len(grads) != n:
-        raise ValueError(f"{op}: grads has {len(grads)} tensors, expected {n} (one per param)")
+        raise RuntimeError(f"{op}: grads has {len(grads)} tensors, expected {n} (one per param)")
     if n == 0:
         return
     dtype, device = params[0].dtype, params[0].device
     if dtype not in _FLOATS:
-        raise ValueError(f"{op}: params must be float16, bfloat16, float32 or float64, got {dtype}")
+        raise RuntimeError(f"{op}: params must be float16, bfloat16, float32 or float64, got {dtype}")
     for i, (p, g) in enumerate(zip(params, grads)):
         if p.dtype != dtype or p.device != device:
-            raise ValueError(f"{op}: params[{i}] is {p.dtype} on {p.device}; all params must share "
+            raise RuntimeError(f"{op}: params[{i}] is {p.dtype} on {p.device}; all params must share "
                              f"params[0]'s dtype {dtype} and device {device}")
         if g.shape != p.shape:
-            raise ValueError(f"{op}: grads[{i}] has shape {tuple(g.shape)}, expected params[{i}]'s "
+            raise RuntimeError(f"{op}: grads[{i}] has shape {tuple(g.shape)}, expected params[{i}]'s "
                              f"shape {tuple(p.shape)}")
         if g.dtype != dtype or g.device != device:
-            raise ValueError(f"{op}: grads[{i}] is {g.dtype} on {g.device}, expected the params' "
+            raise RuntimeError(f"{op}: grads[{i}] is {g.dtype} on {g.device}, expected the params' "
                              f"{dtype} on {device}")
         if g.layout != torch.strided:
-            raise ValueError(f"{op}: grads[{i}] is {g.layout}; only dense gradients are supported")
+            raise RuntimeError(f"{op}: grads[{i}] is {g.layout}; only dense gradients are supported")
 
 
 def _check_state(op, name, tensors, params, present, absent_reason=""):
     """present: the state must hold one tensor per param; else it must be empty."""
     if not present:
         if len(tensors) != 0:
-            raise ValueError(f"{op}: {name} must be empty ({absent_reason}), got {len(tensors)} tensors")
+            raise RuntimeError(f"{op}: {name} must be empty ({absent_reason}), got {len(tensors)} tensors")
         return
     if len(tensors) != len(params):
-        raise ValueError(f"{op}: {name} has {len(tensors)} tensors, expected {len(params)} (one per param)")
+        raise RuntimeError(f"{op}: {name} has {len(tensors)} tensors, expected {len(params)} (one per param)")
     for i, (s, p) in enumerate(zip(tensors, params)):
         sdtype = torch.float32 if p.dtype in _LOW else p.dtype
         if s.shape != p.shape:
-            raise ValueError(f"{op}: {name}[{i}] has shape {tuple(s.shape)}, expected params[{i}]'s "
+            raise RuntimeError(f"{op}: {name}[{i}] has shape {tuple(s.shape)}, expected params[{i}]'s "
                              f"shape {tuple(p.shape)}")
         if s.dtype != sdtype or s.device != p.device:
-            raise ValueError(f"{op}: {name}[{i}] is {s.dtype} on {s.device}, expected {sdtype} on "
+            raise RuntimeError(f"{op}: {name}[{i}] is {s.dtype} on {s.device}, expected {sdtype} on "
                              f"{p.device} for {p.dtype} params")
 
 
 def _check_steps(op, state_steps, params):
     if len(state_steps) != len(params):
-        raise ValueError(f"{op}: state_steps has {len(state_steps)} tensors, expected {len(params)} "
+        raise RuntimeError(f"{op}: state_steps has {len(state_steps)} tensors, expected {len(params)} "
                          f"(one per param)")
     for i, (s, p) in enumerate(zip(state_steps, params)):
         if s.dim() != 0 or s.dtype not in (torch.float32, torch.float64):
-            raise ValueError(f"{op}: state_steps[{i}] must be a 0-dim float32/float64 tensor, got "
+            raise RuntimeError(f"{op}: state_steps[{i}] must be a 0-dim float32/float64 tensor, got "
                              f"{s.dtype} of shape {tuple(s.shape)}")
         if s.device.type != "cpu" and s.device != p.device:
-            raise ValueError(f"{op}: state_steps[{i}] is on {s.device}, expected the CPU or the "
+            raise RuntimeError(f"{op}: state_steps[{i}] is on {s.device}, expected the CPU or the "
                              f"params' device {p.device}")
 
 
@@ -225,10 +225,10 @@ def _check_amp(op, grad_scale, found_inf, params):
         if t is None:
             continue
         if t.numel() != 1 or t.dtype != torch.float32:
-            raise ValueError(f"{op}: {name} must be a 1-element float32 tensor, got {t.dtype} with "
+            raise RuntimeError(f"{op}: {name} must be a 1-element float32 tensor, got {t.dtype} with "
                              f"{t.numel()} elements")
         if params and t.device != params[0].device:
-            raise ValueError(f"{op}: {name} is on {t.device}, expected the params' device "
+            raise RuntimeError(f"{op}: {name} is on {t.device}, expected the params' device "
                              f"{params[0].device}")
 
 
@@ -296,7 +296,7 @@ def adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_step
     if len(master_params) != 0:
         _check_state(op, "master_params", master_params, params, True)
         if params[0].dtype not in _LOW:
-            raise ValueError(f"{op}: master_params must be empty for {params[0].dtype} params "
+            raise RuntimeError(f"{op}: master_params must be empty for {params[0].dtype} params "
                              f"(they are for float16/bfloat16 params)")
     _check_amp(op, grad_scale, found_inf, params)
     if not params or _skip(found_inf):
