@@ -6,7 +6,8 @@ the namespace ``pyfastdl_triton``::
     pyfastdl_triton::attention_fwd(q, k, v, attn_mask?, valid_lens?, is_causal, scale, dropout_p,
                                    seed, offset) -> (out, lse)
     pyfastdl_triton::attention_bwd(grad_out, q, k, v, out, lse, attn_mask?, valid_lens?, is_causal,
-                                   scale, dropout_p, seed, offset) -> (grad_q, grad_k, grad_v)
+                                   scale, dropout_p, seed, offset, output_mask=[T, T, T, F])
+                                   -> (grad_q, grad_k, grad_v, grad_attn_mask)
 
 Shapes: q (B, Hq, L, E), k (B, Hk, S, E), v (B, Hk, S, Ev), Hq % Hk == 0 (query head h reads key /
 value head h // (Hq // Hk)); out (B, Hq, L, Ev) in q's dtype, lse (B, Hq, L) float32. Any strides
@@ -25,10 +26,16 @@ The math (Dao 2023, "FlashAttention-2"), per query row i of head (b, h)::
     out_i  = sum_j p_ij z_ij / (1 - dropout_p) v_j     (0 for a row with no key left)
              z_ij = 1 if Philox-4x32-10 keeps (b, h, i, j), see _philox_keep, else 0
 
+    NaN / Inf as torch's math SDPA: the masks *add* -inf (a NaN score stays NaN at a masked key),
+    the row max propagates NaN (tl.max / tl.maximum drop it by default), and the causal skip is
+    off for a head whose inputs hold a NaN or an Inf (_nonfinite_heads).
+
     backward (P recomputed from lse; D_i = sum_e dO_ie out_ie = sum_j p_ij dP_ij):
     dP_ij  = z_ij / (1 - dropout_p) * dO_i . v_j,    dS_ij = p_ij (dP_ij - D_i)
     dV_j   = sum_i p_ij z_ij / (1 - dropout_p) dO_i, dK_j = scale sum_i dS_ij q_i,
     dQ_i   = scale sum_j dS_ij k_j                     (dK, dV summed over a GQA group's heads)
+    dmask_ij = dS_ij (before zeroing the rows valid_lens makes constant), the gradient of a float
+             attn_mask, written by the dQ kernel; only the gradients in output_mask are computed
 
 Kernels (launch order). Grids are 1-D: program id = block + n_blocks * head, consecutive programs
 share a head, so its K / V (or Q / dO) tiles are reused from L2:
