@@ -98,8 +98,8 @@ TORCH_LIBRARY(pyfastdl, m) {
       "float scale, float dropout_p, int seed, int offset) -> (Tensor, Tensor)");
   m.def(
       "attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? attn_mask, "
-      "Tensor? valid_lens, bool is_causal, float scale, float dropout_p, int seed, int offset) "
-      "-> (Tensor, Tensor, Tensor)");
+      "Tensor? valid_lens, bool is_causal, float scale, float dropout_p, int seed, int offset, "
+      "bool[4] output_mask=[True, True, True, False]) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 // ---- build information (python -m pyfastdl info) ---------------------------------------------------

@@ -6,7 +6,8 @@ the namespace ``pyfastdl_triton``::
     pyfastdl_triton::attention_fwd(q, k, v, attn_mask?, valid_lens?, is_causal, scale, dropout_p,
                                    seed, offset) -> (out, lse)
     pyfastdl_triton::attention_bwd(grad_out, q, k, v, out, lse, attn_mask?, valid_lens?, is_causal,
-                                   scale, dropout_p, seed, offset) -> (grad_q, grad_k, grad_v)
+                                   scale, dropout_p, seed, offset, output_mask=[T, T, T, F])
+                                   -> (grad_q, grad_k, grad_v, grad_attn_mask)
 
 Shapes: q (B, Hq, L, E), k (B, Hk, S, E), v (B, Hk, S, Ev), Hq % Hk == 0 (query head h reads key /
 value head h // (Hq // Hk)); out (B, Hq, L, Ev) in q's dtype, lse (B, Hq, L) float32. Any strides
@@ -25,10 +26,16 @@ The math (Dao 2023, "FlashAttention-2"), per query row i of head (b, h)::
     out_i  = sum_j p_ij z_ij / (1 - dropout_p) v_j     (0 for a row with no key left)
              z_ij = 1 if Philox-4x32-10 keeps (b, h, i, j), see _philox_keep, else 0
 
+    NaN / Inf as torch's math SDPA: the masks *add* -inf (a NaN score stays NaN at a masked key),
+    the row max propagates NaN (tl.max / tl.maximum drop it by default), and the causal skip is
+    off for a head whose inputs hold a NaN or an Inf (_nonfinite_heads).
+
     backward (P recomputed from lse; D_i = sum_e dO_ie out_ie = sum_j p_ij dP_ij):
     dP_ij  = z_ij / (1 - dropout_p) * dO_i . v_j,    dS_ij = p_ij (dP_ij - D_i)
     dV_j   = sum_i p_ij z_ij / (1 - dropout_p) dO_i, dK_j = scale sum_i dS_ij q_i,
     dQ_i   = scale sum_j dS_ij k_j                     (dK, dV summed over a GQA group's heads)
+    dmask_ij = dS_ij (before zeroing the rows valid_lens makes constant), the gradient of a float
+             attn_mask, written by the dQ kernel; only the gradients in output_mask are computed
 
 Kernels (launch order). Grids are 1-D: program id = block + n_blocks * head, consecutive programs
 share a head, so its K / V (or Q / dO) tiles are reused from L2:
@@ -56,7 +63,7 @@ references).
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -131,26 +138,42 @@ def _masked_scores(q, k, scale, rows, cols, L, S, b, h,
                    mask_ptr, sm_b, sm_h, sm_l, sm_s, vl_ptr, svl_b, svl_l,
                    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_VL: tl.constexpr,
                    DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr):
-    """s = scale * q @ k^T (+ float mask) for a [BM, E] query tile and a [BN, E] key tile, -inf
-    where a key does not take part (out of range, bool mask, causal, valid_lens). float32."""
+    """s = scale * q @ k^T (+ float mask) for a [BM, E] query tile and a [BN, E] key tile. float32.
+    As torch's math SDPA (csrc/common/attention.h): valid_lens *replaces* scores (0 for a row of
+    length <= 0, -inf past the length), is_causal and a bool mask *add* -inf, a float mask is added
+    -- so a NaN score, or a NaN in the mask, stays NaN at a masked key. -inf out of range."""
     s = _dot(q, tl.trans(k), DOT_PREC, DOT_UPCAST) * scale
     inb = (rows[:, None] < L) & (cols[None, :] < S)
-    ok = inb
-    if IS_CAUSAL:
-        ok = ok & (cols[None, :] <= rows[:, None])
     if HAS_VL:  # the notes' -1e6 fill: a row with vl <= 0 weighs every key equally (scores 0)
         vl = tl.load(vl_ptr + b * svl_b + rows.to(tl.int64) * svl_l, mask=rows < L, other=0)
-        ok = ok & ((cols.to(tl.int64)[None, :] < vl[:, None]) | (vl[:, None] <= 0))
         s = tl.where(vl[:, None] <= 0, 0.0, s)
+        s = tl.where((cols.to(tl.int64)[None, :] < vl[:, None]) | (vl[:, None] <= 0), s,
+                     float("-inf"))
+    if IS_CAUSAL:
+        s = s + tl.where(cols[None, :] <= rows[:, None], 0.0, float("-inf"))
     if MASK_KIND != 0:
         m_offs = (b * sm_b + h * sm_h + rows.to(tl.int64)[:, None] * sm_l
                   + cols.to(tl.int64)[None, :] * sm_s)
         if MASK_KIND == 1:
             keep = tl.load(mask_ptr + m_offs, mask=inb, other=0)
-            ok = ok & (keep != 0)
+            s = s + tl.where(keep != 0, 0.0, float("-inf"))
         else:
             s = s + tl.load(mask_ptr + m_offs, mask=inb, other=0.0).to(tl.float32)
-    return tl.where(ok, s, float("-inf"))
+    return tl.where(inb, s, float("-inf"))
+
+
+@triton.jit
+def _max_nan(a, b):
+    """max that propagates NaN (tl.maximum's default, like fmaxf, drops it -- on the GPU and
+    under the interpreter alike)."""
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _any_nonfinite(x):
+    """True when the tile holds a NaN or an Inf (x - x is 0 for finite x, NaN otherwise)."""
+    xf = x.to(tl.float32)
+    return tl.sum(tl.sum(xf - xf, 1), 0) != 0.0
 
 
 # =============================================================================================
@@ -165,6 +188,7 @@ def _attention_fwd_kernel(
     lse_ptr,  # (B, Hq, L) float32 contiguous, out
     mask_ptr,  # (B, Hq, L, S) any strides, uint8 (bool) or float; unused when MASK_KIND == 0
     vl_ptr,  # (B,) or (B, L) int64; unused when not HAS_VL
+    bad_ptr,  # (B, Hk) int8: K or V of the head holds a NaN / Inf (read when IS_CAUSAL)
     sq_b, sq_h, sq_l, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s,  # strides (elements)
     sm_b, sm_h, sm_l, sm_s, svl_b, svl_l,  # mask and valid_lens strides (svl_l = 0 for (B,))
     Hq, L, S, E, Ev, G,  # sizes; G = Hq // Hk
@@ -196,8 +220,10 @@ def _attention_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp(s - m_i), before dropout
     acc = tl.zeros([BLOCK_M, EV_PAD], tl.float32)
     n_end = S
-    if IS_CAUSAL:  # keys j <= i only: no key block starts past this block's last row
-        n_end = tl.minimum(S, (mb + 1) * BLOCK_M)
+    if IS_CAUSAL:  # keys j <= i only: no key block starts past this block's last row -- unless a
+        # NaN / Inf in K, V or this Q tile reaches the masked keys (torch: NaN + -inf, 0 * inf)
+        bad = (tl.load(bad_ptr + b * (Hq // G) + hk) != 0) | _any_nonfinite(q)
+        n_end = tl.where(bad, S, tl.minimum(S, (mb + 1) * BLOCK_M))
     for start_n in range(0, n_end, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
         cols64 = cols.to(tl.int64)
@@ -207,7 +233,7 @@ def _attention_fwd_kernel(
         s = _masked_scores(q, k, scale, rows, cols, L, S, b, h,
                            mask_ptr, sm_b, sm_h, sm_l, sm_s, vl_ptr, svl_b, svl_l,
                            MASK_KIND, IS_CAUSAL, HAS_VL, DOT_PREC, DOT_UPCAST)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_new = _max_nan(m_i, tl.reduce(s, 1, _max_nan))  # NaN once a score of the row is NaN
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet: no NaN
         p = tl.exp(s - m_safe[:, None])
         alpha = tl.exp(m_i - m_safe)
@@ -220,7 +246,7 @@ def _attention_fwd_kernel(
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PREC, DOT_UPCAST)
         m_i = m_new
 
-    empty = l_i == 0.0  # no key left: out = 0, lse = -inf
+    empty = l_i == 0.0  # no key left: P = 0, out = 0 v (0, or NaN where v is not finite), lse = -inf
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
     tl.store(o_ptr + (bh * L + rows64)[:, None] * Ev + rv[None, :], out.to(o_ptr.dtype.element_ty),
@@ -261,7 +287,9 @@ def _recompute_p(q, k, do, v, lse, delta, scale, rows, cols, L, S, b, h, bh,
                  seed_lo, seed_hi, offset, drop_threshold, drop_scale,
                  MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_VL: tl.constexpr,
                  HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr):
-    """For a [BM] x [BN] tile: (P after dropout, dS = P * (dP - D)), both float32 [BM, BN]."""
+    """For a [BM] x [BN] tile: (P after dropout, dS = P * (dP - D)), both float32 [BM, BN]. dS is
+    the gradient of the scores (and of a float attn_mask); _no_constant_rows zeroes the rows whose
+    scores valid_lens made constant before dS goes to q and k."""
     s = _masked_scores(q, k, scale, rows, cols, L, S, b, h,
                        mask_ptr, sm_b, sm_h, sm_l, sm_s, vl_ptr, svl_b, svl_l,
                        MASK_KIND, IS_CAUSAL, HAS_VL, DOT_PREC, DOT_UPCAST)
@@ -276,10 +304,17 @@ def _recompute_p(q, k, do, v, lse, delta, scale, rows, cols, L, S, b, h, bh,
     else:
         pd = p
     ds = p * (dp - delta[:, None])
-    if HAS_VL:  # a row with valid length <= 0 has constant scores: no gradient to q and k
+    return pd, ds
+
+
+@triton.jit
+def _no_constant_rows(ds, rows, L, b, vl_ptr, svl_b, svl_l, HAS_VL: tl.constexpr):
+    """dS with the rows of valid length <= 0 zeroed: their scores are constant, no gradient to q,
+    k."""
+    if HAS_VL:
         vl = tl.load(vl_ptr + b * svl_b + rows.to(tl.int64) * svl_l, mask=rows < L, other=1)
         ds = tl.where(vl[:, None] <= 0, 0.0, ds)
-    return pd, ds
+    return ds
 
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "offset", "drop_threshold"])
@@ -290,9 +325,10 @@ def _attention_bwd_dkdv_kernel(
     do_ptr,  # (B, Hq, L, Ev), last dim contiguous
     lse_ptr,  # (B, Hq, L) float32 contiguous
     delta_ptr,  # (B, Hq, L) float32 contiguous
-    dk_ptr,  # (B, Hk, S, E) contiguous, out
-    dv_ptr,  # (B, Hk, S, Ev) contiguous, out
+    dk_ptr,  # (B, Hk, S, E) contiguous, out (written when NEED_DK)
+    dv_ptr,  # (B, Hk, S, Ev) contiguous, out (written when NEED_DV)
     mask_ptr, vl_ptr,  # as in the forward
+    bad_ptr,  # (B, Hk) int8: a NaN / Inf in the head's K, V, Q, delta or lse (read when IS_CAUSAL)
     sq_b, sq_h, sq_l, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sdo_b, sdo_h, sdo_l,
     sm_b, sm_h, sm_l, sm_s, svl_b, svl_l,
     Hq, Hk, L, S, E, Ev, G,
@@ -302,6 +338,7 @@ def _attention_bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, E_PAD: tl.constexpr, EV_PAD: tl.constexpr,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_VL: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    NEED_DK: tl.constexpr, NEED_DV: tl.constexpr,
 ):
     pid = tl.program_id(0)
     nb = pid % n_n_blocks
@@ -321,8 +358,10 @@ def _attention_bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, E_PAD], tl.float32)
     dv = tl.zeros([BLOCK_N, EV_PAD], tl.float32)
     m_begin = 0
-    if IS_CAUSAL:  # only queries i >= j see key j: start at the block holding row nb * BLOCK_N
-        m_begin = (nb * BLOCK_N // BLOCK_M) * BLOCK_M
+    if IS_CAUSAL:  # only queries i >= j see key j: start at the block holding row nb * BLOCK_N,
+        # unless a NaN / Inf of the head reaches the masked pairs (torch: 0 * inf, NaN + -inf)
+        bad = tl.load(bad_ptr + bhk) != 0
+        m_begin = tl.where(bad, 0, (nb * BLOCK_N // BLOCK_M) * BLOCK_M)
     for g in range(0, G):  # the query heads of this key/value head (GQA), summed here
         h = hk * G + g
         bh = b * Hq + h
@@ -343,21 +382,27 @@ def _attention_bwd_dkdv_kernel(
                                   seed_lo, seed_hi, offset, drop_threshold, drop_scale,
                                   MASK_KIND, IS_CAUSAL, HAS_VL, HAS_DROPOUT, DOT_PREC,
                              DOT_UPCAST)
-            dv += _dot(tl.trans(pd.to(do.dtype)), do, DOT_PREC, DOT_UPCAST)
-            dk += _dot(tl.trans(ds.to(q.dtype)), q, DOT_PREC, DOT_UPCAST)
-    dk = dk * scale
+            if NEED_DV:
+                dv += _dot(tl.trans(pd.to(do.dtype)), do, DOT_PREC, DOT_UPCAST)
+            if NEED_DK:
+                ds = _no_constant_rows(ds, rows, L, b, vl_ptr, svl_b, svl_l, HAS_VL)
+                dk += _dot(tl.trans(ds.to(q.dtype)), q, DOT_PREC, DOT_UPCAST)
     out_m = col_ok[:, None]
-    tl.store(dk_ptr + (bhk * S + cols64)[:, None] * E + re[None, :],
-             dk.to(dk_ptr.dtype.element_ty), mask=out_m & (re[None, :] < E))
-    tl.store(dv_ptr + (bhk * S + cols64)[:, None] * Ev + rv[None, :],
-             dv.to(dv_ptr.dtype.element_ty), mask=out_m & (rv[None, :] < Ev))
+    if NEED_DK:
+        dk = dk * scale
+        tl.store(dk_ptr + (bhk * S + cols64)[:, None] * E + re[None, :],
+                 dk.to(dk_ptr.dtype.element_ty), mask=out_m & (re[None, :] < E))
+    if NEED_DV:
+        tl.store(dv_ptr + (bhk * S + cols64)[:, None] * Ev + rv[None, :],
+                 dv.to(dv_ptr.dtype.element_ty), mask=out_m & (rv[None, :] < Ev))
 
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "offset", "drop_threshold"])
 def _attention_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr,  # as in _attention_bwd_dkdv_kernel
-    dq_ptr,  # (B, Hq, L, E) contiguous, out
-    mask_ptr, vl_ptr,
+    dq_ptr,  # (B, Hq, L, E) contiguous, out (written when NEED_DQ)
+    dmask_ptr,  # (B, Hq, L, S) contiguous, zeroed, out: dS, the float attn_mask's gradient (NEED_DMASK)
+    mask_ptr, vl_ptr, bad_ptr,  # as in _attention_bwd_dkdv_kernel
     sq_b, sq_h, sq_l, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sdo_b, sdo_h, sdo_l,
     sm_b, sm_h, sm_l, sm_s, svl_b, svl_l,
     Hq, L, S, E, Ev, G,
@@ -367,6 +412,7 @@ def _attention_bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, E_PAD: tl.constexpr, EV_PAD: tl.constexpr,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_VL: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    NEED_DQ: tl.constexpr, NEED_DMASK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     mb = pid % n_m_blocks
@@ -390,8 +436,9 @@ def _attention_bwd_dq_kernel(
     v_base = v_ptr + b * sv_b + hk * sv_h
     dq = tl.zeros([BLOCK_M, E_PAD], tl.float32)
     n_end = S
-    if IS_CAUSAL:
-        n_end = tl.minimum(S, (mb + 1) * BLOCK_M)
+    if IS_CAUSAL:  # as in the forward: every key block when the head holds a NaN / Inf
+        bad = tl.load(bad_ptr + b * (Hq // G) + hk) != 0
+        n_end = tl.where(bad, S, tl.minimum(S, (mb + 1) * BLOCK_M))
     for start_n in range(0, n_end, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
         cols64 = cols.to(tl.int64)
@@ -405,10 +452,16 @@ def _attention_bwd_dq_kernel(
                              seed_lo, seed_hi, offset, drop_threshold, drop_scale,
                              MASK_KIND, IS_CAUSAL, HAS_VL, HAS_DROPOUT, DOT_PREC,
                              DOT_UPCAST)
-        dq += _dot(ds.to(k.dtype), k, DOT_PREC, DOT_UPCAST)
-    dq = dq * scale
-    tl.store(dq_ptr + (bh * L + rows64)[:, None] * E + re[None, :], dq.to(dq_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & (re[None, :] < E))
+        if NEED_DMASK:
+            tl.store(dmask_ptr + (bh * L + rows64)[:, None] * S + cols64[None, :],
+                     ds.to(dmask_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+        if NEED_DQ:
+            ds = _no_constant_rows(ds, rows, L, b, vl_ptr, svl_b, svl_l, HAS_VL)
+            dq += _dot(ds.to(k.dtype), k, DOT_PREC, DOT_UPCAST)
+    if NEED_DQ:
+        dq = dq * scale
+        tl.store(dq_ptr + (bh * L + rows64)[:, None] * E + re[None, :],
+                 dq.to(dq_ptr.dtype.element_ty), mask=row_ok[:, None] & (re[None, :] < E))
 
 
 # =============================================================================================
@@ -492,7 +545,7 @@ def _check_common(op: str, q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[
     if v.size(1) != Hk or v.size(2) != S:
         raise RuntimeError(f"{op}: expected v of shape (B, Hk, S, Ev) = ({B}, {Hk}, {S}, Ev) like "
                            f"k, got {list(v.shape)}")
-    if Hk == 0 or Hq % Hk != 0:
+    if (Hq % Hk != 0) if Hk > 0 else Hq != 0:
         raise RuntimeError(f"{op}: the number of query heads Hq = {Hq} must be a multiple of the "
                            f"number of key/value heads Hk = {Hk}")
     if E > _MAX_HEAD_DIM or Ev > _MAX_HEAD_DIM:
@@ -593,7 +646,8 @@ _FWD_SCHEMA = ("(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, Tensor? valid_
                "-> (Tensor, Tensor)")
 _BWD_SCHEMA = ("(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
                "Tensor? attn_mask, Tensor? valid_lens, bool is_causal, float scale, "
-               "float dropout_p, int seed, int offset) -> (Tensor, Tensor, Tensor)")
+               "float dropout_p, int seed, int offset, "
+               "bool[4] output_mask=[True, True, True, False]) -> (Tensor, Tensor, Tensor, Tensor)")
 
 
 @torch.library.custom_op("pyfastdl_triton::attention_fwd", mutates_args=(), schema=_FWD_SCHEMA)
@@ -616,9 +670,12 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor],
     E_PAD, EV_PAD = _pad(E), _pad(Ev)
     BM, BN, warps = _fwd_blocks(max(E_PAD, EV_PAD), q.element_size())
     n_m = triton.cdiv(L, BM)
+    if E == 0:  # scores are 0 (an empty dot), whatever the scale (torch's 1 / sqrt(0) is inf)
+        scale = 0.0
     with _device_guard(q):
+        bad = _nonfinite_heads(is_causal, k, v)
         _attention_fwd_kernel[(n_m * B * Hq,)](
-            q, k, v, out, lse, mask, vl,
+            q, k, v, out, lse, mask, vl, bad,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), *ms, *vs,
             Hq, L, S, E, Ev, Hq // Hk, n_m, scale, *_dropout_args(dropout_p, seed, offset),
@@ -640,21 +697,27 @@ def _attention_fwd_fake(q, k, v, attn_mask, valid_lens, is_causal, scale, dropou
 @torch.library.custom_op("pyfastdl_triton::attention_bwd", mutates_args=(), schema=_BWD_SCHEMA)
 def attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                   attn_mask: Optional[Tensor], valid_lens: Optional[Tensor], is_causal: bool,
-                  scale: float, dropout_p: float, seed: int,
-                  offset: int) -> Tuple[Tensor, Tensor, Tensor]:
+                  scale: float, dropout_p: float, seed: int, offset: int,
+                  output_mask: Sequence[bool] = (True, True, True, False)
+                  ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Scaled dot-product attention backward (csrc/common/attention.h): P recomputed from lse,
     the dropout mask regenerated from (seed, offset). grad_out, out (B, Hq, L, Ev) in q's dtype,
-    lse (B, Hq, L) float32. Returns grad_q, grad_k, grad_v (contiguous, the shapes and dtype of
-    q, k, v; grad_k, grad_v summed over each GQA group)."""
+    lse (B, Hq, L) float32. output_mask: which of grad_q, grad_k, grad_v, grad_attn_mask to
+    compute (the others come back as empty (0,) tensors). Returns grad_q, grad_k, grad_v
+    (contiguous, the shapes and dtype of q, k, v; grad_k, grad_v summed over each GQA group) and
+    grad_attn_mask (B, Hq, L, S) in attn_mask's dtype: dS, the gradient of a float mask."""
     dims = _check_common("attention_bwd", q, k, v, attn_mask, valid_lens, dropout_p)
     _check_bwd(grad_out, q, out, lse, dims)
+    _check_output_mask(attn_mask, output_mask)
     _check_launchable(q, "attention_bwd")
     B, Hq, Hk, L, S, E, Ev = dims
-    dq = q.new_empty((B, Hq, L, E))
-    dk = k.new_empty((B, Hk, S, E))
-    dv = v.new_empty((B, Hk, S, Ev))
-    if L == 0 or S == 0 or B * Hq == 0 or E == 0 or Ev == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_()
+    need_dq, need_dk, need_dv, need_dm = (bool(x) for x in output_mask)
+    dq = q.new_zeros((B, Hq, L, E)) if need_dq else q.new_empty((0,))
+    dk = k.new_zeros((B, Hk, S, E)) if need_dk else q.new_empty((0,))
+    dv = v.new_zeros((B, Hk, S, Ev)) if need_dv else q.new_empty((0,))
+    dm = q.new_zeros((B, Hq, L, S), dtype=attn_mask.dtype) if need_dm else q.new_empty((0,))
+    if L == 0 or S == 0 or B * Hq == 0 or Ev == 0 or not any(output_mask):
+        return dq, dk, dv, dm
     q, k, v = _last_contiguous(q), _last_contiguous(k), _last_contiguous(v)
     do, out = _last_contiguous(grad_out), _last_contiguous(out)
     lse = lse.contiguous()
@@ -662,6 +725,8 @@ def attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor
     E_PAD, EV_PAD = _pad(E), _pad(Ev)
     BM, BN, warps = _bwd_blocks(max(E_PAD, EV_PAD), q.element_size())
     drop = _dropout_args(dropout_p, seed, offset)
+    if E == 0:  # scores are 0 whatever the scale (see attention_fwd)
+        scale = 0.0
     meta = dict(BLOCK_M=BM, BLOCK_N=BN, E_PAD=E_PAD, EV_PAD=EV_PAD, MASK_KIND=kind,
                 IS_CAUSAL=bool(is_causal), HAS_VL=valid_lens is not None,
                 HAS_DROPOUT=dropout_p > 0,
@@ -678,22 +743,57 @@ def attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor
             do, out, delta, do.stride(0), do.stride(1), do.stride(2),
             out.stride(0), out.stride(1), out.stride(2), Hq, L, Ev, n_m,
             BLOCK_M=BM, EV_PAD=EV_PAD, num_warps=4)
-        _attention_bwd_dkdv_kernel[(n_n * B * Hk,)](
-            q, k, v, do, lse, delta, dk, dv, mask, vl, *strides,
-            Hq, Hk, L, S, E, Ev, Hq // Hk, n_n, scale, *drop, **meta)
-        _attention_bwd_dq_kernel[(n_m * B * Hq,)](
-            q, k, v, do, lse, delta, dq, mask, vl, *strides,
-            Hq, L, S, E, Ev, Hq // Hk, n_m, scale, *drop, **meta)
-    return dq, dk, dv
+        bad = _nonfinite_heads(is_causal, k, v, q, delta, lse)
+        if need_dk or need_dv:
+            _attention_bwd_dkdv_kernel[(n_n * B * Hk,)](
+                q, k, v, do, lse, delta, dk, dv, mask, vl, bad, *strides,
+                Hq, Hk, L, S, E, Ev, Hq // Hk, n_n, scale, *drop, NEED_DK=need_dk,
+                NEED_DV=need_dv, **meta)
+        if need_dq or need_dm:
+            _attention_bwd_dq_kernel[(n_m * B * Hq,)](
+                q, k, v, do, lse, delta, dq, dm, mask, vl, bad, *strides,
+                Hq, L, S, E, Ev, Hq // Hk, n_m, scale, *drop, NEED_DQ=need_dq,
+                NEED_DMASK=need_dm, **meta)
+    return dq, dk, dv, dm
 
 
 @attention_bwd.register_fake
 def _attention_bwd_fake(grad_out, q, k, v, out, lse, attn_mask, valid_lens, is_causal, scale,
-                        dropout_p, seed, offset):
+                        dropout_p, seed, offset, output_mask=(True, True, True, False)):
     dims = _check_common("attention_bwd", q, k, v, attn_mask, valid_lens, dropout_p)
     _check_bwd(grad_out, q, out, lse, dims)
+    _check_output_mask(attn_mask, output_mask)
     B, Hq, Hk, L, S, E, Ev = dims
-    return q.new_empty((B, Hq, L, E)), k.new_empty((B, Hk, S, E)), v.new_empty((B, Hk, S, Ev))
+    full = (q.new_empty((B, Hq, L, E)), k.new_empty((B, Hk, S, E)), v.new_empty((B, Hk, S, Ev)),
+            q.new_empty((B, Hq, L, S), dtype=attn_mask.dtype) if output_mask[3] else None)
+    return tuple(t if need else q.new_empty((0,)) for t, need in zip(full, output_mask))
+
+
+def _check_output_mask(attn_mask: Optional[Tensor], output_mask: Sequence[bool]) -> None:
+    if len(output_mask) != 4:
+        raise RuntimeError(f"attention_bwd: expected output_mask of 4 bools, got {list(output_mask)}")
+    if output_mask[3] and (attn_mask is None or not attn_mask.is_floating_point()):
+        raise RuntimeError("attention_bwd: output_mask[3] asks for the gradient of attn_mask, which "
+                           "needs a floating-point attn_mask, got "
+                           f"{None if attn_mask is None else attn_mask.dtype}")
+
+
+def _nonfinite_heads(is_causal: bool, k: Tensor, v: Tensor, q: Optional[Tensor] = None,
+                     delta: Optional[Tensor] = None, lse: Optional[Tensor] = None) -> Tensor:
+    """(B, Hk) int8 flags, read by the kernels only when is_causal: 1 where the key/value head's
+    K or V -- and, for the backward, the Q, delta (not finite when dO or out is not) or lse (NaN
+    or +inf) of its query heads -- holds a non-finite value. There the causal skip is off, so the
+    NaN and Inf reach every row as in torch. Device-side torch ops, no host sync."""
+    B, Hk = k.shape[0], k.shape[1]
+    if not is_causal:
+        return torch.zeros((1,), dtype=torch.int8, device=k.device)
+    bad = ~(torch.isfinite(k).flatten(2).all(-1) & torch.isfinite(v).flatten(2).all(-1))
+    if q is not None:
+        G = q.shape[1] // Hk
+        qb = ~torch.isfinite(q).flatten(2).all(-1)
+        qb = qb | ~torch.isfinite(delta).all(-1) | (torch.isnan(lse) | torch.isposinf(lse)).any(-1)
+        bad = bad | qb.reshape(B, Hk, G).any(-1)
+    return bad.to(torch.int8).contiguous()
 
 
 # =============================================================================================

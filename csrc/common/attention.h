@@ -5,7 +5,12 @@
 //                 float scale, float dropout_p, int seed, int offset) -> (Tensor out, Tensor lse)
 //   attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse,
 //                 Tensor? attn_mask, Tensor? valid_lens, bool is_causal, float scale, float dropout_p,
-//                 int seed, int offset) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)
+//                 int seed, int offset, bool[4] output_mask=[True, True, True, False])
+//                 -> (Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_attn_mask)
+//   output_mask says which of the four gradients to compute; one not asked for comes back as an
+//   empty (0,) tensor. grad_attn_mask (B, Hq, L, S) contiguous, in attn_mask's dtype: dL/d(attn_mask)
+//   = dS = P (dP - delta) (the mask is added to the scaled scores), only for a float attn_mask; the
+//   caller sums it over the dimensions it broadcast.
 //
 // Shapes: q (B, Hq, L, E), k (B, Hk, S, E), v (B, Hk, S, Ev), Hq % Hk == 0: query head h reads key/value
 // head h / (Hq / Hk) (grouped-query attention; grad_k, grad_v sum over the group). Any strides (the
@@ -24,6 +29,15 @@
 //     being constant, they pass no gradient to q and k (dS = 0 on that row).
 // A query row with no key left (attn_mask / is_causal): out = 0, lse = -inf, its gradients 0 (torch
 // 2.14's behaviour for fully masked rows).
+// NaN and Inf propagate as in torch's math SDPA (softmax(scale q k^T + bias) v with bias = -inf at
+// masked keys): masks *add* -inf (a NaN score stays NaN even at a masked key, +inf + -inf is NaN),
+// a NaN in a float mask makes its row NaN, and P v sums over every key (0 * inf = NaN), so a row sees
+// the non-finite values of keys it does not attend to. valid_lens (the notes' fill) *replaces* the
+// scores past the length. The kernels skip blocks that causal / valid_lens mask only when no
+// non-finite value could reach the result (one known difference: finite q, k whose dot product
+// overflows to +inf at a skipped key).
+// Empty sizes: E = 0 gives scores 0 (out = the mean of v over the keys a row sees, as torch); B, H,
+// L, S or Ev = 0 give empty or zero results and zero gradients.
 // Dropout (dropout_p in [0, 1)): after the softmax, p_ij is kept with probability 1 - dropout_p and
 // scaled by 1 / (1 - dropout_p). The keep decision is a pure function of (seed, offset, b, h, i, j)
 // through Philox-4x32-10 (key = (seed & 0xffffffff, seed >> 32); counter = (offset + linear index (((b * Hq + h) * L + i) * S + j)
@@ -34,6 +48,8 @@
 #pragma once
 
 #include <ATen/ATen.h>
+
+#include <array>
 
 namespace pyfastdl {
 namespace attention {
@@ -57,7 +73,7 @@ inline void check(const char* op, const at::Tensor& q, const at::Tensor& k, cons
               " and ", k.size(3));
   TORCH_CHECK(k.size(2) == v.size(2), op, ": k and v must have the same sequence length, got ", k.size(2), " and ",
               v.size(2));
-  TORCH_CHECK(k.size(1) == v.size(1) && k.size(1) > 0 && q.size(1) % k.size(1) == 0, op,
+  TORCH_CHECK(k.size(1) == v.size(1) && (k.size(1) > 0 ? q.size(1) % k.size(1) == 0 : q.size(1) == 0), op,
               ": the number of query heads (", q.size(1), ") must be a multiple of the key/value heads (", k.size(1),
               ", ", v.size(1), ")");
   TORCH_CHECK(dropout_p >= 0 && dropout_p < 1, op, ": dropout_p must be in [0, 1), got ", dropout_p);
@@ -80,6 +96,15 @@ inline void check(const char* op, const at::Tensor& q, const at::Tensor& k, cons
                 q.size(2), "), got ", vl.sizes());
     TORCH_CHECK(vl.device() == q.device(), op, ": valid_lens is on ", vl.device(), " but q is on ", q.device());
   }
+}
+
+// output_mask[3] (the attn_mask gradient) needs a floating-point attn_mask.
+inline void check_output_mask(const char* op, const c10::optional<at::Tensor>& attn_mask,
+                              const std::array<bool, 4>& output_mask) {
+  TORCH_CHECK(!output_mask[3] || (attn_mask.has_value() && attn_mask->defined() &&
+                                  at::isFloatingType(attn_mask->scalar_type())),
+              op, ": output_mask[3] asks for the gradient of attn_mask, which needs a floating-point attn_mask, got ",
+              attn_mask.has_value() && attn_mask->defined() ? c10::toString(attn_mask->scalar_type()) : "none");
 }
 
 }  // namespace attention

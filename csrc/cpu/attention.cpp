@@ -4,6 +4,8 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <array>
+
 #include "common/attention.h"
 #include "cpu/attention_kernel.h"
 #include "cpu/capability.h"
@@ -83,24 +85,37 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const 
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const c10::optional<at::Tensor>& attn_mask, const c10::optional<at::Tensor>& valid_lens,
-    bool is_causal, double scale, double dropout_p, int64_t seed, int64_t offset) {
+    bool is_causal, double scale, double dropout_p, int64_t seed, int64_t offset, std::array<bool, 4> output_mask) {
+  attention::check_output_mask("attention_bwd", attn_mask, output_mask);
   Prepared p = prepare("attention_bwd", q, k, v, attn_mask, valid_lens, is_causal, scale, dropout_p, seed, offset);
   attention::check_bwd_tensors("attention_bwd", grad_out, out, lse, q, v);
   const at::Tensor g = grad_out.contiguous(), o = out.contiguous(), l = lse.contiguous();
-  at::Tensor gq = at::empty_like(p.q), gk = at::empty_like(p.k), gv = at::empty_like(p.v);
-  if (gq.numel() == 0 || gk.numel() == 0 || gv.numel() == 0 || p.a.Ev == 0) {
-    return {gq.zero_(), gk.zero_(), gv.zero_()};
+  // Gradients not asked for are empty (0,) tensors; the asked ones start at zero (skipped blocks and
+  // the dQ sum of csrc/cpu/attention_kernel.cpp rely on it).
+  const auto grad = [&](bool need, const at::Tensor& like) {
+    return need ? at::zeros_like(like, at::MemoryFormat::Contiguous) : at::empty({0}, like.options());
+  };
+  at::Tensor gq = grad(output_mask[0], p.q), gk = grad(output_mask[1], p.k), gv = grad(output_mask[2], p.v);
+  at::Tensor gm = output_mask[3] ? at::zeros({p.a.B, p.a.Hq, p.a.L, p.a.S}, q.options())
+                                 : at::empty({0}, q.options());
+  const bool any = gq.numel() > 0 || gk.numel() > 0 || gv.numel() > 0 || gm.numel() > 0;
+  if (any && p.a.B * p.a.Hq * p.a.L > 0 && p.a.S > 0 && p.a.Ev > 0) {
+    p.a.out = const_cast<void*>(o.const_data_ptr());
+    p.a.lse = const_cast<void*>(l.const_data_ptr());
+    p.a.grad_out = g.const_data_ptr();
+    p.a.grad_q = gq.numel() > 0 ? gq.data_ptr() : nullptr;
+    p.a.grad_k = gk.numel() > 0 ? gk.data_ptr() : nullptr;
+    p.a.grad_v = gv.numel() > 0 ? gv.data_ptr() : nullptr;
+    p.a.grad_mask = gm.numel() > 0 ? gm.data_ptr() : nullptr;
+    if (q.scalar_type() == at::kDouble) kernels()->bwd_double(p.a);
+    else kernels()->bwd_float(p.a);
   }
-  p.a.out = const_cast<void*>(o.const_data_ptr());
-  p.a.lse = const_cast<void*>(l.const_data_ptr());
-  p.a.grad_out = g.const_data_ptr();
-  p.a.grad_q = gq.data_ptr(), p.a.grad_k = gk.data_ptr(), p.a.grad_v = gv.data_ptr();
-  if (q.scalar_type() == at::kDouble) kernels()->bwd_double(p.a);
-  else kernels()->bwd_float(p.a);
-  return {gq, gk, gv};
+  // the mask's gradient in the mask's dtype (a float32 mask on float64 q, say)
+  if (output_mask[3] && gm.scalar_type() != attn_mask->scalar_type()) gm = gm.to(attn_mask->scalar_type());
+  return {gq, gk, gv, gm};
 }
 
 }  // namespace

@@ -3,11 +3,17 @@
 //
 // Forward (FlashAttention-2): one task per (b, h, block of kBq queries); the key blocks of kBk keys
 // stream past with a running row max and sum; scores S = scale Q K^T and the update O += P V are
-// small GEMMs (ATen's CPU BLAS), the masking, exp and row sums SIMD. Only O(kBq x kBk) scores exist at
-// a time. Backward: one task per (b, key/value head, block of keys): for every query block of the
+// small GEMMs (the BLAS of libtorch_cpu, single-threaded in every task), the masking, exp and row
+// sums SIMD. Only O(kBq x kBk) scores exist at a time. Backward: one task per (b, key/value head,
+// partition of its key blocks): for every key block of the partition and every query block of the
 // heads that read those keys, P is recomputed from the saved log-sum-exp, dV += P^T dO,
-// dS = P (dO V^T - delta), dK += dS^T Q, and dQ += dS K into a per-thread buffer summed at the end
-// (so no two threads write the same dQ row), memory O(threads x L x E).
+// dS = P (dO V^T - delta), dK += dS^T Q, dQ += dS K into the partition's dQ buffer, and dS itself is
+// the gradient of a float attn_mask. The partitions depend on the shapes only, and the buffers are
+// summed in partition order, so every output has the same bits whatever the thread count.
+//
+// NaN and Inf as torch's math SDPA: masked scores get -inf *added* (NaN stays NaN, +inf becomes NaN),
+// the row max propagates NaN, and P V runs over every key a row could see -- a block that masks
+// skip (causal, 1-D valid_lens) is skipped only when no non-finite value could reach the result.
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/ATen.h>
@@ -15,7 +21,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
+#include <memory>
 #include <vector>
 
 #include "cpu/attention_kernel.h"
@@ -64,6 +72,12 @@ void mm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, T alpha, const T* A, 
   else c.mul_(beta).add_(prod, alpha);
 }
 
+// max(a, b) that propagates NaN (IEEE 754-2019 maximum, as at::vec::maximum): std::max drops a NaN in b.
+template <typename T>
+inline T nan_max(T a, T b) {
+  return (a > b || a != a) ? a : b;
+}
+
 template <typename T>
 T row_max(const T* x, int64_t n) {
   using V = Vectorized<T>;
@@ -73,9 +87,27 @@ T row_max(const T* x, int64_t n) {
   T lanes[V::size()];
   acc.store(lanes);
   T m = lanes[0];
-  for (int64_t c2 = 1; c2 < V::size(); ++c2) m = std::max(m, lanes[c2]);
-  for (; c < n; ++c) m = std::max(m, x[c]);
+  for (int64_t c2 = 1; c2 < V::size(); ++c2) m = nan_max(m, lanes[c2]);
+  for (; c < n; ++c) m = nan_max(m, x[c]);
   return m;
+}
+
+// True when x[0, n) holds no NaN and no +-inf (x - x is 0 exactly for finite x, NaN otherwise).
+template <typename T>
+bool all_finite(const T* x, int64_t n) {
+  using V = Vectorized<T>;
+  V acc(T(0));
+  int64_t c = 0;
+  for (; c + V::size() <= n; c += V::size()) {
+    const V e = V::loadu(x + c);
+    acc = acc + (e - e);
+  }
+  T lanes[V::size()];
+  acc.store(lanes);
+  T s = 0;
+  for (int64_t c2 = 0; c2 < V::size(); ++c2) s += lanes[c2];
+  for (; c < n; ++c) s += x[c] - x[c];
+  return s == T(0);
 }
 
 // x = exp(x - m); returns the sum.
@@ -115,7 +147,10 @@ inline int64_t valid_len(const AttnArgs& a, int64_t b, int64_t i) {
 }
 
 // The masks of csrc/common/attention.h on a block of scores S[bq x bk] (row stride ld) of head h,
-// batch b, rows i0.., keys j0..: excluded scores become -inf, a float mask is added.
+// batch b, rows i0.., keys j0.., in the reference's order (pyfastdl.reference.sdpa_like_torch):
+// valid_lens replaces scores (0 for a row of length <= 0, -inf past the length), then is_causal and a
+// bool mask *add* -inf and a float mask is added, as torch's math SDPA does -- so a NaN score (or a NaN
+// in a float mask) stays NaN and +inf + -inf gives NaN, even at a masked key.
 template <typename T>
 void apply_masks(const AttnArgs& a, T* S, int64_t ld, int64_t b, int64_t h, int64_t i0, int64_t bq, int64_t j0,
                  int64_t bk) {
@@ -123,29 +158,38 @@ void apply_masks(const AttnArgs& a, T* S, int64_t ld, int64_t b, int64_t h, int6
   for (int64_t r = 0; r < bq; ++r) {
     const int64_t i = i0 + r;
     T* row = S + r * ld;
-    int64_t end = bk;  // keys [0, end) of the block may take part
-    if (a.causal) end = std::min(end, std::max<int64_t>(i - j0 + 1, 0));
     if (a.valid_lens_dim) {
       const int64_t lim = valid_len(a, b, i);
-      if (lim > 0) end = std::min(end, std::max<int64_t>(lim - j0, 0));
-      else std::fill(row, row + bk, T(0));  // the notes' -1e6 fill everywhere: equal weights
+      if (lim > 0) {
+        for (int64_t c = std::max<int64_t>(lim - j0, 0); c < bk; ++c) row[c] = ninf;
+      } else {
+        std::fill(row, row + bk, T(0));  // the notes' -1e6 fill everywhere: equal weights
+      }
     }
-    for (int64_t c = end; c < bk; ++c) row[c] = ninf;
-    if (a.mask_kind == MaskKind::NONE || end == 0) continue;
+    if (a.causal)
+      for (int64_t c = std::max<int64_t>(i - j0 + 1, 0); c < bk; ++c) row[c] += ninf;
+    if (a.mask_kind == MaskKind::NONE) continue;
     const int64_t* ms = a.mask_stride;
     const int64_t base = b * ms[0] + h * ms[1] + i * ms[2] + j0 * ms[3];
     if (a.mask_kind == MaskKind::BOOL) {
       const bool* m = static_cast<const bool*>(a.mask) + base;
-      for (int64_t c = 0; c < end; ++c)
-        if (!m[c * ms[3]]) row[c] = ninf;
+      for (int64_t c = 0; c < bk; ++c)
+        if (!m[c * ms[3]]) row[c] += ninf;
     } else if (a.mask_kind == MaskKind::FLOAT32) {
       const float* m = static_cast<const float*>(a.mask) + base;
-      for (int64_t c = 0; c < end; ++c) row[c] += static_cast<T>(m[c * ms[3]]);
+      for (int64_t c = 0; c < bk; ++c) row[c] += static_cast<T>(m[c * ms[3]]);
     } else {
       const double* m = static_cast<const double*>(a.mask) + base;
-      for (int64_t c = 0; c < end; ++c) row[c] += static_cast<T>(m[c * ms[3]]);
+      for (int64_t c = 0; c < bk; ++c) row[c] += static_cast<T>(m[c * ms[3]]);
     }
   }
+}
+
+// S[bq x bk] = scale * Q K^T (Q (bq, E), K (bk, E), row-major); 0 when E = 0 (torch: an empty dot).
+template <typename T>
+void scores(const AttnArgs& a, const T* Q, const T* K, int64_t bq, int64_t bk, T* S) {
+  if (a.E == 0) std::fill(S, S + bq * bk, T(0));
+  else mm<T>(false, true, bq, bk, a.E, static_cast<T>(a.scale), Q, a.E, K, a.E, T(0), S, bk);
 }
 
 // Multiplies P[bq x bk] by the dropout keep mask / (1 - p) (the forward's and the backward's mask).
@@ -161,14 +205,66 @@ void apply_dropout(const AttnArgs& a, T* P, int64_t ld, int64_t b, int64_t h, in
   }
 }
 
-// Last key block (exclusive end) that query rows [i0, i0 + bq) can see, from the masks that are the
-// same for a whole block: causal and 1-D valid_lens.
+// Last key (exclusive end) that query rows [.., i_last] can see, from the masks that are the same for a
+// whole block: causal and 1-D valid_lens.
 int64_t key_end(const AttnArgs& a, int64_t b, int64_t i_last) {
   int64_t end = a.S;
   if (a.causal) end = std::min(end, i_last + 1);
   if (a.valid_lens_dim == 1 && a.valid_lens[b] > 0) end = std::min(end, a.valid_lens[b]);
   return std::max<int64_t>(end, 0);
 }
+
+// Whether blocks that causal / 1-D valid_lens mask may be skipped at all: not with a float mask (a NaN
+// in it at a masked key still makes the row NaN).
+bool may_skip(const AttnArgs& a) {
+  return (a.causal || a.valid_lens_dim == 1) &&
+         (a.mask_kind == MaskKind::NONE || a.mask_kind == MaskKind::BOOL);
+}
+
+// Whether the BLAS runs single-threaded inside our own tasks, so that a task's bits do not depend on
+// the thread count (MKL would use its own threads when called outside an OpenMP region, i.e. whenever
+// at::parallel_for runs the tasks inline). MKL: mkl_set_num_threads_local(1) for the calling thread;
+// restored at the end of the task range.
+class BlasSingleThread {
+ public:
+  BlasSingleThread() {
+    if (set_) previous_ = set_(1);
+  }
+  ~BlasSingleThread() {
+    if (set_) set_(previous_);
+  }
+  BlasSingleThread(const BlasSingleThread&) = delete;
+  BlasSingleThread& operator=(const BlasSingleThread&) = delete;
+
+ private:
+  using SetFn = int (*)(int);
+  static inline const SetFn set_ = reinterpret_cast<SetFn>(dlsym(RTLD_DEFAULT, "MKL_Set_Num_Threads_Local"));
+  int previous_ = 0;
+};
+
+// A zeroed scratch array of n T, 64-byte aligned: MKL may pick its code path by the alignment of its
+// operands, and the heap's alignment differs between threads -- so unaligned scratch could make the
+// bits depend on which thread ran a task.
+template <typename T>
+class Scratch {
+ public:
+  explicit Scratch(int64_t n)
+      : p_(static_cast<T*>(std::aligned_alloc(64, (std::max<int64_t>(n, 1) * sizeof(T) + 63) / 64 * 64))), n_(n) {
+    TORCH_CHECK(p_ != nullptr, "attention: out of memory for ", n, " scratch elements");
+    std::fill(p_, p_ + n_, T(0));
+  }
+  ~Scratch() { std::free(p_); }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  T* data() const { return p_; }
+  T* begin() const { return p_; }
+  T* end() const { return p_ + n_; }
+  T& operator[](int64_t i) const { return p_[i]; }
+
+ private:
+  T* p_;
+  int64_t n_;
+};
 
 template <typename T>
 void fwd(const AttnArgs& a) {
@@ -177,8 +273,20 @@ void fwd(const AttnArgs& a) {
   const T* k = static_cast<const T*>(a.k);
   const T* v = static_cast<const T*>(a.v);
   T* out = static_cast<T*>(a.out);
+  const T ninf = -std::numeric_limits<T>::infinity();
+  // Per key/value head (b, hk): K or V holds a NaN or an Inf, so masked keys still matter (NaN + -inf,
+  // 0 * inf in P V) and no key block is skipped.
+  std::vector<char> kv_bad;
+  if (may_skip(a)) {
+    kv_bad.assign(a.B * a.Hk, 0);
+    at::parallel_for(0, a.B * a.Hk, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t)
+        kv_bad[t] = !all_finite(k + t * a.S * a.E, a.S * a.E) || !all_finite(v + t * a.S * a.Ev, a.S * a.Ev);
+    });
+  }
   at::parallel_for(0, a.B * a.Hq * nqb, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<T> S(kBq * kBk), O(kBq * a.Ev), m(kBq), l(kBq);
+    BlasSingleThread blas1;
+    Scratch<T> S(kBq * kBk), O(kBq * a.Ev), m(kBq), l(kBq);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t bh = t / nqb, b = bh / a.Hq, h = bh % a.Hq;
       const int64_t i0 = (t % nqb) * kBq, bq = std::min(kBq, a.L - i0);
@@ -186,17 +294,21 @@ void fwd(const AttnArgs& a) {
       const T* K = k + (b * a.Hk + h / group) * a.S * a.E;
       const T* Vv = v + (b * a.Hk + h / group) * a.S * a.Ev;
       std::fill(O.begin(), O.end(), T(0));
-      std::fill(m.begin(), m.end(), -std::numeric_limits<T>::infinity());
+      std::fill(m.begin(), m.end(), ninf);
       std::fill(l.begin(), l.end(), T(0));
-      const int64_t jend = key_end(a, b, i0 + bq - 1);
+      int64_t jend = a.S;
+      if (may_skip(a)) {
+        jend = key_end(a, b, i0 + bq - 1);
+        if (jend < a.S && (kv_bad[b * a.Hk + h / group] || !all_finite(Q, bq * a.E))) jend = a.S;
+      }
       for (int64_t j0 = 0; j0 < jend; j0 += kBk) {
         const int64_t bk = std::min(kBk, a.S - j0);
-        mm<T>(false, true, bq, bk, a.E, static_cast<T>(a.scale), Q, a.E, K + j0 * a.E, a.E, T(0), S.data(), bk);
+        scores(a, Q, K + j0 * a.E, bq, bk, S.data());
         apply_masks(a, S.data(), bk, b, h, i0, bq, j0, bk);
         for (int64_t r = 0; r < bq; ++r) {
           T* row = S.data() + r * bk;
-          const T m_new = std::max(m[r], row_max(row, bk));
-          if (m_new == -std::numeric_limits<T>::infinity()) {  // nothing seen yet in this row
+          const T m_new = nan_max(m[r], row_max(row, bk));  // NaN once any score of the row is NaN
+          if (m_new == ninf) {  // nothing seen yet in this row
             std::fill(row, row + bk, T(0));
             continue;
           }
@@ -211,9 +323,9 @@ void fwd(const AttnArgs& a) {
       for (int64_t r = 0; r < bq; ++r) {
         T* dst = out + (bh * a.L + i0 + r) * a.Ev;
         T* lse = static_cast<T*>(a.lse) + bh * a.L + i0 + r;
-        if (l[r] == T(0)) {  // a fully masked row: zeros, as torch
-          std::fill(dst, dst + a.Ev, T(0));
-          *lse = -std::numeric_limits<T>::infinity();
+        if (l[r] == T(0)) {  // a fully masked row: P = 0, out = 0 V (0, or NaN where V is not finite, as torch)
+          std::copy(O.begin() + r * a.Ev, O.begin() + (r + 1) * a.Ev, dst);
+          *lse = ninf;
         } else {
           const T inv = T(1) / l[r];
           for (int64_t c = 0; c < a.Ev; ++c) dst[c] = O[r * a.Ev + c] * inv;
@@ -224,6 +336,15 @@ void fwd(const AttnArgs& a) {
   });
 }
 
+// The backward's work split: key blocks kb of head (b, hk) go to partition kb % parts, one task per
+// (b, hk, partition), each with its own dQ buffer (partition 0 writes grad_q itself). parts depends on
+// the shapes only -- never on the thread count -- so the sums, and their bits, do too. About 32 tasks
+// when the heads alone give fewer; at most 8 dQ buffers.
+int64_t bwd_parts(const AttnArgs& a, int64_t nkb) {
+  const int64_t heads = std::max<int64_t>(a.B * a.Hk, 1);
+  return std::max<int64_t>(1, std::min<int64_t>({nkb, 8, (32 + heads - 1) / heads}));
+}
+
 template <typename T>
 void bwd(const AttnArgs& a) {
   const int64_t nkb = (a.S + kBk - 1) / kBk, group = a.Hq / a.Hk;
@@ -231,10 +352,13 @@ void bwd(const AttnArgs& a) {
   const T* k = static_cast<const T*>(a.k);
   const T* v = static_cast<const T*>(a.v);
   const T* o = static_cast<const T*>(a.out);
+  const T* lse_all = static_cast<const T*>(a.lse);
   const T* dout = static_cast<const T*>(a.grad_out);
   T* dq = static_cast<T*>(a.grad_q);
   T* dk = static_cast<T*>(a.grad_k);
   T* dv = static_cast<T*>(a.grad_v);
+  T* dmask = static_cast<T*>(a.grad_mask);
+  const bool need_ds = dq != nullptr || dk != nullptr || dmask != nullptr;
   const int64_t rows = a.B * a.Hq * a.L;
   // delta_i = sum_c dO_ic O_ic (the row term of the softmax backward)
   std::vector<T> delta(rows);
@@ -245,33 +369,54 @@ void bwd(const AttnArgs& a) {
       delta[r] = s;
     }
   });
-  const int nthreads = at::get_num_threads();
-  std::vector<std::vector<T>> dq_part(nthreads);
+  // Per key/value head (b, hk): some input of its blocks is not finite (K, V, Q, delta -- not finite
+  // when dO or out is not -- or an lse that is NaN / +inf), so the blocks that masks let us skip may
+  // hold NaN (0 * inf) as they do in torch: skip nothing there.
+  std::vector<char> head_bad;
+  if (may_skip(a)) {
+    head_bad.assign(a.B * a.Hk, 0);
+    at::parallel_for(0, a.B * a.Hk, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        bool ok = all_finite(k + t * a.S * a.E, a.S * a.E) && all_finite(v + t * a.S * a.Ev, a.S * a.Ev);
+        const int64_t bh0 = (t / a.Hk) * a.Hq + (t % a.Hk) * group;  // first query head of the group
+        ok = ok && all_finite(q + bh0 * a.L * a.E, group * a.L * a.E) && all_finite(delta.data() + bh0 * a.L, group * a.L);
+        for (int64_t r = bh0 * a.L; ok && r < (bh0 + group) * a.L; ++r)
+          ok = !(lse_all[r] != lse_all[r] || lse_all[r] == std::numeric_limits<T>::infinity());
+        head_bad[t] = !ok;
+      }
+    });
+  }
+  const int64_t parts = bwd_parts(a, nkb);
+  // dQ buffers of partitions 1.. (partition 0 accumulates into grad_q, zeroed by the launcher)
+  std::vector<std::unique_ptr<Scratch<T>>> dq_part(dq != nullptr ? parts - 1 : 0);
+  for (auto& part : dq_part) part = std::make_unique<Scratch<T>>(rows * a.E);
   const T ninf = -std::numeric_limits<T>::infinity();
-  at::parallel_for(0, a.B * a.Hk * nkb, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<T>& dqp = dq_part[at::get_thread_num()];
-    if (dqp.empty()) dqp.assign(rows * a.E, T(0));
-    std::vector<T> P(kBq * kBk), Pd(kBq * kBk), dP(kBq * kBk), dK(kBk * a.E), dV(kBk * a.Ev);
+  at::parallel_for(0, a.B * a.Hk * parts, 1, [&](int64_t t0, int64_t t1) {
+    BlasSingleThread blas1;
+    Scratch<T> P(kBq * kBk), Pd(kBq * kBk), dP(kBq * kBk), dK(kBk * a.E), dV(kBk * a.Ev);
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t bhk = t / nkb, b = bhk / a.Hk, hk = bhk % a.Hk;
-      const int64_t j0 = (t % nkb) * kBk, bk = std::min(kBk, a.S - j0);
-      const T* K = k + (bhk * a.S + j0) * a.E;
-      const T* Vv = v + (bhk * a.S + j0) * a.Ev;
-      std::fill(dK.begin(), dK.end(), T(0));
-      std::fill(dV.begin(), dV.end(), T(0));
-      if (!(a.valid_lens_dim == 1 && a.valid_lens[b] > 0 && j0 >= a.valid_lens[b])) {
-        for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+      const int64_t bhk = t / parts, part = t % parts, b = bhk / a.Hk, hk = bhk % a.Hk;
+      T* dqp = dq == nullptr ? nullptr : part == 0 ? dq : dq_part[part - 1]->data();
+      const bool skip_ok = may_skip(a) && !head_bad[bhk];
+      for (int64_t kb = part; kb < nkb; kb += parts) {
+        const int64_t j0 = kb * kBk, bk = std::min(kBk, a.S - j0);
+        const T* K = k + (bhk * a.S + j0) * a.E;
+        const T* Vv = v + (bhk * a.S + j0) * a.Ev;
+        std::fill(dK.begin(), dK.end(), T(0));
+        std::fill(dV.begin(), dV.end(), T(0));
+        const bool keys_dead = skip_ok && a.valid_lens_dim == 1 && a.valid_lens[b] > 0 && j0 >= a.valid_lens[b];
+        for (int64_t h = hk * group; !keys_dead && h < (hk + 1) * group; ++h) {
           const int64_t bh = b * a.Hq + h;
-          for (int64_t i0 = a.causal ? j0 / kBq * kBq : 0; i0 < a.L; i0 += kBq) {
+          for (int64_t i0 = skip_ok && a.causal ? j0 / kBq * kBq : 0; i0 < a.L; i0 += kBq) {
             const int64_t bq = std::min(kBq, a.L - i0);
             const T* Q = q + (bh * a.L + i0) * a.E;
             const T* dO = dout + (bh * a.L + i0) * a.Ev;
-            mm<T>(false, true, bq, bk, a.E, static_cast<T>(a.scale), Q, a.E, K, a.E, T(0), P.data(), bk);
+            scores(a, Q, K, bq, bk, P.data());
             apply_masks(a, P.data(), bk, b, h, i0, bq, j0, bk);
             for (int64_t r = 0; r < bq; ++r) {
-              const T lse = static_cast<const T*>(a.lse)[bh * a.L + i0 + r];
+              const T lse = lse_all[bh * a.L + i0 + r];
               T* row = P.data() + r * bk;
-              if (lse == ninf) std::fill(row, row + bk, T(0));
+              if (lse == ninf) std::fill(row, row + bk, T(0));  // no key in the row: P = 0
               else exp_sub_sum(row, bk, lse);
             }
             const T* Pv = P.data();
@@ -280,7 +425,9 @@ void bwd(const AttnArgs& a) {
               apply_dropout(a, Pd.data(), bk, b, h, i0, bq, j0, bk);
               Pv = Pd.data();
             }
-            mm<T>(true, false, bk, a.Ev, bq, T(1), Pv, bk, dO, a.Ev, T(1), dV.data(), a.Ev);  // dV += Pd^T dO
+            if (dv != nullptr)
+              mm<T>(true, false, bk, a.Ev, bq, T(1), Pv, bk, dO, a.Ev, T(1), dV.data(), a.Ev);  // dV += Pd^T dO
+            if (!need_ds) continue;
             mm<T>(false, true, bq, bk, a.Ev, T(1), dO, a.Ev, Vv, a.Ev, T(0), dP.data(), bk);  // dPd = dO V^T
             if (a.dropout_p > 0) apply_dropout(a, dP.data(), bk, b, h, i0, bq, j0, bk);
             for (int64_t r = 0; r < bq; ++r) {  // dS = P (dP - delta), in place in dP
@@ -288,24 +435,29 @@ void bwd(const AttnArgs& a) {
               T* ds = dP.data() + r * bk;
               const T* p = P.data() + r * bk;
               for (int64_t c = 0; c < bk; ++c) ds[c] = p[c] * (ds[c] - d);
+              if (dmask != nullptr)  // the float mask is added to the scores: its gradient is dS
+                std::copy(ds, ds + bk, dmask + (bh * a.L + i0 + r) * a.S + j0);
               if (a.valid_lens_dim && valid_len(a, b, i0 + r) <= 0)  // constant scores: no gradient to q, k
                 std::fill(ds, ds + bk, T(0));
             }
-            mm<T>(true, false, bk, a.E, bq, static_cast<T>(a.scale), dP.data(), bk, Q, a.E, T(1), dK.data(), a.E);
-            mm<T>(false, false, bq, a.E, bk, static_cast<T>(a.scale), dP.data(), bk, K, a.E, T(1),
-                  dqp.data() + (bh * a.L + i0) * a.E, a.E);
+            if (a.E == 0) continue;
+            if (dk != nullptr)
+              mm<T>(true, false, bk, a.E, bq, static_cast<T>(a.scale), dP.data(), bk, Q, a.E, T(1), dK.data(), a.E);
+            if (dqp != nullptr)
+              mm<T>(false, false, bq, a.E, bk, static_cast<T>(a.scale), dP.data(), bk, K, a.E, T(1),
+                    dqp + (bh * a.L + i0) * a.E, a.E);
           }
         }
+        if (dk != nullptr) std::copy(dK.begin(), dK.begin() + bk * a.E, dk + (bhk * a.S + j0) * a.E);
+        if (dv != nullptr) std::copy(dV.begin(), dV.begin() + bk * a.Ev, dv + (bhk * a.S + j0) * a.Ev);
       }
-      std::copy(dK.begin(), dK.begin() + bk * a.E, dk + (bhk * a.S + j0) * a.E);
-      std::copy(dV.begin(), dV.begin() + bk * a.Ev, dv + (bhk * a.S + j0) * a.Ev);
     }
   });
+  if (dq_part.empty()) return;
   at::parallel_for(0, rows * a.E, 4096, [&](int64_t e0, int64_t e1) {
     for (int64_t e = e0; e < e1; ++e) {
-      T s = 0;
-      for (const auto& part : dq_part)
-        if (!part.empty()) s += part[e];
+      T s = dq[e];
+      for (const auto& part : dq_part) s += (*part)[e];
       dq[e] = s;
     }
   });

@@ -25,9 +25,10 @@ struct AttnArgs {
   bool causal = false;
   double dropout_p = 0;
   uint64_t seed = 0, offset = 0;
-  // backward
+  // backward: a gradient pointer that is null is not computed (the op's output_mask)
   const void* grad_out = nullptr;       // (B, Hq, L, Ev)
-  void *grad_q = nullptr, *grad_k = nullptr, *grad_v = nullptr;
+  void *grad_q = nullptr, *grad_k = nullptr, *grad_v = nullptr;  // (B, Hq, L, E), (B, Hk, S, E), (B, Hk, S, Ev)
+  void* grad_mask = nullptr;            // (B, Hq, L, S) contiguous T, zeroed: dL/d(attn_mask) = dS
 };
 
 struct AttentionKernels {

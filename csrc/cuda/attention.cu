@@ -13,6 +13,14 @@
 // group and their query tiles (causal: from the first tile that reaches the key tile): P = exp(S - lse),
 // dV += P_drop^T dO, dP = dO V^T, dS = P * (dP_drop - delta), dK += dS^T Q, and dQ += dS K goes to a
 // zeroed acc_t buffer through atomicAdd (dQ is therefore not bitwise deterministic; dK, dV are).
+// dS itself is the gradient of a float attn_mask (each (b, h, i, j) is visited by one block). Only the
+// gradients the op's output_mask asks for are computed.
+//
+// NaN and Inf as torch's math SDPA (common/attention.h): masks add -inf to the score (NaN stays NaN),
+// the row max propagates NaN (fmaxf and a plain `>` drop it), a row with l = NaN is live (out and lse
+// NaN), and the causal skip of key tiles (forward) / query tiles (backward) is off for a key/value
+// head whose inputs hold a NaN or an Inf (flags from the launcher, `bad`) or, in the forward, for a
+// query tile that does.
 //
 // Matrix products run through block_mma(): float16/bfloat16 use tensor cores (nvcuda::wmma 16x16x16,
 // float accumulation; P and dS are rounded to the input dtype before their products, as
@@ -36,6 +44,7 @@
 #include <mma.h>
 
 #include <cmath>
+#include <array>
 #include <cstdint>
 #include <limits>
 #include <optional>
@@ -85,10 +94,18 @@ struct AttnParams {
   const scalar_t* o;     // (B, Hq, L, Ev) strides o_sb, o_sh, o_sl
   int64_t do_sb, do_sh, do_sl, o_sb, o_sh, o_sl;
   void* delta;    // (B, Hq, L) acc_t
-  void* dq_acc;   // (B, Hq, L, E) acc_t, zeroed
-  scalar_t* dk;   // (B, Hk, S, E) contiguous
-  scalar_t* dv;   // (B, Hk, S, Ev) contiguous
+  void* dq_acc;   // (B, Hq, L, E) acc_t, zeroed; null when grad_q is not asked for
+  scalar_t* dk;   // (B, Hk, S, E) contiguous; null when not asked for
+  scalar_t* dv;   // (B, Hk, S, Ev) contiguous; null when not asked for
+  void* dmask;    // (B, Hq, L, S) acc_t contiguous, zeroed: dS, a float attn_mask's gradient; or null
+  const bool* bad;  // (B, Hk): a NaN / Inf in the head's inputs, no causal skip there; null if not causal
 };
+
+// max(a, b) that propagates NaN (a plain `>` or fmaxf drops a NaN in one operand).
+template <typename acc_t>
+__device__ __forceinline__ acc_t nan_max(acc_t a, acc_t b) {
+  return (a > b || a != a) ? a : b;
+}
 
 template <typename T>
 constexpr bool kUseWmma = std::is_same_v<T, at::Half> || std::is_same_v<T, at::BFloat16>;
@@ -146,24 +163,26 @@ __device__ __forceinline__ bool dropout_keep(const AttnParams<scalar_t>& p, int6
   return static_cast<uint64_t>(philox_first_word(p.seed, p.offset + lin)) >= p.drop_thresh;
 }
 
-// The scaled, masked score of query i and key j from the raw dot product q_i . k_j; -inf when the key
-// takes no part in row i's softmax (also for i >= L or j >= S, the tiles' padding).
+// The scaled, masked score of query i and key j from the raw dot product q_i . k_j, in the reference's
+// order: valid_lens *replaces* the score (0 for a row of length <= 0, -inf past the length), is_causal
+// and a bool mask *add* -inf, a float mask is added -- a NaN score or mask value stays NaN at a masked
+// key, as in torch's math SDPA. -inf for i >= L or j >= S (the tiles' padding).
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ acc_t masked_score(const AttnParams<scalar_t>& p, int64_t b, int64_t h, int64_t i,
                                               int64_t j, acc_t raw) {
   if (i >= p.L || j >= p.S) return neg_inf<acc_t>();
-  if (p.causal && j > i) return neg_inf<acc_t>();
   acc_t s = raw * static_cast<acc_t>(p.scale);
   if (p.valid_lens != nullptr) {
     const int64_t vl = p.valid_lens[b * p.vl_sb + i * p.vl_sl];
-    if (vl > 0 && j >= vl) return neg_inf<acc_t>();
     if (vl <= 0) s = acc_t(0);  // the notes' -1e6 fill on the whole row: every key weighs the same
+    else if (j >= vl) s = neg_inf<acc_t>();
   }
+  if (p.causal && j > i) s += neg_inf<acc_t>();
   if (p.mask_kind != kMaskNone) {
     const int64_t off = b * p.m_sb + h * p.m_sh + i * p.m_sl + j * p.m_ss;
     switch (p.mask_kind) {
       case kMaskBool:
-        if (!static_cast<const bool*>(p.mask)[off]) return neg_inf<acc_t>();
+        if (!static_cast<const bool*>(p.mask)[off]) s += neg_inf<acc_t>();
         break;
       case kMaskFloat:
         s += static_cast<acc_t>(static_cast<const float*>(p.mask)[off]);
@@ -343,11 +362,20 @@ __global__ void __launch_bounds__(kThreads) _attention_fwd_kernel(const AttnPara
 
   load_tile<scalar_t, BM, D, LDI>(Qs, p.q + b * p.q_sb + h * p.q_sh + i0 * p.q_sl, p.q_sl, p.L - i0, p.E);
   for (int idx = tid; idx < BM * D; idx += kThreads) Os[(idx / D) * LDO + idx % D] = acc_t(0);
+  // a NaN / Inf in this Q tile: the causal skip is off (masked scores may be NaN, as in torch)
+  int q_bad = 0;
+  if (p.causal) {
+    for (int idx = tid; idx < BM * D; idx += kThreads) {
+      const acc_t x = static_cast<acc_t>(Qs[(idx / D) * LDI + idx % D]);
+      q_bad |= !(x - x == acc_t(0));
+    }
+  }
+  q_bad = __syncthreads_or(q_bad);
 
   const scalar_t* kg = p.k + b * p.k_sb + hk * p.k_sh;
   const scalar_t* vg = p.v + b * p.v_sb + hk * p.v_sh;
   int64_t n_kt = (p.S + BN - 1) / BN;
-  if (p.causal) {
+  if (p.causal && !q_bad && !p.bad[b * p.Hk + hk]) {
     const int64_t last = (i0 + BM < p.L ? i0 + BM : p.L) - 1;
     n_kt = n_kt < last / BN + 1 ? n_kt : last / BN + 1;
   }
@@ -368,14 +396,14 @@ __global__ void __launch_bounds__(kThreads) _attention_fwd_kernel(const AttnPara
     for (int c = sub; c < BN; c += TPR) {
       const acc_t s = masked_score<scalar_t, acc_t>(p, b, h, i, j0 + c, Ss[r * LDS + c]);
       Ss[r * LDS + c] = s;
-      tmax = s > tmax ? s : tmax;
+      tmax = nan_max(tmax, s);
     }
 #pragma unroll
     for (int off = TPR / 2; off > 0; off >>= 1) {
       const acc_t o = __shfl_xor_sync(0xffffffffu, tmax, off);
-      tmax = o > tmax ? o : tmax;
+      tmax = nan_max(tmax, o);
     }
-    const acc_t m_new = tmax > m_i ? tmax : m_i;
+    const acc_t m_new = nan_max(m_i, tmax);  // NaN once any score of the row is NaN
     const acc_t m_use = m_new == neg_inf<acc_t>() ? acc_t(0) : m_new;  // all -inf so far: p = 0
     const acc_t alpha = exp_acc(m_i - m_use);
     acc_t lsum = acc_t(0);
@@ -397,8 +425,8 @@ __global__ void __launch_bounds__(kThreads) _attention_fwd_kernel(const AttnPara
   __syncthreads();
 
   if (i < p.L) {
-    const bool live = l_i > acc_t(0);
-    const acc_t inv_l = live ? acc_t(1) / l_i : acc_t(0);
+    const bool live = !(l_i == acc_t(0));  // NaN is live: out and lse NaN
+    const acc_t inv_l = live ? acc_t(1) / l_i : acc_t(1);  // a row with no key: out = 0 V (0, or NaN by 0 * inf)
     scalar_t* og = p.out + (bh * p.L + i) * p.Ev;
     for (int c = sub; c < p.Ev; c += TPR) og[c] = static_cast<scalar_t>(Os[r * LDO + c] * inv_l);
     if (sub == 0) {
@@ -467,7 +495,8 @@ __global__ void __launch_bounds__(kThreads) _attention_bwd_kernel(const AttnPara
     dVs[(idx / D) * LDO + idx % D] = acc_t(0);
   }
   const int64_t n_qt = (p.L + BM - 1) / BM;
-  const int64_t qt_begin = p.causal ? j0 / BM : 0;  // causal: rows i < j0 see no key of this tile
+  // causal: rows i < j0 see no key of this tile -- skipped unless the head holds a NaN / Inf
+  const int64_t qt_begin = p.causal && !p.bad[bhk] ? j0 / BM : 0;
 
   for (int64_t g = 0; g < G; ++g) {
     const int64_t h = hk * G + g;
@@ -498,15 +527,20 @@ __global__ void __launch_bounds__(kThreads) _attention_bwd_kernel(const AttnPara
         Ps[r * LDP + c] = static_cast<scalar_t>(pv * kf);
         // a row with valid length <= 0 has constant scores (csrc/common/attention.h): no gradient to q, k
         const bool constant_row = p.valid_lens != nullptr && i < p.L && p.valid_lens[b * p.vl_sb + i * p.vl_sl] <= 0;
-        dSs[r * LDP + c] = constant_row ? scalar_t(0) : static_cast<scalar_t>(pv * (dPs[r * LDS + c] * kf - delta_s[r]));
+        const acc_t ds = pv * (dPs[r * LDS + c] * kf - delta_s[r]);
+        if (p.dmask != nullptr && i < p.L && j < p.S) static_cast<acc_t*>(p.dmask)[(bh * p.L + i) * p.S + j] = ds;
+        dSs[r * LDP + c] = constant_row ? scalar_t(0) : static_cast<scalar_t>(ds);
       }
       __syncthreads();
-      block_mma<scalar_t, acc_t, BN, D, true, false>(Ps, LDP, dOs, LDI, dVs, LDO, Ev, BM, true);   // dV += P^T dO
-      block_mma<scalar_t, acc_t, BN, D, true, false>(dSs, LDP, Qs, LDI, dKs, LDO, E, BM, true);    // dK += dS^T Q
-      block_mma<scalar_t, acc_t, BM, D, false, false>(dSs, LDP, Ks, LDI, dQs, LDO, E, BN, false); // dQ = dS K
+      if (p.dv != nullptr)
+        block_mma<scalar_t, acc_t, BN, D, true, false>(Ps, LDP, dOs, LDI, dVs, LDO, Ev, BM, true);   // dV += P^T dO
+      if (p.dk != nullptr)
+        block_mma<scalar_t, acc_t, BN, D, true, false>(dSs, LDP, Qs, LDI, dKs, LDO, E, BM, true);    // dK += dS^T Q
+      if (dq_acc != nullptr)
+        block_mma<scalar_t, acc_t, BM, D, false, false>(dSs, LDP, Ks, LDI, dQs, LDO, E, BN, false); // dQ = dS K
       __syncthreads();
       const int64_t rows = p.L - i0 < BM ? p.L - i0 : BM;
-      for (int idx = tid; idx < rows * E; idx += kThreads) {
+      for (int idx = tid; dq_acc != nullptr && idx < rows * E; idx += kThreads) {
         const int r = idx / E, c = idx % E;
         atomicAdd(dq_acc + (bh * p.L + i0 + r) * p.E + c, scale * dQs[r * LDO + c]);
       }
@@ -514,11 +548,11 @@ __global__ void __launch_bounds__(kThreads) _attention_bwd_kernel(const AttnPara
   }
   __syncthreads();
   const int64_t keys = p.S - j0 < BN ? p.S - j0 : BN;
-  for (int64_t idx = tid; idx < keys * E; idx += kThreads) {
+  for (int64_t idx = tid; p.dk != nullptr && idx < keys * E; idx += kThreads) {
     const int64_t r = idx / E, c = idx % E;
     p.dk[(bhk * p.S + j0 + r) * p.E + c] = static_cast<scalar_t>(scale * dKs[r * LDO + c]);
   }
-  for (int64_t idx = tid; idx < keys * Ev; idx += kThreads) {
+  for (int64_t idx = tid; p.dv != nullptr && idx < keys * Ev; idx += kThreads) {
     const int64_t r = idx / Ev, c = idx % Ev;
     p.dv[(bhk * p.S + j0 + r) * p.Ev + c] = static_cast<scalar_t>(dVs[r * LDO + c]);
   }
@@ -626,6 +660,22 @@ void launch_bwd(const AttnParams<scalar_t>& p, cudaStream_t stream) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// (B, Hk) bool flags, only for is_causal: the key/value head's K or V -- and, given q, delta and lse
+// (backward), the Q, delta (not finite when dO or out is not) or lse (NaN or +inf) of its query heads
+// -- hold a NaN or an Inf, so the kernels skip no masked tile there. Device-side ATen ops, no sync.
+at::Tensor nonfinite_heads(const at::Tensor& k, const at::Tensor& v, const at::Tensor& q = at::Tensor(),
+                           const at::Tensor& delta = at::Tensor(), const at::Tensor& lse = at::Tensor()) {
+  const int64_t B = k.size(0), Hk = k.size(1);
+  at::Tensor bad = at::isfinite(k).flatten(2).all(-1).logical_and(at::isfinite(v).flatten(2).all(-1)).logical_not();
+  if (q.defined()) {
+    at::Tensor qb = at::isfinite(q).flatten(2).all(-1).logical_not();
+    qb = qb.logical_or(at::isfinite(delta).all(-1).logical_not());
+    qb = qb.logical_or(at::isnan(lse).logical_or(at::isposinf(lse)).any(-1));
+    bad = bad.logical_or(qb.reshape({B, Hk, q.size(1) / Hk}).any(-1));
+  }
+  return bad.contiguous();
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -645,10 +695,13 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const
   const at::Tensor qc = unit_last_stride(q), kc = unit_last_stride(k), vc = unit_last_stride(v);
   const at::Tensor vl = prepare_valid_lens(valid_lens);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const at::Tensor bad = is_causal ? nonfinite_heads(kc, vc) : at::Tensor();
+  const double sc = q.size(3) == 0 ? 0.0 : scale;  // E = 0: scores 0 whatever the scale (torch's 1 / sqrt(0))
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_fwd_cuda", [&] {
-    AttnParams<scalar_t> p = make_params<scalar_t>(qc, kc, vc, attn_mask, vl, is_causal, scale, dropout_p, seed, offset);
+    AttnParams<scalar_t> p = make_params<scalar_t>(qc, kc, vc, attn_mask, vl, is_causal, sc, dropout_p, seed, offset);
     p.out = out.mutable_data_ptr<scalar_t>();
     p.lse = lse.mutable_data_ptr();
+    p.bad = bad.defined() ? bad.const_data_ptr<bool>() : nullptr;
     if (D == 64) launch_fwd<scalar_t, 64>(p, stream);
     else if (D == 128) launch_fwd<scalar_t, 128>(p, stream);
     else launch_fwd<scalar_t, 256>(p, stream);
@@ -656,13 +709,14 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& valid_lens,
-    bool is_causal, double scale, double dropout_p, int64_t seed, int64_t offset) {
+    bool is_causal, double scale, double dropout_p, int64_t seed, int64_t offset, std::array<bool, 4> output_mask) {
   constexpr const char* op = "attention_bwd";
   attention::check(op, q, k, v, attn_mask, valid_lens, dropout_p);
   attention::check_bwd_tensors(op, grad_out, out, lse, q, v);
+  attention::check_output_mask(op, attn_mask, output_mask);
   check_cuda(op, q);
   const int D = head_dim_bucket(q.size(3), v.size(3), op);
   TORCH_CHECK(k.size(0) * k.size(1) <= std::numeric_limits<int32_t>::max(), op, ": B * Hk is too large");
@@ -670,39 +724,49 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   const int64_t B = q.size(0), Hq = q.size(1), L = q.size(2), E = q.size(3);
   const int64_t Hk = k.size(1), S = k.size(2), Ev = v.size(3);
   const at::ScalarType acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor dq_acc = at::zeros({B, Hq, L, E}, q.options().dtype(acc));
-  at::Tensor grad_k = at::zeros({B, Hk, S, E}, q.options());
-  at::Tensor grad_v = at::zeros({B, Hk, S, Ev}, q.options());
-  if (B * Hq * L > 0 && S > 0) {
+  // gradients not asked for: empty (0,) tensors
+  const at::Tensor none = at::empty({0}, q.options());
+  at::Tensor dq_acc = output_mask[0] ? at::zeros({B, Hq, L, E}, q.options().dtype(acc)) : none;
+  at::Tensor grad_k = output_mask[1] ? at::zeros({B, Hk, S, E}, q.options()) : none;
+  at::Tensor grad_v = output_mask[2] ? at::zeros({B, Hk, S, Ev}, q.options()) : none;
+  at::Tensor dmask = output_mask[3] ? at::zeros({B, Hq, L, S}, q.options().dtype(acc)) : none;
+  const bool any = output_mask[0] || output_mask[1] || output_mask[2] || output_mask[3];
+  if (any && B * Hq * L > 0 && S > 0 && Ev > 0) {
     const at::Tensor qc = unit_last_stride(q), kc = unit_last_stride(k), vc = unit_last_stride(v);
     const at::Tensor doc = unit_last_stride(grad_out), oc = unit_last_stride(out);
     const at::Tensor lsec = lse.contiguous();
     const at::Tensor vl = prepare_valid_lens(valid_lens);
     at::Tensor delta = at::empty({B, Hq, L}, q.options().dtype(acc));
+    at::Tensor bad;
     const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+    const double sc = E == 0 ? 0.0 : scale;  // see attention_fwd_cuda
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_bwd_cuda", [&] {
       AttnParams<scalar_t> p =
-          make_params<scalar_t>(qc, kc, vc, attn_mask, vl, is_causal, scale, dropout_p, seed, offset);
+          make_params<scalar_t>(qc, kc, vc, attn_mask, vl, is_causal, sc, dropout_p, seed, offset);
       p.lse = const_cast<void*>(lsec.const_data_ptr());  // read only in the backward
       p.dout = doc.const_data_ptr<scalar_t>();
       p.o = oc.const_data_ptr<scalar_t>();
       p.do_sb = doc.stride(0), p.do_sh = doc.stride(1), p.do_sl = doc.stride(2);
       p.o_sb = oc.stride(0), p.o_sh = oc.stride(1), p.o_sl = oc.stride(2);
       p.delta = delta.mutable_data_ptr();
-      p.dq_acc = dq_acc.mutable_data_ptr();
-      p.dk = grad_k.mutable_data_ptr<scalar_t>();
-      p.dv = grad_v.mutable_data_ptr<scalar_t>();
+      p.dq_acc = output_mask[0] ? dq_acc.mutable_data_ptr() : nullptr;
+      p.dk = output_mask[1] ? grad_k.mutable_data_ptr<scalar_t>() : nullptr;
+      p.dv = output_mask[2] ? grad_v.mutable_data_ptr<scalar_t>() : nullptr;
+      p.dmask = output_mask[3] ? dmask.mutable_data_ptr() : nullptr;
       const int64_t rows = B * Hq * L;
       _attention_bwd_delta_kernel<scalar_t>
           <<<static_cast<unsigned>((rows + kWarps - 1) / kWarps), kThreads, 0, stream>>>(p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if (is_causal) bad = nonfinite_heads(kc, vc, qc, delta, lsec);
+      p.bad = bad.defined() ? bad.const_data_ptr<bool>() : nullptr;
       if (D == 64) launch_bwd<scalar_t, 64>(p, stream);
       else if (D == 128) launch_bwd<scalar_t, 128>(p, stream);
       else launch_bwd<scalar_t, 256>(p, stream);
     });
   }
-  at::Tensor grad_q = dq_acc.scalar_type() == q.scalar_type() ? dq_acc : dq_acc.to(q.scalar_type());
-  return {grad_q, grad_k, grad_v};
+  at::Tensor grad_q = !output_mask[0] || dq_acc.scalar_type() == q.scalar_type() ? dq_acc : dq_acc.to(q.scalar_type());
+  if (output_mask[3]) dmask = dmask.to(attn_mask->scalar_type());
+  return {grad_q, grad_k, grad_v, dmask};
 }
 
 }  // namespace pyfastdl
