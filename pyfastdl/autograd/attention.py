@@ -87,8 +87,11 @@ def _double_backward_grads(grad_out, q, k, v, attn_mask, valid_lens, is_causal, 
     from ..reference.attention import sdpa_like_torch
 
     backends.record("scaled_dot_product_attention_double_backward", "reference")
-    inputs = [t for t, n in zip((q, k, v, attn_mask), need) if n]
     with torch.enable_grad():
+        # fresh views: the same tensor may be passed as key and value (self-attention), and autograd.grad
+        # would then return the sum of both gradients for each
+        q, k, v, attn_mask = (t.view_as(t) if t is not None and n else t for t, n in zip((q, k, v, attn_mask), need))
+        inputs = [t for t, n in zip((q, k, v, attn_mask), need) if n]
         out = sdpa_like_torch(q, k, v, attn_mask, 0.0, is_causal, scale, enable_gqa=q.shape[1] != k.shape[1],
                               valid_lens=valid_lens)
         grads = iter(torch.autograd.grad(out, inputs, grad_out, create_graph=True, allow_unused=True))
