@@ -51,6 +51,9 @@ def batch_norm(input: torch.Tensor, running_mean: torch.Tensor | None, running_v
     Returns y of input's shape, dtype and memory format. Ioffe & Szegedy 2015; notes section 28.
     Differentiable twice: backward(create_graph=True) recomputes the forward with the reference
     math to give gradients with a graph (recorded as batch_norm_double_backward -> reference).
+    Deliberate differences from torch (pinned in tests/test_batch_norm_hardening.py): a NaN or Inf
+    momentum raises ValueError (torch accepts it and writes NaN running statistics); C = 0 with a
+    weight gives an empty result (torch raises IndexError).
     """
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"batch_norm: expected input to be a Tensor, got {type(input).__name__}")

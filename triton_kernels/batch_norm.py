@@ -140,7 +140,10 @@ def _welford_combine(mean_a, m2_a, n_a, mean_b, m2_b, n_b):
     n = n_a + n_b
     w_b = n_b / tl.where(n == 0, 1.0, n)
     delta = mean_b - mean_a
-    return mean_a + delta * w_b, m2_a + m2_b + delta * delta * n_a * w_b, n
+    # A non-finite mean_a (an inf in the data) stays what a sum would give: inf + finite = inf,
+    # inf - inf = NaN (mean_a + delta * w_b would be inf - inf = NaN for any finite mean_b).
+    mean = tl.where(mean_a - mean_a == 0.0, mean_a + delta * w_b, mean_a + mean_b)
+    return mean, m2_a + m2_b + delta * delta * n_a * w_b, n
 
 
 # =============================================================================================
@@ -161,7 +164,7 @@ def _welford_combine(mean_a, m2_a, n_a, mean_b, m2_b, n_b):
 @triton.jit
 def _batch_norm_stats_kernel(
     x_ptr,  # input, strided view (N, C, S): x[n, c, s] = x_ptr[n * stride_n + c * stride_c + s]
-    part_ptr,  # (3, P, C) ACC, out: per-program mean of (x - shift), M2, count
+    part_ptr,  # (3, P, C) float64, out: per-program mean of (x - shift), M2, count
     N, C, S, stride_n, stride_c,  # view sizes and strides (elements)
     rows_per_prog, cols_per_prog,  # rectangle of the (n, s) plane a program reduces
     num_c_blocks, num_p_s, P,  # programs: c-blocks x (P_N x P_S) rectangles
@@ -222,14 +225,19 @@ def _batch_norm_stats_kernel(
             # Welford's update. An empty lane takes d = its own mean: delta = 0, nothing changes.
             d = tl.where(mask, x - shift, mean)
             delta = d - mean
-            mean = mean + delta * rcp
-            m2 = m2 + delta * (d - mean)
+            # As in _welford_combine: once the mean is inf it stays inf (or NaN for inf - inf), as
+            # torch's sum-based mean; the plain update would give inf - inf = NaN.
+            mean_new = tl.where(mean - mean == 0.0, mean + delta * rcp, mean + tl.where(mask, d, 0.0))
+            m2 = m2 + delta * (d - mean_new)
+            mean = mean_new
 
     # Each lane's count: the row blocks that reach its row offset times its column blocks.
     rows_i = (n_end - n_begin - lane_n + BLOCK_N - 1) // BLOCK_N  # (BLOCK_N,)
     cols_k = q + long_lane.to(tl.int32)  # (BLOCK_S,)
-    count = (rows_i[:, None, None] * cols_k[None, None, :]).to(ACC) + tl.zeros_like(mean)
-    # Merge the lanes (tree over s, then over n): one summary per channel.
+    count = (rows_i[:, None, None] * cols_k[None, None, :]).to(tl.float64) + tl.zeros_like(mean).to(tl.float64)
+    # Merge the lanes (tree over s, then over n) in float64: one summary per channel, stored in
+    # float64 (a float32 tree of 2048 lanes alone cost ~1.5e-7 of the std in the mean).
+    mean, m2 = mean.to(tl.float64), m2.to(tl.float64)
     mean, m2, count = tl.reduce((mean, m2, count), 2, _welford_combine)
     mean, m2, count = tl.reduce((mean, m2, count), 0, _welford_combine)
     part = part_ptr + pid_p * C + rc
@@ -251,7 +259,7 @@ def _batch_norm_stats_kernel(
 @triton.jit
 def _batch_norm_finalize_kernel(
     x_ptr,  # input view (N, C, S), as in the stats kernel: only x[0, c, 0] (the shift) is read
-    part_ptr,  # (3, P, C) ACC: from _batch_norm_stats_kernel (unused in eval)
+    part_ptr,  # (3, P, C) float64: from _batch_norm_stats_kernel (unused in eval)
     mean_ptr, invstd_ptr,  # (C,) ACC, out: save_mean, save_invstd
     mean_lo_ptr,  # (C,) ACC, out: the rounding error of save_mean (0 in eval), see _affine
     running_mean_ptr, running_var_ptr,  # (C,) input dtype or ACC, in/out (training) or in (eval)
@@ -301,7 +309,7 @@ def _batch_norm_finalize_kernel(
         mean = mean64.to(ACC)
         mean_lo = (mean64 - mean.to(F64)).to(ACC)  # mean + mean_lo = the float64 mean
         var = m2 / n
-        invstd = (1.0 / tl.sqrt_rn(var + (tl.zeros([BLOCK_C], F64) + eps_hi + eps_lo))).to(ACC)
+        invstd = (1.0 / tl.sqrt(var + (tl.zeros([BLOCK_C], F64) + eps_hi + eps_lo))).to(ACC)
         if HAS_RUNNING:
             momentum = tl.zeros([BLOCK_C], F64) + momentum_hi + momentum_lo
             rm = tl.load(running_mean_ptr + rc, mask=c_mask, other=0.0).to(F64)
@@ -375,7 +383,7 @@ def _batch_norm_bwd_reduce_kernel(
     x_ptr,  # input view (N, C, S)
     mean_ptr, invstd_ptr,  # (C,) ACC: save_mean, save_invstd
     w_ptr, b_ptr,  # (C,) or dummies; only read for the ReLU mask
-    part_ptr,  # (2, P, C) ACC, out: sum g', sum g' * (x - mean)
+    part_ptr,  # (2, P, C) float64, out: sum g', sum g' * (x - mean)
     N, C, S, stride_n, stride_c,
     rows_per_prog, cols_per_prog,
     num_c_blocks, num_p_s, P,
@@ -419,9 +427,9 @@ def _batch_norm_bwd_reduce_kernel(
             sum_g += g
             sum_gx += g * (x - mean[None, :, None])
 
-    part = part_ptr + pid_p * C + rc
-    tl.store(part, tl.sum(tl.sum(sum_g, 2), 0), mask=c_mask)
-    tl.store(part + P * C, tl.sum(tl.sum(sum_gx, 2), 0), mask=c_mask)
+    part = part_ptr + pid_p * C + rc  # the lanes summed in float64, stored in float64
+    tl.store(part, tl.sum(tl.sum(sum_g.to(tl.float64), 2), 0), mask=c_mask)
+    tl.store(part + P * C, tl.sum(tl.sum(sum_gx.to(tl.float64), 2), 0), mask=c_mask)
 
 
 # =============================================================================================
@@ -429,7 +437,7 @@ def _batch_norm_bwd_reduce_kernel(
 # =============================================================================================
 @triton.jit
 def _batch_norm_bwd_finalize_kernel(
-    part_ptr,  # (2, P, C) ACC: from _batch_norm_bwd_reduce_kernel
+    part_ptr,  # (2, P, C) float64: from _batch_norm_bwd_reduce_kernel
     invstd_ptr,  # (C,) ACC
     grad_weight_ptr, grad_bias_ptr,  # (C,) ACC, out
     C, P,
@@ -756,7 +764,7 @@ def batch_norm_fwd(input: Tensor, weight: Optional[Tensor], bias: Optional[Tenso
 
     if training:
         r = _reduce_grid(v, x.device)
-        part = torch.empty((3, r["P"], C), dtype=acc, device=x.device)
+        part = torch.empty((3, r["P"], C), dtype=torch.float64, device=x.device)
         _batch_norm_stats_kernel[(r["num_c_blocks"] * r["P"],)](
             x, part, v.N, C, v.S, v.stride_n, v.stride_c,
             r["rows_per_prog"], r["cols_per_prog"], r["num_c_blocks"], r["p_s"], r["P"],
@@ -828,7 +836,7 @@ def batch_norm_bwd(grad_out: Tensor, input: Tensor, weight: Optional[Tensor],
 
     if need_sums or training:  # grad_weight / grad_bias, which training's grad_input also needs
         r = _reduce_grid(v, x.device)
-        part = torch.empty((2, r["P"], C), dtype=acc, device=x.device)
+        part = torch.empty((2, r["P"], C), dtype=torch.float64, device=x.device)
         _batch_norm_bwd_reduce_kernel[(r["num_c_blocks"] * r["P"],)](
             g, x, mean, invstd, w, b, part, v.N, C, v.S, v.stride_n, v.stride_c,
             r["rows_per_prog"], r["cols_per_prog"], r["num_c_blocks"], r["p_s"], r["P"],

@@ -15,7 +15,6 @@
 #include "cpu/capability.h"
 
 namespace pyfastdl {
-namespace cpu { int64_t tmp_bench_chunk = 4096; }  // TEMP
 namespace {
 
 const cpu::BatchNormKernels* kernels() {
@@ -188,10 +187,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd_cpu(
     }
   });
   return {grad_input, grad_weight, grad_bias};
-}
-
-TORCH_LIBRARY_FRAGMENT(pyfastdl_tmp, m) {  // TEMP
-  m.def("set_chunk(int c) -> ()", [](int64_t c) { cpu::tmp_bench_chunk = c; });
 }
 
 TORCH_LIBRARY_IMPL(pyfastdl, CPU, m) {

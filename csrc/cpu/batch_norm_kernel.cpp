@@ -77,7 +77,7 @@ struct ConstPtrs {
 // (before: S / (2 W) terms a lane, 2.7e-4 relative error of y at S = 2^24). Costs one horizontal
 // sum per kChunk elements. Masked tail: terms are computed into zeroed vectors and blended so
 // padding lanes add nothing.
-#define kChunk (::pyfastdl::cpu::tmp_bench_chunk)  // TEMP
+constexpr int64_t kChunk = 4096;
 
 template <typename T, typename Op>
 inline std::pair<double, double> reduce_run(const T* xr, const T* gr, int64_t S, const Consts<T>& k, Op& op) {

@@ -24,7 +24,6 @@ struct NormConsts {
 // Called once per channel by the fused kernels, from worker threads (distinct c in parallel).
 using PerChannelFn = c10::function_ref<void(int64_t c, double a, double b)>;
 
-extern int64_t tmp_bench_chunk;  // TEMP
 struct BatchNormKernels {
   // Per-channel mean and biased variance of x, numerically stable (sums shifted by the channel's
   // first element, partial sums of short runs combined in float64). mean, var: (C,) float64.

@@ -59,9 +59,6 @@ __device__ __forceinline__ double fma_acc(double a, double b, double c) { return
 __device__ __forceinline__ float welford_div(float a, float b) { return __fdividef(a, b); }
 __device__ __forceinline__ double welford_div(double a, double b) { return a / b; }
 
-__device__ __forceinline__ float sqrt_acc(float v) { return sqrtf(v); }
-__device__ __forceinline__ double sqrt_acc(double v) { return sqrt(v); }
-
 // The statistics' shift: a channel's first element, or 0 where that is not finite (an inf shift would
 // make the mean inf - inf = NaN; torch gives inf for a channel holding +inf).
 template <typename acc_t>
@@ -85,7 +82,10 @@ struct WelfordOp {
     if (n == acc_t(0)) return a;
     const acc_t fb = b.n / n;
     const acc_t delta = b.mean - a.mean;
-    return {a.mean + delta * fb, a.m2 + b.m2 + delta * delta * a.n * fb, n};
+    // A non-finite a.mean (an inf in the data) stays what a sum gives: inf + finite = inf,
+    // inf - inf = NaN (a.mean + delta * fb would be inf - inf = NaN), as torch's CPU mean.
+    const acc_t mean = a.mean - a.mean == acc_t(0) ? a.mean + delta * fb : a.mean + b.mean;
+    return {mean, a.m2 + b.m2 + delta * delta * a.n * fb, n};
   }
   static __device__ __forceinline__ T shfl_xor(const T& v, int offset) {
     return {__shfl_xor_sync(0xffffffffu, v.mean, offset), __shfl_xor_sync(0xffffffffu, v.m2, offset),
@@ -97,7 +97,8 @@ template <typename acc_t>
 __device__ __forceinline__ void welford_add(WelfordData<acc_t>& w, acc_t x) {
   w.n += acc_t(1);
   const acc_t delta = x - w.mean;
-  w.mean += welford_div(delta, w.n);
+  // Once the mean is inf it stays inf (or NaN for inf - inf), as a sum would; see WelfordOp.
+  w.mean = w.mean - w.mean == acc_t(0) ? w.mean + welford_div(delta, w.n) : w.mean + x;
   w.m2 += delta * (x - w.mean);
 }
 
@@ -255,13 +256,14 @@ __device__ __forceinline__ void for_ncs_block(int64_t n0, int64_t n1, int64_t s0
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) _batch_norm_stats_ncs_kernel(
     const scalar_t* __restrict__ input,           // (N, C, S) contiguous
-    at::opmath_type<scalar_t>* __restrict__ part,  // (3 * C * P + C,), P = gridDim.y * gridDim.z
+    double* __restrict__ part,  // (3 * C * P + C,), P = gridDim.y * gridDim.z
     int64_t N, int64_t C, int64_t S,  // sizes of the (N, C, S) view
     int64_t rows_per,  // rows n of one block: [blockIdx.y * rows_per, + rows_per)
     int64_t s_per) {   // elements s of one block: [blockIdx.z * s_per, + s_per)
   using acc_t = at::opmath_type<scalar_t>;
   using Op = WelfordOp<acc_t>;
-  __shared__ typename Op::T smem[kThreads];
+  using DOp = WelfordOp<double>;  // the block's merge and its partial in double (precision)
+  __shared__ typename DOp::T smem[kThreads];
   const int64_t c = blockIdx.x;
   const int64_t n0 = blockIdx.y * rows_per, n1 = std::min(N, n0 + rows_per);
   const int64_t s0 = blockIdx.z * s_per, s1 = std::min(S, s0 + s_per);
@@ -270,13 +272,13 @@ __global__ void __launch_bounds__(kThreads) _batch_norm_stats_ncs_kernel(
   for_ncs_block(
       n0, n1, s0, s1, [&](int64_t n, int64_t s) { return static_cast<acc_t>(input[(n * C + c) * S + s]); },
       [&](acc_t x) { welford_add(w, x - x0); });
-  w = block_reduce<Op>(w, smem, 1);
+  typename DOp::T wd = block_reduce<DOp>({w.mean, w.m2, w.n}, smem, 1);
   if (threadIdx.x == 0 && threadIdx.y == 0) {
     const int64_t P = static_cast<int64_t>(gridDim.y) * gridDim.z;
     const int64_t p = static_cast<int64_t>(blockIdx.y) * gridDim.z + blockIdx.z;
-    part[c * P + p] = w.n;
-    part[C * P + c * P + p] = w.mean;
-    part[2 * C * P + c * P + p] = w.m2;
+    part[c * P + p] = wd.n;
+    part[C * P + c * P + p] = wd.mean;
+    part[2 * C * P + c * P + p] = wd.m2;
     if (p == 0) part[3 * C * P + c] = x0;
   }
 }
@@ -284,12 +286,13 @@ __global__ void __launch_bounds__(kThreads) _batch_norm_stats_ncs_kernel(
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) _batch_norm_stats_mc_kernel(
     const scalar_t* __restrict__ input,           // (M, C) contiguous, C innermost
-    at::opmath_type<scalar_t>* __restrict__ part,  // (3 * C * P + C,), P = gridDim.y
+    double* __restrict__ part,  // (3 * C * P + C,), P = gridDim.y
     int64_t M, int64_t C,  // sizes of the (M, C) view
     int64_t rows_per) {  // rows m of one block: [blockIdx.y * rows_per, + rows_per)
   using acc_t = at::opmath_type<scalar_t>;
   using Op = WelfordOp<acc_t>;
-  __shared__ typename Op::T smem[kThreads];
+  using DOp = WelfordOp<double>;  // the block's merge and its partial in double (precision)
+  __shared__ typename DOp::T smem[kThreads];
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t m0 = blockIdx.y * rows_per, m1 = std::min(M, m0 + rows_per);
   typename Op::T w = Op::identity();
@@ -300,14 +303,14 @@ __global__ void __launch_bounds__(kThreads) _batch_norm_stats_mc_kernel(
                  [&](int64_t m) { return static_cast<acc_t>(input[m * C + c]); },
                  [&](int64_t, acc_t x) { welford_add(w, x - x0); });
   }
-  w = block_reduce<Op>(w, smem, blockDim.x);
+  typename DOp::T wd = block_reduce<DOp>({w.mean, w.m2, w.n}, smem, blockDim.x);
   // The threads with threadIdx.y == 0 hold the block's result for their channel c.
   if (threadIdx.y == 0 && c < C) {
     const int64_t P = gridDim.y;
     const int64_t p = blockIdx.y;
-    part[c * P + p] = w.n;
-    part[C * P + c * P + p] = w.mean;
-    part[2 * C * P + c * P + p] = w.m2;
+    part[c * P + p] = wd.n;
+    part[C * P + c * P + p] = wd.mean;
+    part[2 * C * P + c * P + p] = wd.m2;
     if (p == 0) part[3 * C * P + c] = x0;
   }
 }
@@ -317,7 +320,7 @@ __global__ void __launch_bounds__(kThreads) _batch_norm_stats_mc_kernel(
 // statistics. Both: scale and shift for the elementwise kernel.
 template <typename acc_t>
 __global__ void __launch_bounds__(kThreads) _batch_norm_finalize_kernel(
-    const acc_t* __restrict__ part,     // (3 * C * P + C,) training; null in eval
+    const double* __restrict__ part,    // (3 * C * P + C,) training; null in eval
     const acc_t* __restrict__ weight,   // (C,) or null
     const acc_t* __restrict__ bias,     // (C,) or null
     acc_t* __restrict__ running_mean,   // (C,) or null; read in eval, updated in training
@@ -450,14 +453,15 @@ __global__ void __launch_bounds__(kThreads) _batch_norm_bwd_reduce_ncs_kernel(
     const at::opmath_type<scalar_t>* __restrict__ invstd,   // (C,)
     const at::opmath_type<scalar_t>* __restrict__ weight,   // (C,) or null
     const at::opmath_type<scalar_t>* __restrict__ bias,     // (C,) or null
-    at::opmath_type<scalar_t>* __restrict__ part,           // (2 * C * P,), P = gridDim.y * gridDim.z
+    double* __restrict__ part,                             // (2 * C * P,), P = gridDim.y * gridDim.z
     int64_t N, int64_t C, int64_t S,  // sizes of the (N, C, S) view
     int64_t rows_per,  // rows n of one block: [blockIdx.y * rows_per, + rows_per)
     int64_t s_per,     // elements s of one block: [blockIdx.z * s_per, + s_per)
     bool relu) {
   using acc_t = at::opmath_type<scalar_t>;
   using Op = Sum2Op<acc_t>;
-  __shared__ typename Op::T smem[kThreads];
+  using DOp = Sum2Op<double>;  // the block's sum and its partial in double (precision)
+  __shared__ typename DOp::T smem[kThreads];
   const int64_t c = blockIdx.x;
   const int64_t n0 = blockIdx.y * rows_per, n1 = std::min(N, n0 + rows_per);
   const int64_t s0 = blockIdx.z * s_per, s1 = std::min(S, s0 + s_per);
@@ -476,12 +480,12 @@ __global__ void __launch_bounds__(kThreads) _batch_norm_bwd_reduce_ncs_kernel(
         acc.g += g;
         acc.gx += g * (v.x - mu);
       });
-  acc = block_reduce<Op>(acc, smem, 1);
+  const typename DOp::T sum = block_reduce<DOp>({acc.g, acc.gx}, smem, 1);
   if (threadIdx.x == 0 && threadIdx.y == 0) {
     const int64_t P = static_cast<int64_t>(gridDim.y) * gridDim.z;
     const int64_t p = static_cast<int64_t>(blockIdx.y) * gridDim.z + blockIdx.z;
-    part[c * P + p] = acc.g;
-    part[C * P + c * P + p] = acc.gx;
+    part[c * P + p] = sum.g;
+    part[C * P + c * P + p] = sum.gx;
   }
 }
 
@@ -493,13 +497,14 @@ __global__ void __launch_bounds__(kThreads) _batch_norm_bwd_reduce_mc_kernel(
     const at::opmath_type<scalar_t>* __restrict__ invstd,   // (C,)
     const at::opmath_type<scalar_t>* __restrict__ weight,   // (C,) or null
     const at::opmath_type<scalar_t>* __restrict__ bias,     // (C,) or null
-    at::opmath_type<scalar_t>* __restrict__ part,           // (2 * C * P,), P = gridDim.y
+    double* __restrict__ part,                             // (2 * C * P,), P = gridDim.y
     int64_t M, int64_t C,  // sizes of the (M, C) view
     int64_t rows_per,  // rows m of one block: [blockIdx.y * rows_per, + rows_per)
     bool relu) {
   using acc_t = at::opmath_type<scalar_t>;
   using Op = Sum2Op<acc_t>;
-  __shared__ typename Op::T smem[kThreads];
+  using DOp = Sum2Op<double>;  // the block's sum and its partial in double (precision)
+  __shared__ typename DOp::T smem[kThreads];
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t m0 = blockIdx.y * rows_per, m1 = std::min(M, m0 + rows_per);
   typename Op::T acc = Op::identity();
@@ -518,11 +523,11 @@ __global__ void __launch_bounds__(kThreads) _batch_norm_bwd_reduce_mc_kernel(
           acc.gx += g * (v.x - mu);
         });
   }
-  acc = block_reduce<Op>(acc, smem, blockDim.x);
+  const typename DOp::T sum = block_reduce<DOp>({acc.g, acc.gx}, smem, blockDim.x);
   if (threadIdx.y == 0 && c < C) {
     const int64_t P = gridDim.y;
-    part[c * P + blockIdx.y] = acc.g;
-    part[C * P + c * P + blockIdx.y] = acc.gx;
+    part[c * P + blockIdx.y] = sum.g;
+    part[C * P + c * P + blockIdx.y] = sum.gx;
   }
 }
 
@@ -531,7 +536,7 @@ __global__ void __launch_bounds__(kThreads) _batch_norm_bwd_reduce_mc_kernel(
 // k2 = grad_weight * invstd / n (training; eval: grad_input = g' * scale, k1 = k2 = 0).
 template <typename acc_t>
 __global__ void __launch_bounds__(kThreads) _batch_norm_bwd_finalize_kernel(
-    const acc_t* __restrict__ part,     // (2 * C * P,)
+    const double* __restrict__ part,    // (2 * C * P,)
     const acc_t* __restrict__ mean,     // (C,)
     const acc_t* __restrict__ invstd,   // (C,)
     const acc_t* __restrict__ weight,   // (C,) or null
@@ -809,18 +814,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd_cuda(
     if (training) {
       const ReduceGrid g = reduce_grid(k);
       P = g.P;
-      part = at::empty({3 * C * P + C}, acc_opts);
+      part = at::empty({3 * C * P + C}, input.options().dtype(at::kDouble));
       if (k.mc) {
         _batch_norm_stats_mc_kernel<scalar_t><<<g.grid, g.block, 0, stream>>>(
-            xp, part.mutable_data_ptr<acc_t>(), k.M, C, g.rows_per);
+            xp, part.mutable_data_ptr<double>(), k.M, C, g.rows_per);
       } else {
         _batch_norm_stats_ncs_kernel<scalar_t><<<g.grid, g.block, 0, stream>>>(
-            xp, part.mutable_data_ptr<acc_t>(), k.N, C, k.S, g.rows_per, g.s_per);
+            xp, part.mutable_data_ptr<double>(), k.N, C, k.S, g.rows_per, g.s_per);
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     _batch_norm_finalize_kernel<acc_t><<<static_cast<unsigned>(ceil_div(C, kWarps)), kThreads, 0, stream>>>(
-        training ? part.const_data_ptr<acc_t>() : nullptr, ptr_or_null<acc_t>(w),
+        training ? part.const_data_ptr<double>() : nullptr, ptr_or_null<acc_t>(w),
         ptr_or_null<acc_t>(b), has_running ? rm.mutable_data_ptr<acc_t>() : nullptr,
         has_running ? rv.mutable_data_ptr<acc_t>() : nullptr, save_mean.mutable_data_ptr<acc_t>(),
         save_invstd.mutable_data_ptr<acc_t>(), coef.mutable_data_ptr<acc_t>(), C, P,
@@ -902,7 +907,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd_cuda(
   const at::Tensor b = optional_acc(bias, acc);
   at::Tensor coef = at::empty({4 * C}, acc_opts);
   const ReduceGrid rg = reduce_grid(k);
-  at::Tensor part = at::empty({reduce ? 2 * C * rg.P : 1}, acc_opts);
+  at::Tensor part = at::empty({reduce ? 2 * C * rg.P : 1}, input.options().dtype(at::kDouble));
   const auto stream = at::cuda::getCurrentCUDAStream();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "batch_norm_bwd_cuda", [&] {
@@ -916,17 +921,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd_cuda(
     if (reduce) {
       if (k.mc) {
         _batch_norm_bwd_reduce_mc_kernel<scalar_t><<<rg.grid, rg.block, 0, stream>>>(
-            gp, xp, mp, ip, wp, bp, part.mutable_data_ptr<acc_t>(), k.M, C, rg.rows_per, relu);
+            gp, xp, mp, ip, wp, bp, part.mutable_data_ptr<double>(), k.M, C, rg.rows_per, relu);
       } else {
         _batch_norm_bwd_reduce_ncs_kernel<scalar_t><<<rg.grid, rg.block, 0, stream>>>(
-            gp, xp, mp, ip, wp, bp, part.mutable_data_ptr<acc_t>(), k.N, C, k.S, rg.rows_per,
+            gp, xp, mp, ip, wp, bp, part.mutable_data_ptr<double>(), k.N, C, k.S, rg.rows_per,
             rg.s_per, relu);
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
 
     _batch_norm_bwd_finalize_kernel<acc_t><<<static_cast<unsigned>(ceil_div(C, kWarps)), kThreads, 0, stream>>>(
-        part.const_data_ptr<acc_t>(), mp, ip, wp, bp, grad_weight.mutable_data_ptr<acc_t>(),
+        part.const_data_ptr<double>(), mp, ip, wp, bp, grad_weight.mutable_data_ptr<acc_t>(),
         grad_bias.mutable_data_ptr<acc_t>(), coef.mutable_data_ptr<acc_t>(), C, reduce ? rg.P : 0,
         static_cast<double>(k.N * k.S), training);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
