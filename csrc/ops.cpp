@@ -8,7 +8,8 @@
 
 TORCH_LIBRARY(pyfastdl, m) {
   // ---- batch norm -------------------------------------------------------------------------------
-  // input: (N, C), (N, C, L), (N, C, H, W) or (N, C, D, H, W); contiguous or channels_last(_3d).
+  // input: (N, C, *) of any rank >= 2 ((N, C), (N, C, L), (N, C, H, W), (N, C, D, H, W), ...);
+  // contiguous or channels_last(_3d).
   // weight, bias: (C,) or None (None = 1 and 0). running_mean, running_var: (C,) or None, updated in
   // place when training: r = (1 - momentum) * r + momentum * batch_stat, the variance unbiased
   // (n / (n - 1)), n = numel / C. Eval (training=false) normalizes with the running statistics.
@@ -26,11 +27,15 @@ TORCH_LIBRARY(pyfastdl, m) {
   // accumulation precision -- save_mean plus its rounding error --, so that a channel with
   // |mean| >> std normalizes accurately; the backward, which has only save_mean, may differ from the
   // forward's mask only where |y| is below that rounding error times the scale.)
+  // output_mask = which of (grad_input, grad_weight, grad_bias) to compute (ctx.needs_input_grad);
+  // an output not asked for is not computed and is returned undefined (None in Python). In eval,
+  // grad_input = grad_out * weight * save_invstd (x only enters the ReLU mask): finite for a
+  // non-finite x, as torch.
   // Returns (grad_input [input's shape and memory format], grad_weight (C,), grad_bias (C,)), the
   // last two in the accumulation dtype.
   m.def(
       "batch_norm_bwd(Tensor grad_out, Tensor input, Tensor? weight, Tensor? bias, Tensor save_mean, "
-      "Tensor save_invstd, bool training, bool relu) -> (Tensor, Tensor, Tensor)");
+      "Tensor save_invstd, bool training, bool relu, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
 
   // ---- fused optimizers (one multi-tensor step per call) ---------------------------------------
   // Each op applies one step of torch.optim.<X>(foreach=False)'s update rule to every tensor of the

@@ -41,12 +41,19 @@ def batch_norm(input: torch.Tensor, running_mean: torch.Tensor | None, running_v
                activation: str | None = None) -> torch.Tensor:
     """Batch normalization over dim 1, drop-in for ``torch.nn.functional.batch_norm``.
 
-    input: (N, C), (N, C, L), (N, C, H, W) or (N, C, D, H, W), float32/float64 (CPU kernels; CUDA and
-    Triton also float16/bfloat16); contiguous or channels_last (read without a copy).
+    input: (N, C, *) of any rank >= 2 ((N, C), (N, C, L), (N, C, H, W), (N, C, D, H, W), ...),
+    float32/float64 (CPU kernels; CUDA and Triton also float16/bfloat16); contiguous or
+    channels_last (read without a copy). A 1-D empty input gives an empty result, as torch.
+    eps > 0 when training, eps >= 0 in eval (ValueError otherwise, as torch).
     running_mean, running_var: (C,) or None, updated in place when training (torch's rule: unbiased
     variance, ``momentum`` weights the new statistic). weight, bias: (C,) or None.
     activation: None, or "relu" to fuse max(y, 0) into the kernel (pyfastdl's own argument).
     Returns y of input's shape, dtype and memory format. Ioffe & Szegedy 2015; notes section 28.
+    Differentiable twice: backward(create_graph=True) recomputes the forward with the reference
+    math to give gradients with a graph (recorded as batch_norm_double_backward -> reference).
+    Deliberate differences from torch (pinned in tests/test_batch_norm_hardening.py): a NaN or Inf
+    momentum raises ValueError (torch accepts it and writes NaN running statistics); C = 0 with a
+    weight gives an empty result (torch raises IndexError).
     """
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"batch_norm: expected input to be a Tensor, got {type(input).__name__}")
@@ -56,6 +63,14 @@ def batch_norm(input: torch.Tensor, running_mean: torch.Tensor | None, running_v
     if not input.is_floating_point():
         raise RuntimeError(f"batch_norm: expected a floating-point input, got input of dtype {input.dtype}")
     relu = activation == "relu"
+    if input.dim() == 1 and input.numel() == 0:
+        # torch returns an empty result for a 1-D empty input (an OpInfo sample); there is nothing
+        # for a kernel to do. Its running statistics must be empty too, as torch checks.
+        for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+            if t is not None and t.numel() != 0:
+                raise RuntimeError(f"batch_norm: expected {name} of 0 elements for a 1-D empty input, "
+                                   f"got {t.numel()}")
+        return input.clone()
 
     backend, fallback = backends.resolve("batch_norm", input.device, backends.dtype_covers(_BATCH_NORM_DTYPES, input.dtype))
     backends.record("batch_norm", backend, fallback)

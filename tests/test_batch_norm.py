@@ -151,7 +151,7 @@ def test_opcheck(backend):
                                                        None if training else rv, training, 0.1, 1e-5, False))
             _, mean, invstd = ops.batch_norm_fwd(x, w, b, rm.clone(), rv.clone(), training, 0.1, 1e-5, False)
             g = torch.randn_like(x)
-            torch.library.opcheck(ops.batch_norm_bwd, (g, x, w, b, mean, invstd, training, True))
+            torch.library.opcheck(ops.batch_norm_bwd, (g, x, w, b, mean, invstd, training, True, [True, True, True]))
 
 
 # ---- modules: running statistics, drop-in parity ---------------------------------------------------
@@ -276,7 +276,6 @@ def test_bad_input_raises_clearly_and_touches_nothing(backend):
     w, b, rm, rv = make_params(3, torch.float32, device)
     x = torch.randn(4, 3, 5, 5, device=device)
     _expect_error(backend, RuntimeError, "rank", torch.randn(4, device=device), rm, rv, w, b)
-    _expect_error(backend, RuntimeError, "rank", torch.randn(2, 3, 2, 2, 2, 2, device=device), rm, rv, w, b)
     _expect_error(backend, RuntimeError, "weight", x, rm, rv, torch.ones(4, device=device), b)
     _expect_error(backend, RuntimeError, "bias", x, rm, rv, w, torch.ones(2, device=device))
     _expect_error(backend, RuntimeError, "running_mean", x, torch.zeros(4, device=device), rv, w, b)

@@ -59,7 +59,7 @@ from __future__ import annotations
 import functools
 import math
 import struct
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -79,6 +79,7 @@ _FINALIZE_BLOCK_C = 64  # channels per finalize program
 _FINALIZE_BLOCK_P = 32  # partials a finalize program combines per iteration
 _PROGRAMS_PER_SM = 8  # reduction programs wanted per SM: enough bytes in flight to hide latency
 _DEFAULT_SMS = 132  # used when the tensors are not on a GPU (interpreter): an H100's count
+_MAX_LANE_ELEMS = 512  # elements one lane of a reduction program accumulates, at most
 _REDUCE_WARPS = 8
 _APPLY_WARPS = 4
 _INT32_MAX = 2**31 - 1  # offsets beyond this are computed in int64 (tests may lower it)
@@ -139,7 +140,10 @@ def _welford_combine(mean_a, m2_a, n_a, mean_b, m2_b, n_b):
     n = n_a + n_b
     w_b = n_b / tl.where(n == 0, 1.0, n)
     delta = mean_b - mean_a
-    return mean_a + delta * w_b, m2_a + m2_b + delta * delta * n_a * w_b, n
+    # A non-finite mean_a (an inf in the data) stays what a sum would give: inf + finite = inf,
+    # inf - inf = NaN (mean_a + delta * w_b would be inf - inf = NaN for any finite mean_b).
+    mean = tl.where(mean_a - mean_a == 0.0, mean_a + delta * w_b, mean_a + mean_b)
+    return mean, m2_a + m2_b + delta * delta * n_a * w_b, n
 
 
 # =============================================================================================
@@ -160,7 +164,7 @@ def _welford_combine(mean_a, m2_a, n_a, mean_b, m2_b, n_b):
 @triton.jit
 def _batch_norm_stats_kernel(
     x_ptr,  # input, strided view (N, C, S): x[n, c, s] = x_ptr[n * stride_n + c * stride_c + s]
-    part_ptr,  # (3, P, C) ACC, out: per-program mean of (x - shift), M2, count
+    part_ptr,  # (3, P, C) float64, out: per-program mean of (x - shift), M2, count
     N, C, S, stride_n, stride_c,  # view sizes and strides (elements)
     rows_per_prog, cols_per_prog,  # rectangle of the (n, s) plane a program reduces
     num_c_blocks, num_p_s, P,  # programs: c-blocks x (P_N x P_S) rectangles
@@ -188,6 +192,7 @@ def _batch_norm_stats_kernel(
     shift = tl.load(x_ptr + _tile_offsets(tl.zeros([1], tl.int32), rc, tl.zeros([1], tl.int32),
                                           stride_n, stride_c, INDEX_64),
                     mask=c_mask[None, :, None], other=0.0).to(ACC)
+    shift = tl.where(shift - shift == 0.0, shift, 0.0)  # 0 for a non-finite first element (see finalize)
 
     # One Welford summary (mean, M2) per lane of the tile. A lane's count is not carried: it is
     # known from the loop indices. Only the last row block (rows >= n_end) and the last column
@@ -220,14 +225,19 @@ def _batch_norm_stats_kernel(
             # Welford's update. An empty lane takes d = its own mean: delta = 0, nothing changes.
             d = tl.where(mask, x - shift, mean)
             delta = d - mean
-            mean = mean + delta * rcp
-            m2 = m2 + delta * (d - mean)
+            # As in _welford_combine: once the mean is inf it stays inf (or NaN for inf - inf), as
+            # torch's sum-based mean; the plain update would give inf - inf = NaN.
+            mean_new = tl.where(mean - mean == 0.0, mean + delta * rcp, mean + tl.where(mask, d, 0.0))
+            m2 = m2 + delta * (d - mean_new)
+            mean = mean_new
 
     # Each lane's count: the row blocks that reach its row offset times its column blocks.
     rows_i = (n_end - n_begin - lane_n + BLOCK_N - 1) // BLOCK_N  # (BLOCK_N,)
     cols_k = q + long_lane.to(tl.int32)  # (BLOCK_S,)
-    count = (rows_i[:, None, None] * cols_k[None, None, :]).to(ACC) + tl.zeros_like(mean)
-    # Merge the lanes (tree over s, then over n): one summary per channel.
+    count = (rows_i[:, None, None] * cols_k[None, None, :]).to(tl.float64) + tl.zeros_like(mean).to(tl.float64)
+    # Merge the lanes (tree over s, then over n) in float64: one summary per channel, stored in
+    # float64 (a float32 tree of 2048 lanes alone cost ~1.5e-7 of the std in the mean).
+    mean, m2 = mean.to(tl.float64), m2.to(tl.float64)
     mean, m2, count = tl.reduce((mean, m2, count), 2, _welford_combine)
     mean, m2, count = tl.reduce((mean, m2, count), 0, _welford_combine)
     part = part_ptr + pid_p * C + rc
@@ -249,7 +259,7 @@ def _batch_norm_stats_kernel(
 @triton.jit
 def _batch_norm_finalize_kernel(
     x_ptr,  # input view (N, C, S), as in the stats kernel: only x[0, c, 0] (the shift) is read
-    part_ptr,  # (3, P, C) ACC: from _batch_norm_stats_kernel (unused in eval)
+    part_ptr,  # (3, P, C) float64: from _batch_norm_stats_kernel (unused in eval)
     mean_ptr, invstd_ptr,  # (C,) ACC, out: save_mean, save_invstd
     mean_lo_ptr,  # (C,) ACC, out: the rounding error of save_mean (0 in eval), see _affine
     running_mean_ptr, running_var_ptr,  # (C,) input dtype or ACC, in/out (training) or in (eval)
@@ -264,41 +274,47 @@ def _batch_norm_finalize_kernel(
     c_mask = rc < C
     eps = tl.zeros([BLOCK_C], ACC) + eps_hi + eps_lo  # widened to ACC first, then summed
     if TRAINING:
-        n = tl.zeros([BLOCK_C], ACC) + n_total  # (an int argument equal to 1 is a constexpr)
+        # The merge runs in float64 whatever ACC is: the partials are many (planes of 2^24 and more
+        # elements) and their float32 sums would lose what the per-lane Welford kept.
+        F64 = tl.float64
+        n = tl.zeros([BLOCK_C], F64) + n_total  # (an int argument equal to 1 is a constexpr)
         # Pass over the partials 1: the mean of the shifted values.
-        acc = tl.zeros([BLOCK_P, BLOCK_C], ACC)
+        acc = tl.zeros([BLOCK_P, BLOCK_C], F64)
         for p0 in range(0, P, BLOCK_P):
             rp = p0 + tl.arange(0, BLOCK_P)
             mask = (rp < P)[:, None] & c_mask[None, :]
             offs = rp[:, None] * C + rc[None, :]
-            mean_p = tl.load(part_ptr + offs, mask=mask, other=0.0)
-            count_p = tl.load(part_ptr + 2 * P * C + offs, mask=mask, other=0.0)
+            mean_p = tl.load(part_ptr + offs, mask=mask, other=0.0).to(F64)
+            count_p = tl.load(part_ptr + 2 * P * C + offs, mask=mask, other=0.0).to(F64)
             acc += count_p * mean_p
         mean_d = tl.sum(acc, 0) / n
         # Pass 2: the sum of squared deviations from that mean.
-        acc = tl.zeros([BLOCK_P, BLOCK_C], ACC)
+        acc = tl.zeros([BLOCK_P, BLOCK_C], F64)
         for p0 in range(0, P, BLOCK_P):
             rp = p0 + tl.arange(0, BLOCK_P)
             mask = (rp < P)[:, None] & c_mask[None, :]
             offs = rp[:, None] * C + rc[None, :]
-            mean_p = tl.load(part_ptr + offs, mask=mask, other=0.0)
-            m2_p = tl.load(part_ptr + P * C + offs, mask=mask, other=0.0)
-            count_p = tl.load(part_ptr + 2 * P * C + offs, mask=mask, other=0.0)
+            mean_p = tl.load(part_ptr + offs, mask=mask, other=0.0).to(F64)
+            m2_p = tl.load(part_ptr + P * C + offs, mask=mask, other=0.0).to(F64)
+            count_p = tl.load(part_ptr + 2 * P * C + offs, mask=mask, other=0.0).to(F64)
             dev = mean_p - mean_d[None, :]
             acc += m2_p + count_p * dev * dev
         m2 = tl.sum(acc, 0)
 
-        shift = tl.load(x_ptr + rc.to(tl.int64) * stride_c, mask=c_mask, other=0.0).to(ACC)
-        mean = shift + mean_d
-        # TwoSum: mean + mean_lo == shift + mean_d exactly
-        b_virtual = mean - shift
-        mean_lo = (shift - (mean - b_virtual)) + (mean_d - b_virtual)
-        invstd = _inv_sqrt(m2 / n + eps, IS_FP64)
+        # The shift of the stats kernel: the first element, 0 where that is not finite (an inf
+        # shift would make the mean inf - inf = NaN; torch gives inf for a channel holding +inf).
+        shift = tl.load(x_ptr + rc.to(tl.int64) * stride_c, mask=c_mask, other=0.0).to(F64)
+        shift = tl.where(shift - shift == 0.0, shift, 0.0)
+        mean64 = shift + mean_d
+        mean = mean64.to(ACC)
+        mean_lo = (mean64 - mean.to(F64)).to(ACC)  # mean + mean_lo = the float64 mean
+        var = m2 / n
+        invstd = (1.0 / tl.sqrt(var + (tl.zeros([BLOCK_C], F64) + eps_hi + eps_lo))).to(ACC)
         if HAS_RUNNING:
-            momentum = tl.zeros([BLOCK_C], ACC) + momentum_hi + momentum_lo
-            rm = tl.load(running_mean_ptr + rc, mask=c_mask, other=0.0).to(ACC)
-            rv = tl.load(running_var_ptr + rc, mask=c_mask, other=0.0).to(ACC)
-            rm = (1.0 - momentum) * rm + momentum * mean
+            momentum = tl.zeros([BLOCK_C], F64) + momentum_hi + momentum_lo
+            rm = tl.load(running_mean_ptr + rc, mask=c_mask, other=0.0).to(F64)
+            rv = tl.load(running_var_ptr + rc, mask=c_mask, other=0.0).to(F64)
+            rm = (1.0 - momentum) * rm + momentum * mean64
             rv = (1.0 - momentum) * rv + momentum * (m2 / (n - 1.0))  # unbiased variance
             tl.store(running_mean_ptr + rc, rm, mask=c_mask)  # stored in the buffers' dtype
             tl.store(running_var_ptr + rc, rv, mask=c_mask)
@@ -367,7 +383,7 @@ def _batch_norm_bwd_reduce_kernel(
     x_ptr,  # input view (N, C, S)
     mean_ptr, invstd_ptr,  # (C,) ACC: save_mean, save_invstd
     w_ptr, b_ptr,  # (C,) or dummies; only read for the ReLU mask
-    part_ptr,  # (2, P, C) ACC, out: sum g', sum g' * (x - mean)
+    part_ptr,  # (2, P, C) float64, out: sum g', sum g' * (x - mean)
     N, C, S, stride_n, stride_c,
     rows_per_prog, cols_per_prog,
     num_c_blocks, num_p_s, P,
@@ -411,9 +427,9 @@ def _batch_norm_bwd_reduce_kernel(
             sum_g += g
             sum_gx += g * (x - mean[None, :, None])
 
-    part = part_ptr + pid_p * C + rc
-    tl.store(part, tl.sum(tl.sum(sum_g, 2), 0), mask=c_mask)
-    tl.store(part + P * C, tl.sum(tl.sum(sum_gx, 2), 0), mask=c_mask)
+    part = part_ptr + pid_p * C + rc  # the lanes summed in float64, stored in float64
+    tl.store(part, tl.sum(tl.sum(sum_g.to(tl.float64), 2), 0), mask=c_mask)
+    tl.store(part + P * C, tl.sum(tl.sum(sum_gx.to(tl.float64), 2), 0), mask=c_mask)
 
 
 # =============================================================================================
@@ -421,7 +437,7 @@ def _batch_norm_bwd_reduce_kernel(
 # =============================================================================================
 @triton.jit
 def _batch_norm_bwd_finalize_kernel(
-    part_ptr,  # (2, P, C) ACC: from _batch_norm_bwd_reduce_kernel
+    part_ptr,  # (2, P, C) float64: from _batch_norm_bwd_reduce_kernel
     invstd_ptr,  # (C,) ACC
     grad_weight_ptr, grad_bias_ptr,  # (C,) ACC, out
     C, P,
@@ -429,17 +445,18 @@ def _batch_norm_bwd_finalize_kernel(
 ):
     rc = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = rc < C
-    acc_g = tl.zeros([BLOCK_P, BLOCK_C], ACC)
-    acc_gx = tl.zeros([BLOCK_P, BLOCK_C], ACC)
+    # Summed in float64 whatever ACC is (many partials on long planes).
+    acc_g = tl.zeros([BLOCK_P, BLOCK_C], tl.float64)
+    acc_gx = tl.zeros([BLOCK_P, BLOCK_C], tl.float64)
     for p0 in range(0, P, BLOCK_P):
         rp = p0 + tl.arange(0, BLOCK_P)
         mask = (rp < P)[:, None] & c_mask[None, :]
         offs = rp[:, None] * C + rc[None, :]
-        acc_g += tl.load(part_ptr + offs, mask=mask, other=0.0)
-        acc_gx += tl.load(part_ptr + P * C + offs, mask=mask, other=0.0)
-    invstd = tl.load(invstd_ptr + rc, mask=c_mask, other=0.0)
-    tl.store(grad_bias_ptr + rc, tl.sum(acc_g, 0), mask=c_mask)
-    tl.store(grad_weight_ptr + rc, tl.sum(acc_gx, 0) * invstd, mask=c_mask)  # sum g' * xhat
+        acc_g += tl.load(part_ptr + offs, mask=mask, other=0.0).to(tl.float64)
+        acc_gx += tl.load(part_ptr + P * C + offs, mask=mask, other=0.0).to(tl.float64)
+    invstd = tl.load(invstd_ptr + rc, mask=c_mask, other=0.0).to(tl.float64)
+    tl.store(grad_bias_ptr + rc, tl.sum(acc_g, 0).to(ACC), mask=c_mask)
+    tl.store(grad_weight_ptr + rc, (tl.sum(acc_gx, 0) * invstd).to(ACC), mask=c_mask)  # sum g' * xhat
 
 
 # =============================================================================================
@@ -530,9 +547,9 @@ def _check_param(t: Optional[Tensor], name: str, input: Tensor, C: int, op: str 
 
 
 def _check_input(input: Tensor, op: str = "batch_norm"):
-    if not 2 <= input.dim() <= 5:
+    if input.dim() < 2:
         raise RuntimeError(
-            f"{op}: expected input of rank 2 to 5, (N, C, *), got input of rank {input.dim()} "
+            f"{op}: expected input of rank >= 2, (N, C, *), got input of rank {input.dim()} "
             f"and shape {list(input.shape)}")
     if input.dtype not in _SUPPORTED_DTYPES:
         raise RuntimeError(
@@ -558,10 +575,11 @@ def _check_fwd(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     if not training and running_mean is None:
         raise RuntimeError(
             "batch_norm: running_mean and running_var are required when training=False")
-    if not (eps >= 0 and math.isfinite(eps)):
-        raise RuntimeError(f"batch_norm: expected eps >= 0, got {eps}")
+    if not (math.isfinite(eps) and (eps > 0 if training else eps >= 0)):  # as torch (ValueError)
+        raise ValueError(f"batch_norm: expected eps {'> 0 when training' if training else '>= 0'}, "
+                         f"got eps = {eps}")
     if not math.isfinite(momentum):
-        raise RuntimeError(f"batch_norm: expected a finite momentum, got {momentum}")
+        raise ValueError(f"batch_norm: expected a finite momentum, got momentum = {momentum}")
     if training and input.numel() > 0 and input.numel() // C <= 1:
         raise ValueError(
             f"Expected more than 1 value per channel when training, got input size "
@@ -679,6 +697,9 @@ def _reduce_grid(v: _View, device: torch.device):
     num_c_blocks = triton.cdiv(v.C, block_c)
     sms = _num_sms(device.index) if device.type == "cuda" else _DEFAULT_SMS
     want = max(1, triton.cdiv(_PROGRAMS_PER_SM * sms, num_c_blocks))
+    # Precision on long planes: at most _MAX_LANE_ELEMS elements per lane of a program (each lane
+    # accumulates in ACC; the partials are merged in float64).
+    want = max(want, triton.cdiv(v.N * v.S, block_n * block_s * _MAX_LANE_ELEMS))
     n_blocks, s_blocks = triton.cdiv(v.N, block_n), triton.cdiv(v.S, block_s)
     p_n = min(n_blocks, want)
     p_s = min(s_blocks, max(1, want // p_n))
@@ -718,7 +739,7 @@ def _split_f32(v: float) -> Tuple[float, float]:
 def batch_norm_fwd(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                    running_mean: Optional[Tensor], running_var: Optional[Tensor], training: bool,
                    momentum: float, eps: float, relu: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    """Batch-norm forward (+ ReLU). input (N, C, *) of rank 2..5, float32/64, float16, bfloat16,
+    """Batch-norm forward (+ ReLU). input (N, C, *) of rank >= 2, float32/64, float16, bfloat16,
     contiguous or channels-last; weight, bias, running_mean, running_var (C,) or None.
     Returns (output: input's shape, dtype and memory format; save_mean, save_invstd: (C,) in the
     accumulation dtype). Updates running_mean / running_var in place when training."""
@@ -743,7 +764,7 @@ def batch_norm_fwd(input: Tensor, weight: Optional[Tensor], bias: Optional[Tenso
 
     if training:
         r = _reduce_grid(v, x.device)
-        part = torch.empty((3, r["P"], C), dtype=acc, device=x.device)
+        part = torch.empty((3, r["P"], C), dtype=torch.float64, device=x.device)
         _batch_norm_stats_kernel[(r["num_c_blocks"] * r["P"],)](
             x, part, v.N, C, v.S, v.stride_n, v.stride_c,
             r["rows_per_prog"], r["cols_per_prog"], r["num_c_blocks"], r["p_s"], r["P"],
@@ -779,12 +800,16 @@ def _batch_norm_fwd_fake(input, weight, bias, running_mean, running_var, trainin
     return torch.empty_like(x), x.new_empty((C,), dtype=acc), x.new_empty((C,), dtype=acc)
 
 
-@torch.library.custom_op("pyfastdl_triton::batch_norm_bwd", mutates_args=())
+@torch.library.custom_op(
+    "pyfastdl_triton::batch_norm_bwd", mutates_args=(),
+    schema="(Tensor grad_out, Tensor input, Tensor? weight, Tensor? bias, Tensor save_mean, "
+           "Tensor save_invstd, bool training, bool relu, bool[3] output_mask) -> (Tensor, Tensor, Tensor)")
 def batch_norm_bwd(grad_out: Tensor, input: Tensor, weight: Optional[Tensor],
                    bias: Optional[Tensor], save_mean: Tensor, save_invstd: Tensor, training: bool,
-                   relu: bool) -> Tuple[Tensor, Tensor, Tensor]:
+                   relu: bool, output_mask: List[bool]):
     """Backward of batch_norm_fwd. grad_out: input's shape and dtype; save_mean, save_invstd: the
-    forward's (C,) outputs. Returns (grad_input: input's shape, dtype and memory format;
+    forward's (C,) outputs; output_mask: which of the three gradients to compute (the others are
+    None and cost nothing). Returns (grad_input: input's shape, dtype and memory format;
     grad_weight, grad_bias: (C,) in the accumulation dtype)."""
     _check_bwd(grad_out, input, weight, bias, save_mean, save_invstd)
     _check_launchable(input)
@@ -792,11 +817,14 @@ def batch_norm_bwd(grad_out: Tensor, input: Tensor, weight: Optional[Tensor],
     g = grad_out.contiguous(memory_format=fmt)
     C = x.size(1)
     acc = _acc_dtype(x.dtype)
-    grad_input = torch.empty_like(x)
+    need_gi, need_sums = bool(output_mask[0]), bool(output_mask[1] or output_mask[2])
+    grad_input = torch.empty_like(x) if need_gi else None
     grad_weight = torch.zeros(C, dtype=acc, device=x.device)
     grad_bias = torch.zeros(C, dtype=acc, device=x.device)
-    if x.numel() == 0:
-        return grad_input, grad_weight, grad_bias
+    masked = lambda: (grad_input, grad_weight if output_mask[1] else None,  # noqa: E731
+                      grad_bias if output_mask[2] else None)
+    if x.numel() == 0 or not (need_gi or need_sums):
+        return masked()
 
     v = _View(x, channels_last)
     ACC = _tl_acc(x.dtype)
@@ -806,32 +834,38 @@ def batch_norm_bwd(grad_out: Tensor, input: Tensor, weight: Optional[Tensor],
     b = bias if bias is not None else dummy
     flags = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, RELU=relu, ACC=ACC)
 
-    r = _reduce_grid(v, x.device)
-    part = torch.empty((2, r["P"], C), dtype=acc, device=x.device)
-    _batch_norm_bwd_reduce_kernel[(r["num_c_blocks"] * r["P"],)](
-        g, x, mean, invstd, w, b, part, v.N, C, v.S, v.stride_n, v.stride_c,
-        r["rows_per_prog"], r["cols_per_prog"], r["num_c_blocks"], r["p_s"], r["P"],
-        BLOCK_N=r["block_n"], BLOCK_C=r["block_c"], BLOCK_S=r["block_s"],
-        INDEX_64=v.index_64, num_warps=_REDUCE_WARPS, **flags)
-    _batch_norm_bwd_finalize_kernel[(triton.cdiv(C, _FINALIZE_BLOCK_C),)](
-        part, invstd, grad_weight, grad_bias, C, r["P"],
-        ACC=ACC, BLOCK_P=_FINALIZE_BLOCK_P, BLOCK_C=_FINALIZE_BLOCK_C, num_warps=4)
+    if need_sums or training:  # grad_weight / grad_bias, which training's grad_input also needs
+        r = _reduce_grid(v, x.device)
+        part = torch.empty((2, r["P"], C), dtype=torch.float64, device=x.device)
+        _batch_norm_bwd_reduce_kernel[(r["num_c_blocks"] * r["P"],)](
+            g, x, mean, invstd, w, b, part, v.N, C, v.S, v.stride_n, v.stride_c,
+            r["rows_per_prog"], r["cols_per_prog"], r["num_c_blocks"], r["p_s"], r["P"],
+            BLOCK_N=r["block_n"], BLOCK_C=r["block_c"], BLOCK_S=r["block_s"],
+            INDEX_64=v.index_64, num_warps=_REDUCE_WARPS, **flags)
+        _batch_norm_bwd_finalize_kernel[(triton.cdiv(C, _FINALIZE_BLOCK_C),)](
+            part, invstd, grad_weight, grad_bias, C, r["P"],
+            ACC=ACC, BLOCK_P=_FINALIZE_BLOCK_P, BLOCK_C=_FINALIZE_BLOCK_C, num_warps=4)
+    if not need_gi:
+        return masked()
 
     grid, blocks = _apply_grid(v)
     _batch_norm_bwd_kernel[grid](
         g, x, grad_input, mean, invstd, w, b, grad_weight, grad_bias,
         v.N, C, v.S, v.stride_n, v.stride_c, v.n_total,
         TRAINING=training, INDEX_64=v.index_64, num_warps=_APPLY_WARPS, **blocks, **flags)
-    return grad_input, grad_weight, grad_bias
+    return masked()
 
 
 @batch_norm_bwd.register_fake
-def _batch_norm_bwd_fake(grad_out, input, weight, bias, save_mean, save_invstd, training, relu):
+def _batch_norm_bwd_fake(grad_out, input, weight, bias, save_mean, save_invstd, training, relu,
+                         output_mask):
     _check_bwd(grad_out, input, weight, bias, save_mean, save_invstd)
     x, _, _ = _to_kernel_layout(input)
     acc = _acc_dtype(x.dtype)
     C = x.size(1)
-    return torch.empty_like(x), x.new_empty((C,), dtype=acc), x.new_empty((C,), dtype=acc)
+    return (torch.empty_like(x) if output_mask[0] else None,
+            x.new_empty((C,), dtype=acc) if output_mask[1] else None,
+            x.new_empty((C,), dtype=acc) if output_mask[2] else None)
 
 
 def _is_interpreted(kernel) -> bool:

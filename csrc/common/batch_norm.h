@@ -72,8 +72,8 @@ inline void check_fwd(const at::Tensor& input, const c10::optional<at::Tensor>& 
                       const c10::optional<at::Tensor>& running_mean,
                       const c10::optional<at::Tensor>& running_var, bool training, double momentum,
                       double eps, std::initializer_list<at::ScalarType> allowed) {
-  TORCH_CHECK(input.dim() >= 2 && input.dim() <= 5,
-              "batch_norm: expected input of rank 2 to 5, (N, C, *), got input of rank ",
+  TORCH_CHECK(input.dim() >= 2,
+              "batch_norm: expected input of rank >= 2, (N, C, *), got input of rank ",
               input.dim(), " and shape ", input.sizes());
   bool ok = false;
   for (auto t : allowed) ok = ok || input.scalar_type() == t;
@@ -90,8 +90,13 @@ inline void check_fwd(const at::Tensor& input, const c10::optional<at::Tensor>& 
               "batch_norm: running_mean and running_var must be given together or both be None");
   TORCH_CHECK(training || has_rm,
               "batch_norm: running_mean and running_var are required when training=False");
-  TORCH_CHECK(eps >= 0 && std::isfinite(eps), "batch_norm: expected eps >= 0, got ", eps);
-  TORCH_CHECK(std::isfinite(momentum), "batch_norm: expected a finite momentum, got ", momentum);
+  // As torch: eps > 0 when training (eps = 0 would divide by zero for a constant channel), eps >= 0
+  // in eval; both ValueError. Any finite momentum, negative included, as torch (pyfastdl refuses a
+  // NaN or Inf momentum, which torch accepts and turns into NaN running statistics).
+  TORCH_CHECK_VALUE(std::isfinite(eps) && (training ? eps > 0 : eps >= 0), "batch_norm: expected eps ",
+                    training ? "> 0 when training" : ">= 0", ", got eps = ", eps);
+  TORCH_CHECK_VALUE(std::isfinite(momentum), "batch_norm: expected a finite momentum, got momentum = ",
+                    momentum);
   if (training && input.numel() > 0) {
     const int64_t n = input.numel() / C;
     TORCH_CHECK_VALUE(n > 1, "Expected more than 1 value per channel when training, got input size ",

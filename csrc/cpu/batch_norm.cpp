@@ -6,6 +6,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <array>
 #include <cmath>
 #include <vector>
 
@@ -134,7 +135,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd_cpu(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd_cpu(
     const at::Tensor& grad_out, const at::Tensor& input, const c10::optional<at::Tensor>& weight,
     const c10::optional<at::Tensor>& bias, const at::Tensor& save_mean,
-    const at::Tensor& save_invstd, bool training, bool relu) {
+    const at::Tensor& save_invstd, bool training, bool relu, std::array<bool, 3> output_mask) {
   TORCH_CHECK(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble,
               "batch_norm_bwd: input dtype ", input.scalar_type(), " is not supported on cpu");
   bn::check_bwd(grad_out, input, save_mean, save_invstd);
@@ -142,10 +143,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd_cpu(
   const at::Tensor x = bn::to_kernel_layout(input, L);
   const at::Tensor g = bn::to_layout(grad_out, L);
   const int64_t C = L.C;
-  at::Tensor grad_input = at::empty_like(x);
-  at::Tensor grad_weight = at::zeros({C}, x.options());
-  at::Tensor grad_bias = at::zeros({C}, x.options());
-  if (x.numel() == 0) return {grad_input, grad_weight, grad_bias};
+  // Only what output_mask asks for is computed; the rest is returned undefined (None in Python).
+  const bool need_gi = output_mask[0], need_sums = output_mask[1] || output_mask[2];
+  at::Tensor grad_input = need_gi ? at::empty_like(x) : at::Tensor();
+  at::Tensor grad_weight = output_mask[1] ? at::zeros({C}, x.options()) : at::Tensor();
+  at::Tensor grad_bias = output_mask[2] ? at::zeros({C}, x.options()) : at::Tensor();
+  if (x.numel() == 0 || !(need_gi || need_sums)) return {grad_input, grad_weight, grad_bias};
   const at::Tensor invstd = save_invstd.contiguous();
   const at::Tensor w = contiguous_or_undefined(weight);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "batch_norm_bwd_cpu", [&] {
@@ -153,31 +156,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd_cpu(
     const scalar_t* ip = invstd.const_data_ptr<scalar_t>();
     for (int64_t c = 0; c < C; ++c) k.set(c, ip[c], nullptr);
     // grad_input = scale * (g' - sum_g / n - xhat * sum(g' * xhat) / n), xhat = (x - mean) * invstd
-    //            = a * g' + b * (x - mean) + d,  a = scale (eval: b = d = 0)
+    //            = a * g' + b * (x - mean) + d,  a = scale (eval: a * g' alone, see bwd_apply)
     const at::Tensor& a = k.k.scale;
     const at::Tensor bd = at::zeros({2 * C}, x.options());
     const at::Tensor b = bd.narrow(0, 0, C), d = bd.narrow(0, C, C);
-    scalar_t* gw = grad_weight.mutable_data_ptr<scalar_t>();
-    scalar_t* gb = grad_bias.mutable_data_ptr<scalar_t>();
+    scalar_t* gw = output_mask[1] ? grad_weight.mutable_data_ptr<scalar_t>() : nullptr;
+    scalar_t* gb = output_mask[2] ? grad_bias.mutable_data_ptr<scalar_t>() : nullptr;
     scalar_t* bp = b.mutable_data_ptr<scalar_t>();
     scalar_t* dp = d.mutable_data_ptr<scalar_t>();
     const double n = static_cast<double>(L.reduce_size());
     auto on_sums = [&](int64_t c, double sum_g, double sum_gx) {
-      gb[c] = static_cast<scalar_t>(sum_g);
-      gw[c] = static_cast<scalar_t>(sum_gx * ip[c]);
+      if (gb) gb[c] = static_cast<scalar_t>(sum_g);
+      if (gw) gw[c] = static_cast<scalar_t>(sum_gx * ip[c]);
       if (training) {
         const double s = k.scale[c], is = ip[c];
         bp[c] = static_cast<scalar_t>(-s * is * is * sum_gx / n);
         dp[c] = static_cast<scalar_t>(-s * sum_g / n);
       }
     };
-    if (use_fused(L)) {
+    if (training && need_gi && use_fused(L)) {
       kernels()->bwd_fused(g, x, L, k.k, on_sums, a, b, d, relu, grad_input);
     } else {
-      std::vector<double> sum_g(C), sum_gx(C);
-      kernels()->bwd_reduce(g, x, L, k.k, relu, sum_g.data(), sum_gx.data());
-      for (int64_t c = 0; c < C; ++c) on_sums(c, sum_g[c], sum_gx[c]);
-      kernels()->bwd_apply(g, x, L, k.k, a, b, d, relu, grad_input);
+      // The sums: for grad_weight / grad_bias, and for grad_input when training.
+      if (need_sums || training) {
+        std::vector<double> sum_g(C), sum_gx(C);
+        kernels()->bwd_reduce(g, x, L, k.k, relu, sum_g.data(), sum_gx.data());
+        for (int64_t c = 0; c < C; ++c) on_sums(c, sum_g[c], sum_gx[c]);
+      }
+      if (need_gi) kernels()->bwd_apply(g, x, L, k.k, a, b, d, relu, training, grad_input);
     }
   });
   return {grad_input, grad_weight, grad_bias};

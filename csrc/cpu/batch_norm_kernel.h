@@ -35,10 +35,11 @@ struct BatchNormKernels {
   // sum_g[c] = sum g', sum_gx[c] = sum g' * xc. sum_g, sum_gx: (C,) float64.
   void (*bwd_reduce)(const at::Tensor& g, const at::Tensor& x, const bn::Layout& layout,
                      const NormConsts& k, bool relu, double* sum_g, double* sum_gx);
-  // grad_input = a * g' + b * xc + d (g' as above).                     grad_input: like x
+  // grad_input = a * g' + b * xc + d (g' as above) when training; a * g' in eval (x read only for
+  // the ReLU mask, so a non-finite x gives a finite grad_input, as torch).   grad_input: like x
   void (*bwd_apply)(const at::Tensor& g, const at::Tensor& x, const bn::Layout& layout,
                     const NormConsts& k, const at::Tensor& a, const at::Tensor& b,
-                    const at::Tensor& d, bool relu, at::Tensor& grad_input);
+                    const at::Tensor& d, bool relu, bool training, at::Tensor& grad_input);
   // NCS layout only, one task per channel (fused_ok): the channel's statistics, then
   // on_stats(c, mean, biased var) -- which must fill channel c of k --, then y for that channel while
   // its data is still in cache. Same results as stats + apply.

@@ -31,6 +31,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <limits>
 #include <tuple>
@@ -58,8 +59,12 @@ __device__ __forceinline__ double fma_acc(double a, double b, double c) { return
 __device__ __forceinline__ float welford_div(float a, float b) { return __fdividef(a, b); }
 __device__ __forceinline__ double welford_div(double a, double b) { return a / b; }
 
-__device__ __forceinline__ float sqrt_acc(float v) { return sqrtf(v); }
-__device__ __forceinline__ double sqrt_acc(double v) { return sqrt(v); }
+// The statistics' shift: a channel's first element, or 0 where that is not finite (an inf shift would
+// make the mean inf - inf = NaN; torch gives inf for a channel holding +inf).
+template <typename acc_t>
+__device__ __forceinline__ acc_t finite_or_zero(acc_t v) {
+  return v - v == acc_t(0) ? v : acc_t(0);
+}
 
 template <typename acc_t>
 struct WelfordData {
@@ -77,7 +82,10 @@ struct WelfordOp {
     if (n == acc_t(0)) return a;
     const acc_t fb = b.n / n;
     const acc_t delta = b.mean - a.mean;
-    return {a.mean + delta * fb, a.m2 + b.m2 + delta * delta * a.n * fb, n};
+    // A non-finite a.mean (an inf in the data) stays what a sum gives: inf + finite = inf,
+    // inf - inf = NaN (a.mean + delta * fb would be inf - inf = NaN), as torch's CPU mean.
+    const acc_t mean = a.mean - a.mean == acc_t(0) ? a.mean + delta * fb : a.mean + b.mean;
+    return {mean, a.m2 + b.m2 + delta * delta * a.n * fb, n};
   }
   static __device__ __forceinline__ T shfl_xor(const T& v, int offset) {
     return {__shfl_xor_sync(0xffffffffu, v.mean, offset), __shfl_xor_sync(0xffffffffu, v.m2, offset),
@@ -89,7 +97,8 @@ template <typename acc_t>
 __device__ __forceinline__ void welford_add(WelfordData<acc_t>& w, acc_t x) {
   w.n += acc_t(1);
   const acc_t delta = x - w.mean;
-  w.mean += welford_div(delta, w.n);
+  // Once the mean is inf it stays inf (or NaN for inf - inf), as a sum would; see WelfordOp.
+  w.mean = w.mean - w.mean == acc_t(0) ? w.mean + welford_div(delta, w.n) : w.mean + x;
   w.m2 += delta * (x - w.mean);
 }
 
@@ -247,28 +256,29 @@ __device__ __forceinline__ void for_ncs_block(int64_t n0, int64_t n1, int64_t s0
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) _batch_norm_stats_ncs_kernel(
     const scalar_t* __restrict__ input,           // (N, C, S) contiguous
-    at::opmath_type<scalar_t>* __restrict__ part,  // (3 * C * P + C,), P = gridDim.y * gridDim.z
+    double* __restrict__ part,  // (3 * C * P + C,), P = gridDim.y * gridDim.z
     int64_t N, int64_t C, int64_t S,  // sizes of the (N, C, S) view
     int64_t rows_per,  // rows n of one block: [blockIdx.y * rows_per, + rows_per)
     int64_t s_per) {   // elements s of one block: [blockIdx.z * s_per, + s_per)
   using acc_t = at::opmath_type<scalar_t>;
   using Op = WelfordOp<acc_t>;
-  __shared__ typename Op::T smem[kThreads];
+  using DOp = WelfordOp<double>;  // the block's merge and its partial in double (precision)
+  __shared__ typename DOp::T smem[kThreads];
   const int64_t c = blockIdx.x;
   const int64_t n0 = blockIdx.y * rows_per, n1 = std::min(N, n0 + rows_per);
   const int64_t s0 = blockIdx.z * s_per, s1 = std::min(S, s0 + s_per);
-  const acc_t x0 = static_cast<acc_t>(input[c * S]);
+  const acc_t x0 = finite_or_zero(static_cast<acc_t>(input[c * S]));
   typename Op::T w = Op::identity();
   for_ncs_block(
       n0, n1, s0, s1, [&](int64_t n, int64_t s) { return static_cast<acc_t>(input[(n * C + c) * S + s]); },
       [&](acc_t x) { welford_add(w, x - x0); });
-  w = block_reduce<Op>(w, smem, 1);
+  typename DOp::T wd = block_reduce<DOp>({w.mean, w.m2, w.n}, smem, 1);
   if (threadIdx.x == 0 && threadIdx.y == 0) {
     const int64_t P = static_cast<int64_t>(gridDim.y) * gridDim.z;
     const int64_t p = static_cast<int64_t>(blockIdx.y) * gridDim.z + blockIdx.z;
-    part[c * P + p] = w.n;
-    part[C * P + c * P + p] = w.mean;
-    part[2 * C * P + c * P + p] = w.m2;
+    part[c * P + p] = wd.n;
+    part[C * P + c * P + p] = wd.mean;
+    part[2 * C * P + c * P + p] = wd.m2;
     if (p == 0) part[3 * C * P + c] = x0;
   }
 }
@@ -276,30 +286,31 @@ __global__ void __launch_bounds__(kThreads) _batch_norm_stats_ncs_kernel(
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) _batch_norm_stats_mc_kernel(
     const scalar_t* __restrict__ input,           // (M, C) contiguous, C innermost
-    at::opmath_type<scalar_t>* __restrict__ part,  // (3 * C * P + C,), P = gridDim.y
+    double* __restrict__ part,  // (3 * C * P + C,), P = gridDim.y
     int64_t M, int64_t C,  // sizes of the (M, C) view
     int64_t rows_per) {  // rows m of one block: [blockIdx.y * rows_per, + rows_per)
   using acc_t = at::opmath_type<scalar_t>;
   using Op = WelfordOp<acc_t>;
-  __shared__ typename Op::T smem[kThreads];
+  using DOp = WelfordOp<double>;  // the block's merge and its partial in double (precision)
+  __shared__ typename DOp::T smem[kThreads];
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t m0 = blockIdx.y * rows_per, m1 = std::min(M, m0 + rows_per);
   typename Op::T w = Op::identity();
   acc_t x0 = acc_t(0);
   if (c < C) {
-    x0 = static_cast<acc_t>(input[c]);
+    x0 = finite_or_zero(static_cast<acc_t>(input[c]));
     for_unrolled(m0 + threadIdx.y, m1, blockDim.y,
                  [&](int64_t m) { return static_cast<acc_t>(input[m * C + c]); },
                  [&](int64_t, acc_t x) { welford_add(w, x - x0); });
   }
-  w = block_reduce<Op>(w, smem, blockDim.x);
+  typename DOp::T wd = block_reduce<DOp>({w.mean, w.m2, w.n}, smem, blockDim.x);
   // The threads with threadIdx.y == 0 hold the block's result for their channel c.
   if (threadIdx.y == 0 && c < C) {
     const int64_t P = gridDim.y;
     const int64_t p = blockIdx.y;
-    part[c * P + p] = w.n;
-    part[C * P + c * P + p] = w.mean;
-    part[2 * C * P + c * P + p] = w.m2;
+    part[c * P + p] = wd.n;
+    part[C * P + c * P + p] = wd.mean;
+    part[2 * C * P + c * P + p] = wd.m2;
     if (p == 0) part[3 * C * P + c] = x0;
   }
 }
@@ -309,7 +320,7 @@ __global__ void __launch_bounds__(kThreads) _batch_norm_stats_mc_kernel(
 // statistics. Both: scale and shift for the elementwise kernel.
 template <typename acc_t>
 __global__ void __launch_bounds__(kThreads) _batch_norm_finalize_kernel(
-    const acc_t* __restrict__ part,     // (3 * C * P + C,) training; null in eval
+    const double* __restrict__ part,    // (3 * C * P + C,) training; null in eval
     const acc_t* __restrict__ weight,   // (C,) or null
     const acc_t* __restrict__ bias,     // (C,) or null
     acc_t* __restrict__ running_mean,   // (C,) or null; read in eval, updated in training
@@ -318,10 +329,12 @@ __global__ void __launch_bounds__(kThreads) _batch_norm_finalize_kernel(
     acc_t* __restrict__ save_invstd,    // (C,)
     acc_t* __restrict__ coef,           // (3, C): scale, shift, mean (see channel_affine)
     int64_t C, int64_t P,  // channels, partials per channel
-    acc_t n_total,                      // elements per channel, N * S
-    acc_t momentum, acc_t eps,          // running-stat momentum, variance epsilon
+    double n_total,                     // elements per channel, N * S
+    double momentum, double eps,        // running-stat momentum, variance epsilon
     bool training) {
-  using Op = WelfordOp<acc_t>;
+  // The merge runs in double whatever acc_t is: on long planes the partials are many, and their
+  // float32 merge would lose what the per-thread Welford kept (issue 9, defect 6).
+  using Op = WelfordOp<double>;
   const int lane = threadIdx.x % kWarpSize;
   const int64_t c = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / kWarpSize;
   if (c >= C) return;  // the whole warp leaves together
@@ -329,26 +342,25 @@ __global__ void __launch_bounds__(kThreads) _batch_norm_finalize_kernel(
   if (training) {
     typename Op::T w = Op::identity();
     for (int64_t p = lane; p < P; p += kWarpSize) {
-      const typename Op::T b = {part[C * P + c * P + p], part[2 * C * P + c * P + p], part[c * P + p]};
+      const typename Op::T b = {static_cast<double>(part[C * P + c * P + p]),
+                                static_cast<double>(part[2 * C * P + c * P + p]),
+                                static_cast<double>(part[c * P + p])};
       w = Op::combine(w, b);
     }
     for (int offset = kWarpSize / 2; offset >= 1; offset >>= 1) w = Op::combine(w, Op::shfl_xor(w, offset));
-    const acc_t x0 = part[3 * C * P + c];
-    mean = x0 + w.mean;
-    // TwoSum: mean + mean_lo == x0 + w.mean exactly
-    const acc_t b_virtual = mean - x0;
-    mean_lo = (x0 - (mean - b_virtual)) + (w.mean - b_virtual);
-    const acc_t var = w.m2 / n_total;  // biased
-    // As torch: invstd = 0 when var and eps are both 0.
-    invstd = (var != acc_t(0) || eps != acc_t(0)) ? acc_t(1) / sqrt_acc(var + eps) : acc_t(0);
+    const double mean64 = static_cast<double>(part[3 * C * P + c]) + w.mean;
+    mean = static_cast<acc_t>(mean64);
+    mean_lo = static_cast<acc_t>(mean64 - static_cast<double>(mean));  // mean + mean_lo = mean64
+    const double var = w.m2 / n_total;  // biased
+    invstd = static_cast<acc_t>(1.0 / sqrt(var + eps));
     if (lane == 0 && running_mean != nullptr) {
-      const acc_t unbiased = var * (n_total / (n_total - acc_t(1)));
-      running_mean[c] = (acc_t(1) - momentum) * running_mean[c] + momentum * mean;
-      running_var[c] = (acc_t(1) - momentum) * running_var[c] + momentum * unbiased;
+      const double unbiased = var * (n_total / (n_total - 1.0));
+      running_mean[c] = static_cast<acc_t>((1.0 - momentum) * running_mean[c] + momentum * mean64);
+      running_var[c] = static_cast<acc_t>((1.0 - momentum) * running_var[c] + momentum * unbiased);
     }
   } else {
     mean = running_mean[c];
-    invstd = acc_t(1) / sqrt_acc(running_var[c] + eps);
+    invstd = static_cast<acc_t>(1.0 / sqrt(static_cast<double>(running_var[c]) + eps));
   }
   if (lane == 0) {
     acc_t scale, shift;
@@ -441,14 +453,15 @@ __global__ void __launch_bounds__(kThreads) _batch_norm_bwd_reduce_ncs_kernel(
     const at::opmath_type<scalar_t>* __restrict__ invstd,   // (C,)
     const at::opmath_type<scalar_t>* __restrict__ weight,   // (C,) or null
     const at::opmath_type<scalar_t>* __restrict__ bias,     // (C,) or null
-    at::opmath_type<scalar_t>* __restrict__ part,           // (2 * C * P,), P = gridDim.y * gridDim.z
+    double* __restrict__ part,                             // (2 * C * P,), P = gridDim.y * gridDim.z
     int64_t N, int64_t C, int64_t S,  // sizes of the (N, C, S) view
     int64_t rows_per,  // rows n of one block: [blockIdx.y * rows_per, + rows_per)
     int64_t s_per,     // elements s of one block: [blockIdx.z * s_per, + s_per)
     bool relu) {
   using acc_t = at::opmath_type<scalar_t>;
   using Op = Sum2Op<acc_t>;
-  __shared__ typename Op::T smem[kThreads];
+  using DOp = Sum2Op<double>;  // the block's sum and its partial in double (precision)
+  __shared__ typename DOp::T smem[kThreads];
   const int64_t c = blockIdx.x;
   const int64_t n0 = blockIdx.y * rows_per, n1 = std::min(N, n0 + rows_per);
   const int64_t s0 = blockIdx.z * s_per, s1 = std::min(S, s0 + s_per);
@@ -467,12 +480,12 @@ __global__ void __launch_bounds__(kThreads) _batch_norm_bwd_reduce_ncs_kernel(
         acc.g += g;
         acc.gx += g * (v.x - mu);
       });
-  acc = block_reduce<Op>(acc, smem, 1);
+  const typename DOp::T sum = block_reduce<DOp>({acc.g, acc.gx}, smem, 1);
   if (threadIdx.x == 0 && threadIdx.y == 0) {
     const int64_t P = static_cast<int64_t>(gridDim.y) * gridDim.z;
     const int64_t p = static_cast<int64_t>(blockIdx.y) * gridDim.z + blockIdx.z;
-    part[c * P + p] = acc.g;
-    part[C * P + c * P + p] = acc.gx;
+    part[c * P + p] = sum.g;
+    part[C * P + c * P + p] = sum.gx;
   }
 }
 
@@ -484,13 +497,14 @@ __global__ void __launch_bounds__(kThreads) _batch_norm_bwd_reduce_mc_kernel(
     const at::opmath_type<scalar_t>* __restrict__ invstd,   // (C,)
     const at::opmath_type<scalar_t>* __restrict__ weight,   // (C,) or null
     const at::opmath_type<scalar_t>* __restrict__ bias,     // (C,) or null
-    at::opmath_type<scalar_t>* __restrict__ part,           // (2 * C * P,), P = gridDim.y
+    double* __restrict__ part,                             // (2 * C * P,), P = gridDim.y
     int64_t M, int64_t C,  // sizes of the (M, C) view
     int64_t rows_per,  // rows m of one block: [blockIdx.y * rows_per, + rows_per)
     bool relu) {
   using acc_t = at::opmath_type<scalar_t>;
   using Op = Sum2Op<acc_t>;
-  __shared__ typename Op::T smem[kThreads];
+  using DOp = Sum2Op<double>;  // the block's sum and its partial in double (precision)
+  __shared__ typename DOp::T smem[kThreads];
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t m0 = blockIdx.y * rows_per, m1 = std::min(M, m0 + rows_per);
   typename Op::T acc = Op::identity();
@@ -509,11 +523,11 @@ __global__ void __launch_bounds__(kThreads) _batch_norm_bwd_reduce_mc_kernel(
           acc.gx += g * (v.x - mu);
         });
   }
-  acc = block_reduce<Op>(acc, smem, blockDim.x);
+  const typename DOp::T sum = block_reduce<DOp>({acc.g, acc.gx}, smem, blockDim.x);
   if (threadIdx.y == 0 && c < C) {
     const int64_t P = gridDim.y;
-    part[c * P + blockIdx.y] = acc.g;
-    part[C * P + c * P + blockIdx.y] = acc.gx;
+    part[c * P + blockIdx.y] = sum.g;
+    part[C * P + c * P + blockIdx.y] = sum.gx;
   }
 }
 
@@ -522,7 +536,7 @@ __global__ void __launch_bounds__(kThreads) _batch_norm_bwd_reduce_mc_kernel(
 // k2 = grad_weight * invstd / n (training; eval: grad_input = g' * scale, k1 = k2 = 0).
 template <typename acc_t>
 __global__ void __launch_bounds__(kThreads) _batch_norm_bwd_finalize_kernel(
-    const acc_t* __restrict__ part,     // (2 * C * P,)
+    const double* __restrict__ part,    // (2 * C * P,)
     const acc_t* __restrict__ mean,     // (C,)
     const acc_t* __restrict__ invstd,   // (C,)
     const acc_t* __restrict__ weight,   // (C,) or null
@@ -531,30 +545,30 @@ __global__ void __launch_bounds__(kThreads) _batch_norm_bwd_finalize_kernel(
     acc_t* __restrict__ grad_bias,      // (C,)
     acc_t* __restrict__ coef,           // (4, C): scale, shift, k1, k2
     int64_t C, int64_t P,  // channels, partials per channel
-    acc_t n_total,                      // elements per channel, N * S
+    double n_total,                     // elements per channel, N * S
     bool training) {
-  using Op = Sum2Op<acc_t>;
+  using Op = Sum2Op<double>;  // the partials summed in double whatever acc_t is (long planes)
   const int lane = threadIdx.x % kWarpSize;
   const int64_t c = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / kWarpSize;
   if (c >= C) return;  // the whole warp leaves together
   typename Op::T acc = Op::identity();
-  for (int64_t p = lane; p < P; p += kWarpSize) {
+  for (int64_t p = lane; p < P; p += kWarpSize) {  // P = 0: no sums wanted (eval, grad_input only)
     acc.g += part[c * P + p];
     acc.gx += part[C * P + c * P + p];
   }
   for (int offset = kWarpSize / 2; offset >= 1; offset >>= 1) acc = Op::combine(acc, Op::shfl_xor(acc, offset));
   if (lane == 0) {
     const acc_t is = invstd[c];
-    const acc_t gb = acc.g;
-    const acc_t gw = acc.gx * is;
+    const acc_t gb = static_cast<acc_t>(acc.g);
+    const acc_t gw = static_cast<acc_t>(acc.gx * is);
     grad_bias[c] = gb;
     grad_weight[c] = gw;
     acc_t scale, shift;
     channel_affine(weight, bias, c, acc_t(0), is, scale, shift);
     coef[c] = scale;
     coef[C + c] = shift;
-    coef[2 * C + c] = training ? gb / n_total : acc_t(0);
-    coef[3 * C + c] = training ? gw * is / n_total : acc_t(0);
+    coef[2 * C + c] = training ? static_cast<acc_t>(gb / n_total) : acc_t(0);
+    coef[3 * C + c] = training ? static_cast<acc_t>(gw * is / n_total) : acc_t(0);
   }
 }
 
@@ -669,6 +683,9 @@ struct ReduceGrid {
 };
 
 constexpr int64_t kMinElemsPerBlock = 4096;  // a reduction block gets at least ~16 elements a thread
+// ... and at most kMaxElemsPerThread a thread (each thread accumulates in acc_t; the partials are
+// merged in double): more blocks on long planes, for precision.
+constexpr int64_t kMaxElemsPerThread = 1024;
 
 ReduceGrid reduce_grid(const KernelShape& k) {
   ReduceGrid g;
@@ -678,6 +695,7 @@ ReduceGrid reduce_grid(const KernelShape& k) {
     const int64_t by = kThreads / bx;
     const int64_t tiles = ceil_div(k.C, bx);
     int64_t gy = std::min(ceil_div(target, tiles), ceil_div(k.M * bx, kMinElemsPerBlock));
+    gy = std::max(gy, ceil_div(k.M, by * kMaxElemsPerThread));
     gy = std::max<int64_t>(1, std::min(gy, kMaxGridYZ));
     g.rows_per = ceil_div(k.M, gy);
     gy = ceil_div(k.M, g.rows_per);  // no empty block
@@ -688,7 +706,7 @@ ReduceGrid reduce_grid(const KernelShape& k) {
     const int64_t bx = std::min<int64_t>(kThreads, pow2_ceil(k.S));
     const int64_t by = kThreads / bx;
     int64_t p = std::min(ceil_div(target, k.C), ceil_div(k.N * k.S, kMinElemsPerBlock));
-    p = std::max<int64_t>(1, p);
+    p = std::max<int64_t>({1, p, ceil_div(k.N * k.S, kThreads * kMaxElemsPerThread)});
     // Split S first (long rows), then N.
     int64_t gz = std::max<int64_t>(1, std::min({p, ceil_div(k.S, bx * 4), kMaxGridYZ}));
     g.s_per = ceil_div(ceil_div(k.S, gz), bx) * bx;  // a multiple of bx
@@ -796,23 +814,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd_cuda(
     if (training) {
       const ReduceGrid g = reduce_grid(k);
       P = g.P;
-      part = at::empty({3 * C * P + C}, acc_opts);
+      part = at::empty({3 * C * P + C}, input.options().dtype(at::kDouble));
       if (k.mc) {
         _batch_norm_stats_mc_kernel<scalar_t><<<g.grid, g.block, 0, stream>>>(
-            xp, part.mutable_data_ptr<acc_t>(), k.M, C, g.rows_per);
+            xp, part.mutable_data_ptr<double>(), k.M, C, g.rows_per);
       } else {
         _batch_norm_stats_ncs_kernel<scalar_t><<<g.grid, g.block, 0, stream>>>(
-            xp, part.mutable_data_ptr<acc_t>(), k.N, C, k.S, g.rows_per, g.s_per);
+            xp, part.mutable_data_ptr<double>(), k.N, C, k.S, g.rows_per, g.s_per);
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     _batch_norm_finalize_kernel<acc_t><<<static_cast<unsigned>(ceil_div(C, kWarps)), kThreads, 0, stream>>>(
-        training ? part.const_data_ptr<acc_t>() : nullptr, ptr_or_null<acc_t>(w),
+        training ? part.const_data_ptr<double>() : nullptr, ptr_or_null<acc_t>(w),
         ptr_or_null<acc_t>(b), has_running ? rm.mutable_data_ptr<acc_t>() : nullptr,
         has_running ? rv.mutable_data_ptr<acc_t>() : nullptr, save_mean.mutable_data_ptr<acc_t>(),
         save_invstd.mutable_data_ptr<acc_t>(), coef.mutable_data_ptr<acc_t>(), C, P,
-        static_cast<acc_t>(k.N * k.S), static_cast<acc_t>(momentum), static_cast<acc_t>(eps),
-        training);
+        static_cast<double>(k.N * k.S), momentum, eps, training);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 
     dim3 grid, block;
@@ -843,9 +860,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd_cuda(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd_cuda(
     const at::Tensor& grad_out, const at::Tensor& input, const c10::optional<at::Tensor>& weight,
     const c10::optional<at::Tensor>& bias, const at::Tensor& save_mean,
-    const at::Tensor& save_invstd, bool training, bool relu) {
-  TORCH_CHECK(input.dim() >= 2 && input.dim() <= 5,
-              "batch_norm_bwd: expected input of rank 2 to 5, (N, C, *), got input of rank ",
+    const at::Tensor& save_invstd, bool training, bool relu, std::array<bool, 3> output_mask) {
+  TORCH_CHECK(input.dim() >= 2,
+              "batch_norm_bwd: expected input of rank >= 2, (N, C, *), got input of rank ",
               input.dim(), " and shape ", input.sizes());
   bn::check_bwd(grad_out, input, save_mean, save_invstd);
   const auto st = input.scalar_type();
@@ -868,14 +885,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd_cuda(
   const at::ScalarType acc = bn::acc_dtype(st);
   const auto acc_opts = input.options().dtype(acc);
 
-  at::Tensor grad_input = at::empty_like(x);
+  // Only what output_mask asks for is computed and returned (the rest undefined: None in Python).
+  const bool need_gi = output_mask[0], need_sums = output_mask[1] || output_mask[2];
+  auto masked = [&](const at::Tensor& gi, const at::Tensor& gw, const at::Tensor& gb) {
+    return std::make_tuple(need_gi ? gi : at::Tensor(), output_mask[1] ? gw : at::Tensor(),
+                           output_mask[2] ? gb : at::Tensor());
+  };
+  at::Tensor grad_input = need_gi ? at::empty_like(x) : at::Tensor();
   at::Tensor grad_weight = at::empty({C}, acc_opts);
   at::Tensor grad_bias = at::empty({C}, acc_opts);
-  if (x.numel() == 0) {
+  if (x.numel() == 0 || !(need_gi || need_sums)) {
     grad_weight.zero_();
     grad_bias.zero_();
-    return {grad_input, grad_weight, grad_bias};
+    return masked(grad_input, grad_weight, grad_bias);
   }
+  const bool reduce = need_sums || training;  // eval grad_input alone needs no sums
 
   const at::Tensor mean = save_mean.contiguous();
   const at::Tensor invstd = save_invstd.contiguous();
@@ -883,7 +907,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd_cuda(
   const at::Tensor b = optional_acc(bias, acc);
   at::Tensor coef = at::empty({4 * C}, acc_opts);
   const ReduceGrid rg = reduce_grid(k);
-  at::Tensor part = at::empty({2 * C * rg.P}, acc_opts);
+  at::Tensor part = at::empty({reduce ? 2 * C * rg.P : 1}, input.options().dtype(at::kDouble));
   const auto stream = at::cuda::getCurrentCUDAStream();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "batch_norm_bwd_cuda", [&] {
@@ -894,21 +918,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd_cuda(
     const acc_t* ip = invstd.const_data_ptr<acc_t>();
     const acc_t* wp = ptr_or_null<acc_t>(w);
     const acc_t* bp = ptr_or_null<acc_t>(b);
-    if (k.mc) {
-      _batch_norm_bwd_reduce_mc_kernel<scalar_t><<<rg.grid, rg.block, 0, stream>>>(
-          gp, xp, mp, ip, wp, bp, part.mutable_data_ptr<acc_t>(), k.M, C, rg.rows_per, relu);
-    } else {
-      _batch_norm_bwd_reduce_ncs_kernel<scalar_t><<<rg.grid, rg.block, 0, stream>>>(
-          gp, xp, mp, ip, wp, bp, part.mutable_data_ptr<acc_t>(), k.N, C, k.S, rg.rows_per,
-          rg.s_per, relu);
+    if (reduce) {
+      if (k.mc) {
+        _batch_norm_bwd_reduce_mc_kernel<scalar_t><<<rg.grid, rg.block, 0, stream>>>(
+            gp, xp, mp, ip, wp, bp, part.mutable_data_ptr<double>(), k.M, C, rg.rows_per, relu);
+      } else {
+        _batch_norm_bwd_reduce_ncs_kernel<scalar_t><<<rg.grid, rg.block, 0, stream>>>(
+            gp, xp, mp, ip, wp, bp, part.mutable_data_ptr<double>(), k.N, C, k.S, rg.rows_per,
+            rg.s_per, relu);
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
 
     _batch_norm_bwd_finalize_kernel<acc_t><<<static_cast<unsigned>(ceil_div(C, kWarps)), kThreads, 0, stream>>>(
-        part.const_data_ptr<acc_t>(), mp, ip, wp, bp, grad_weight.mutable_data_ptr<acc_t>(),
-        grad_bias.mutable_data_ptr<acc_t>(), coef.mutable_data_ptr<acc_t>(), C, rg.P,
-        static_cast<acc_t>(k.N * k.S), training);
+        part.const_data_ptr<double>(), mp, ip, wp, bp, grad_weight.mutable_data_ptr<acc_t>(),
+        grad_bias.mutable_data_ptr<acc_t>(), coef.mutable_data_ptr<acc_t>(), C, reduce ? rg.P : 0,
+        static_cast<double>(k.N * k.S), training);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (!need_gi) return;
 
     dim3 grid, block;
     elementwise_grid(k, grid, block);
@@ -923,7 +950,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd_cuda(
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {grad_input, grad_weight, grad_bias};
+  return masked(grad_input, grad_weight, grad_bias);
 }
 
 }  // namespace pyfastdl

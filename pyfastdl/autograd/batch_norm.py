@@ -2,7 +2,9 @@
 (``torch.ops.pyfastdl`` for the C++ and CUDA kernels, ``torch.ops.pyfastdl_triton`` for Triton), plus
 the ops' fake (meta) implementations for ``opcheck`` and ``torch.compile``."""
 import torch
-from torch.autograd.function import once_differentiable
+
+from .. import backends
+from ..reference.batch_norm import batch_norm_like_torch
 
 __all__ = ["BatchNormFunction"]
 
@@ -30,10 +32,19 @@ def _batch_norm_fwd_fake(input, weight, bias, running_mean, running_var, trainin
 
 
 @torch.library.register_fake("pyfastdl::batch_norm_bwd")
-def _batch_norm_bwd_fake(grad_out, input, weight, bias, save_mean, save_invstd, training, relu):
+def _batch_norm_bwd_fake(grad_out, input, weight, bias, save_mean, save_invstd, training, relu, output_mask):
+    return batch_norm_bwd_shapes(input, output_mask)
+
+
+def batch_norm_bwd_shapes(input, output_mask):
+    """The outputs batch_norm_bwd allocates (shared by the fake implementations of the C++ and the
+    Triton op): grad_input like the kernels' layout, grad_weight and grad_bias (C,) in the
+    accumulation dtype; an output whose output_mask entry is False is None (not computed)."""
     C = input.shape[1]
     acc = _acc_dtype(input.dtype)
-    return _like_kernel_layout(input), input.new_empty((C,), dtype=acc), input.new_empty((C,), dtype=acc)
+    return (_like_kernel_layout(input) if output_mask[0] else None,
+            input.new_empty((C,), dtype=acc) if output_mask[1] else None,
+            input.new_empty((C,), dtype=acc) if output_mask[2] else None)
 
 
 class BatchNormFunction(torch.autograd.Function):
@@ -47,16 +58,49 @@ class BatchNormFunction(torch.autograd.Function):
         out, save_mean, save_invstd = ops.batch_norm_fwd(
             input, weight, bias, running_mean, running_var, training, momentum, eps, relu)
         ctx.save_for_backward(input, weight, bias, save_mean, save_invstd)
-        ctx.training, ctx.relu, ctx.ops = training, relu, ops
+        ctx.training, ctx.relu, ctx.ops, ctx.eps = training, relu, ops, eps
         return out
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_out):
         input, weight, bias, save_mean, save_invstd = ctx.saved_tensors
-        grad_input, grad_weight, grad_bias = ctx.ops.batch_norm_bwd(
-            grad_out, input, weight, bias, save_mean, save_invstd, ctx.training, ctx.relu)
         need = ctx.needs_input_grad
-        grad_weight = grad_weight.to(weight.dtype) if weight is not None and need[1] else None
-        grad_bias = grad_bias.to(bias.dtype) if bias is not None and need[2] else None
-        return (grad_input if need[0] else None, grad_weight, grad_bias) + (None,) * 7
+        mask = [bool(need[0]), bool(need[1] and weight is not None), bool(need[2] and bias is not None)]
+        if torch.is_grad_enabled():  # create_graph=True: the gradients must carry their own graph
+            return _double_backward_capable(ctx, grad_out, input, weight, bias, save_mean, save_invstd, mask)
+        grad_input, grad_weight, grad_bias = ctx.ops.batch_norm_bwd(
+            grad_out, input, weight, bias, save_mean, save_invstd, ctx.training, ctx.relu, mask)
+        grad_weight = grad_weight.to(weight.dtype) if mask[1] else None
+        grad_bias = grad_bias.to(bias.dtype) if mask[2] else None
+        return (grad_input if mask[0] else None, grad_weight, grad_bias) + (None,) * 7
+
+
+def _double_backward_capable(ctx, grad_out, input, weight, bias, save_mean, save_invstd, mask):
+    """The first-order gradients as differentiable functions of (input, weight, bias, grad_out), for
+    backward(create_graph=True) (a gradient penalty, gradgradcheck). The kernels' backward is not
+    itself differentiable, so the forward is recomputed with the reference math
+    (pyfastdl.reference.batch_norm_like_torch; running statistics not updated again) and
+    differentiated by autograd: torch's own ops run here, recorded as
+    ``batch_norm_double_backward`` -> ``reference`` in backends.last_dispatch(). In eval the saved
+    (running) statistics are constants: mean = save_mean, var = 1 / save_invstd^2 - eps."""
+    backends.record("batch_norm_double_backward", "reference")
+    wanted = [t for t, m in zip((input, weight, bias), mask) if m]
+    if not wanted:
+        return (None,) * 10
+    with torch.enable_grad():
+        if ctx.training:
+            y = batch_norm_like_torch(input, None, None, weight, bias, True, 0.0, ctx.eps,
+                                      "relu" if ctx.relu else None)
+        else:
+            shape = [1, input.shape[1]] + [1] * (input.dim() - 2)
+            y = (input - save_mean.view(shape).to(input.dtype)) * save_invstd.view(shape).to(input.dtype)
+            if weight is not None:
+                y = y * weight.view(shape)
+            if bias is not None:
+                y = y + bias.view(shape)
+            if ctx.relu:
+                y = torch.relu(y)
+        grads = iter(torch.autograd.grad(y, wanted, grad_out, create_graph=True, allow_unused=True))
+    out = [next(grads) if m else None for m in mask]
+    out = [torch.zeros_like(t) if m and g is None else g for t, m, g in zip((input, weight, bias), mask, out)]
+    return tuple(out) + (None,) * 7
