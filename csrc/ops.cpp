@@ -31,6 +31,12 @@ TORCH_LIBRARY(pyfastdl, m) {
   m.def(
       "batch_norm_bwd(Tensor grad_out, Tensor input, Tensor? weight, Tensor? bias, Tensor save_mean, "
       "Tensor save_invstd, bool training, bool relu) -> (Tensor, Tensor, Tensor)");
+  // batch_norm_fwd's output, differentiable: its derivative (batch_norm_bwd) is registered in C++
+  // under the Autograd key (csrc/cpu/batch_norm_autograd.cpp), so the C++ backends run a
+  // forward+backward without Python. Arguments and output as batch_norm_fwd.
+  m.def(
+      "batch_norm(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
+      "Tensor(b!)? running_var, bool training, float momentum, float eps, bool relu) -> Tensor");
 
   // ---- fused optimizers (one multi-tensor step per call) ---------------------------------------
   // Each op applies one step of torch.optim.<X>(foreach=False)'s update rule to every tensor of the

@@ -24,7 +24,7 @@ import threading
 import torch
 
 __all__ = ["NAMES", "built", "available", "use", "current", "last_dispatch", "strict", "set_strict", "Dispatch",
-           "BackendError", "resolve", "ops", "record", "dtype_covers"]
+           "BackendError", "resolve", "pick", "ops", "record", "dtype_covers"]
 
 NAMES = ("cpu", "cuda", "triton", "reference")
 _log = logging.getLogger("pyfastdl.backends")
@@ -204,6 +204,29 @@ def resolve(op: str, device: torch.device, covers) -> tuple[str, str | None]:
     if reason is None:
         return intended, None
     return "torch", f"backend {intended!r} does not cover this call ({reason})"
+
+
+# (op, device type, dtype) -> the Dispatch of the default kernel backend, for calls whose coverage
+# depends on the dtype only (``pick``); filled on first use, valid while no backend is chosen.
+_PICKED: dict = {}
+
+
+def pick(op: str, device: torch.device, dtype: torch.dtype, table: dict) -> str:
+    """``resolve`` with ``dtype_covers(table, dtype)``, then ``record``: returns the backend. The
+    common case (no backend chosen, the default kernel covers the dtype) is one dict lookup."""
+    if getattr(_state, "chosen", None) is None and _config["backend"] is None:
+        d = _PICKED.get((op, device.type, dtype))
+        if d is not None:
+            _state.last = d
+            return d.backend
+        backend, fallback = resolve(op, device, dtype_covers(table, dtype))
+        record(op, backend, fallback)
+        if fallback is None and backend == device.type:
+            _PICKED[(op, device.type, dtype)] = _state.last
+        return backend
+    backend, fallback = resolve(op, device, dtype_covers(table, dtype))
+    record(op, backend, fallback)
+    return backend
 
 
 def dtype_covers(table: dict, dtype: torch.dtype):

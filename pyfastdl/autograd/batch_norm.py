@@ -36,6 +36,11 @@ def _batch_norm_bwd_fake(grad_out, input, weight, bias, save_mean, save_invstd, 
     return _like_kernel_layout(input), input.new_empty((C,), dtype=acc), input.new_empty((C,), dtype=acc)
 
 
+@torch.library.register_fake("pyfastdl::batch_norm")
+def _batch_norm_fake(input, weight, bias, running_mean, running_var, training, momentum, eps, relu):
+    return _like_kernel_layout(input)
+
+
 class BatchNormFunction(torch.autograd.Function):
     """y = relu?((x - mean) * invstd * weight + bias), statistics per channel (dim 1).
     forward(input (N, C, *), weight (C,)|None, bias (C,)|None, running_mean (C,)|None,
