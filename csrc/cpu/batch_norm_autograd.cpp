@@ -6,10 +6,11 @@
 // The op reaches batch_norm_fwd / batch_norm_bwd through the dispatcher, so one registration serves
 // CPU and CUDA tensors alike (the kernels are csrc/cpu/batch_norm.cpp and csrc/cuda/batch_norm.cu).
 //
-// Measured on a 2-core AMD EPYC, torch 2.14.1, BatchNorm1d (2, 1) forward+backward: the Python
-// autograd Function costs about 2x the time of this hand-written autograd Node (see the report of
-// issue 8); torch::autograd::Function<T> sits in between (a saved_data hash map, vectors of
-// optionals).
+// A hand-written autograd Node (as torch's generated VariableType code does), not
+// torch::autograd::Function<T>: typed fields instead of a string-keyed saved_data map and vectors of
+// optionals on every call. Measured on a 2-core AMD EPYC (torch 2.14.1, 1 thread, BatchNorm1d
+// (2, 1) fwd+bwd through torch.autograd.grad): 61 us through this op vs 95-102 us through the
+// Python Function (torch's own: 52-54 us).
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/functions/basic_ops.h>
 #include <torch/csrc/autograd/functions/utils.h>
@@ -93,8 +94,13 @@ struct BatchNormBackward final : torch::autograd::Node {
                    mask);
     }
     if (mask[0]) out[0] = std::move(std::get<0>(g));
-    if (mask[1]) out[1] = std::get<1>(g).to(weight.scalar_type());
-    if (mask[2]) out[2] = std::get<2>(g).to(bias.scalar_type());
+    // grad_weight and grad_bias come in the accumulation dtype; the parameters' own (float16
+    // weights on CUDA). The check saves a dispatcher round trip in the common case.
+    auto as = [](at::Tensor& t, const at::Tensor& like) {
+      return t.scalar_type() == like.scalar_type() ? std::move(t) : t.to(like.scalar_type());
+    };
+    if (mask[1]) out[1] = as(std::get<1>(g), weight);
+    if (mask[2]) out[2] = as(std::get<2>(g), bias);
     if (graph && (grad_out.requires_grad() || input.requires_grad() || (weight.defined() && weight.requires_grad()) ||
                   (bias.defined() && bias.requires_grad()))) {
       // Not silently graph-less: differentiating these gradients again raises, naming the op. (As
