@@ -4,7 +4,9 @@ Providers: ``pyfastdl-<backend>`` (``pyfastdl.functional.batch_norm``, each kern
 device), ``torch`` (``torch.nn.functional.batch_norm`` eager, which is what ``torch.nn.BatchNorm2d``
 runs), ``torch.compile`` (of that same function) and ``reference`` (the notes' ``BatchNorm`` module,
 2-D or 4-D input only). Modes: "train fwd", "train fwd+bwd" (forward, then ``autograd.grad`` of input,
-weight and bias; nothing accumulates into ``.grad``) and "eval fwd".
+weight and bias; nothing accumulates into ``.grad``) and "eval fwd". The per-call row, BatchNorm1d on
+(2, 1) (the smallest valid training input), measures the cost of a call itself: Python, dispatch,
+autograd and the launchers' allocations; its target is parity with torch's own call.
 
 Bytes one iteration must move at least (numel x itemsize per pass over the activation; the (C,)
 statistics and parameters are negligible and not counted):
