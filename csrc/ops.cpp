@@ -36,6 +36,20 @@ TORCH_LIBRARY(pyfastdl, m) {
   m.def(
       "batch_norm_bwd(Tensor grad_out, Tensor input, Tensor? weight, Tensor? bias, Tensor save_mean, "
       "Tensor save_invstd, bool training, bool relu, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  // batch_norm_fwd's output, differentiable: its derivative (batch_norm_bwd) is registered in C++
+  // under the Autograd key (csrc/cpu/batch_norm_autograd.cpp), so the C++ backends run a
+  // forward+backward without Python. Arguments and output as batch_norm_fwd.
+  m.def(
+      "batch_norm(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
+      "Tensor(b!)? running_var, bool training, float momentum, float eps, bool relu) -> Tensor");
+  // batch_norm_bwd's results as differentiable functions of (grad_out, input, weight, bias), for
+  // backward(create_graph=True) through pyfastdl::batch_norm (double backward, gradient penalties):
+  // implemented in Python as CompositeImplicitAutograd (pyfastdl/autograd/batch_norm.py: the
+  // reference math, differentiated by autograd with create_graph). Outputs not in output_mask are
+  // returned empty (0,).
+  m.def(
+      "batch_norm_bwd_graph(Tensor grad_out, Tensor input, Tensor? weight, Tensor? bias, Tensor save_mean, "
+      "Tensor save_invstd, bool training, float eps, bool relu, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
 
   // ---- fused optimizers (one multi-tensor step per call) ---------------------------------------
   // Each op applies one step of torch.optim.<X>(foreach=False)'s update rule to every tensor of the

@@ -19,6 +19,9 @@ _BATCH_NORM_DTYPES = {
     "triton": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
 }
 _ACTIVATIONS = (None, "relu")
+# batch_norm_fwd with its autograd formula in C++ (csrc/cpu/batch_norm_autograd.cpp); the overload
+# resolved once
+_BATCH_NORM_OP = torch.ops.pyfastdl.batch_norm.default
 _BN_TENSOR_ARGS = ("weight", "bias", "running_mean", "running_var")
 
 
@@ -72,8 +75,7 @@ def batch_norm(input: torch.Tensor, running_mean: torch.Tensor | None, running_v
                                    f"got {t.numel()}")
         return input.clone()
 
-    backend, fallback = backends.resolve("batch_norm", input.device, backends.dtype_covers(_BATCH_NORM_DTYPES, input.dtype))
-    backends.record("batch_norm", backend, fallback)
+    backend = backends.pick("batch_norm", input.device, input.dtype, _BATCH_NORM_DTYPES)
     if backend == "torch":
         y = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
         return F.relu(y) if relu else y
@@ -82,6 +84,9 @@ def batch_norm(input: torch.Tensor, running_mean: torch.Tensor | None, running_v
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.size()}")
         return batch_norm_like_torch(input, running_mean, running_var, weight, bias, training,
                                      momentum, eps, activation)
+    if backend != "triton":  # cpu, cuda: the op's derivative is registered in C++, no Python per backward
+        return _BATCH_NORM_OP(input, weight, bias, running_mean, running_var, bool(training), float(momentum),
+                              float(eps), relu)
     ops = backends.ops(backend, "batch_norm")
     if not (torch.is_grad_enabled() and (input.requires_grad or (weight is not None and weight.requires_grad)
                                          or (bias is not None and bias.requires_grad))):

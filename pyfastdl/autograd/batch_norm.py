@@ -47,6 +47,11 @@ def batch_norm_bwd_shapes(input, output_mask):
             input.new_empty((C,), dtype=acc) if output_mask[2] else None)
 
 
+@torch.library.register_fake("pyfastdl::batch_norm")
+def _batch_norm_fake(input, weight, bias, running_mean, running_var, training, momentum, eps, relu):
+    return _like_kernel_layout(input)
+
+
 class BatchNormFunction(torch.autograd.Function):
     """y = relu?((x - mean) * invstd * weight + bias), statistics per channel (dim 1).
     forward(input (N, C, *), weight (C,)|None, bias (C,)|None, running_mean (C,)|None,
@@ -67,7 +72,8 @@ class BatchNormFunction(torch.autograd.Function):
         need = ctx.needs_input_grad
         mask = [bool(need[0]), bool(need[1] and weight is not None), bool(need[2] and bias is not None)]
         if torch.is_grad_enabled():  # create_graph=True: the gradients must carry their own graph
-            return _double_backward_capable(ctx, grad_out, input, weight, bias, save_mean, save_invstd, mask)
+            return differentiable_grads(grad_out, input, weight, bias, save_mean, save_invstd, ctx.training,
+                                        ctx.eps, ctx.relu, mask) + (None,) * 7
         grad_input, grad_weight, grad_bias = ctx.ops.batch_norm_bwd(
             grad_out, input, weight, bias, save_mean, save_invstd, ctx.training, ctx.relu, mask)
         grad_weight = grad_weight.to(weight.dtype) if mask[1] else None
@@ -75,22 +81,23 @@ class BatchNormFunction(torch.autograd.Function):
         return (grad_input if mask[0] else None, grad_weight, grad_bias) + (None,) * 7
 
 
-def _double_backward_capable(ctx, grad_out, input, weight, bias, save_mean, save_invstd, mask):
+def differentiable_grads(grad_out, input, weight, bias, save_mean, save_invstd, training, eps, relu, mask):
     """The first-order gradients as differentiable functions of (input, weight, bias, grad_out), for
-    backward(create_graph=True) (a gradient penalty, gradgradcheck). The kernels' backward is not
-    itself differentiable, so the forward is recomputed with the reference math
-    (pyfastdl.reference.batch_norm_like_torch; running statistics not updated again) and
-    differentiated by autograd: torch's own ops run here, recorded as
-    ``batch_norm_double_backward`` -> ``reference`` in backends.last_dispatch(). In eval the saved
-    (running) statistics are constants: mean = save_mean, var = 1 / save_invstd^2 - eps."""
+    backward(create_graph=True) (a gradient penalty, gradgradcheck); None where mask is False. The
+    kernels' backward is not itself differentiable, so the forward is recomputed with the reference
+    math (pyfastdl.reference.batch_norm_like_torch; running statistics not updated again) and
+    differentiated by autograd: torch's own ops run here, recorded as ``batch_norm_double_backward``
+    -> ``reference`` in backends.last_dispatch(). In eval the saved (running) statistics are
+    constants: mean = save_mean, var = 1 / save_invstd^2 - eps. Used by BatchNormFunction (Triton)
+    and, through the op ``pyfastdl::batch_norm_bwd_graph``, by the C++ autograd node of
+    ``pyfastdl::batch_norm`` (cpu, cuda)."""
     backends.record("batch_norm_double_backward", "reference")
     wanted = [t for t, m in zip((input, weight, bias), mask) if m]
     if not wanted:
-        return (None,) * 10
+        return (None, None, None)
     with torch.enable_grad():
-        if ctx.training:
-            y = batch_norm_like_torch(input, None, None, weight, bias, True, 0.0, ctx.eps,
-                                      "relu" if ctx.relu else None)
+        if training:
+            y = batch_norm_like_torch(input, None, None, weight, bias, True, 0.0, eps, "relu" if relu else None)
         else:
             shape = [1, input.shape[1]] + [1] * (input.dim() - 2)
             y = (input - save_mean.view(shape).to(input.dtype)) * save_invstd.view(shape).to(input.dtype)
@@ -98,9 +105,15 @@ def _double_backward_capable(ctx, grad_out, input, weight, bias, save_mean, save
                 y = y * weight.view(shape)
             if bias is not None:
                 y = y + bias.view(shape)
-            if ctx.relu:
+            if relu:
                 y = torch.relu(y)
         grads = iter(torch.autograd.grad(y, wanted, grad_out, create_graph=True, allow_unused=True))
     out = [next(grads) if m else None for m in mask]
-    out = [torch.zeros_like(t) if m and g is None else g for t, m, g in zip((input, weight, bias), mask, out)]
-    return tuple(out) + (None,) * 7
+    return tuple(torch.zeros_like(t) if m and g is None else g for t, m, g in zip((input, weight, bias), mask, out))
+
+
+@torch.library.impl("pyfastdl::batch_norm_bwd_graph", "CompositeImplicitAutograd")
+def _batch_norm_bwd_graph(grad_out, input, weight, bias, save_mean, save_invstd, training, eps, relu, output_mask):
+    g = differentiable_grads(grad_out, input, weight, bias, save_mean, save_invstd, training, eps, relu,
+                             [bool(m) for m in output_mask])
+    return tuple(t if t is not None else input.new_empty((0,)) for t in g)

@@ -25,6 +25,9 @@ __all__ = ["cases"]
 
 FAMILY = "attention"
 SHAPES = [(4, 8, 512, 64), (1, 8, 2048, 64), (2, 12, 1024, 64), (1, 8, 4096, 128)]
+# The per-call row: the smallest valid input, whose time is the call's overhead (Python, dispatch,
+# autograd); the target, on the CPU: no slower than torch's own call.
+PER_CALL = (1, 1, 1, 1)
 FORMULA = "flops = 4 B H L S E (fwd), 14 B H L S E (fwd+bwd); causal: half"
 
 
@@ -90,4 +93,11 @@ def cases(device: str, quick: bool) -> list[Case]:
                         make_providers=functools.partial(_providers, shape, causal, mode, dtype, device, reference),
                         flops=flops, bound="compute", formula=FORMULA, targets=targets,
                         extra=(functools.partial(_memory_extra, device) if mode == "fwd" and L >= 4096 else None)))
+        for mode in ("fwd", "fwd+bwd"):
+            B, H, L, E = PER_CALL
+            out.append(Case(
+                family=FAMILY, name="SDPA per-call", mode=mode, dtype=dtype, params={"shape": PER_CALL, "causal": False},
+                make_providers=functools.partial(_providers, PER_CALL, False, mode, dtype, device, False),
+                flops=(4 if mode == "fwd" else 14) * B * H * L * L * E, bound="compute", formula=FORMULA,
+                targets=[Target("pyfastdl-cpu", "torch", 1.0)] if not on_cuda and dtype == torch.float32 else []))
     return out

@@ -4,7 +4,9 @@ Providers: ``pyfastdl-<backend>`` (``pyfastdl.functional.batch_norm``, each kern
 device), ``torch`` (``torch.nn.functional.batch_norm`` eager, which is what ``torch.nn.BatchNorm2d``
 runs), ``torch.compile`` (of that same function) and ``reference`` (the notes' ``BatchNorm`` module,
 2-D or 4-D input only). Modes: "train fwd", "train fwd+bwd" (forward, then ``autograd.grad`` of input,
-weight and bias; nothing accumulates into ``.grad``) and "eval fwd".
+weight and bias; nothing accumulates into ``.grad``) and "eval fwd". The per-call row, BatchNorm1d on
+(2, 1) (the smallest valid training input), measures the cost of a call itself: Python, dispatch,
+autograd and the launchers' allocations; its target is parity with torch's own call.
 
 Bytes one iteration must move at least (numel x itemsize per pass over the activation; the (C,)
 statistics and parameters are negligible and not counted):
@@ -31,15 +33,19 @@ FORMULA = ("bytes = passes x numel x itemsize; passes: train fwd 3 (read x for t
            "write y), eval fwd 2 (read x, write y), train fwd+bwd 8 (forward 3 + backward 5: read dy and "
            "x for the two reductions, read dy and x, write dx)")
 
-# (shape, layout); the issue's targets hold for the CPU, float32, NCHW.
+# (shape, layout); the issue's targets hold for the CPU, float32, NCHW. (2, 1) is the per-call row:
+# the smallest valid training input, whose time is the call's overhead (Python, dispatch, autograd).
+PER_CALL = ((2, 1), "NC")
 SHAPES = [((32, 64, 56, 56), "NCHW"), ((32, 256, 14, 14), "NCHW"), ((256, 120), "NC"),
-          ((32, 64, 56, 56), "channels_last"), ((32, 256, 14, 14), "channels_last"), ((8, 3, 17, 17), "NCHW")]
+          ((32, 64, 56, 56), "channels_last"), ((32, 256, 14, 14), "channels_last"), ((8, 3, 17, 17), "NCHW"),
+          PER_CALL]
 _CONV_TARGETS = {"train fwd": [("torch", 2.2), ("torch.compile", 1.2)],
                  "train fwd+bwd": [("torch", 2.2), ("torch.compile", 1.2)],
                  "eval fwd": [("torch", 1.0)]}
 _BN1D_TARGETS = {"train fwd": [("torch", 1.5)], "train fwd+bwd": [("torch", 1.5)]}
+_PER_CALL_TARGETS = {"train fwd": [("torch", 1.0)], "train fwd+bwd": [("torch", 1.0)]}
 CPU_TARGETS = {((32, 64, 56, 56), "NCHW"): _CONV_TARGETS, ((32, 256, 14, 14), "NCHW"): _CONV_TARGETS,
-               ((256, 120), "NC"): _BN1D_TARGETS}
+               ((256, 120), "NC"): _BN1D_TARGETS, PER_CALL: _PER_CALL_TARGETS}
 
 
 def torch_batch_norm(x, running_mean, running_var, weight, bias, training):
@@ -129,8 +135,9 @@ def cases(device: str, quick: bool) -> list[Case]:
         for shape, layout, mode, targets in plan:
             reference = len(shape) in (2, 4) and (not quick or shape == smallest)
             numel = torch.Size(shape).numel()
+            name = f"BatchNorm{len(shape) - 2 or 1}d {layout}" + (" per-call" if (shape, layout) == PER_CALL else "")
             out.append(Case(
-                family=FAMILY, name=f"BatchNorm{len(shape) - 2 or 1}d {layout}", mode=mode, dtype=dtype,
+                family=FAMILY, name=name, mode=mode, dtype=dtype,
                 params={"shape": shape, "layout": layout, "momentum": MOMENTUM, "eps": EPS},
                 make_providers=functools.partial(_providers, shape, layout, dtype, device, mode, reference),
                 bytes=PASSES[mode] * numel * itemsize, bound="memory", formula=FORMULA,

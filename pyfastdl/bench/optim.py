@@ -308,26 +308,33 @@ def _memory_extra(device, key, memo, name, fn):
 
 def cases(device: str, quick: bool) -> list[Case]:
     """Full: every optimizer on the ResNet-18 set and on one 100 M-element tensor, and the two
-    training steps. Quick: the ResNet-18 set (notes' reference only for Adam) and the MLP step."""
+    training steps, and each optimizer on one 1-element parameter (the per-call row). Quick: the
+    ResNet-18 set (notes' reference only for Adam), Adam's per-call row and the MLP step."""
     on_cuda = str(device).startswith("cuda")
     dtypes = [torch.float32, torch.bfloat16] if on_cuda else [torch.float32]
     out = []
-    sets = [("ResNet-18 params", resnet18_shapes())] + ([] if quick else [("one tensor", [(100_000_000,)])])
+    # "per-call": one parameter of one element, the smallest valid set: the step's fixed overhead
+    sets = ([("ResNet-18 params", resnet18_shapes())] + ([] if quick else [("one tensor", [(100_000_000,)])])
+            + [("per-call", [(1,)])])
     for set_name, shapes in sets:
         numel = sum(torch.Size(s).numel() for s in shapes)
         for dtype in dtypes:
             itemsize = torch.empty((), dtype=dtype).element_size()
             for name, kwargs, k in OPTIMIZERS:
+                per_call = set_name == "per-call"
+                if per_call and quick and name != "Adam":
+                    continue
                 # the notes' code on 100 M elements: 2.5 s a step, 5 GB of fresh pages a step (its
                 # temporaries), which disturbs the timing of the others; it is timed on the ResNet-18 set
-                reference = dtype == torch.float32 and set_name != "one tensor" and (not quick or name == "Adam")
+                reference = (dtype == torch.float32 and set_name == "ResNet-18 params"
+                             and (not quick or name == "Adam"))
                 out.append(Case(
                     family=FAMILY, name=f"{name} {set_name}", mode="step", dtype=dtype,
                     params={"shape": (numel,), "tensors": len(shapes), **kwargs},
                     make_providers=functools.partial(_step_providers, name, kwargs, shapes, dtype, device, reference),
                     # float32 state for low-precision params: count the state at 4 B
                     bytes=numel * (3 * itemsize + (k - 3) * 4), bound="memory", formula=FORMULA,
-                    targets=_targets(name, device) if dtype == torch.float32 else []))
+                    targets=_targets(name, device) if dtype == torch.float32 and not per_call else []))
     for key in (["mlp-deep"] if quick else list(TRAIN_MODELS)):
         label, model_fn, shape, target = TRAIN_MODELS[key]
         memo = {}
