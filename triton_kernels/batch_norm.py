@@ -58,7 +58,6 @@ from __future__ import annotations
 
 import functools
 import math
-import struct
 from typing import Optional, Tuple
 
 import torch
@@ -66,6 +65,8 @@ from torch import Tensor
 
 import triton
 import triton.language as tl
+
+from ._common import INTERPRETED as _INTERPRETED, device_guard as _device_guard, split_f32 as _split_f32
 
 # ---------------------------------------------------------------------------------------------
 # Tuning constants (elements per tile, programs per SM). Tests may shrink the tiles to exercise
@@ -697,19 +698,6 @@ def _apply_grid(v: _View):
                       BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_S=block_s)
 
 
-def _split_f32(v: float) -> Tuple[float, float]:
-    """v = hi + lo with hi, lo float32 values (to ~2**-48 relative): how a Python float reaches a
-    float64 kernel, since Triton passes Python floats as float32."""
-    try:
-        hi = struct.unpack("f", struct.pack("f", v))[0]
-    except OverflowError:
-        hi = math.copysign(math.inf, v)
-    if math.isinf(hi):  # beyond float32's range (a finite eps of 1e39, say)
-        return hi, 0.0
-    lo = struct.unpack("f", struct.pack("f", v - hi))[0]
-    return hi, lo
-
-
 # =============================================================================================
 # The ops
 # =============================================================================================
@@ -741,31 +729,32 @@ def batch_norm_fwd(input: Tensor, weight: Optional[Tensor], bias: Optional[Tenso
     eps_hi, eps_lo = _split_f32(float(eps))
     mom_hi, mom_lo = _split_f32(float(momentum))
 
-    if training:
-        r = _reduce_grid(v, x.device)
-        part = torch.empty((3, r["P"], C), dtype=acc, device=x.device)
-        _batch_norm_stats_kernel[(r["num_c_blocks"] * r["P"],)](
-            x, part, v.N, C, v.S, v.stride_n, v.stride_c,
-            r["rows_per_prog"], r["cols_per_prog"], r["num_c_blocks"], r["p_s"], r["P"],
-            ACC=ACC, BLOCK_N=r["block_n"], BLOCK_C=r["block_c"], BLOCK_S=r["block_s"],
-            INDEX_64=v.index_64, num_warps=_REDUCE_WARPS)
-        P = r["P"]
-    else:
-        part, P = dummy, 1
-    _batch_norm_finalize_kernel[(triton.cdiv(C, _FINALIZE_BLOCK_C),)](
-        x, part, save_mean, save_invstd, mean_lo,
-        running_mean if has_running else dummy, running_var if has_running else dummy,
-        C, v.stride_c, P, v.n_total, eps_hi, eps_lo, mom_hi, mom_lo,
-        TRAINING=training, HAS_RUNNING=has_running, ACC=ACC, IS_FP64=IS_FP64,
-        BLOCK_P=_FINALIZE_BLOCK_P, BLOCK_C=_FINALIZE_BLOCK_C, num_warps=4)
+    with _device_guard(x):  # launch on x's GPU, whatever the current device
+        if training:
+            r = _reduce_grid(v, x.device)
+            part = torch.empty((3, r["P"], C), dtype=acc, device=x.device)
+            _batch_norm_stats_kernel[(r["num_c_blocks"] * r["P"],)](
+                x, part, v.N, C, v.S, v.stride_n, v.stride_c,
+                r["rows_per_prog"], r["cols_per_prog"], r["num_c_blocks"], r["p_s"], r["P"],
+                ACC=ACC, BLOCK_N=r["block_n"], BLOCK_C=r["block_c"], BLOCK_S=r["block_s"],
+                INDEX_64=v.index_64, num_warps=_REDUCE_WARPS)
+            P = r["P"]
+        else:
+            part, P = dummy, 1
+        _batch_norm_finalize_kernel[(triton.cdiv(C, _FINALIZE_BLOCK_C),)](
+            x, part, save_mean, save_invstd, mean_lo,
+            running_mean if has_running else dummy, running_var if has_running else dummy,
+            C, v.stride_c, P, v.n_total, eps_hi, eps_lo, mom_hi, mom_lo,
+            TRAINING=training, HAS_RUNNING=has_running, ACC=ACC, IS_FP64=IS_FP64,
+            BLOCK_P=_FINALIZE_BLOCK_P, BLOCK_C=_FINALIZE_BLOCK_C, num_warps=4)
 
-    grid, blocks = _apply_grid(v)
-    _batch_norm_fwd_kernel[grid](
-        x, out, save_mean, save_invstd, mean_lo,
-        weight if weight is not None else dummy, bias if bias is not None else dummy,
-        v.N, C, v.S, v.stride_n, v.stride_c,
-        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, RELU=relu, ACC=ACC,
-        INDEX_64=v.index_64, num_warps=_APPLY_WARPS, **blocks)
+        grid, blocks = _apply_grid(v)
+        _batch_norm_fwd_kernel[grid](
+            x, out, save_mean, save_invstd, mean_lo,
+            weight if weight is not None else dummy, bias if bias is not None else dummy,
+            v.N, C, v.S, v.stride_n, v.stride_c,
+            HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, RELU=relu, ACC=ACC,
+            INDEX_64=v.index_64, num_warps=_APPLY_WARPS, **blocks)
     return out, save_mean, save_invstd
 
 
@@ -806,22 +795,23 @@ def batch_norm_bwd(grad_out: Tensor, input: Tensor, weight: Optional[Tensor],
     b = bias if bias is not None else dummy
     flags = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, RELU=relu, ACC=ACC)
 
-    r = _reduce_grid(v, x.device)
-    part = torch.empty((2, r["P"], C), dtype=acc, device=x.device)
-    _batch_norm_bwd_reduce_kernel[(r["num_c_blocks"] * r["P"],)](
-        g, x, mean, invstd, w, b, part, v.N, C, v.S, v.stride_n, v.stride_c,
-        r["rows_per_prog"], r["cols_per_prog"], r["num_c_blocks"], r["p_s"], r["P"],
-        BLOCK_N=r["block_n"], BLOCK_C=r["block_c"], BLOCK_S=r["block_s"],
-        INDEX_64=v.index_64, num_warps=_REDUCE_WARPS, **flags)
-    _batch_norm_bwd_finalize_kernel[(triton.cdiv(C, _FINALIZE_BLOCK_C),)](
-        part, invstd, grad_weight, grad_bias, C, r["P"],
-        ACC=ACC, BLOCK_P=_FINALIZE_BLOCK_P, BLOCK_C=_FINALIZE_BLOCK_C, num_warps=4)
+    with _device_guard(x):  # launch on x's GPU, whatever the current device
+        r = _reduce_grid(v, x.device)
+        part = torch.empty((2, r["P"], C), dtype=acc, device=x.device)
+        _batch_norm_bwd_reduce_kernel[(r["num_c_blocks"] * r["P"],)](
+            g, x, mean, invstd, w, b, part, v.N, C, v.S, v.stride_n, v.stride_c,
+            r["rows_per_prog"], r["cols_per_prog"], r["num_c_blocks"], r["p_s"], r["P"],
+            BLOCK_N=r["block_n"], BLOCK_C=r["block_c"], BLOCK_S=r["block_s"],
+            INDEX_64=v.index_64, num_warps=_REDUCE_WARPS, **flags)
+        _batch_norm_bwd_finalize_kernel[(triton.cdiv(C, _FINALIZE_BLOCK_C),)](
+            part, invstd, grad_weight, grad_bias, C, r["P"],
+            ACC=ACC, BLOCK_P=_FINALIZE_BLOCK_P, BLOCK_C=_FINALIZE_BLOCK_C, num_warps=4)
 
-    grid, blocks = _apply_grid(v)
-    _batch_norm_bwd_kernel[grid](
-        g, x, grad_input, mean, invstd, w, b, grad_weight, grad_bias,
-        v.N, C, v.S, v.stride_n, v.stride_c, v.n_total,
-        TRAINING=training, INDEX_64=v.index_64, num_warps=_APPLY_WARPS, **blocks, **flags)
+        grid, blocks = _apply_grid(v)
+        _batch_norm_bwd_kernel[grid](
+            g, x, grad_input, mean, invstd, w, b, grad_weight, grad_bias,
+            v.N, C, v.S, v.stride_n, v.stride_c, v.n_total,
+            TRAINING=training, INDEX_64=v.index_64, num_warps=_APPLY_WARPS, **blocks, **flags)
     return grad_input, grad_weight, grad_bias
 
 
@@ -833,17 +823,5 @@ def _batch_norm_bwd_fake(grad_out, input, weight, bias, save_mean, save_invstd, 
     C = x.size(1)
     return torch.empty_like(x), x.new_empty((C,), dtype=acc), x.new_empty((C,), dtype=acc)
 
-
-def _is_interpreted(kernel) -> bool:
-    try:
-        from triton.runtime.interpreter import InterpretedFunction
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(kernel, InterpretedFunction)
-
-
-# Whether @triton.jit built interpreter functions (TRITON_INTERPRET=1 at import): then the kernels
-# run on CPU tensors.
-_INTERPRETED = _is_interpreted(_batch_norm_fwd_kernel)
 
 __all__ = ["batch_norm_fwd", "batch_norm_bwd"]

@@ -74,9 +74,6 @@ the same for the C++ backends).
 from __future__ import annotations
 
 import collections
-import contextlib
-import math
-import struct
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -84,6 +81,8 @@ from torch import Tensor
 
 import triton
 import triton.language as tl
+
+from ._common import INTERPRETED as _INTERPRETED, device_guard as _device_guard, split_f32 as _split_f32
 
 # ---------------------------------------------------------------------------------------------
 # Tuning constants. Tests may shrink them to exercise several chunks, tiles and launches on small
@@ -658,17 +657,6 @@ class _Lists:
             self.copy_back.clear()
 
 
-def _split_f32(v: float) -> Tuple[float, float]:
-    """v = hi + lo with hi, lo float32 values (to ~2**-48 relative)."""
-    try:
-        hi = struct.unpack("f", struct.pack("f", v))[0]
-    except OverflowError:
-        hi = math.copysign(math.inf, v)
-    if math.isinf(hi) or math.isnan(hi):
-        return hi, 0.0
-    return hi, struct.unpack("f", struct.pack("f", v - hi))[0]
-
-
 def _hyper(*values: float) -> list:
     """Kernel arguments (hi, lo, hi, lo, ...) for the hyper-parameters (see _hp)."""
     out = []
@@ -778,11 +766,6 @@ def _acc(L: _Lists) -> torch.dtype:
     return torch.float64 if L.roles[0][1][0].dtype == torch.float64 else torch.float32
 
 
-def _device_guard(L: _Lists):
-    dev = L.roles[0][1][0].device if L.n else torch.device("cpu")
-    return torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()
-
-
 # =============================================================================================
 # Argument preparation (shared by the ops and their fake kernels)
 # =============================================================================================
@@ -871,7 +854,7 @@ def sgd_step_(params: List[Tensor], grads: List[Tensor], momentum_buffers: List[
         return
     if momentum == 0:
         L.clear("momentum_buffers")
-    with _device_guard(L):
+    with _device_guard(params[0]):
         L.dense()
         s_dt = torch.float32 if L.roles[0][1][0].dtype in _LOW else L.roles[0][1][0].dtype
         _launch(_sgd_kernel, L, 3,
@@ -909,7 +892,7 @@ def adam_step_(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor]
         return
     if not amsgrad:
         L.clear("max_exp_avg_sqs")
-    with _device_guard(L):
+    with _device_guard(params[0]):
         L.dense()
         steps = _Steps(L, found_inf)
         t = steps.t
@@ -947,7 +930,7 @@ def adagrad_step_(params: List[Tensor], grads: List[Tensor], state_sums: List[Te
     L.check_launchable()
     if L.n == 0:
         return
-    with _device_guard(L):
+    with _device_guard(params[0]):
         L.dense()
         steps = _Steps(L, found_inf)
         coef = (lr / (1 + (steps.t - 1) * lr_decay)).to(_acc(L)).contiguous()
@@ -984,7 +967,7 @@ def rmsprop_step_(params: List[Tensor], grads: List[Tensor], square_avgs: List[T
         L.clear("grad_avgs")
     if not momentum > 0:
         L.clear("momentum_buffers")
-    with _device_guard(L):
+    with _device_guard(params[0]):
         L.dense()
         steps = _Steps(L, found_inf)
         _launch(_rmsprop_kernel, L, 5,
@@ -1017,7 +1000,7 @@ def adadelta_step_(params: List[Tensor], grads: List[Tensor], square_avgs: List[
     L.check_launchable()
     if L.n == 0:
         return
-    with _device_guard(L):
+    with _device_guard(params[0]):
         L.dense()
         steps = _Steps(L, found_inf)
         _launch(_adadelta_kernel, L, 4,
@@ -1032,17 +1015,5 @@ def _adadelta_step_fake(params, grads, square_avgs, acc_deltas, state_steps, lr,
                         weight_decay, maximize, grad_scale, found_inf):
     _adadelta_lists(params, grads, square_avgs, acc_deltas, state_steps, grad_scale, found_inf)
 
-
-def _is_interpreted(kernel) -> bool:
-    try:
-        from triton.runtime.interpreter import InterpretedFunction
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(kernel, InterpretedFunction)
-
-
-# Whether @triton.jit built interpreter functions (TRITON_INTERPRET=1 at import): then the kernels
-# run on CPU tensors (only).
-_INTERPRETED = _is_interpreted(_sgd_kernel)
 
 __all__ = ["sgd_step_", "adam_step_", "adagrad_step_", "rmsprop_step_", "adadelta_step_"]
