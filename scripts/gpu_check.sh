@@ -92,8 +92,8 @@ echo "gpu-check: arch $TORCH_CUDA_ARCH_LIST, MAX_JOBS=$MAX_JOBS, budget $total_b
 
 stage env bash -c "nvidia-smi; nvcc --version; nproc; $PY -c 'import torch, triton; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", triton.__version__)'"
 
-rm -rf build pyfastdl/_C*.so
-if stage build "$PY" -m pip install --no-build-isolation --no-deps --no-index -v -e .; then
+# a fresh pyfastdl._C against this machine's torch (pip builds in a temporary folder)
+if stage build bash -c "rm -f pyfastdl/_C*.so && \"\$0\" -m pip install --no-build-isolation --no-deps --no-index -v -e ." "$PY"; then
   "$PY" -m pyfastdl info >>"$OUT/build.log" 2>&1
 
   workers=()

@@ -130,7 +130,10 @@ esac
 """)
     fake.chmod(0o755)
     out = tmp_path / "out"
-    r = subprocess.run(["bash", os.path.join(ROOT, "scripts", "gpu_check.sh"), str(out)], capture_output=True,
+    (tmp_path / "repo" / "scripts").mkdir(parents=True)  # a copy: the script's build stage cleans its tree
+    script = tmp_path / "repo" / "scripts" / "gpu_check.sh"
+    script.write_text(open(os.path.join(ROOT, "scripts", "gpu_check.sh")).read())
+    r = subprocess.run(["bash", str(script), str(out)], capture_output=True,
                        text=True, timeout=120, env={**os.environ, "PYTHON": str(fake), "GPU_CHECK_SCALE": "0.01"})
     assert r.returncode == 1, r.stdout + r.stderr
     summary = (out / "summary.md").read_text()
