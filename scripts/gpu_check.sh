@@ -10,7 +10,7 @@
 #   cuda-tests   the CUDA tests   (-m cuda),   pytest-xdist -n $GPU_CHECK_WORKERS when installed
 #   triton-tests the Triton tests (-m triton), same
 #   sanitizer    compute-sanitizer memcheck on a short subset of the CUDA tests (where installed)
-#   bench        the GPU benchmark report (quick)
+#   bench        the GPU benchmark report (quick, no torch.compile), one report per family
 # OUT_DIR/summary.md is rewritten before and after every stage (stage, budget, elapsed, status), so a
 # run cut short still leaves what it got, and which stage it was in; each stage's output is in
 # OUT_DIR/<stage>.log as it runs. A stage past its budget gets SIGINT (pytest then prints what ran
@@ -111,7 +111,10 @@ if stage build bash -c "rm -f pyfastdl/_C*.so && \"\$0\" -m pip install --no-bui
   else
     skip sanitizer "compute-sanitizer not installed"
   fi
-  stage bench "$PY" -m pyfastdl bench --quick --no-compile --device cuda --out "$OUT"
+  # one report per family, so a bench cut short keeps the families it finished
+  stage bench bash -c 'for f in $("$0" -c "from pyfastdl.bench import core; print(*core.families())"); do
+      "$0" -m pyfastdl bench --quick --no-compile --device cuda --families "$f" --out "$1/bench-$f" || exit 1
+    done' "$PY" "$OUT"
 else
   for s in build-tests cuda-tests triton-tests sanitizer bench; do skip "$s" "the build failed"; done
 fi
