@@ -1,8 +1,10 @@
 # pyfastdl: the two commands of the README, and the GPU check.
 #   make bench      quick benchmark report -> bench/results/<device>-<date>.{md,json,png}
 #   make test       the test suite (CPU kernels, Triton under the interpreter, CUDA build checks)
-#   make gpu-check OUT=dir   on a machine with an NVIDIA GPU: rebuild, run every CUDA/Triton test
-#                            and the GPU benchmarks, write report and logs into OUT
+#   make test-sanitize  the CPU tests under ASan+UBSan, built in build/sanitize/ (CI runs it too)
+#   make gpu-check OUT=dir   on a machine with an NVIDIA GPU: rebuild for its arch, run the CUDA and
+#                            Triton tests, compute-sanitizer, the GPU benchmarks, each stage under a
+#                            time budget (under 8 min on an H200), summary and logs into OUT
 # Each target creates the virtual environment and builds the extension when that is not done yet.
 
 PYTHON ?= python3
@@ -14,7 +16,7 @@ export MAX_JOBS ?= 2
 
 SOURCES := setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' 2>/dev/null)
 
-.PHONY: test bench bench-full build venv gpu-check clean
+.PHONY: test test-sanitize bench bench-full build venv gpu-check clean
 
 venv: $(VENV)/.deps
 $(VENV)/.deps: requirements-dev.txt
@@ -31,6 +33,9 @@ $(VENV)/.built: $(VENV)/.deps $(SOURCES)
 
 test: build
 	$(PY) -m pytest tests -q -rs
+
+test-sanitize: $(VENV)/.deps
+	bash scripts/sanitize.sh
 
 bench: build
 	$(PY) -m pyfastdl bench --quick

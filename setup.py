@@ -5,7 +5,10 @@
 Environment:
     PYFASTDL_CUDA=auto|0|1   build the CUDA sources (auto: when torch has CUDA and nvcc is found)
     TORCH_CUDA_ARCH_LIST     GPU archs (default "8.0;9.0")
-    MAX_JOBS                 parallel compile jobs (ninja)
+    MAX_JOBS                 parallel compile jobs (ninja, and the SIMD objects)
+    PYFASTDL_SANITIZE=1      CPU-only build with -fsanitize=address,undefined (-O1, line tables), for
+                             `make test-sanitize` (scripts/sanitize.sh builds it in a copy of the tree,
+                             so the normal build is not touched; the runtime must be preloaded)
 
 CPU kernels with SIMD (csrc/cpu/*_kernel.cpp) are compiled once per capability (DEFAULT, AVX2,
 AVX512), each with its own flags and `CPU_CAPABILITY` namespace, and chosen at run time from what the
@@ -60,8 +63,15 @@ CAPABILITIES = {
 }
 
 
+SANITIZE = os.environ.get("PYFASTDL_SANITIZE", "0").lower() in ("1", "on", "true", "yes")
+
+
 def _want_cuda():
     mode = os.environ.get("PYFASTDL_CUDA", "auto").lower()
+    if SANITIZE:  # host sanitizers do not see device code; the sanitized build is the CPU one
+        if mode in ("1", "on", "true", "yes"):
+            sys.exit("PYFASTDL_SANITIZE=1 builds the CPU extension only; set PYFASTDL_CUDA=0")
+        return False
     found = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None and (
         shutil.which("nvcc") or os.path.exists(os.path.join(cpp_extension.CUDA_HOME or "", "bin", "nvcc")))
     if mode in ("0", "off", "false", "no"):
@@ -92,12 +102,19 @@ if WITH_CUDA:
 # -fopenmp: at::parallel_for is a header template whose OpenMP pragma is compiled into *our* code;
 # without the flag it silently runs on one thread.
 CXX_FLAGS = ["-O3", "-std=c++20", "-fno-math-errno", "-fopenmp"]
+LINK_FLAGS = ["-fopenmp"]
+if SANITIZE:
+    # -O1 keeps the reports' stacks exact and compiles faster; -g1: file:line in the stacks.
+    SAN = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer"]
+    CXX_FLAGS = ["-O1", "-g1"] + CXX_FLAGS[1:] + SAN
+    LINK_FLAGS += SAN
 NVCC_FLAGS = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]
 
 simd_sources = sorted(glob.glob("csrc/cpu/*_kernel.cpp"))
 plain_sources = ["csrc/ops.cpp"] + sorted(s for s in glob.glob("csrc/cpu/*.cpp") if s not in simd_sources)
 cuda_sources = sorted(glob.glob("csrc/cuda/*.cu")) if WITH_CUDA else []
 
+headers = sorted(glob.glob("csrc/**/*.h", recursive=True) + glob.glob("csrc/**/*.cuh", recursive=True))
 macros = [("PYFASTDL_WITH_CUDA", "1" if WITH_CUDA else "0"),
           ("PYFASTDL_CUDA_ARCHS", '"%s"' % os.environ.get("TORCH_CUDA_ARCH_LIST", "").replace(";", ",") if WITH_CUDA else '""')]
 
@@ -107,7 +124,9 @@ ext = Ext(
     sources=plain_sources + cuda_sources,
     include_dirs=[os.path.join(ROOT, "csrc")] + (_nvidia_include_dirs() if WITH_CUDA else []),
     define_macros=macros,
-    extra_link_args=["-fopenmp"],
+    # relink when only a SIMD source or a header changed (distutils compares `sources` alone)
+    depends=simd_sources + headers,
+    extra_link_args=LINK_FLAGS,
     extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS + ["-Xcompiler", "-fopenmp"]} if WITH_CUDA else CXX_FLAGS,
     py_limited_api=False,
 )
@@ -118,36 +137,57 @@ def _up_to_date(obj: str, source: str, newest_header: float) -> bool:
 
 
 class BuildExt(cpp_extension.BuildExtension):
-    """Compiles each SIMD kernel source once per CPU capability, then links them into pyfastdl._C."""
+    """Compiles each SIMD kernel source once per CPU capability, then links them into pyfastdl._C.
+
+    The (capability, source) objects compile in a thread pool. With MAX_JOBS >= 4 they compile while
+    ninja builds the other sources (the CUDA files are the long pole), and are waited for at the
+    link; with fewer jobs they compile first, so at most MAX_JOBS compilers run at a time."""
 
     def build_extensions(self):
-        for e in self.extensions:
-            # Incremental rebuilds (`python setup.py build_ext --inplace`): distutils recompiles every
-            # source, so skip a capability's objects that are newer than their source and every header.
-            headers = glob.glob(os.path.join(ROOT, "csrc", "**", "*.h"), recursive=True)
-            newest_header = max((os.path.getmtime(h) for h in headers), default=0.0)
+        jobs = int(os.environ.get("MAX_JOBS") or os.cpu_count() or 1)
+        overlap = jobs >= 4
+        plain_compile = self.compiler.compile  # before BuildExtension routes compile() through ninja
+        # Incremental rebuilds (`python setup.py build_ext --inplace`): distutils recompiles every
+        # source, so skip a capability's objects that are newer than their source and every header.
+        newest_header = max((os.path.getmtime(h) for h in headers), default=0.0)
+        self._simd_objects = {}
+        pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=max(1, jobs - len(self.extensions[0].sources)) if overlap else jobs)
+        try:
+            for e in self.extensions:
+                def compile_one(cap, source, e=e):
+                    out_dir = os.path.join(self.build_temp, "cap_" + cap)
+                    obj = os.path.join(out_dir, os.path.splitext(source)[0] + ".o")
+                    if _up_to_date(obj, source, newest_header):
+                        return obj
+                    return plain_compile(
+                        [source], output_dir=out_dir,
+                        macros=[("CPU_CAPABILITY", cap), ("CPU_CAPABILITY_" + cap, None)] + macros,
+                        include_dirs=e.include_dirs + cpp_extension.include_paths(),
+                        extra_postargs=CXX_FLAGS + CAPABILITIES[cap] + ["-fPIC", "-g1" if SANITIZE else "-g0"]
+                        + self._abi_flags(),
+                    )[0]
 
-            def compile_cap(item):
-                cap, flags = item
-                out_dir = os.path.join(self.build_temp, "cap_" + cap)
-                stale = [s for s in simd_sources
-                         if not _up_to_date(os.path.join(out_dir, os.path.splitext(s)[0] + ".o"), s, newest_header)]
-                fresh = [os.path.join(out_dir, os.path.splitext(s)[0] + ".o") for s in simd_sources if s not in stale]
-                if not stale:
-                    return fresh
-                return fresh + self.compiler.compile(
-                    stale,
-                    output_dir=out_dir,
-                    macros=[("CPU_CAPABILITY", cap), ("CPU_CAPABILITY_" + cap, None)] + macros,
-                    include_dirs=e.include_dirs + cpp_extension.include_paths(),
-                    extra_postargs=CXX_FLAGS + flags + ["-fPIC", "-g0"] + self._abi_flags(),
-                )
+                futures = [pool.submit(compile_one, cap, s) for cap in CAPABILITIES for s in simd_sources]
+                if not overlap:
+                    concurrent.futures.wait(futures)
+                self._simd_objects[e.name] = futures
+            super().build_extensions()
+        finally:
+            pool.shutdown(wait=True)
 
-            jobs = int(os.environ.get("MAX_JOBS") or os.cpu_count() or 1)
-            with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
-                objects = [o for objs in pool.map(compile_cap, CAPABILITIES.items()) for o in objs]
-            e.extra_objects = list(e.extra_objects or []) + objects
-        super().build_extensions()
+    def build_extension(self, ext):
+        futures = self._simd_objects.get(ext.name, [])
+        link = self.compiler.link_shared_object
+
+        def link_with_simd(objects, *args, **kwargs):  # the SIMD objects join at the link
+            return link(list(objects) + [f.result() for f in futures], *args, **kwargs)
+
+        self.compiler.link_shared_object = link_with_simd
+        try:
+            super().build_extension(ext)
+        finally:
+            self.compiler.link_shared_object = link
 
     @staticmethod
     def _abi_flags():

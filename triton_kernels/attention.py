@@ -71,6 +71,8 @@ from torch import Tensor
 import triton
 import triton.language as tl
 
+from ._common import INTERPRETED as _INTERPRETED, device_guard as _device_guard
+
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_HEAD_DIM = 256
 _MIN_HEAD_PAD = 16  # tl.dot needs every dimension >= 16
@@ -467,19 +469,6 @@ def _attention_bwd_dq_kernel(
 # =============================================================================================
 # Host side: checks, tile sizes, launchers
 # =============================================================================================
-def _is_interpreted(kernel) -> bool:
-    try:
-        from triton.runtime.interpreter import InterpretedFunction
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(kernel, InterpretedFunction)
-
-
-# Whether @triton.jit built interpreter functions (TRITON_INTERPRET=1 at import): then the kernels
-# run on CPU tensors.
-_INTERPRETED = _is_interpreted(_attention_fwd_kernel)
-
-
 def _pad(d: int) -> int:
     return max(_MIN_HEAD_PAD, triton.next_power_of_2(d))
 
@@ -623,18 +612,6 @@ def _mask_args(attn_mask: Optional[Tensor], valid_lens: Optional[Tensor], q: Ten
         vl = valid_lens
         vs = [valid_lens.stride(0), valid_lens.stride(1) if valid_lens.dim() == 2 else 0]
     return mask, ms, kind, vl, vs
-
-
-def _device_guard(q: Tensor):
-    return torch.cuda.device(q.device) if q.device.type == "cuda" else _Null()
-
-
-class _Null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 # =============================================================================================

@@ -58,7 +58,6 @@ from __future__ import annotations
 
 import functools
 import math
-import struct
 from typing import List, Optional, Tuple
 
 import torch
@@ -66,6 +65,8 @@ from torch import Tensor
 
 import triton
 import triton.language as tl
+
+from ._common import INTERPRETED as _INTERPRETED, device_guard as _device_guard, split_f32 as _split_f32
 
 # ---------------------------------------------------------------------------------------------
 # Tuning constants (elements per tile, programs per SM). Tests may shrink the tiles to exercise
@@ -718,24 +719,23 @@ def _apply_grid(v: _View):
                       BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_S=block_s)
 
 
-def _split_f32(v: float) -> Tuple[float, float]:
-    """v = hi + lo with hi, lo float32 values (to ~2**-48 relative): how a Python float reaches a
-    float64 kernel, since Triton passes Python floats as float32."""
-    try:
-        hi = struct.unpack("f", struct.pack("f", v))[0]
-    except OverflowError:
-        hi = math.copysign(math.inf, v)
-    if math.isinf(hi):  # beyond float32's range (a finite eps of 1e39, say)
-        return hi, 0.0
-    lo = struct.unpack("f", struct.pack("f", v - hi))[0]
-    return hi, lo
-
-
 # =============================================================================================
 # The ops
 # =============================================================================================
+def _on_input_device(launcher):
+    """Runs a launcher under the device guard of its first tensor argument (input / grad_out), so a
+    tensor on cuda:1 launches on cuda:1 whatever the current device."""
+    @functools.wraps(launcher)
+    def guarded(*args, **kwargs):
+        first = next(a for a in list(args) + list(kwargs.values()) if isinstance(a, Tensor))
+        with _device_guard(first):
+            return launcher(*args, **kwargs)
+    return guarded
+
+
 @torch.library.custom_op("pyfastdl_triton::batch_norm_fwd",
                          mutates_args=("running_mean", "running_var"))
+@_on_input_device
 def batch_norm_fwd(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                    running_mean: Optional[Tensor], running_var: Optional[Tensor], training: bool,
                    momentum: float, eps: float, relu: bool) -> Tuple[Tensor, Tensor, Tensor]:
@@ -804,6 +804,7 @@ def _batch_norm_fwd_fake(input, weight, bias, running_mean, running_var, trainin
     "pyfastdl_triton::batch_norm_bwd", mutates_args=(),
     schema="(Tensor grad_out, Tensor input, Tensor? weight, Tensor? bias, Tensor save_mean, "
            "Tensor save_invstd, bool training, bool relu, bool[3] output_mask) -> (Tensor, Tensor, Tensor)")
+@_on_input_device
 def batch_norm_bwd(grad_out: Tensor, input: Tensor, weight: Optional[Tensor],
                    bias: Optional[Tensor], save_mean: Tensor, save_invstd: Tensor, training: bool,
                    relu: bool, output_mask: List[bool]):
@@ -867,17 +868,5 @@ def _batch_norm_bwd_fake(grad_out, input, weight, bias, save_mean, save_invstd, 
             x.new_empty((C,), dtype=acc) if output_mask[1] else None,
             x.new_empty((C,), dtype=acc) if output_mask[2] else None)
 
-
-def _is_interpreted(kernel) -> bool:
-    try:
-        from triton.runtime.interpreter import InterpretedFunction
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(kernel, InterpretedFunction)
-
-
-# Whether @triton.jit built interpreter functions (TRITON_INTERPRET=1 at import): then the kernels
-# run on CPU tensors.
-_INTERPRETED = _is_interpreted(_batch_norm_fwd_kernel)
 
 __all__ = ["batch_norm_fwd", "batch_norm_bwd"]

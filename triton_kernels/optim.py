@@ -78,9 +78,6 @@ the same for the C++ backends).
 from __future__ import annotations
 
 import collections
-import contextlib
-import math
-import struct
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -92,6 +89,7 @@ import triton.language as tl
 from pyfastdl.optim import _lists as _fakes
 from pyfastdl.optim._lists import (_LOW, _Lists, _adadelta_lists, _adagrad_lists, _adam_lists,
                                    _rmsprop_lists, _sgd_lists)
+from ._common import INTERPRETED as _INTERPRETED, device_guard as _device_guard, split_f32 as _split_f32
 
 # ---------------------------------------------------------------------------------------------
 # Tuning constants. Tests may shrink them to exercise several chunks, tiles and launches on small
@@ -519,17 +517,6 @@ def _check_launchable(L: _Lists) -> None:
         + (" (under the interpreter, CPU tensors only)" if dev.type == "cuda" else ""))
 
 
-def _split_f32(v: float) -> Tuple[float, float]:
-    """v = hi + lo with hi, lo float32 values (to ~2**-48 relative)."""
-    try:
-        hi = struct.unpack("f", struct.pack("f", v))[0]
-    except OverflowError:
-        hi = math.copysign(math.inf, v)
-    if math.isinf(hi) or math.isnan(hi):
-        return hi, 0.0
-    return hi, struct.unpack("f", struct.pack("f", v - hi))[0]
-
-
 def _hyper(*values: float) -> list:
     """Kernel arguments (hi, lo, hi, lo, ...) for the hyper-parameters (see _hp)."""
     out = []
@@ -639,11 +626,6 @@ def _acc(L: _Lists) -> torch.dtype:
     return torch.float64 if L.roles[0][1][0].dtype == torch.float64 else torch.float32
 
 
-def _device_guard(L: _Lists):
-    dev = L.roles[0][1][0].device if L.n else torch.device("cpu")
-    return torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()
-
-
 # =============================================================================================
 # The ops
 # =============================================================================================
@@ -662,7 +644,7 @@ def sgd_step_(params: List[Tensor], grads: List[Tensor], momentum_buffers: List[
         return
     if momentum == 0:
         L.clear("momentum_buffers")
-    with _device_guard(L):
+    with _device_guard(params[0]):
         L.dense()
         s_dt = torch.float32 if L.roles[0][1][0].dtype in _LOW else L.roles[0][1][0].dtype
         _launch(_sgd_kernel, L, 3,
@@ -697,7 +679,7 @@ def adam_step_(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor]
         return
     if not amsgrad:
         L.clear("max_exp_avg_sqs")
-    with _device_guard(L):
+    with _device_guard(params[0]):
         L.dense()
         steps = _Steps(L, found_inf)
         t = steps.t
@@ -730,7 +712,7 @@ def adagrad_step_(params: List[Tensor], grads: List[Tensor], state_sums: List[Te
     _check_launchable(L)
     if L.n == 0:
         return
-    with _device_guard(L):
+    with _device_guard(params[0]):
         L.dense()
         steps = _Steps(L, found_inf)
         coef = (lr / (1 + (steps.t - 1) * lr_decay)).to(_acc(L)).contiguous()
@@ -764,7 +746,7 @@ def rmsprop_step_(params: List[Tensor], grads: List[Tensor], square_avgs: List[T
         L.clear("grad_avgs")
     if not momentum > 0:
         L.clear("momentum_buffers")
-    with _device_guard(L):
+    with _device_guard(params[0]):
         L.dense()
         steps = _Steps(L, found_inf)
         _launch(_rmsprop_kernel, L, 5,
@@ -792,7 +774,7 @@ def adadelta_step_(params: List[Tensor], grads: List[Tensor], square_avgs: List[
     _check_launchable(L)
     if L.n == 0:
         return
-    with _device_guard(L):
+    with _device_guard(params[0]):
         L.dense()
         steps = _Steps(L, found_inf)
         _launch(_adadelta_kernel, L, 4,
@@ -804,17 +786,5 @@ def adadelta_step_(params: List[Tensor], grads: List[Tensor], square_avgs: List[
 
 adadelta_step_.register_fake(_fakes.adadelta_step_fake)
 
-
-def _is_interpreted(kernel) -> bool:
-    try:
-        from triton.runtime.interpreter import InterpretedFunction
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(kernel, InterpretedFunction)
-
-
-# Whether @triton.jit built interpreter functions (TRITON_INTERPRET=1 at import): then the kernels
-# run on CPU tensors (only).
-_INTERPRETED = _is_interpreted(_sgd_kernel)
 
 __all__ = ["sgd_step_", "adam_step_", "adagrad_step_", "rmsprop_step_", "adadelta_step_"]

@@ -8,18 +8,11 @@
 
 #include "common/attention.h"
 #include "cpu/attention_kernel.h"
-#include "cpu/capability.h"
 
 namespace pyfastdl {
 namespace {
 
-const cpu::AttentionKernels* kernels() {
-  switch (cpu::capability()) {
-    case cpu::Capability::AVX512: return cpu::attention_kernels_AVX512();
-    case cpu::Capability::AVX2: return cpu::attention_kernels_AVX2();
-    default: return cpu::attention_kernels_DEFAULT();
-  }
-}
+constexpr auto kernels = &cpu::attention_kernels;  // the table of the CPU's capability (cpu/capability.h)
 
 // The arguments both ops share, checked and laid out; the tensors are kept alive here.
 struct Prepared {

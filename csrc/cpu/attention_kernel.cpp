@@ -468,11 +468,7 @@ const AttentionKernels kTable{&fwd<float>, &fwd<double>, &bwd<float>, &bwd<doubl
 }  // namespace
 }  // namespace CPU_CAPABILITY
 
-#define PYFASTDL_CAT_(a, b) a##b
-#define PYFASTDL_CAT(a, b) PYFASTDL_CAT_(a, b)
-const AttentionKernels* PYFASTDL_CAT(attention_kernels_, CPU_CAPABILITY)() {
-  return &CPU_CAPABILITY::kTable;
-}
+PYFASTDL_CPU_KERNELS_DEFINE(AttentionKernels, attention_kernels, CPU_CAPABILITY::kTable)
 
 }  // namespace cpu
 }  // namespace pyfastdl

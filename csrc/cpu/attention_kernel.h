@@ -6,6 +6,8 @@
 
 #include <cstdint>
 
+#include "cpu/capability.h"
+
 namespace pyfastdl {
 namespace cpu {
 
@@ -38,9 +40,7 @@ struct AttentionKernels {
   void (*bwd_double)(const AttnArgs& a);
 };
 
-const AttentionKernels* attention_kernels_DEFAULT();
-const AttentionKernels* attention_kernels_AVX2();
-const AttentionKernels* attention_kernels_AVX512();
+PYFASTDL_CPU_KERNELS(AttentionKernels, attention_kernels)
 
 // Philox-4x32-10 (Random123), first output word, key = (seed lo, seed hi), counter = (ctr lo, ctr hi, 0, 0).
 inline uint32_t philox_first_word(uint64_t seed, uint64_t ctr) {

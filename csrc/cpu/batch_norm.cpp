@@ -12,18 +12,11 @@
 
 #include "common/batch_norm.h"
 #include "cpu/batch_norm_kernel.h"
-#include "cpu/capability.h"
 
 namespace pyfastdl {
 namespace {
 
-const cpu::BatchNormKernels* kernels() {
-  switch (cpu::capability()) {
-    case cpu::Capability::AVX512: return cpu::batch_norm_kernels_AVX512();
-    case cpu::Capability::AVX2: return cpu::batch_norm_kernels_AVX2();
-    default: return cpu::batch_norm_kernels_DEFAULT();
-  }
-}
+constexpr auto kernels = &cpu::batch_norm_kernels;  // the table of the CPU's capability (cpu/capability.h)
 
 // The kernels' per-channel constants (cpu/batch_norm_kernel.h): m1 = mean rounded to T, m2 = the
 // rest of the float64 mean (0 in the backward), scale = weight * invstd, bias (None: 0). Forward and

@@ -551,11 +551,7 @@ const BatchNormKernels kTable{&stats, &apply, &bwd_reduce, &bwd_apply, &train_fw
 }  // namespace
 }  // namespace CPU_CAPABILITY
 
-#define PYFASTDL_CAT_(a, b) a##b
-#define PYFASTDL_CAT(a, b) PYFASTDL_CAT_(a, b)
-const BatchNormKernels* PYFASTDL_CAT(batch_norm_kernels_, CPU_CAPABILITY)() {
-  return &CPU_CAPABILITY::kTable;
-}
+PYFASTDL_CPU_KERNELS_DEFINE(BatchNormKernels, batch_norm_kernels, CPU_CAPABILITY::kTable)
 
 }  // namespace cpu
 }  // namespace pyfastdl

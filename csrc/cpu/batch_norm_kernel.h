@@ -9,6 +9,7 @@
 #include <c10/util/FunctionRef.h>
 
 #include "common/batch_norm.h"
+#include "cpu/capability.h"
 
 namespace pyfastdl {
 namespace cpu {
@@ -52,9 +53,7 @@ struct BatchNormKernels {
                     const at::Tensor& b, const at::Tensor& d, bool relu, at::Tensor& grad_input);
 };
 
-const BatchNormKernels* batch_norm_kernels_DEFAULT();
-const BatchNormKernels* batch_norm_kernels_AVX2();
-const BatchNormKernels* batch_norm_kernels_AVX512();
+PYFASTDL_CPU_KERNELS(BatchNormKernels, batch_norm_kernels)
 
 }  // namespace cpu
 }  // namespace pyfastdl

@@ -1,5 +1,15 @@
 // Run-time choice of the SIMD translation units (csrc/cpu/*_kernel.cpp are compiled once per
 // capability by setup.py). PYFASTDL_CPU_ARCH=default|avx2|avx512 forces one.
+//
+// The one home of CPU capability dispatch. A family with SIMD kernels writes a table of function
+// pointers (struct FooKernels) and
+//   in cpu/foo_kernel.h:    PYFASTDL_CPU_KERNELS(FooKernels, foo_kernels)
+//                           -- declares foo_kernels_DEFAULT/_AVX2/_AVX512() and foo_kernels(), the
+//                              table of the capability in use (the launcher calls this one);
+//   in cpu/foo_kernel.cpp:  PYFASTDL_CPU_KERNELS_DEFINE(FooKernels, foo_kernels, CPU_CAPABILITY::kTable)
+//                           -- after namespace CPU_CAPABILITY, inside pyfastdl::cpu: this
+//                              capability's getter.
+// Both sit in namespace pyfastdl::cpu.
 #pragma once
 
 #include <cstdlib>
@@ -46,3 +56,24 @@ inline Capability capability() {
 
 }  // namespace cpu
 }  // namespace pyfastdl
+
+#define PYFASTDL_CPU_CAT_(a, b) a##b
+#define PYFASTDL_CPU_CAT(a, b) PYFASTDL_CPU_CAT_(a, b)
+
+#define PYFASTDL_CPU_KERNELS(Table, name)                                          \
+  const Table* name##_DEFAULT();                                                   \
+  const Table* name##_AVX2();                                                      \
+  const Table* name##_AVX512();                                                    \
+  inline const Table* name() {                                                     \
+    static const Table* const chosen = [] {                                        \
+      switch (::pyfastdl::cpu::capability()) {                                     \
+        case ::pyfastdl::cpu::Capability::AVX512: return name##_AVX512();          \
+        case ::pyfastdl::cpu::Capability::AVX2: return name##_AVX2();              \
+        default: return name##_DEFAULT();                                          \
+      }                                                                            \
+    }();                                                                           \
+    return chosen;                                                                 \
+  }
+
+#define PYFASTDL_CPU_KERNELS_DEFINE(Table, name, table) \
+  const Table* PYFASTDL_CPU_CAT(name##_, CPU_CAPABILITY)() { return &(table); }

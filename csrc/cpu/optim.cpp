@@ -8,7 +8,6 @@
 #include <cmath>
 
 #include "common/optim.h"
-#include "cpu/capability.h"
 #include "cpu/optim_kernel.h"
 
 namespace pyfastdl {
@@ -17,13 +16,7 @@ namespace {
 using cpu::OptimHyper;
 using cpu::OptimKind;
 
-const cpu::OptimKernels* kernels() {
-  switch (cpu::capability()) {
-    case cpu::Capability::AVX512: return cpu::optim_kernels_AVX512();
-    case cpu::Capability::AVX2: return cpu::optim_kernels_AVX2();
-    default: return cpu::optim_kernels_DEFAULT();
-  }
-}
+constexpr auto kernels = &cpu::optim_kernels;  // the table of the CPU's capability (cpu/capability.h)
 
 // Checks, then returns false when found_inf says to skip the step (nothing is written then).
 bool prepare(optim::TensorLists& L, const c10::optional<at::Tensor>& grad_scale,

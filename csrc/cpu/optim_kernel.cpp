@@ -263,11 +263,7 @@ const OptimKernels kTable{&step<float>, &step<double>};
 }  // namespace
 }  // namespace CPU_CAPABILITY
 
-#define PYFASTDL_CAT_(a, b) a##b
-#define PYFASTDL_CAT(a, b) PYFASTDL_CAT_(a, b)
-const OptimKernels* PYFASTDL_CAT(optim_kernels_, CPU_CAPABILITY)() {
-  return &CPU_CAPABILITY::kTable;
-}
+PYFASTDL_CPU_KERNELS_DEFINE(OptimKernels, optim_kernels, CPU_CAPABILITY::kTable)
 
 }  // namespace cpu
 }  // namespace pyfastdl

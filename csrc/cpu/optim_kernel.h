@@ -10,6 +10,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "cpu/capability.h"
+
 namespace pyfastdl {
 namespace cpu {
 
@@ -49,9 +51,7 @@ struct OptimKernels {
   void (*step_double)(OptimKind kind, const MultiTensor<double>& mt, const OptimHyper& h);
 };
 
-const OptimKernels* optim_kernels_DEFAULT();
-const OptimKernels* optim_kernels_AVX2();
-const OptimKernels* optim_kernels_AVX512();
+PYFASTDL_CPU_KERNELS(OptimKernels, optim_kernels)
 
 }  // namespace cpu
 }  // namespace pyfastdl

@@ -52,14 +52,16 @@
 #include <type_traits>
 
 #include "../common/attention.h"
+#include "common.cuh"
 
 namespace pyfastdl {
 namespace {
 
 // ---- device code ------------------------------------------------------------------------------------
 
+using namespace cuda_common;  // kWarpSize, fma/exp/log_acc, warp_sum, warp_max (common.cuh)
+
 constexpr int kThreads = 128;  // threads of every block (4 warps)
-constexpr int kWarpSize = 32;
 constexpr int kWarps = kThreads / kWarpSize;
 constexpr int64_t kMaxGridYZ = 65535;
 
@@ -122,13 +124,6 @@ template <>
 struct WmmaType<at::BFloat16> {
   using type = __nv_bfloat16;
 };
-
-__device__ __forceinline__ float fma_acc(float a, float b, float c) { return __fmaf_rn(a, b, c); }
-__device__ __forceinline__ double fma_acc(double a, double b, double c) { return __fma_rn(a, b, c); }
-__device__ __forceinline__ float exp_acc(float x) { return expf(x); }
-__device__ __forceinline__ double exp_acc(double x) { return exp(x); }
-__device__ __forceinline__ float log_acc(float x) { return logf(x); }
-__device__ __forceinline__ double log_acc(double x) { return log(x); }
 
 template <typename acc_t>
 __device__ __forceinline__ acc_t neg_inf() {
@@ -414,8 +409,7 @@ __global__ void __launch_bounds__(kThreads) _attention_fwd_kernel(const AttnPara
       if (p.dropout) pd = dropout_keep(p, bh, i, j0 + c) ? pv * rp : acc_t(0);
       Ps[r * LDP + c] = static_cast<scalar_t>(pd);
     }
-#pragma unroll
-    for (int off = TPR / 2; off > 0; off >>= 1) lsum += __shfl_xor_sync(0xffffffffu, lsum, off);
+    lsum = warp_sum<TPR>(lsum);
     l_i = l_i * alpha + lsum;
     m_i = m_new;
     for (int c = sub; c < ev_r; c += TPR) Os[r * LDO + c] *= alpha;
@@ -450,8 +444,7 @@ __global__ void __launch_bounds__(kThreads) _attention_bwd_delta_kernel(const At
   for (int64_t c = lane; c < p.Ev; c += kWarpSize) {
     s = fma_acc(static_cast<acc_t>(dorow[c]), static_cast<acc_t>(orow[c]), s);
   }
-#pragma unroll
-  for (int off = kWarpSize / 2; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+  s = warp_sum(s);
   if (lane == 0) static_cast<acc_t*>(p.delta)[row] = s;
 }
 

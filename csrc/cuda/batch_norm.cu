@@ -37,22 +37,22 @@
 #include <tuple>
 
 #include "../common/batch_norm.h"
+#include "common.cuh"
 
 namespace pyfastdl {
 namespace {
 
+using namespace cuda_common;  // kWarpSize, fma_acc, sqrt_acc (common.cuh)
+
 constexpr int kThreads = 256;  // threads of every block
-constexpr int kWarpSize = 32;
 constexpr int kWarps = kThreads / kWarpSize;
 constexpr int64_t kMaxGridYZ = 65535;
 constexpr int64_t kMaxGridX = std::numeric_limits<int32_t>::max();
 
 // ---- device helpers -------------------------------------------------------------------------------
 
-// Explicit fused multiply-add, so the forward's y = x * scale + shift and the backward's recomputed
-// ReLU mask round identically (no reliance on the compiler's contraction choices).
-__device__ __forceinline__ float fma_acc(float a, float b, float c) { return __fmaf_rn(a, b, c); }
-__device__ __forceinline__ double fma_acc(double a, double b, double c) { return __fma_rn(a, b, c); }
+// fma_acc (common.cuh) rounds once, so the forward's y = x * scale + shift and the backward's
+// recomputed ReLU mask round identically.
 
 // Division inside the per-element Welford update: the fast approximate one in float32 (its 2-ulp
 // error only perturbs the running mean, which the M2 update tolerates), exact in float64.

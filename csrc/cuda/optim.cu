@@ -38,9 +38,12 @@
 #include <vector>
 
 #include "../common/optim.h"
+#include "common.cuh"
 
 namespace pyfastdl {
 namespace {
+
+using namespace cuda_common;  // sqrt_acc (common.cuh)
 
 constexpr int kThreads = 256;                       // threads of every block
 constexpr int kILP = 4;                             // elements a thread takes at a time
@@ -73,9 +76,6 @@ struct StepArgs {
 };
 
 // ---- device helpers -------------------------------------------------------------------------------
-
-__device__ __forceinline__ float sqrt_acc(float v) { return sqrtf(v); }
-__device__ __forceinline__ double sqrt_acc(double v) { return sqrt(v); }
 
 // torch's lerp (ATen/native/Lerp.h): self + w * (end - self) for |w| < 0.5, else
 // end - (end - self) * (1 - w).
