@@ -722,20 +722,21 @@ def _apply_grid(v: _View):
 # =============================================================================================
 # The ops
 # =============================================================================================
-def _on_input_device(launcher):
-    """Runs a launcher under the device guard of its first tensor argument (input / grad_out), so a
+def _on_device_of(index: int, name: str):
+    """Runs a launcher under the device guard of its argument ``index`` / ``name`` (the input), so a
     tensor on cuda:1 launches on cuda:1 whatever the current device."""
-    @functools.wraps(launcher)
-    def guarded(*args, **kwargs):
-        first = next(a for a in list(args) + list(kwargs.values()) if isinstance(a, Tensor))
-        with _device_guard(first):
-            return launcher(*args, **kwargs)
-    return guarded
+    def wrap(launcher):
+        @functools.wraps(launcher)
+        def guarded(*args, **kwargs):
+            with _device_guard(args[index] if len(args) > index else kwargs[name]):
+                return launcher(*args, **kwargs)
+        return guarded
+    return wrap
 
 
 @torch.library.custom_op("pyfastdl_triton::batch_norm_fwd",
                          mutates_args=("running_mean", "running_var"))
-@_on_input_device
+@_on_device_of(0, "input")
 def batch_norm_fwd(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                    running_mean: Optional[Tensor], running_var: Optional[Tensor], training: bool,
                    momentum: float, eps: float, relu: bool) -> Tuple[Tensor, Tensor, Tensor]:
@@ -804,7 +805,7 @@ def _batch_norm_fwd_fake(input, weight, bias, running_mean, running_var, trainin
     "pyfastdl_triton::batch_norm_bwd", mutates_args=(),
     schema="(Tensor grad_out, Tensor input, Tensor? weight, Tensor? bias, Tensor save_mean, "
            "Tensor save_invstd, bool training, bool relu, bool[3] output_mask) -> (Tensor, Tensor, Tensor)")
-@_on_input_device
+@_on_device_of(1, "input")
 def batch_norm_bwd(grad_out: Tensor, input: Tensor, weight: Optional[Tensor],
                    bias: Optional[Tensor], save_mean: Tensor, save_invstd: Tensor, training: bool,
                    relu: bool, output_mask: List[bool]):
