@@ -13,6 +13,8 @@ PY     := $(VENV)/bin/python
 # auto: build the CUDA sources when torch has CUDA and nvcc is found (it is, with torch 2.14.1 + nvcc 13)
 export PYFASTDL_CUDA ?= auto
 export MAX_JOBS ?= 2
+# two pytest workers (pytest-xdist): the Triton interpreter runs Python on one core per test
+PYTEST_ARGS ?= -n 2
 
 SOURCES := setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' 2>/dev/null)
 
@@ -32,7 +34,7 @@ $(VENV)/.built: $(VENV)/.deps $(SOURCES)
 	touch $@
 
 test: build
-	$(PY) -m pytest tests -q -rs
+	$(PY) -m pytest tests -q -rs $(PYTEST_ARGS)
 
 test-sanitize: $(VENV)/.deps
 	bash scripts/sanitize.sh
