@@ -1,6 +1,6 @@
 """pytest-benchmark micro-benchmarks: ``.venv/bin/python -m pytest bench/ --benchmark-only``.
 
-The files are named ``bench_<family>.py`` (STYLE.md rule 1), which pytest does not collect by
+The files are named ``bench_<family>.py`` (one family, one basename), which pytest does not collect by
 default; this hook collects them when bench/ is given explicitly. The test suite (testpaths =
 ["tests"]) never sees them.
 """

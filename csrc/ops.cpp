@@ -1,7 +1,7 @@
-// Every pyfastdl op's schema, in one place (STYLE.md rule 2: the schema is the contract).
+// Every pyfastdl op's schema, in one place (docs/adding-an-op-family.md, 1: the schema is the contract).
 //
 // Implementations register elsewhere: csrc/cpu/<family>.cpp under CPU, csrc/cuda/<family>.cu under
-// CUDA. Fake (meta) implementations live in pyfastdl/_fake.py. The Triton kernels have their own
+// CUDA. Fake (meta) implementations live in pyfastdl/autograd/<family>.py (the optimizers': pyfastdl/optim/_lists.py). The Triton kernels have their own
 // namespace, pyfastdl_triton::, with the same schemas (triton_kernels/<family>.py).
 #include <Python.h>
 #include <torch/library.h>

@@ -1,4 +1,4 @@
-"""The notes' optimizer comparison (``shared/notes/002_*.txt``, ``train_ch7``; Dive-into-DL-PyTorch
+"""The notes' optimizer comparison (the notes' ``train_ch7``; Dive-into-DL-PyTorch
 chapter 7): linear regression with the squared loss, minibatches of 10, the training loss recorded
 every 100 examples, run once with each from-scratch optimizer of ``pyfastdl.reference`` and once
 with each optimizer class (``train_concise_ch7``, the notes' ``train_pytorch_ch7`` /

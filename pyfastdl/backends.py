@@ -1,4 +1,4 @@
-"""Which implementation runs: one place decides (DESIGN.md, "Backends").
+"""Which implementation runs: one place decides (docs/architecture.md, "Backends and dispatch").
 
 Backends: ``cpu`` (C++ kernels, CPU tensors), ``cuda`` (CUDA C++ kernels, CUDA tensors), ``triton``
 (Triton kernels; CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``) and ``reference`` (the

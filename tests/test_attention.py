@@ -12,7 +12,7 @@ import pyfastdl
 import pyfastdl.functional as PF
 from pyfastdl import backends, reference as R
 
-from helpers import DEVICE, MARKS
+from helpers import DEVICE, GEMM_TOL as TOL, MARKS
 
 # (B, Hq, Hk, L, S, E, Ev, causal, mask kind)
 CASES = [
@@ -26,7 +26,6 @@ CASES = [
 ]
 CASE_IDS = [f"B{c[0]}H{c[1]}/{c[2]}-L{c[3]}S{c[4]}-E{c[5]}/{c[6]}" + ("-causal" if c[7] else "") + (f"-{c[8]}" if c[8] else "")
             for c in CASES]
-TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-2, torch.bfloat16: 3e-2}
 
 
 def backend_params(dtypes):

@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from helpers import DEVICE, MARKS, rel_err
+from helpers import DEVICE, GEMM_TOL as TOL, MARKS, rel_err
 
 pytestmark = MARKS["triton"]
 
@@ -25,7 +25,6 @@ DEV = DEVICE["triton"]
 # IEEE float32 dots, measured ~2e-7. float16 / bfloat16: P and dS are rounded to the input dtype
 # before their matmuls (as FlashAttention does), so the error is a few units of that dtype's
 # rounding (2^-11, 2^-8; measured 4e-4, 7e-3: the interpreter truncates to bfloat16).
-TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 
 
 @pytest.fixture(scope="module")

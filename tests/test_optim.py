@@ -9,7 +9,7 @@ import pyfastdl
 import pyfastdl.optim as po
 from pyfastdl import backends
 
-from helpers import DEVICE, MARKS, HAS_CUDA
+from helpers import DEVICE, MARKS, HAS_CUDA, STEP_TOL as TOL
 
 SIZES = [(1,), (3,), (1000,), (4097,), (), (7, 5)]
 
@@ -38,7 +38,6 @@ CONFIG_IDS = [n + "-" + "-".join(f"{k}={v}" for k, v in kw.items()) for n, kw in
 # float32 after 20 steps: the kernels follow torch's operation order, so only FMA contraction and
 # sqrt/division rounding differ; RMSprop centered divides by sqrt(sq - ga^2), a cancellation
 # that amplifies ulps, hence its looser bound.
-TOL = {torch.float64: dict(rtol=1e-12, atol=1e-13), torch.float32: dict(rtol=2e-5, atol=2e-6)}
 
 
 def backend_params(dtypes_by_backend):

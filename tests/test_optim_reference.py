@@ -8,6 +8,8 @@ import torch
 
 from pyfastdl import reference as R
 
+from helpers import EXACT_TOL
+
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
@@ -186,7 +188,7 @@ def test_notes_adagrad_with_torch_defaults_is_not_equal():
 
 SHAPES = [(), (1,), (3,), (1000,), (4097,)]
 STEPS = 10
-TIGHT = dict(rtol=1e-13, atol=1e-15)  # float64, same operations in the same order as torch
+TIGHT = EXACT_TOL[torch.float64]  # float64, same operations in the same order as torch
 
 
 def make_params(dtype, seed=0):

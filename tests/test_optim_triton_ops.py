@@ -9,7 +9,7 @@ GPU. Sizes and step counts are small: the interpreter runs every program in Pyth
 import pytest
 import torch
 
-from helpers import DEVICE, MARKS
+from helpers import DEVICE, MARKS, STEP_TOL as TOL
 
 pytestmark = MARKS["triton"]
 
@@ -19,7 +19,6 @@ STEPS = 5
 # Named tolerances (assert_close's rtol, atol) against torch.optim in the same dtype: the kernels
 # follow torch's order of operations, so the gap is a few roundings (fma contraction, torch's
 # vectorized CPU kernels), compounded over STEPS steps.
-TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float64: dict(rtol=1e-11, atol=1e-13)}
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Host-side helpers shared by the Triton families (one home; STYLE.md: no helper copied per family).
+"""Host-side helpers shared by the Triton families (one home: no helper copied per family; docs/adding-an-op-family.md).
 
 - ``INTERPRETED`` / ``is_interpreted``: whether ``@triton.jit`` built interpreter functions
   (``TRITON_INTERPRET=1`` set before triton was first imported); then the kernels run on CPU tensors.

@@ -1,5 +1,5 @@
 // Argument checks and layout description shared by the CPU and CUDA batch-norm launchers.
-// Launchers validate, kernels trust (STYLE.md rule 4): every user-facing check is here, run before
+// Launchers validate, kernels trust (docs/adding-an-op-family.md, 2): every user-facing check is here, run before
 // any output or running statistic is written.
 #pragma once
 

@@ -1,5 +1,5 @@
 // Argument checks and list preparation shared by the CPU and CUDA fused-optimizer launchers
-// (schemas and update rules: csrc/ops.cpp). Launchers validate, kernels trust (STYLE.md rule 4):
+// (schemas and update rules: csrc/ops.cpp). Launchers validate, kernels trust (docs/adding-an-op-family.md, 2):
 // every check runs before any parameter, state tensor or step is written.
 //
 // A launcher builds the op's TensorLists (sgd_lists() etc. below), calls check(), drop_absent(),

@@ -1,6 +1,6 @@
 // pyfastdl::batch_norm: batch_norm_fwd with its derivative (batch_norm_bwd) registered in C++, under
 // the Autograd dispatch key, so that a forward+backward of the C++ backends (cpu, cuda) runs no
-// Python after the call itself (DESIGN.md, "per-call cost"). The Triton backend keeps the Python
+// Python after the call itself (docs/architecture.md, "Per-call cost"). The Triton backend keeps the Python
 // autograd Function (pyfastdl/autograd/batch_norm.py).
 //
 // The op reaches batch_norm_fwd / batch_norm_bwd through the dispatcher, so one registration serves

@@ -1,8 +1,8 @@
 // Device helpers shared by the CUDA kernel files (csrc/cuda/*.cu): the warp size, warp reductions and
 // the float/double overloads of the math the kernels accumulate with. One home: a family includes
-// this header instead of copying them (STYLE.md, "helpers copied per family").
+// this header instead of copying them (docs/adding-an-op-family.md).
 //
-// Launcher rule (STYLE.md 4), kept in each launcher because it names its own input: take
+// Launcher rule (docs/adding-an-op-family.md, 2), kept in each launcher because it names its own input: take
 // `c10::cuda::CUDAGuard guard(input.device());` after the checks and before the first allocation,
 // launch on `at::cuda::getCurrentCUDAStream()`, then `C10_CUDA_KERNEL_LAUNCH_CHECK()`.
 #pragma once

@@ -1,4 +1,4 @@
-"""The benchmark report behind ``python -m pyfastdl bench`` (DESIGN.md "Benchmarks").
+"""The benchmark report behind ``python -m pyfastdl bench`` (docs/benchmarks.md).
 
 ``core`` holds the family-independent machinery (timing, machine limits, report writing); each op
 family adds its cases in ``pyfastdl/bench/<family>.py`` through a function ``cases(device, quick)``

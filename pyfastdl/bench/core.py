@@ -1,4 +1,4 @@
-"""The benchmark report machinery (DESIGN.md "Benchmarks", STYLE.md rule 10). Knows nothing of any
+"""The benchmark report machinery (docs/benchmarks.md). Knows nothing of any
 op family: a family module ``pyfastdl/bench/<family>.py`` exposes ``cases(device, quick)`` returning
 ``Case`` objects, and this module times them, measures the machine's limit in the same run and
 writes the report (Markdown + JSON + PNG) under ``bench/results/``.

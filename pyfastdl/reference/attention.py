@@ -1,5 +1,5 @@
 """Attention from scratch, as the notes build it (d2l style, sections 65-70 of
-``shared/notes/004_*.txt``), runnable without the d2l package.
+the notes), runnable without the d2l package.
 
 Where the code comes from:
 

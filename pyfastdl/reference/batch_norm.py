@@ -1,5 +1,5 @@
 """Batch normalization from scratch, as the notes build it (d2l, "批量归一化";
-``shared/notes/002_*.txt`` and section 28 of ``004_*.txt``), runnable without the d2l package.
+sections 28 of the notes), runnable without the d2l package.
 
 Two versions live here:
 

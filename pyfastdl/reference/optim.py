@@ -1,6 +1,6 @@
-"""Optimizers from scratch, as the notes build them (d2l style, ``shared/notes/003_*.txt``
-"优化算法", the ``sgd`` / ``train_ch7`` code of ``shared/notes/002_*.txt`` and section 72 of
-``004_*.txt``), runnable without the d2l package.
+"""Optimizers from scratch, as the notes build them (d2l style, the notes' chapter
+"优化算法", the ``sgd`` / ``train_ch7`` code and section 72 of
+the notes), runnable without the d2l package.
 
 Two kinds of functions live here:
 
@@ -57,7 +57,7 @@ def init_momentum_states(feature_dim, dtype=torch.float32):
 
 
 def sgd_momentum(params, states, hyperparams):
-    """The notes' momentum (``003_*.txt`` "动量法", section 72.5 of ``004_*.txt``; book 7.4.3):
+    """The notes' momentum (``003_*.txt`` "动量法", section 72.5 of the notes; book 7.4.3):
     v = momentum * v + lr * grad; p -= v. hyperparams: {'lr', 'momentum'}.
     Unlike torch.optim.SGD the learning rate sits inside the velocity (torch: buf = momentum * buf +
     (1 - dampening) * g, p -= lr * buf); with a constant lr and dampening=0 the two are equal."""
@@ -132,7 +132,7 @@ def init_adam_states(feature_dim, dtype=torch.float32):
 
 
 def adam(params, states, hyperparams):
-    """The notes' Adam (``003_*.txt`` "Adam算法", section 72.6 of ``004_*.txt``; book 7.8.2):
+    """The notes' Adam (``003_*.txt`` "Adam算法", section 72.6 of the notes; book 7.8.2):
     v = beta1 * v + (1 - beta1) * grad; s = beta2 * s + (1 - beta2) * grad^2; bias corrections by
     1 - beta^t; p -= lr * v_hat / (sqrt(s_hat) + eps), beta1=0.9, beta2=0.999, eps=1e-6 (outside
     the root, after the bias correction: torch.optim.Adam's math with eps=1e-6; torch's default eps
