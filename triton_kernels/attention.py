@@ -71,6 +71,7 @@ from torch import Tensor
 import triton
 import triton.language as tl
 
+from ..autograd.attention import attention_bwd_shapes, attention_fwd_shapes
 from ._common import INTERPRETED as _INTERPRETED, device_guard as _device_guard
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -666,9 +667,8 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor],
 @attention_fwd.register_fake
 def _attention_fwd_fake(q, k, v, attn_mask, valid_lens, is_causal, scale, dropout_p, seed,
                         offset):
-    B, Hq, Hk, L, S, E, Ev = _check_common("attention_fwd", q, k, v, attn_mask, valid_lens,
-                                           dropout_p)
-    return q.new_empty((B, Hq, L, Ev)), q.new_empty((B, Hq, L), dtype=torch.float32)
+    _check_common("attention_fwd", q, k, v, attn_mask, valid_lens, dropout_p)
+    return attention_fwd_shapes(q, v)  # one shape rule for the C++ and the Triton op
 
 
 @torch.library.custom_op("pyfastdl_triton::attention_bwd", mutates_args=(), schema=_BWD_SCHEMA)
@@ -740,10 +740,7 @@ def _attention_bwd_fake(grad_out, q, k, v, out, lse, attn_mask, valid_lens, is_c
     dims = _check_common("attention_bwd", q, k, v, attn_mask, valid_lens, dropout_p)
     _check_bwd(grad_out, q, out, lse, dims)
     _check_output_mask(attn_mask, output_mask)
-    B, Hq, Hk, L, S, E, Ev = dims
-    full = (q.new_empty((B, Hq, L, E)), k.new_empty((B, Hk, S, E)), v.new_empty((B, Hk, S, Ev)),
-            q.new_empty((B, Hq, L, S), dtype=attn_mask.dtype) if output_mask[3] else None)
-    return tuple(t if need else q.new_empty((0,)) for t, need in zip(full, output_mask))
+    return attention_bwd_shapes(q, k, v, attn_mask, output_mask)  # one shape rule for both ops
 
 
 def _check_output_mask(attn_mask: Optional[Tensor], output_mask: Sequence[bool]) -> None:

@@ -66,6 +66,7 @@ from torch import Tensor
 import triton
 import triton.language as tl
 
+from ..autograd.batch_norm import batch_norm_bwd_shapes, batch_norm_fwd_shapes
 from ._common import INTERPRETED as _INTERPRETED, device_guard as _device_guard, split_f32 as _split_f32
 
 # ---------------------------------------------------------------------------------------------
@@ -795,10 +796,7 @@ def batch_norm_fwd(input: Tensor, weight: Optional[Tensor], bias: Optional[Tenso
 def _batch_norm_fwd_fake(input, weight, bias, running_mean, running_var, training, momentum, eps,
                          relu):
     _check_fwd(input, weight, bias, running_mean, running_var, training, momentum, eps)
-    x, _, _ = _to_kernel_layout(input)
-    acc = _acc_dtype(x.dtype)
-    C = x.size(1)
-    return torch.empty_like(x), x.new_empty((C,), dtype=acc), x.new_empty((C,), dtype=acc)
+    return batch_norm_fwd_shapes(input)  # one shape rule for the C++ and the Triton op
 
 
 @torch.library.custom_op(
@@ -862,12 +860,7 @@ def batch_norm_bwd(grad_out: Tensor, input: Tensor, weight: Optional[Tensor],
 def _batch_norm_bwd_fake(grad_out, input, weight, bias, save_mean, save_invstd, training, relu,
                          output_mask):
     _check_bwd(grad_out, input, weight, bias, save_mean, save_invstd)
-    x, _, _ = _to_kernel_layout(input)
-    acc = _acc_dtype(x.dtype)
-    C = x.size(1)
-    return (torch.empty_like(x) if output_mask[0] else None,
-            x.new_empty((C,), dtype=acc) if output_mask[1] else None,
-            x.new_empty((C,), dtype=acc) if output_mask[2] else None)
+    return batch_norm_bwd_shapes(input, output_mask)  # one shape rule for the C++ and the Triton op
 
 
 __all__ = ["batch_norm_fwd", "batch_norm_bwd"]

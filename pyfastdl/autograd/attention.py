@@ -25,6 +25,12 @@ def _lse_dtype(dtype):
 
 @torch.library.register_fake("pyfastdl::attention_fwd")
 def _attention_fwd_fake(q, k, v, attn_mask, valid_lens, is_causal, scale, dropout_p, seed, offset):
+    return attention_fwd_shapes(q, v)
+
+
+def attention_fwd_shapes(q, v):
+    """The forward op's outputs (shared by the fake implementations of the C++ and the Triton op):
+    out (B, Hq, L, Ev) contiguous, lse (B, Hq, L) float32 (float64 for float64)."""
     B, Hq, L, _ = q.shape
     return q.new_empty((B, Hq, L, v.shape[-1])), q.new_empty((B, Hq, L), dtype=_lse_dtype(q.dtype))
 
@@ -32,10 +38,10 @@ def _attention_fwd_fake(q, k, v, attn_mask, valid_lens, is_causal, scale, dropou
 @torch.library.register_fake("pyfastdl::attention_bwd")
 def _attention_bwd_fake(grad_out, q, k, v, out, lse, attn_mask, valid_lens, is_causal, scale, dropout_p, seed,
                         offset, output_mask=(True, True, True, False)):
-    return _bwd_outputs(q, k, v, attn_mask, output_mask)
+    return attention_bwd_shapes(q, k, v, attn_mask, output_mask)
 
 
-def _bwd_outputs(q, k, v, attn_mask, output_mask):
+def attention_bwd_shapes(q, k, v, attn_mask, output_mask):
     """The backward op's outputs for fake tensors: the asked gradients (contiguous, the inputs' shapes;
     the mask's (B, Hq, L, S) in its dtype), empty (0,) tensors for the others."""
     if output_mask[3] and (attn_mask is None or not attn_mask.is_floating_point()):

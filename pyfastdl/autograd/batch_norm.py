@@ -26,6 +26,13 @@ def _like_kernel_layout(input):
 
 @torch.library.register_fake("pyfastdl::batch_norm_fwd")
 def _batch_norm_fwd_fake(input, weight, bias, running_mean, running_var, training, momentum, eps, relu):
+    return batch_norm_fwd_shapes(input)
+
+
+def batch_norm_fwd_shapes(input):
+    """The outputs batch_norm_fwd allocates (shared by the fake implementations of the C++ and the
+    Triton op): the output in the kernels' layout, save_mean and save_invstd (C,) in the
+    accumulation dtype."""
     C = input.shape[1]
     acc = _acc_dtype(input.dtype)
     return _like_kernel_layout(input), input.new_empty((C,), dtype=acc), input.new_empty((C,), dtype=acc)

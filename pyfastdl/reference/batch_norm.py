@@ -1,5 +1,5 @@
 """Batch normalization from scratch, as the notes build it (d2l, "批量归一化";
-sections 28 of the notes), runnable without the d2l package.
+section 28 of the notes), runnable without the d2l package.
 
 Two versions live here:
 
