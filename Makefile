@@ -44,6 +44,8 @@ bench: build
 
 bench-full: build
 	$(PY) -m pyfastdl bench
+	# the tests past 2^31 elements (64-bit indexing; 8-17 GiB each: they skip where memory is short)
+	PYFASTDL_HUGE_TESTS=1 PYFASTDL_STRICT=1 $(PY) -m pytest tests -q -rs -m slow -k past_2
 
 gpu-check:
 	bash scripts/gpu_check.sh $(or $(OUT),gpu-check-out)
