@@ -14,7 +14,7 @@ PY     := $(VENV)/bin/python
 export PYFASTDL_CUDA ?= auto
 export MAX_JOBS ?= 2
 # two pytest workers (pytest-xdist): the Triton interpreter runs Python on one core per test
-PYTEST_ARGS ?= -n 2
+PYTEST_ARGS ?= -n 2 --durations=15
 
 SOURCES := setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' 2>/dev/null)
 
