@@ -3,6 +3,10 @@ machine without a GPU, the Triton interpreter -- set before triton is first impo
 import os
 
 os.environ.setdefault("PYFASTDL_STRICT", "1")
+# torch.compile tests compile afresh: inductor's on-disk caches (shared by every checkout on the
+# machine, under /tmp) were seen serving a graph compiled against an older schema of our ops.
+os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "0")
+os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "0")
 
 import torch  # noqa: E402
 
