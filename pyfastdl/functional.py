@@ -2,6 +2,8 @@
 autograd Function). Data flows module -> functional -> backend choice -> Function -> op -> kernel."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -80,7 +82,7 @@ def batch_norm(input: torch.Tensor, running_mean: torch.Tensor | None, running_v
         y = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
         return F.relu(y) if relu else y
     if backend == "reference":
-        if training and input.numel() // max(input.shape[1], 1) <= 1 and input.numel() > 0:
+        if training and math.prod(input.shape[:1] + input.shape[2:]) == 1:  # torch's rule
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.size()}")
         return batch_norm_like_torch(input, running_mean, running_var, weight, bias, training,
                                      momentum, eps, activation)

@@ -597,6 +597,19 @@ def _make(shape, layout, g):
     return torch.randn(shape, generator=g, dtype=torch.float64)
 
 
+@pytest.mark.parametrize("backend", [pytest.param(b, marks=MARKS[b]) for b in ("cpu", "triton", "reference")])
+def test_one_sample_per_channel_refused_as_torch_found_by_hypothesis(backend):
+    """Found by the property test below: training on (1, 0) -- N * prod(spatial) == 1 with C = 0 --
+    is refused by torch (ValueError); pyfastdl returned an empty result."""
+    for shape in ((1, 0), (1, 0, 1), (1, 3), (1, 3, 1, 1)):
+        x = torch.randn(shape, dtype=torch.float64, device=DEVICE[backend])
+        with backends.use(backend), pytest.raises(ValueError, match="more than 1 value per channel"):
+            PF.batch_norm(x, None, None, training=True)
+    with backends.use(backend):  # N = 0: nothing to refuse, as torch
+        assert PF.batch_norm(torch.randn(0, 3, dtype=torch.float64, device=DEVICE[backend]), None, None,
+                             training=True).shape == (0, 3)
+
+
 @settings(max_examples=25, deadline=None)
 @given(_bn_case())
 def test_property_matches_torch(case):

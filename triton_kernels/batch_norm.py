@@ -582,7 +582,7 @@ def _check_fwd(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                          f"got eps = {eps}")
     if not math.isfinite(momentum):
         raise ValueError(f"batch_norm: expected a finite momentum, got momentum = {momentum}")
-    if training and input.numel() > 0 and input.numel() // C <= 1:
+    if training and math.prod(input.shape[:1] + input.shape[2:]) == 1:  # torch's rule (C = 0 included)
         raise ValueError(
             f"Expected more than 1 value per channel when training, got input size "
             f"{list(input.shape)}")

@@ -97,9 +97,10 @@ inline void check_fwd(const at::Tensor& input, const c10::optional<at::Tensor>& 
                     training ? "> 0 when training" : ">= 0", ", got eps = ", eps);
   TORCH_CHECK_VALUE(std::isfinite(momentum), "batch_norm: expected a finite momentum, got momentum = ",
                     momentum);
-  if (training && input.numel() > 0) {
-    const int64_t n = input.numel() / C;
-    TORCH_CHECK_VALUE(n > 1, "Expected more than 1 value per channel when training, got input size ",
+  if (training) {  // torch's rule: N * prod(spatial) == 1 (C = 0 included) is refused
+    int64_t n = input.size(0);
+    for (int64_t d = 2; d < input.dim(); ++d) n *= input.size(d);
+    TORCH_CHECK_VALUE(n != 1, "Expected more than 1 value per channel when training, got input size ",
                       input.sizes());
   }
 }
