@@ -119,6 +119,88 @@ TORCH_LIBRARY(pyfastdl, m) {
       "attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? attn_mask, "
       "Tensor? valid_lens, bool is_causal, float scale, float dropout_p, int seed, int offset, "
       "bool[4] output_mask=[True, True, True, False]) -> (Tensor, Tensor, Tensor, Tensor)");
+
+  // ---- conv2d ------------------------------------------------------------------------------------
+  // input (N, C_in, H, W), contiguous (NCHW) or channels_last (any other strides: the launcher makes
+  // it contiguous); weight (C_out, C_in / groups, kH, kW); bias (C_out,) or None. groups divides C_in
+  // and C_out. stride = (sh, sw) >= 1, dilation = (dh, dw) >= 1, padding = (top, bottom, left, right)
+  // >= 0 of zeros (asymmetric, so padding='same' with an even effective kernel needs no copy).
+  // H_out = (H + top + bottom - dh * (kH - 1) - 1) / sh + 1 (likewise W_out), both >= 1.
+  // Returns the output (N, C_out, H_out, W_out) in input's memory format (channels_last in,
+  // channels_last out), in input's dtype, accumulated in float32 (float64 for float64).
+  m.def(
+      "conv2d_fwd(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[4] padding, "
+      "int[2] dilation, int groups) -> Tensor");
+  // Backward of conv2d_fwd. output_mask = which of (grad_input, grad_weight, grad_bias) to compute; an
+  // output not asked for is returned undefined (None in Python). grad_input has input's shape and
+  // memory format, grad_weight weight's shape (contiguous), grad_bias (C_out,); all in input's dtype.
+  m.def(
+      "conv2d_bwd(Tensor grad_out, Tensor input, Tensor weight, int[2] stride, int[4] padding, "
+      "int[2] dilation, int groups, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+
+  // ---- LSTM and GRU (family "rnn") ---------------------------------------------------------------
+  // Gate order is torch's: LSTM (i, f, g, o), GRU (r, z, n). w_ih (G*H, I), w_hh (G*H, H), b_ih and
+  // b_hh (G*H,) or None (zero), G = 4 (LSTM) or 3 (GRU). All tensors on one device, one dtype
+  // (float32/float64 on the CPU; float32/float16/bfloat16 on CUDA and Triton), accumulation in
+  // float32 (float64 for float64).
+  //
+  // Cells: one step, both GEMMs inside the op. input (B, I), hx and cx (B, H).
+  // LSTM: gates = input @ w_ih^T + b_ih + hx @ w_hh^T + b_hh; i, f, o = sigmoid, g = tanh;
+  // cy = f * cx + i * g, hy = o * tanh(cy). Returns (hy, cy, gates): gates (B, 4H) holds the activated
+  // (i, f, g, o), saved for the backward.
+  m.def(
+      "lstm_cell_fwd(Tensor input, Tensor hx, Tensor cx, Tensor w_ih, Tensor w_hh, Tensor? b_ih, "
+      "Tensor? b_hh) -> (Tensor, Tensor, Tensor)");
+  // grad_hy, grad_cy: (B, H) or None (= zero). output_mask = which of (input, hx, cx, w_ih, w_hh,
+  // bias) get a gradient; the rest are returned undefined. grad_bias (4H,) is the gradient of b_ih and
+  // of b_hh alike.
+  m.def(
+      "lstm_cell_bwd(Tensor? grad_hy, Tensor? grad_cy, Tensor input, Tensor hx, Tensor cx, Tensor w_ih, "
+      "Tensor w_hh, Tensor cy, Tensor gates, bool[6] output_mask) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // GRU: r = sigmoid(x W_ir^T + b_ir + h W_hr^T + b_hr), z likewise, hn = h W_hn^T + b_hn,
+  // n = tanh(x W_in^T + b_in + r * hn), hy = (1 - z) * n + z * hx. Returns (hy, ws): ws (B, 4H) holds
+  // (r, z, n, hn), saved for the backward.
+  m.def(
+      "gru_cell_fwd(Tensor input, Tensor hx, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh) "
+      "-> (Tensor, Tensor)");
+  // output_mask = which of (input, hx, w_ih, w_hh, b_ih, b_hh) get a gradient (b_ih and b_hh differ
+  // in the n gate).
+  m.def(
+      "gru_cell_bwd(Tensor grad_hy, Tensor input, Tensor hx, Tensor w_ih, Tensor w_hh, Tensor ws, "
+      "bool[6] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  //
+  // Whole sequences: one layer, one direction, the time loop inside the op. The layout is
+  // PackedSequence's: input (N, I) holds the steps one after another, step t being the
+  // batch_sizes[t] rows starting at sum(batch_sizes[:t]); batch_sizes is a non-increasing int64 tensor
+  // (T,) on the CPU, whatever the device of the data. A padded (T, B, I) input is the same with
+  // batch_sizes = [B] * T and input viewed as (T * B, I). h0, c0: (B, H), B = batch_sizes[0]; row b
+  // is active at the steps t with b < batch_sizes[t] (a prefix of the steps). Steps past a row's
+  // length are not computed.
+  // reverse=false runs t = 0 .. T-1; reverse=true runs t = T-1 .. 0, each row starting from its own
+  // last step with h0[b] (and c0[b]).
+  // hy, cy (B, H): each row's state after its last processed step.
+  // LSTM returns (output (N, H), hy, cy, gates (N, 4H) activated (i, f, g, o), cs (N, H) the cell
+  // state after each step).
+  m.def(
+      "lstm_seq_fwd(Tensor input, Tensor batch_sizes, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, "
+      "Tensor? b_ih, Tensor? b_hh, bool reverse) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // grad_output (N, H), grad_hy, grad_cy (B, H): None = zero. output_mask = which of (input, h0, c0,
+  // w_ih, w_hh, bias) get a gradient; grad_bias (4H,) is the gradient of b_ih and of b_hh alike. The
+  // weight gradients are accumulated over all steps as GEMMs.
+  m.def(
+      "lstm_seq_bwd(Tensor? grad_output, Tensor? grad_hy, Tensor? grad_cy, Tensor input, Tensor batch_sizes, "
+      "Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor output, Tensor gates, Tensor cs, "
+      "bool reverse, bool[6] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // GRU returns (output (N, H), hy, ws (N, 4H) = (r, z, n, hn) of each step).
+  m.def(
+      "gru_seq_fwd(Tensor input, Tensor batch_sizes, Tensor h0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, "
+      "Tensor? b_hh, bool reverse) -> (Tensor, Tensor, Tensor)");
+  // output_mask = which of (input, h0, w_ih, w_hh, b_ih, b_hh) get a gradient.
+  m.def(
+      "gru_seq_bwd(Tensor? grad_output, Tensor? grad_hy, Tensor input, Tensor batch_sizes, Tensor h0, "
+      "Tensor w_ih, Tensor w_hh, Tensor output, Tensor ws, bool reverse, bool[6] output_mask) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 // ---- build information (python -m pyfastdl info) ---------------------------------------------------
