@@ -29,6 +29,7 @@ from .rnn import (RNNModel, RNNModelScratch, SeqDataLoader, get_gru_params, get_
                   get_rnn_params, grad_clipping, gru, gru_cell_like_torch, gru_like_torch,
                   init_gru_state, init_lstm_state, init_rnn_state, load_data_corpus, lstm,
                   lstm_cell_like_torch, lstm_like_torch, lstm_params_from_torch, predict, rnn,
+                  lstm_seq_like_op, gru_seq_like_op,
                   seq_data_iter_random, seq_data_iter_sequential, torch_rnn_weights, train, train_epoch)
 
 __all__ += ["corr2d", "Conv2D", "comp_conv2d", "corr2d_multi_in", "corr2d_multi_in_out",
@@ -42,4 +43,5 @@ __all__ += ["seq_data_iter_random", "seq_data_iter_sequential", "SeqDataLoader",
             "get_rnn_params", "init_rnn_state", "rnn", "get_gru_params", "init_gru_state", "gru",
             "get_lstm_params", "init_lstm_state", "lstm", "RNNModelScratch", "RNNModel", "predict",
             "grad_clipping", "train_epoch", "train", "lstm_cell_like_torch", "gru_cell_like_torch",
-            "lstm_like_torch", "gru_like_torch", "torch_rnn_weights", "lstm_params_from_torch"]
+            "lstm_like_torch", "gru_like_torch", "torch_rnn_weights", "lstm_params_from_torch",
+            "lstm_seq_like_op", "gru_seq_like_op"]

@@ -17,6 +17,7 @@ import functools
 import importlib
 import inspect
 import re
+import warnings
 
 __all__ = ["CORPUS_MODULES", "read_corpus", "tokenize", "count_corpus", "Vocab", "load_corpus"]
 
@@ -48,9 +49,11 @@ def _docstrings(module):
 @functools.lru_cache(maxsize=None)
 def _raw_lines():
     lines = []
-    for name in CORPUS_MODULES:
-        for doc in _docstrings(importlib.import_module(name)):
-            lines.extend(doc.splitlines())
+    with warnings.catch_warnings():   # typing's deprecated aliases warn when their docs are read
+        warnings.simplefilter("ignore", DeprecationWarning)
+        for name in CORPUS_MODULES:
+            for doc in _docstrings(importlib.import_module(name)):
+                lines.extend(doc.splitlines())
     return tuple(lines)
 
 

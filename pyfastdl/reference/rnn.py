@@ -1,6 +1,6 @@
-"""Recurrent networks from scratch, as the notes build them (d2l style, sections 53-58 of the notes:
-"语言模型", "循环神经网络", "门控循环单元(GRU)", "长短期记忆网络", "深层循环神经网络"), runnable
-without the d2l package, on the offline corpus of ``pyfastdl.reference.corpus``.
+"""Recurrent networks from scratch, as the notes build them (d2l style, sections 53-58 of the
+notes: "语言模型", "循环神经网络", "门控循环单元(GRU)", "长短期记忆网络", "深层循环神经网络"),
+runnable without the d2l package, on the offline corpus of ``pyfastdl.reference.corpus``.
 
 Where the code comes from:
 
@@ -23,7 +23,9 @@ with torch's weight layout (``weight_ih (G*H, I)``, ``weight_hh (G*H, H)``, ``b_
 order i, f, g, o for the LSTM and r, z, n for the GRU), multi-layer, bidirectional, batch_first,
 unbatched input, and per-sequence ``lengths`` (what a PackedSequence carries): ``lstm_cell_like_torch``,
 ``gru_cell_like_torch``, ``lstm_like_torch``, ``gru_like_torch``, ``torch_rnn_weights``,
-``lstm_params_from_torch``.
+``lstm_params_from_torch``; and ``lstm_seq_like_op`` / ``gru_seq_like_op``: one layer, one direction
+in the ``lstm_seq_fwd`` / ``gru_seq_fwd`` ops' packed layout (input (N, I) and batch_sizes (T,)),
+returning what those ops return (the saved activated gates, cell states, ``(r, z, n, hn)``).
 
 Conventions that differ between the notes and torch (a kernel must pick one, knowingly):
 
@@ -56,7 +58,7 @@ __all__ = [
     "get_lstm_params", "init_lstm_state", "lstm", "RNNModelScratch", "RNNModel", "predict",
     "grad_clipping", "train_epoch", "train",
     "lstm_cell_like_torch", "gru_cell_like_torch", "lstm_like_torch", "gru_like_torch",
-    "torch_rnn_weights", "lstm_params_from_torch",
+    "torch_rnn_weights", "lstm_params_from_torch", "lstm_seq_like_op", "gru_seq_like_op",
 ]
 
 
@@ -568,3 +570,76 @@ def lstm_params_from_torch(lstm_layer, linear):
     params = [*blocks["i"], *blocks["f"], *blocks["o"], *blocks["c"],
               linear.weight.detach().T.clone(), linear.bias.detach().clone()]
     return [p.requires_grad_(True) for p in params]
+
+
+# ---- the seq ops' packed layout (csrc/ops.cpp: lstm_seq_fwd, gru_seq_fwd) ---------------------------
+
+def _packed_steps(batch_sizes, reverse):
+    """(t, offset, rows) for each step of a packed sequence, in processing order."""
+    sizes = [int(b) for b in batch_sizes]
+    if any(b < 0 for b in sizes) or any(a < b for a, b in zip(sizes, sizes[1:])):
+        raise ValueError(f"batch_sizes must be non-increasing and >= 0, got {sizes}")
+    offsets, off = [], 0
+    for b in sizes:
+        offsets.append(off)
+        off += b
+    steps = [(t, offsets[t], sizes[t]) for t in range(len(sizes))]
+    return (steps[::-1] if reverse else steps), off
+
+
+def lstm_seq_like_op(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, reverse=False):
+    """One LSTM layer in one direction over a packed sequence, as the lstm_seq_fwd op: input (N, I)
+    holds step t's batch_sizes[t] rows after those of the steps before; h0, c0 (B, H); rows active
+    at step t are b < batch_sizes[t]; reverse runs t = T-1 .. 0 (each row from its own last step).
+    Returns (output (N, H), hy (B, H), cy (B, H), gates (N, 4H) activated (i, f, g, o), cs (N, H) the
+    cell state after each step)."""
+    steps, N = _packed_steps(batch_sizes, reverse)
+    if input.shape[0] != N:
+        raise ValueError(f"lstm_seq_like_op: input has {input.shape[0]} rows, batch_sizes sum to {N}")
+    H = h0.shape[1]
+    h, c = h0, c0
+    out, gates, cs = [None] * len(steps), [None] * len(steps), [None] * len(steps)
+    for t, off, bs in steps:
+        x = input[off:off + bs]
+        g = x @ w_ih.T + h[:bs] @ w_hh.T
+        if b_ih is not None:
+            g = g + b_ih
+        if b_hh is not None:
+            g = g + b_hh
+        i, f, gg, o = torch.sigmoid(g[:, :H]), torch.sigmoid(g[:, H:2 * H]), \
+            torch.tanh(g[:, 2 * H:3 * H]), torch.sigmoid(g[:, 3 * H:])
+        c_new = f * c[:bs] + i * gg
+        h_new = o * torch.tanh(c_new)
+        h = torch.cat([h_new, h[bs:]])
+        c = torch.cat([c_new, c[bs:]])
+        out[t], cs[t], gates[t] = h_new, c_new, torch.cat([i, f, gg, o], dim=1)
+    cat = lambda xs, w: torch.cat(xs) if xs else input.new_zeros((0, w))  # noqa: E731
+    return cat(out, H), h, c, cat(gates, 4 * H), cat(cs, H)
+
+
+def gru_seq_like_op(input, batch_sizes, h0, w_ih, w_hh, b_ih=None, b_hh=None, reverse=False):
+    """One GRU layer in one direction over a packed sequence, as the gru_seq_fwd op (layout as
+    lstm_seq_like_op; torch's GRU math). Returns (output (N, H), hy (B, H), ws (N, 4H) = (r, z, n, hn)
+    of each step, hn = h W_hn^T + b_hn)."""
+    steps, N = _packed_steps(batch_sizes, reverse)
+    if input.shape[0] != N:
+        raise ValueError(f"gru_seq_like_op: input has {input.shape[0]} rows, batch_sizes sum to {N}")
+    H = h0.shape[1]
+    h = h0
+    out, ws = [None] * len(steps), [None] * len(steps)
+    for t, off, bs in steps:
+        gi = input[off:off + bs] @ w_ih.T
+        gh = h[:bs] @ w_hh.T
+        if b_ih is not None:
+            gi = gi + b_ih
+        if b_hh is not None:
+            gh = gh + b_hh
+        r = torch.sigmoid(gi[:, :H] + gh[:, :H])
+        z = torch.sigmoid(gi[:, H:2 * H] + gh[:, H:2 * H])
+        hn = gh[:, 2 * H:]
+        n = torch.tanh(gi[:, 2 * H:] + r * hn)
+        h_new = (1 - z) * n + z * h[:bs]
+        h = torch.cat([h_new, h[bs:]])
+        out[t], ws[t] = h_new, torch.cat([r, z, n, hn], dim=1)
+    cat = lambda xs, w: torch.cat(xs) if xs else input.new_zeros((0, w))  # noqa: E731
+    return cat(out, H), h, cat(ws, 4 * H)
