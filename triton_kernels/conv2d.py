@@ -1,0 +1,487 @@
+"""2-D convolution (cross-correlation, torch's conv2d), forward and backward, in Triton.
+
+Registers two ops with the schemas of ``csrc/ops.cpp`` in the namespace ``pyfastdl_triton``::
+
+    pyfastdl_triton::conv2d_fwd(input, weight, bias?, stride[2], padding[4], dilation[2], groups)
+        -> output
+    pyfastdl_triton::conv2d_bwd(grad_out, input, weight, stride[2], padding[4], dilation[2], groups,
+                                output_mask[3]) -> (grad_input, grad_weight, grad_bias)
+
+padding = (top, bottom, left, right) of zeros. Shapes (pyfastdl/autograd/conv2d.py, the one shape
+rule): input (N, C_in, H, W), weight (C_out, Cg, kH, kW) with Cg = C_in / groups, Cog = C_out /
+groups, output (N, C_out, H_out, W_out) in input's memory format.
+
+All three passes are implicit GEMMs over one group g (the third grid axis), NHWC internally (the
+launchers make input and grad_out channels_last, so the gathered rows run along contiguous
+channels); the kernels address every tensor through its four strides, so the outputs are written
+straight into the memory format the schema asks for::
+
+    forward  out[m, co]  = sum_k  x[m, k] w[k, co]      M = N H_out W_out, K = kH kW Cg (kh, kw, ci)
+             x[m, (kh, kw, ci)] = input[n, g Cg + ci, ho sh - top + kh dh, wo sw - left + kw dw],
+             zero outside the input (masked loads: no padded copy)
+    dgrad    gin[m, ci]  = sum_k  go[m, k] w[k, ci]     M = N H W, K = kH kW Cog (kh, kw, co)
+             go[(n, h, w), (kh, kw, co)] = grad_out[n, g Cog + co, ho, wo] where
+             h + top - kh dh = ho sh (divisible, 0 <= ho < H_out; likewise w), else zero: any stride
+    wgrad    gw[co, k]   = sum_m  go[m, co] x[m, k]     a reduction over M = N H_out W_out, split in
+             P chunks: each program writes its partial GEMM tile to a (P, C_out, K) buffer and a
+             second kernel sums the P partials in a fixed order (deterministic, no atomics).
+    gbias    gb[co]      = sum_m  go[m, co]             the same partial buffers (second kernel too).
+
+Accumulation in float32 (float64 for float64). tl.dot: float16 / bfloat16 on the tensor cores;
+float32 with TF32 tensor cores only when ``torch.backends.cudnn.allow_tf32`` says so (torch's rule
+for convolutions), IEEE float32 otherwise (and always on CPU tensors under the interpreter).
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+import triton
+import triton.language as tl
+
+from ..autograd.conv2d import conv2d_bwd_shapes, conv2d_fwd_shapes, conv2d_out_size
+from ._common import INTERPRETED as _INTERPRETED, device_guard as _device_guard
+
+# ---------------------------------------------------------------------------------------------
+# Tuning constants. Tests may shrink them to exercise the channel loops and the split reduction
+# on tiny inputs under the interpreter.
+# ---------------------------------------------------------------------------------------------
+_MAX_BLOCK_M = 128  # GEMM rows (output / input positions) per program
+_MAX_BLOCK_N = 128  # GEMM columns (channels) per program
+_MAX_BLOCK_K = 64  # channels per tl.dot step
+_MIN_BLOCK = 16  # tl.dot's smallest dimension
+_WGRAD_BLOCK_R = 64  # positions per wgrad reduction step
+_WGRAD_TARGET_PROGRAMS = 1024  # wgrad programs wanted (tiles x splits): fills an H100 several times
+_MAX_SPLITS = 256  # partial buffers of the wgrad reduction, at most
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# =============================================================================================
+# Kernels
+# =============================================================================================
+@triton.jit
+def _dot(a, b, acc, DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr):
+    """acc + a @ b. DOT_UPCAST (bfloat16 under the interpreter, whose bfloat16 tl.dot is wrong in
+    Triton 3.8) multiplies the same bfloat16 values in float32, which is what the tensor cores do."""
+    if DOT_UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc, input_precision=DOT_PREC)
+
+
+@triton.jit
+def _conv2d_fwd_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr,
+    M, H, W, H_out, W_out, Cg, Cog,
+    sxn, sxc, sxh, sxw, swo, swi, swh, sww, syn, syc, syh, syw,
+    str_h, str_w, pad_t, pad_l, dil_h, dil_w,
+    KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ACC: tl.constexpr, DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    g = tl.program_id(2).to(tl.int64)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = rm < M
+    wo = rm % W_out
+    t = rm // W_out
+    ho = t % H_out
+    n = (t // H_out).to(tl.int64)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # output channel within the group
+    n_ok = rn < Cog
+    co = g * Cog + rn
+    rk = tl.arange(0, BLOCK_K)
+    x_base = n * sxn + (g * Cg) * sxc
+    w_base = co * swo
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    for kh in range(KH):
+        ih = ho * str_h - pad_t + kh * dil_h
+        h_ok = m_ok & (ih >= 0) & (ih < H)
+        for kw in range(KW):
+            iw = wo * str_w - pad_l + kw * dil_w
+            row_ok = h_ok & (iw >= 0) & (iw < W)
+            a_row = x_base + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
+            b_col = w_base + kh * swh + kw * sww
+            for c0 in range(0, Cg, BLOCK_K):
+                ci = c0 + rk
+                c_ok = ci < Cg
+                a = tl.load(x_ptr + a_row[:, None] + ci[None, :] * sxc,
+                            mask=row_ok[:, None] & c_ok[None, :], other=0.0)
+                b = tl.load(w_ptr + b_col[None, :] + ci[:, None] * swi,
+                            mask=c_ok[:, None] & n_ok[None, :], other=0.0)
+                acc = _dot(a, b, acc, DOT_PREC, DOT_UPCAST)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + co, mask=n_ok, other=0.0).to(ACC)[None, :]
+    y_row = n * syn + ho.to(tl.int64) * syh + wo.to(tl.int64) * syw
+    tl.store(y_ptr + y_row[:, None] + co[None, :] * syc, acc.to(y_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _conv2d_dgrad_kernel(
+    go_ptr, w_ptr, gi_ptr,
+    M, H, W, H_out, W_out, Cg, Cog,
+    sgn, sgc, sgh, sgw, swo, swi, swh, sww, sin, sic, sih, siw,
+    str_h, str_w, pad_t, pad_l, dil_h, dil_w,
+    KH: tl.constexpr, KW: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ACC: tl.constexpr, DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    g = tl.program_id(2).to(tl.int64)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # input positions (n, h, w)
+    m_ok = rm < M
+    w_ = rm % W
+    t = rm // W
+    h_ = t % H
+    n = (t // H).to(tl.int64)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # input channel within the group
+    n_ok = rn < Cg
+    ci = g * Cg + rn
+    rk = tl.arange(0, BLOCK_K)
+    go_base = n * sgn + (g * Cog) * sgc
+    w_base = (g * Cog) * swo + rn * swi
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    for kh in range(KH):
+        hn = h_ + pad_t - kh * dil_h  # = ho * str_h for the output row ho that reads h at kh
+        hc = tl.where(hn >= 0, hn, 0)
+        ho = hc // str_h
+        h_ok = m_ok & (hn >= 0) & (hc - ho * str_h == 0) & (ho < H_out)
+        for kw in range(KW):
+            wn = w_ + pad_l - kw * dil_w
+            wc = tl.where(wn >= 0, wn, 0)
+            wo = wc // str_w
+            row_ok = h_ok & (wn >= 0) & (wc - wo * str_w == 0) & (wo < W_out)
+            a_row = go_base + ho.to(tl.int64) * sgh + wo.to(tl.int64) * sgw
+            b_col = w_base + kh * swh + kw * sww
+            for c0 in range(0, Cog, BLOCK_K):
+                co = c0 + rk
+                c_ok = co < Cog
+                a = tl.load(go_ptr + a_row[:, None] + co[None, :] * sgc,
+                            mask=row_ok[:, None] & c_ok[None, :], other=0.0)
+                b = tl.load(w_ptr + b_col[None, :] + co[:, None] * swo,
+                            mask=c_ok[:, None] & n_ok[None, :], other=0.0)
+                acc = _dot(a, b, acc, DOT_PREC, DOT_UPCAST)
+    gi_row = n * sin + h_.to(tl.int64) * sih + w_.to(tl.int64) * siw
+    tl.store(gi_ptr + gi_row[:, None] + ci[None, :] * sic, acc.to(gi_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _conv2d_wgrad_kernel(
+    go_ptr, x_ptr, pw_ptr, pb_ptr,
+    M, H, W, H_out, W_out, Cg, Cog, C_out, KT, CHUNK, n_splits,
+    sgn, sgc, sgh, sgw, sxn, sxc, sxh, sxw,
+    str_h, str_w, pad_t, pad_l, dil_h, dil_w,
+    KW: tl.constexpr, DO_W: tl.constexpr, DO_B: tl.constexpr,
+    BLOCK_CO: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    ACC: tl.constexpr, DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr,
+):
+    """Partial sums over positions [split * CHUNK, (split + 1) * CHUNK) of gw[co, k] (k = (kh, kw,
+    ci), ci fastest) into pw[split, g Cog + co, k], and of gb[co] into pb[split, g Cog + co] (by the
+    programs of the first k block)."""
+    pid_co = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    gs = tl.program_id(2)
+    g = (gs // n_splits).to(tl.int64)
+    split = gs % n_splits
+    rco = pid_co * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    co_ok = rco < Cog
+    co = g * Cog + rco
+    rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_ok = rk < KT
+    ci = rk % Cg
+    khw = rk // Cg
+    kh = khw // KW
+    kw = khw % KW
+    go_col = (g * Cog + rco) * sgc
+    x_col = (g * Cg + ci) * sxc
+    acc = tl.zeros((BLOCK_CO, BLOCK_K), dtype=ACC)
+    bacc = tl.zeros((BLOCK_CO,), dtype=ACC)
+    r0 = split * CHUNK
+    for r in range(r0, tl.minimum(r0 + CHUNK, M), BLOCK_R):
+        rm = r + tl.arange(0, BLOCK_R)
+        m_ok = rm < M
+        wo = rm % W_out
+        t = rm // W_out
+        ho = t % H_out
+        n = (t // H_out).to(tl.int64)
+        go_row = n * sgn + ho.to(tl.int64) * sgh + wo.to(tl.int64) * sgw
+        a = tl.load(go_ptr + go_col[:, None] + go_row[None, :],
+                    mask=co_ok[:, None] & m_ok[None, :], other=0.0)  # [BLOCK_CO, BLOCK_R]
+        if DO_B:
+            bacc += tl.sum(a.to(ACC), 1)
+        if DO_W:
+            ih = ho[:, None] * str_h - pad_t + kh[None, :] * dil_h
+            iw = wo[:, None] * str_w - pad_l + kw[None, :] * dil_w
+            ok = (m_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W))
+            b = tl.load(x_ptr + (n * sxn)[:, None] + x_col[None, :] + ih.to(tl.int64) * sxh
+                        + iw.to(tl.int64) * sxw, mask=ok, other=0.0)  # [BLOCK_R, BLOCK_K]
+            acc = _dot(a, b, acc, DOT_PREC, DOT_UPCAST)
+    if DO_W:
+        p_row = (split * C_out + co).to(tl.int64) * KT
+        tl.store(pw_ptr + p_row[:, None] + rk[None, :], acc, mask=co_ok[:, None] & k_ok[None, :])
+    if DO_B:
+        tl.store(pb_ptr + split * C_out + co, bacc, mask=co_ok & (pid_k == 0))
+
+
+@triton.jit
+def _conv2d_sum_partials_kernel(
+    p_ptr, out_ptr, L, n_splits, Cg, KHW,
+    WEIGHT_LAYOUT: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """out[i] = sum over the splits of p[split, i], in split order. WEIGHT_LAYOUT: i = co * KT + k
+    with k = (kh, kw, ci) is stored at grad_weight[co, ci, kh, kw] (contiguous)."""
+    ri = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = ri < L
+    s = tl.load(p_ptr + ri, mask=ok, other=0.0)
+    for sp in range(1, n_splits):
+        s += tl.load(p_ptr + sp * L + ri, mask=ok, other=0.0)
+    if WEIGHT_LAYOUT:
+        KT = Cg * KHW
+        co = ri // KT
+        k = ri % KT
+        dst = co * KT + (k % Cg) * KHW + k // Cg
+    else:
+        dst = ri
+    tl.store(out_ptr + dst, s.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+# =============================================================================================
+# Host side: checks, block sizes
+# =============================================================================================
+def _pow2_block(n: int, cap: int) -> int:
+    return max(_MIN_BLOCK, min(cap, triton.next_power_of_2(max(n, 1))))
+
+
+def _acc(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _dot_meta(t: Tensor) -> dict:
+    if t.dtype == torch.float32 and t.is_cuda and torch.backends.cudnn.allow_tf32:
+        prec = "tf32"
+    else:
+        prec = "ieee"
+    return dict(ACC=_acc(t.dtype), DOT_PREC=prec,
+                DOT_UPCAST=_INTERPRETED and t.dtype == torch.bfloat16)
+
+
+def _check_ints(op: str, name: str, v: Sequence[int], n: int, lo: int) -> List[int]:
+    v = [int(x) for x in v]
+    if len(v) != n or any(x < lo for x in v):
+        raise RuntimeError(f"{op}: expected {name} of {n} ints >= {lo}, got {v}")
+    return v
+
+
+def _check_common(op: str, input: Tensor, weight: Tensor, stride, padding, dilation,
+                  groups: int) -> Tuple[int, int]:
+    """Argument checks shared by both ops (the rules of csrc/ops.cpp); returns (H_out, W_out)."""
+    if input.dim() != 4:
+        raise RuntimeError(f"{op}: expected input of shape (N, C_in, H, W), got {list(input.shape)}")
+    if weight.dim() != 4:
+        raise RuntimeError(f"{op}: expected weight of shape (C_out, C_in / groups, kH, kW), got "
+                           f"{list(weight.shape)}")
+    if input.dtype not in _DTYPES:
+        raise RuntimeError(f"{op}: expected input of dtype float16, bfloat16, float32 or float64, "
+                           f"got {input.dtype}")
+    if weight.dtype != input.dtype:
+        raise RuntimeError(f"{op}: expected weight of dtype {input.dtype} (input's), got {weight.dtype}")
+    if weight.device != input.device:
+        raise RuntimeError(f"{op}: expected weight on {input.device} (input's device), got {weight.device}")
+    stride = _check_ints(op, "stride", stride, 2, 1)
+    padding = _check_ints(op, "padding", padding, 4, 0)
+    dilation = _check_ints(op, "dilation", dilation, 2, 1)
+    if groups < 1:
+        raise RuntimeError(f"{op}: expected groups >= 1, got {groups}")
+    N, C_in, H, W = input.shape
+    C_out, Cg, kH, kW = weight.shape
+    if C_in % groups != 0:
+        raise RuntimeError(f"{op}: expected input channels ({C_in}) divisible by groups ({groups})")
+    if C_out % groups != 0:
+        raise RuntimeError(f"{op}: expected weight's output channels ({C_out}) divisible by groups "
+                           f"({groups})")
+    if Cg * groups != C_in:
+        raise RuntimeError(f"{op}: expected weight of shape (C_out, C_in / groups, kH, kW) = "
+                           f"({C_out}, {C_in // groups}, kH, kW), got {list(weight.shape)}")
+    if kH < 1 or kW < 1:
+        raise RuntimeError(f"{op}: expected weight with kH, kW >= 1, got {list(weight.shape)}")
+    H_out, W_out = conv2d_out_size(H, W, kH, kW, stride, padding, dilation)
+    if H_out < 1 or W_out < 1:
+        raise RuntimeError(f"{op}: the kernel ({kH}x{kW}, dilation {dilation}) is larger than the "
+                           f"padded input ({H + padding[0] + padding[1]}x{W + padding[2] + padding[3]})")
+    return H_out, W_out
+
+
+def _check_bias(op: str, bias: Optional[Tensor], weight: Tensor, input: Tensor) -> None:
+    if bias is None:
+        return
+    if bias.dim() != 1 or bias.shape[0] != weight.shape[0]:
+        raise RuntimeError(f"{op}: expected bias of shape (C_out,) = ({weight.shape[0]},), got "
+                           f"{list(bias.shape)}")
+    if bias.dtype != input.dtype:
+        raise RuntimeError(f"{op}: expected bias of dtype {input.dtype} (input's), got {bias.dtype}")
+    if bias.device != input.device:
+        raise RuntimeError(f"{op}: expected bias on {input.device} (input's device), got {bias.device}")
+
+
+def _check_grad_out(op: str, grad_out: Tensor, input: Tensor, weight: Tensor, H_out: int,
+                    W_out: int) -> None:
+    want = [input.shape[0], weight.shape[0], H_out, W_out]
+    if list(grad_out.shape) != want:
+        raise RuntimeError(f"{op}: expected grad_out of shape (N, C_out, H_out, W_out) = {want}, "
+                           f"got {list(grad_out.shape)}")
+    if grad_out.dtype != input.dtype:
+        raise RuntimeError(f"{op}: expected grad_out of dtype {input.dtype} (input's), got {grad_out.dtype}")
+    if grad_out.device != input.device:
+        raise RuntimeError(f"{op}: expected grad_out on {input.device} (input's device), got "
+                           f"{grad_out.device}")
+
+
+def _check_launchable(op: str, t: Tensor) -> None:
+    if t.device.type == "cuda" or (t.device.type == "cpu" and _INTERPRETED):
+        return
+    raise RuntimeError(f"{op}: the Triton kernels run on CUDA tensors, or on CPU tensors under "
+                       f"TRITON_INTERPRET=1 (set before triton is first imported); got a tensor on "
+                       f"{t.device}")
+
+
+def _nhwc(t: Tensor) -> Tensor:
+    """The kernels' layout: channels innermost (a copy only when t is not channels_last already)."""
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+def _strides(t: Tensor) -> List[int]:
+    return list(t.stride())
+
+
+def _wgrad_splits(M: int, tiles: int) -> Tuple[int, int]:
+    """(splits, chunk) of the wgrad reduction over M positions: enough programs with `tiles` output
+    tiles, chunks a multiple of _WGRAD_BLOCK_R. A function of the shape only: deterministic."""
+    steps = triton.cdiv(M, _WGRAD_BLOCK_R)
+    splits = max(1, min(steps, _MAX_SPLITS, triton.cdiv(_WGRAD_TARGET_PROGRAMS, max(tiles, 1))))
+    chunk = triton.cdiv(steps, splits) * _WGRAD_BLOCK_R
+    return triton.cdiv(M, chunk), chunk
+
+
+# =============================================================================================
+# The ops
+# =============================================================================================
+_FWD_SCHEMA = ("(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[4] padding, "
+               "int[2] dilation, int groups) -> Tensor")
+_BWD_SCHEMA = ("(Tensor grad_out, Tensor input, Tensor weight, int[2] stride, int[4] padding, "
+               "int[2] dilation, int groups, bool[3] output_mask) -> (Tensor, Tensor, Tensor)")
+
+
+@torch.library.custom_op("pyfastdl_triton::conv2d_fwd", mutates_args=(), schema=_FWD_SCHEMA)
+def conv2d_fwd(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride: List[int],
+               padding: List[int], dilation: List[int], groups: int) -> Tensor:
+    """conv2d forward (csrc/ops.cpp): output (N, C_out, H_out, W_out) in input's memory format."""
+    op = "conv2d_fwd"
+    H_out, W_out = _check_common(op, input, weight, stride, padding, dilation, groups)
+    _check_bias(op, bias, weight, input)
+    _check_launchable(op, input)
+    out = conv2d_fwd_shapes(input, weight, stride, padding, dilation)
+    N, C_in, H, W = input.shape
+    C_out, Cg, kH, kW = weight.shape
+    Cog = C_out // groups
+    if out.numel() == 0:
+        return out
+    x = _nhwc(input)
+    M = N * H_out * W_out
+    BM = _pow2_block(M, _MAX_BLOCK_M)
+    BN = _pow2_block(Cog, _MAX_BLOCK_N)
+    BK = _pow2_block(Cg, _MAX_BLOCK_K)
+    grid = (triton.cdiv(M, BM), triton.cdiv(Cog, BN), groups)
+    with _device_guard(input):
+        _conv2d_fwd_kernel[grid](
+            x, weight, bias if bias is not None else weight, out,
+            M, H, W, H_out, W_out, Cg, Cog,
+            *_strides(x), *_strides(weight), *_strides(out),
+            stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1],
+            KH=kH, KW=kW, HAS_BIAS=bias is not None, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
+            num_warps=4, **_dot_meta(input))
+    return out
+
+
+@conv2d_fwd.register_fake
+def _conv2d_fwd_fake(input, weight, bias, stride, padding, dilation, groups):
+    return conv2d_fwd_shapes(input, weight, stride, padding, dilation)
+
+
+@torch.library.custom_op("pyfastdl_triton::conv2d_bwd", mutates_args=(), schema=_BWD_SCHEMA)
+def conv2d_bwd(grad_out: Tensor, input: Tensor, weight: Tensor, stride: List[int],
+               padding: List[int], dilation: List[int], groups: int,
+               output_mask: List[bool]) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """conv2d backward (csrc/ops.cpp): (grad_input in input's memory format, grad_weight
+    contiguous, grad_bias (C_out,)); None where output_mask is False."""
+    op = "conv2d_bwd"
+    H_out, W_out = _check_common(op, input, weight, stride, padding, dilation, groups)
+    _check_grad_out(op, grad_out, input, weight, H_out, W_out)
+    if len(output_mask) != 3:
+        raise RuntimeError(f"{op}: expected output_mask of 3 bools, got {list(output_mask)}")
+    _check_launchable(op, input)
+    need_gi, need_gw, need_gb = (bool(v) for v in output_mask)
+    gi, gw, gb = conv2d_bwd_shapes(input, weight, (need_gi, need_gw, need_gb))
+    N, C_in, H, W = input.shape
+    C_out, Cg, kH, kW = weight.shape
+    Cog = C_out // groups
+    M_out = N * H_out * W_out
+    if M_out == 0 or Cog == 0:  # nothing flows back: every gradient is zero
+        return tuple(t.zero_() if t is not None else None for t in (gi, gw, gb))
+    go = _nhwc(grad_out)
+    meta = _dot_meta(input)
+    acc_dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
+    with _device_guard(input):
+        if need_gi and gi.numel() > 0:
+            M = N * H * W
+            BM = _pow2_block(M, _MAX_BLOCK_M)
+            BN = _pow2_block(Cg, _MAX_BLOCK_N)
+            BK = _pow2_block(Cog, _MAX_BLOCK_K)
+            grid = (triton.cdiv(M, BM), triton.cdiv(Cg, BN), groups)
+            _conv2d_dgrad_kernel[grid](
+                go, weight, gi, M, H, W, H_out, W_out, Cg, Cog,
+                *_strides(go), *_strides(weight), *_strides(gi),
+                stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1],
+                KH=kH, KW=kW, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, num_warps=4, **meta)
+        do_w = need_gw and gw.numel() > 0
+        if do_w or need_gb:
+            x = _nhwc(input)
+            KT = Cg * kH * kW
+            BCO = _pow2_block(Cog, _MAX_BLOCK_M)
+            BK = _pow2_block(KT, _MAX_BLOCK_N) if do_w else _MIN_BLOCK
+            n_k = triton.cdiv(KT, BK) if do_w else 1
+            tiles = triton.cdiv(Cog, BCO) * n_k * groups
+            splits, chunk = _wgrad_splits(M_out, tiles)
+            pw = torch.empty((splits, C_out, KT) if do_w else (1,), dtype=acc_dtype,
+                             device=input.device)
+            pb = torch.empty((splits, C_out) if need_gb else (1,), dtype=acc_dtype,
+                             device=input.device)
+            grid = (triton.cdiv(Cog, BCO), n_k, groups * splits)
+            _conv2d_wgrad_kernel[grid](
+                go, x, pw, pb, M_out, H, W, H_out, W_out, Cg, Cog, C_out, KT, chunk, splits,
+                *_strides(go), *_strides(x),
+                stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1],
+                KW=kW, DO_W=do_w, DO_B=need_gb, BLOCK_CO=BCO, BLOCK_K=BK,
+                BLOCK_R=_WGRAD_BLOCK_R, num_warps=4, **meta)
+            BLOCK = 1024
+            if do_w:
+                L = C_out * KT
+                _conv2d_sum_partials_kernel[(triton.cdiv(L, BLOCK),)](
+                    pw, gw, L, splits, Cg, kH * kW, WEIGHT_LAYOUT=True, BLOCK=BLOCK)
+            if need_gb:
+                _conv2d_sum_partials_kernel[(triton.cdiv(C_out, BLOCK),)](
+                    pb, gb, C_out, splits, Cg, kH * kW, WEIGHT_LAYOUT=False, BLOCK=BLOCK)
+    return gi, gw, gb
+
+
+@conv2d_bwd.register_fake
+def _conv2d_bwd_fake(grad_out, input, weight, stride, padding, dilation, groups, output_mask):
+    return conv2d_bwd_shapes(input, weight, output_mask)
+
+
+__all__ = ["conv2d_fwd", "conv2d_bwd"]
