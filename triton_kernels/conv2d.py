@@ -271,75 +271,83 @@ def _dot_meta(t: Tensor) -> dict:
                 DOT_UPCAST=_INTERPRETED and t.dtype == torch.bfloat16)
 
 
-def _check_ints(op: str, name: str, v: Sequence[int], n: int, lo: int) -> List[int]:
+def _ints(op: str, name: str, v: Sequence[int], n: int, what: str) -> List[int]:
     v = [int(x) for x in v]
-    if len(v) != n or any(x < lo for x in v):
-        raise RuntimeError(f"{op}: expected {name} of {n} ints >= {lo}, got {v}")
+    if len(v) != n:
+        raise RuntimeError(f"{op}: expected {name} of {n} values {what}, got {len(v)}")
     return v
+
+
+def _check_tensor(op: str, t: Tensor, name: str, input: Tensor) -> None:
+    if t.dtype != input.dtype:
+        raise RuntimeError(f"{op}: expected {name} of dtype {input.dtype} like input, got {name} of "
+                           f"dtype {t.dtype}")
+    if t.device != input.device:
+        raise RuntimeError(f"{op}: expected {name} on {input.device} like input, got {name} on {t.device}")
 
 
 def _check_common(op: str, input: Tensor, weight: Tensor, stride, padding, dilation,
                   groups: int) -> Tuple[int, int]:
-    """Argument checks shared by both ops (the rules of csrc/ops.cpp); returns (H_out, W_out)."""
+    """The checks of csrc/common/conv2d.h (same order, same messages); returns (H_out, W_out)."""
     if input.dim() != 4:
-        raise RuntimeError(f"{op}: expected input of shape (N, C_in, H, W), got {list(input.shape)}")
+        raise RuntimeError(f"{op}: expected input of rank 4, (N, C_in, H, W), got input of rank "
+                           f"{input.dim()} and shape {list(input.shape)}")
     if weight.dim() != 4:
-        raise RuntimeError(f"{op}: expected weight of shape (C_out, C_in / groups, kH, kW), got "
-                           f"{list(weight.shape)}")
-    if input.dtype not in _DTYPES:
-        raise RuntimeError(f"{op}: expected input of dtype float16, bfloat16, float32 or float64, "
-                           f"got {input.dtype}")
-    if weight.dtype != input.dtype:
-        raise RuntimeError(f"{op}: expected weight of dtype {input.dtype} (input's), got {weight.dtype}")
-    if weight.device != input.device:
-        raise RuntimeError(f"{op}: expected weight on {input.device} (input's device), got {weight.device}")
-    stride = _check_ints(op, "stride", stride, 2, 1)
-    padding = _check_ints(op, "padding", padding, 4, 0)
-    dilation = _check_ints(op, "dilation", dilation, 2, 1)
+        raise RuntimeError(f"{op}: expected weight of rank 4, (C_out, C_in / groups, kH, kW), got "
+                           f"weight of rank {weight.dim()} and shape {list(weight.shape)}")
+    stride = _ints(op, "stride", stride, 2, "(sh, sw)")
+    padding = _ints(op, "padding", padding, 4, "(top, bottom, left, right)")
+    dilation = _ints(op, "dilation", dilation, 2, "(dh, dw)")
+    if min(stride) < 1:
+        raise RuntimeError(f"{op}: expected stride >= 1, got stride = {stride}")
+    if min(dilation) < 1:
+        raise RuntimeError(f"{op}: expected dilation >= 1, got dilation = {dilation}")
+    if min(padding) < 0:
+        raise RuntimeError(f"{op}: expected padding >= 0, got padding = {padding}")
     if groups < 1:
-        raise RuntimeError(f"{op}: expected groups >= 1, got {groups}")
+        raise RuntimeError(f"{op}: expected groups >= 1, got groups = {groups}")
+    _check_tensor(op, weight, "weight", input)
+    if input.dtype not in _DTYPES:
+        raise RuntimeError(f"{op}: input dtype {input.dtype} is not supported by this kernel on "
+                           f"{input.device.type}")
     N, C_in, H, W = input.shape
     C_out, Cg, kH, kW = weight.shape
     if C_in % groups != 0:
-        raise RuntimeError(f"{op}: expected input channels ({C_in}) divisible by groups ({groups})")
+        raise RuntimeError(f"{op}: expected input channels (input.size(1) = {C_in}) divisible by "
+                           f"groups = {groups}")
     if C_out % groups != 0:
-        raise RuntimeError(f"{op}: expected weight's output channels ({C_out}) divisible by groups "
-                           f"({groups})")
-    if Cg * groups != C_in:
-        raise RuntimeError(f"{op}: expected weight of shape (C_out, C_in / groups, kH, kW) = "
-                           f"({C_out}, {C_in // groups}, kH, kW), got {list(weight.shape)}")
+        raise RuntimeError(f"{op}: expected output channels (weight.size(0) = {C_out}) divisible by "
+                           f"groups = {groups}")
+    if Cg != C_in // groups:
+        raise RuntimeError(f"{op}: expected weight.size(1) = input channels / groups = {C_in} / "
+                           f"{groups} = {C_in // groups}, got weight of shape {list(weight.shape)}")
     if kH < 1 or kW < 1:
-        raise RuntimeError(f"{op}: expected weight with kH, kW >= 1, got {list(weight.shape)}")
-    H_out, W_out = conv2d_out_size(H, W, kH, kW, stride, padding, dilation)
-    if H_out < 1 or W_out < 1:
-        raise RuntimeError(f"{op}: the kernel ({kH}x{kW}, dilation {dilation}) is larger than the "
-                           f"padded input ({H + padding[0] + padding[1]}x{W + padding[2] + padding[3]})")
-    return H_out, W_out
+        raise RuntimeError(f"{op}: expected a kernel of size >= 1, got weight of shape {list(weight.shape)}")
+    eff_h, eff_w = dilation[0] * (kH - 1) + 1, dilation[1] * (kW - 1) + 1
+    ph, pw = H + padding[0] + padding[1], W + padding[2] + padding[3]
+    if eff_h > ph or eff_w > pw:
+        raise RuntimeError(f"{op}: the kernel ({eff_h} x {eff_w} with dilation; weight of shape "
+                           f"{list(weight.shape)}) is larger than the padded input ({ph} x {pw}; input "
+                           f"of shape {list(input.shape)}, padding {padding})")
+    return conv2d_out_size(H, W, kH, kW, stride, padding, dilation)
 
 
 def _check_bias(op: str, bias: Optional[Tensor], weight: Tensor, input: Tensor) -> None:
     if bias is None:
         return
     if bias.dim() != 1 or bias.shape[0] != weight.shape[0]:
-        raise RuntimeError(f"{op}: expected bias of shape (C_out,) = ({weight.shape[0]},), got "
-                           f"{list(bias.shape)}")
-    if bias.dtype != input.dtype:
-        raise RuntimeError(f"{op}: expected bias of dtype {input.dtype} (input's), got {bias.dtype}")
-    if bias.device != input.device:
-        raise RuntimeError(f"{op}: expected bias on {input.device} (input's device), got {bias.device}")
+        raise RuntimeError(f"{op}: expected bias of shape ({weight.shape[0]},) to match output "
+                           f"channels (weight.size(0)), got bias of shape {list(bias.shape)}")
+    _check_tensor(op, bias, "bias", input)
 
 
 def _check_grad_out(op: str, grad_out: Tensor, input: Tensor, weight: Tensor, H_out: int,
                     W_out: int) -> None:
     want = [input.shape[0], weight.shape[0], H_out, W_out]
     if list(grad_out.shape) != want:
-        raise RuntimeError(f"{op}: expected grad_out of shape (N, C_out, H_out, W_out) = {want}, "
-                           f"got {list(grad_out.shape)}")
-    if grad_out.dtype != input.dtype:
-        raise RuntimeError(f"{op}: expected grad_out of dtype {input.dtype} (input's), got {grad_out.dtype}")
-    if grad_out.device != input.device:
-        raise RuntimeError(f"{op}: expected grad_out on {input.device} (input's device), got "
-                           f"{grad_out.device}")
+        raise RuntimeError(f"{op}: expected grad_out of shape {tuple(want)} (the forward output's), "
+                           f"got grad_out of shape {list(grad_out.shape)}")
+    _check_tensor(op, grad_out, "grad_out", input)
 
 
 def _check_launchable(op: str, t: Tensor) -> None:
@@ -381,7 +389,7 @@ _BWD_SCHEMA = ("(Tensor grad_out, Tensor input, Tensor weight, int[2] stride, in
 def conv2d_fwd(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride: List[int],
                padding: List[int], dilation: List[int], groups: int) -> Tensor:
     """conv2d forward (csrc/ops.cpp): output (N, C_out, H_out, W_out) in input's memory format."""
-    op = "conv2d_fwd"
+    op = "conv2d"  # the C++ launchers' name (csrc/common/conv2d.h)
     H_out, W_out = _check_common(op, input, weight, stride, padding, dilation, groups)
     _check_bias(op, bias, weight, input)
     _check_launchable(op, input)
