@@ -91,7 +91,10 @@ CASES = {
     "1x1-spatial": (1, 5, 1, 1, 3, 1, (1, 1), (0, 0, 0, 0), (1, 1), 1),
     "kernel-eq-input": (2, 3, 5, 5, 2, 5, (1, 1), (0, 0, 0, 0), (1, 1), 1),
     "same-even-k4": (1, 2, 7, 6, 3, 4, (1, 1), (1, 2, 1, 2), (1, 1), 1),  # padding='same', k even
+    "cin1-k5": (2, 1, 12, 11, 6, 5, (1, 1), (2, 2, 2, 2), (1, 1), 1),  # LeNet's first layer: Cg = 1
+    "depthwise-d2-asym": (1, 5, 9, 8, 5, 3, (2, 1), (2, 1, 0, 2), (2, 2), 5),
 }
+DEPTHWISE = ["depthwise", "depthwise-mult2-s2", "cin1-k5", "depthwise-d2-asym"]  # Cg = 1
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -132,6 +135,28 @@ def test_channel_loops_and_split_reduction(ops, module, monkeypatch):
     M = 2 * 4 * 3
     assert module._wgrad_splits(M, 4)[0] > 1  # the split path runs
     run_case(ops, x, w, b, s, p, d, 1)
+
+
+@pytest.mark.parametrize("case", DEPTHWISE)
+def test_depthwise_through_gemm(ops, module, monkeypatch, case):
+    """The Cg = 1 cases through the implicit-GEMM kernels too (the depthwise kernels off)."""
+    monkeypatch.setattr(module, "_USE_DEPTHWISE", False)
+    torch.manual_seed(0)
+    N, Ci, H, W, Co, k, s, p, d, g = CASES[case]
+    x, w, b = make(N, Ci, H, W, Co, k, g)
+    run_case(ops, x, w, b, s, p, d, g)
+
+
+def test_depthwise_small_blocks(ops, module, monkeypatch):
+    """Depthwise kernels with several channel blocks, a ragged channel edge and a split wgrad
+    reduction."""
+    monkeypatch.setattr(module, "_DW_BLOCK_M", 8)
+    monkeypatch.setattr(module, "_DW_BLOCK_C", 4)
+    monkeypatch.setattr(module, "_WGRAD_BLOCK_R", 16)
+    torch.manual_seed(10)
+    x, w, b = make(2, 6, 7, 5, 12, 3, 6)
+    assert module._wgrad_splits(2 * 4 * 5, 3)[0] > 1
+    run_case(ops, x, w, b, (1, 1), (1, 0, 1, 0), (1, 1), 6)
 
 
 def test_wgrad_splits_deterministic(module):

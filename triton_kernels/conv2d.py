@@ -55,6 +55,9 @@ _MIN_BLOCK = 16  # tl.dot's smallest dimension
 _WGRAD_BLOCK_R = 64  # positions per wgrad reduction step
 _WGRAD_TARGET_PROGRAMS = 1024  # wgrad programs wanted (tiles x splits): fills an H100 several times
 _MAX_SPLITS = 256  # partial buffers of the wgrad reduction, at most
+_USE_DEPTHWISE = True  # Cg = 1 (depthwise, one input channel): the elementwise kernels, not the GEMM
+_DW_BLOCK_M = 32  # positions per depthwise program
+_DW_BLOCK_C = 64  # channels per depthwise program (contiguous in NHWC)
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -251,6 +254,144 @@ def _conv2d_sum_partials_kernel(
     tl.store(out_ptr + dst, s.to(out_ptr.dtype.element_ty), mask=ok)
 
 
+@triton.jit
+def _conv2d_dw_fwd_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr,
+    M, H, W, H_out, W_out, C_out, Cog,
+    sxn, sxc, sxh, sxw, swo, swh, sww, syn, syc, syh, syw,
+    str_h, str_w, pad_t, pad_l, dil_h, dil_w,
+    KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
+):
+    """Cg = 1 (depthwise, or one input channel): out[m, co] = sum_(kh, kw) x[m @ (kh, kw), co // Cog]
+    w[co, kh, kw], elementwise products in ACC (no GEMM: K = kH kW per channel)."""
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = rm < M
+    wo = rm % W_out
+    t = rm // W_out
+    ho = t % H_out
+    n = (t // H_out).to(tl.int64)
+    co = (tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
+    c_ok = co < C_out
+    x_col = (co // Cog) * sxc
+    acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=ACC)
+    for kh in range(KH):
+        ih = ho * str_h - pad_t + kh * dil_h
+        h_ok = m_ok & (ih >= 0) & (ih < H)
+        for kw in range(KW):
+            iw = wo * str_w - pad_l + kw * dil_w
+            row_ok = h_ok & (iw >= 0) & (iw < W)
+            x_row = n * sxn + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
+            xv = tl.load(x_ptr + x_row[:, None] + x_col[None, :], mask=row_ok[:, None] & c_ok[None, :],
+                         other=0.0)
+            wv = tl.load(w_ptr + co * swo + kh * swh + kw * sww, mask=c_ok, other=0.0)
+            acc += xv.to(ACC) * wv.to(ACC)[None, :]
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + co, mask=c_ok, other=0.0).to(ACC)[None, :]
+    y_row = n * syn + ho.to(tl.int64) * syh + wo.to(tl.int64) * syw
+    tl.store(y_ptr + y_row[:, None] + co[None, :] * syc, acc.to(y_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & c_ok[None, :])
+
+
+@triton.jit
+def _conv2d_dw_dgrad_kernel(
+    go_ptr, w_ptr, gi_ptr,
+    M, H, W, H_out, W_out, C_in, Cog,
+    sgn, sgc, sgh, sgw, swo, swh, sww, sin, sic, sih, siw,
+    str_h, str_w, pad_t, pad_l, dil_h, dil_w,
+    KH: tl.constexpr, KW: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
+):
+    """Cg = 1: gin[(n, h, w), ci] = sum over co = ci Cog + j and (kh, kw) of grad_out[(n, ho, wo), co]
+    w[co, kh, kw] where h + pt - kh dh = ho sh (as _conv2d_dgrad_kernel)."""
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = rm < M
+    w_ = rm % W
+    t = rm // W
+    h_ = t % H
+    n = (t // H).to(tl.int64)
+    ci = (tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
+    c_ok = ci < C_in
+    acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=ACC)
+    for kh in range(KH):
+        hn = h_ + pad_t - kh * dil_h
+        hc = tl.where(hn >= 0, hn, 0)
+        ho = hc // str_h
+        h_ok = m_ok & (hn >= 0) & (hc - ho * str_h == 0) & (ho < H_out)
+        for kw in range(KW):
+            wn = w_ + pad_l - kw * dil_w
+            wc = tl.where(wn >= 0, wn, 0)
+            wo = wc // str_w
+            row_ok = h_ok & (wn >= 0) & (wc - wo * str_w == 0) & (wo < W_out)
+            go_row = n * sgn + ho.to(tl.int64) * sgh + wo.to(tl.int64) * sgw
+            for j in range(Cog):
+                co = ci * Cog + j
+                gv = tl.load(go_ptr + go_row[:, None] + (co * sgc)[None, :],
+                             mask=row_ok[:, None] & c_ok[None, :], other=0.0)
+                wv = tl.load(w_ptr + co * swo + kh * swh + kw * sww, mask=c_ok, other=0.0)
+                acc += gv.to(ACC) * wv.to(ACC)[None, :]
+    gi_row = n * sin + h_.to(tl.int64) * sih + w_.to(tl.int64) * siw
+    tl.store(gi_ptr + gi_row[:, None] + ci[None, :] * sic, acc.to(gi_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & c_ok[None, :])
+
+
+@triton.jit
+def _conv2d_dw_wgrad_kernel(
+    go_ptr, x_ptr, pw_ptr, pb_ptr,
+    M, H, W, H_out, W_out, C_out, Cog, CHUNK,
+    sgn, sgc, sgh, sgw, sxn, sxc, sxh, sxw,
+    str_h, str_w, pad_t, pad_l, dil_h, dil_w,
+    KH: tl.constexpr, KW: tl.constexpr, DO_W: tl.constexpr, DO_B: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
+):
+    """Cg = 1: partial sums over positions [split CHUNK, (split + 1) CHUNK) of gw[co, (kh, kw)] into
+    pw[split, co, kh KW + kw] and of gb[co] into pb[split, co]: [BLOCK_R, BLOCK_C] elementwise
+    accumulators, summed over the rows at the end."""
+    co = (tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
+    c_ok = co < C_out
+    split = tl.program_id(1)
+    r0 = split * CHUNK
+    r1 = tl.minimum(r0 + CHUNK, M)
+    x_col = (co // Cog) * sxc
+    if DO_B:
+        bacc = tl.zeros((BLOCK_R, BLOCK_C), dtype=ACC)
+        for r in range(r0, r1, BLOCK_R):
+            rm = r + tl.arange(0, BLOCK_R)
+            m_ok = rm < r1
+            wo = rm % W_out
+            t = rm // W_out
+            ho = t % H_out
+            n = (t // H_out).to(tl.int64)
+            go_row = n * sgn + ho.to(tl.int64) * sgh + wo.to(tl.int64) * sgw
+            gv = tl.load(go_ptr + go_row[:, None] + (co * sgc)[None, :],
+                         mask=m_ok[:, None] & c_ok[None, :], other=0.0)
+            bacc += gv.to(ACC)
+        tl.store(pb_ptr + split * C_out + co, tl.sum(bacc, 0), mask=c_ok)
+    if DO_W:
+        for kh in range(KH):
+            for kw in range(KW):
+                acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=ACC)
+                for r in range(r0, r1, BLOCK_R):
+                    rm = r + tl.arange(0, BLOCK_R)
+                    m_ok = rm < r1
+                    wo = rm % W_out
+                    t = rm // W_out
+                    ho = t % H_out
+                    n = (t // H_out).to(tl.int64)
+                    go_row = n * sgn + ho.to(tl.int64) * sgh + wo.to(tl.int64) * sgw
+                    gv = tl.load(go_ptr + go_row[:, None] + (co * sgc)[None, :],
+                                 mask=m_ok[:, None] & c_ok[None, :], other=0.0)
+                    ih = ho * str_h - pad_t + kh * dil_h
+                    iw = wo * str_w - pad_l + kw * dil_w
+                    ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                    x_row = n * sxn + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
+                    xv = tl.load(x_ptr + x_row[:, None] + x_col[None, :],
+                                 mask=ok[:, None] & c_ok[None, :], other=0.0)
+                    acc += gv.to(ACC) * xv.to(ACC)
+                tl.store(pw_ptr + (split * C_out + co) * (KH * KW) + kh * KW + kw, tl.sum(acc, 0),
+                         mask=c_ok)
+
+
 # =============================================================================================
 # Host side: checks, block sizes
 # =============================================================================================
@@ -367,6 +508,12 @@ def _strides(t: Tensor) -> List[int]:
     return list(t.stride())
 
 
+def _dw_blocks(M: int, C: int) -> Tuple[int, int]:
+    """(positions, channels) per depthwise program."""
+    return (min(_DW_BLOCK_M, triton.next_power_of_2(max(M, 1))),
+            min(_DW_BLOCK_C, triton.next_power_of_2(max(C, 1))))
+
+
 def _wgrad_splits(M: int, tiles: int) -> Tuple[int, int]:
     """(splits, chunk) of the wgrad reduction over M positions: enough programs with `tiles` output
     tiles, chunks a multiple of _WGRAD_BLOCK_R. A function of the shape only: deterministic."""
@@ -401,6 +548,17 @@ def conv2d_fwd(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Li
         return out
     x = _nhwc(input)
     M = N * H_out * W_out
+    if Cg == 1 and _USE_DEPTHWISE:
+        BM, BC = _dw_blocks(M, C_out)
+        with _device_guard(input):
+            _conv2d_dw_fwd_kernel[(triton.cdiv(M, BM), triton.cdiv(C_out, BC))](
+                x, weight, bias if bias is not None else weight, out,
+                M, H, W, H_out, W_out, C_out, Cog, *_strides(x),
+                weight.stride(0), weight.stride(2), weight.stride(3), *_strides(out),
+                stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1],
+                KH=kH, KW=kW, HAS_BIAS=bias is not None, BLOCK_M=BM, BLOCK_C=BC,
+                ACC=_acc(input.dtype), num_warps=4)
+        return out
     BM = _pow2_block(M, _MAX_BLOCK_M)
     BN = _pow2_block(Cog, _MAX_BLOCK_N)
     BK = _pow2_block(Cg, _MAX_BLOCK_K)
@@ -445,7 +603,15 @@ def conv2d_bwd(grad_out: Tensor, input: Tensor, weight: Tensor, stride: List[int
     meta = _dot_meta(input)
     acc_dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
     with _device_guard(input):
-        if need_gi and gi.numel() > 0:
+        if need_gi and gi.numel() > 0 and Cg == 1 and _USE_DEPTHWISE:
+            M = N * H * W
+            BM, BC = _dw_blocks(M, C_in)
+            _conv2d_dw_dgrad_kernel[(triton.cdiv(M, BM), triton.cdiv(C_in, BC))](
+                go, weight, gi, M, H, W, H_out, W_out, C_in, Cog,
+                *_strides(go), weight.stride(0), weight.stride(2), weight.stride(3), *_strides(gi),
+                stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1],
+                KH=kH, KW=kW, BLOCK_M=BM, BLOCK_C=BC, ACC=meta["ACC"], num_warps=4)
+        elif need_gi and gi.numel() > 0:
             M = N * H * W
             BM = _pow2_block(M, _MAX_BLOCK_M)
             BN = _pow2_block(Cg, _MAX_BLOCK_N)
@@ -460,6 +626,20 @@ def conv2d_bwd(grad_out: Tensor, input: Tensor, weight: Tensor, stride: List[int
         if do_w or need_gb:
             x = _nhwc(input)
             KT = Cg * kH * kW
+        if (do_w or need_gb) and Cg == 1 and _USE_DEPTHWISE:
+            _, BC = _dw_blocks(M_out, C_out)
+            splits, chunk = _wgrad_splits(M_out, triton.cdiv(C_out, BC))
+            pw = torch.empty((splits, C_out, KT) if do_w else (1,), dtype=acc_dtype,
+                             device=input.device)
+            pb = torch.empty((splits, C_out) if need_gb else (1,), dtype=acc_dtype,
+                             device=input.device)
+            _conv2d_dw_wgrad_kernel[(triton.cdiv(C_out, BC), splits)](
+                go, x, pw, pb, M_out, H, W, H_out, W_out, C_out, Cog, chunk,
+                *_strides(go), *_strides(x),
+                stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1],
+                KH=kH, KW=kW, DO_W=do_w, DO_B=need_gb, BLOCK_R=_WGRAD_BLOCK_R, BLOCK_C=BC,
+                ACC=meta["ACC"], num_warps=4)
+        elif do_w or need_gb:
             BCO = _pow2_block(Cog, _MAX_BLOCK_M)
             BK = _pow2_block(KT, _MAX_BLOCK_N) if do_w else _MIN_BLOCK
             n_k = triton.cdiv(KT, BK) if do_w else 1
@@ -476,6 +656,7 @@ def conv2d_bwd(grad_out: Tensor, input: Tensor, weight: Tensor, stride: List[int
                 stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1],
                 KW=kW, DO_W=do_w, DO_B=need_gb, BLOCK_CO=BCO, BLOCK_K=BK,
                 BLOCK_R=_WGRAD_BLOCK_R, num_warps=4, **meta)
+        if do_w or need_gb:
             BLOCK = 1024
             if do_w:
                 L = C_out * KT
