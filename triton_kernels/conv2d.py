@@ -80,7 +80,7 @@ def _conv2d_fwd_kernel(
     M, H, W, H_out, W_out, Cg, Cog,
     sxn, sxc, sxh, sxw, swo, swi, swh, sww, syn, syc, syh, syw,
     str_h, str_w, pad_t, pad_l, dil_h, dil_w,
-    KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr,
+    KH, KW: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ACC: tl.constexpr, DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
@@ -100,22 +100,25 @@ def _conv2d_fwd_kernel(
     x_base = n * sxn + (g * Cg) * sxc
     w_base = co * swo
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
-    for kh in range(KH):
+    # One flat loop over the K tiles (kh, kw, channel block), so the compiler pipelines it whole.
+    n_cb = tl.cdiv(Cg, BLOCK_K)
+    for kt in range(0, KH * KW * n_cb):
+        khw = kt // n_cb
+        c0 = (kt - khw * n_cb) * BLOCK_K
+        kh = khw // KW
+        kw = khw - kh * KW
         ih = ho * str_h - pad_t + kh * dil_h
-        h_ok = m_ok & (ih >= 0) & (ih < H)
-        for kw in range(KW):
-            iw = wo * str_w - pad_l + kw * dil_w
-            row_ok = h_ok & (iw >= 0) & (iw < W)
-            a_row = x_base + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
-            b_col = w_base + kh * swh + kw * sww
-            for c0 in range(0, Cg, BLOCK_K):
-                ci = c0 + rk
-                c_ok = ci < Cg
-                a = tl.load(x_ptr + a_row[:, None] + ci[None, :] * sxc,
-                            mask=row_ok[:, None] & c_ok[None, :], other=0.0)
-                b = tl.load(w_ptr + b_col[None, :] + ci[:, None] * swi,
-                            mask=c_ok[:, None] & n_ok[None, :], other=0.0)
-                acc = _dot(a, b, acc, DOT_PREC, DOT_UPCAST)
+        iw = wo * str_w - pad_l + kw * dil_w
+        row_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        a_row = x_base + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
+        b_col = w_base + kh * swh + kw * sww
+        ci = c0 + rk
+        c_ok = ci < Cg
+        a = tl.load(x_ptr + a_row[:, None] + ci[None, :] * sxc,
+                    mask=row_ok[:, None] & c_ok[None, :], other=0.0)
+        b = tl.load(w_ptr + b_col[None, :] + ci[:, None] * swi,
+                    mask=c_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = _dot(a, b, acc, DOT_PREC, DOT_UPCAST)
     if HAS_BIAS:
         acc += tl.load(b_ptr + co, mask=n_ok, other=0.0).to(ACC)[None, :]
     y_row = n * syn + ho.to(tl.int64) * syh + wo.to(tl.int64) * syw
@@ -129,7 +132,7 @@ def _conv2d_dgrad_kernel(
     M, H, W, H_out, W_out, Cg, Cog,
     sgn, sgc, sgh, sgw, swo, swi, swh, sww, sin, sic, sih, siw,
     str_h, str_w, pad_t, pad_l, dil_h, dil_w,
-    KH: tl.constexpr, KW: tl.constexpr,
+    KH, KW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ACC: tl.constexpr, DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
@@ -149,26 +152,29 @@ def _conv2d_dgrad_kernel(
     go_base = n * sgn + (g * Cog) * sgc
     w_base = (g * Cog) * swo + rn * swi
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
-    for kh in range(KH):
+    n_cb = tl.cdiv(Cog, BLOCK_K)
+    for kt in range(0, KH * KW * n_cb):  # one flat loop over (kh, kw, channel block)
+        khw = kt // n_cb
+        c0 = (kt - khw * n_cb) * BLOCK_K
+        kh = khw // KW
+        kw = khw - kh * KW
         hn = h_ + pad_t - kh * dil_h  # = ho * str_h for the output row ho that reads h at kh
         hc = tl.where(hn >= 0, hn, 0)
         ho = hc // str_h
-        h_ok = m_ok & (hn >= 0) & (hc - ho * str_h == 0) & (ho < H_out)
-        for kw in range(KW):
-            wn = w_ + pad_l - kw * dil_w
-            wc = tl.where(wn >= 0, wn, 0)
-            wo = wc // str_w
-            row_ok = h_ok & (wn >= 0) & (wc - wo * str_w == 0) & (wo < W_out)
-            a_row = go_base + ho.to(tl.int64) * sgh + wo.to(tl.int64) * sgw
-            b_col = w_base + kh * swh + kw * sww
-            for c0 in range(0, Cog, BLOCK_K):
-                co = c0 + rk
-                c_ok = co < Cog
-                a = tl.load(go_ptr + a_row[:, None] + co[None, :] * sgc,
-                            mask=row_ok[:, None] & c_ok[None, :], other=0.0)
-                b = tl.load(w_ptr + b_col[None, :] + co[:, None] * swo,
-                            mask=c_ok[:, None] & n_ok[None, :], other=0.0)
-                acc = _dot(a, b, acc, DOT_PREC, DOT_UPCAST)
+        wn = w_ + pad_l - kw * dil_w
+        wc = tl.where(wn >= 0, wn, 0)
+        wo = wc // str_w
+        row_ok = (m_ok & (hn >= 0) & (hc - ho * str_h == 0) & (ho < H_out)
+                  & (wn >= 0) & (wc - wo * str_w == 0) & (wo < W_out))
+        a_row = go_base + ho.to(tl.int64) * sgh + wo.to(tl.int64) * sgw
+        b_col = w_base + kh * swh + kw * sww
+        co = c0 + rk
+        c_ok = co < Cog
+        a = tl.load(go_ptr + a_row[:, None] + co[None, :] * sgc,
+                    mask=row_ok[:, None] & c_ok[None, :], other=0.0)
+        b = tl.load(w_ptr + b_col[None, :] + co[:, None] * swo,
+                    mask=c_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = _dot(a, b, acc, DOT_PREC, DOT_UPCAST)
     gi_row = n * sin + h_.to(tl.int64) * sih + w_.to(tl.int64) * siw
     tl.store(gi_ptr + gi_row[:, None] + ci[None, :] * sic, acc.to(gi_ptr.dtype.element_ty),
              mask=m_ok[:, None] & n_ok[None, :])
@@ -399,6 +405,11 @@ def _pow2_block(n: int, cap: int) -> int:
     return max(_MIN_BLOCK, min(cap, triton.next_power_of_2(max(n, 1))))
 
 
+def _warps(bm: int, bn: int) -> int:
+    """8 warps for the 128 x 128 tiles (128 float32 accumulators a thread), 4 below."""
+    return 8 if bm * bn >= 128 * 128 else 4
+
+
 def _acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
@@ -570,7 +581,7 @@ def conv2d_fwd(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Li
             *_strides(x), *_strides(weight), *_strides(out),
             stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1],
             KH=kH, KW=kW, HAS_BIAS=bias is not None, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
-            num_warps=4, **_dot_meta(input))
+            num_warps=_warps(BM, BN), **_dot_meta(input))
     return out
 
 
@@ -621,7 +632,7 @@ def conv2d_bwd(grad_out: Tensor, input: Tensor, weight: Tensor, stride: List[int
                 go, weight, gi, M, H, W, H_out, W_out, Cg, Cog,
                 *_strides(go), *_strides(weight), *_strides(gi),
                 stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1],
-                KH=kH, KW=kW, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, num_warps=4, **meta)
+                KH=kH, KW=kW, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, num_warps=_warps(BM, BN), **meta)
         do_w = need_gw and gw.numel() > 0
         if do_w or need_gb:
             x = _nhwc(input)
@@ -655,7 +666,7 @@ def conv2d_bwd(grad_out: Tensor, input: Tensor, weight: Tensor, stride: List[int
                 *_strides(go), *_strides(x),
                 stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1],
                 KW=kW, DO_W=do_w, DO_B=need_gb, BLOCK_CO=BCO, BLOCK_K=BK,
-                BLOCK_R=_WGRAD_BLOCK_R, num_warps=4, **meta)
+                BLOCK_R=_WGRAD_BLOCK_R, num_warps=_warps(BCO, BK), **meta)
         if do_w or need_gb:
             BLOCK = 1024
             if do_w:

@@ -418,6 +418,113 @@ __global__ void _conv2d_sum_partials_kernel(const at::opmath_type<scalar_t>* __r
   }
 }
 
+// ---- Cg = 1 (depthwise, or a single input channel): elementwise kernels, K = kH kW per channel ----
+// Output channel co reads input channel co / Cog. One thread per output (forward) or input (dgrad)
+// element in NHWC order (channels fastest: coalesced), a grid-stride loop; w is (C_out, kH kW).
+template <typename scalar_t>
+__global__ void __launch_bounds__(256)
+    _conv2d_dw_fwd_kernel(const Problem p, const scalar_t* __restrict__ x, const scalar_t* __restrict__ w,
+                          const scalar_t* __restrict__ bias, scalar_t* __restrict__ out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t total = p.N * p.H_out * p.W_out * p.C_out;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t co = i % p.C_out;
+    int64_t t = i / p.C_out;
+    const int64_t wo = t % p.W_out;
+    t /= p.W_out;
+    const int64_t ho = t % p.H_out, n = t / p.H_out;
+    const int64_t ci = co / p.Cog;
+    acc_t acc = bias != nullptr ? static_cast<acc_t>(bias[co]) : acc_t(0);
+    for (int64_t kh = 0; kh < p.kH; ++kh) {
+      const int64_t ih = ho * p.sh - p.pt + kh * p.dh;
+      if (ih < 0 || ih >= p.H) continue;
+      for (int64_t kw = 0; kw < p.kW; ++kw) {
+        const int64_t iw = wo * p.sw - p.pl + kw * p.dw;
+        if (iw < 0 || iw >= p.W) continue;
+        acc = fma_acc(static_cast<acc_t>(x[((n * p.H + ih) * p.W + iw) * p.C_in + ci]),
+                      static_cast<acc_t>(w[co * p.KT + kh * p.kW + kw]), acc);
+      }
+    }
+    out[n * p.so_n + co * p.so_c + ho * p.so_h + wo * p.so_w] = static_cast<scalar_t>(acc);
+  }
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(256)
+    _conv2d_dw_dgrad_kernel(const Problem p, const scalar_t* __restrict__ go, const scalar_t* __restrict__ w,
+                            scalar_t* __restrict__ gi) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t total = p.N * p.H * p.W * p.C_in;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t ci = i % p.C_in;
+    int64_t t = i / p.C_in;
+    const int64_t x_ = t % p.W;
+    t /= p.W;
+    const int64_t y_ = t % p.H, n = t / p.H;
+    acc_t acc = acc_t(0);
+    for (int64_t kh = 0; kh < p.kH; ++kh) {
+      const int64_t hn = y_ + p.pt - kh * p.dh;
+      if (hn < 0 || hn % p.sh != 0 || hn / p.sh >= p.H_out) continue;
+      const int64_t ho = hn / p.sh;
+      for (int64_t kw = 0; kw < p.kW; ++kw) {
+        const int64_t wn = x_ + p.pl - kw * p.dw;
+        if (wn < 0 || wn % p.sw != 0 || wn / p.sw >= p.W_out) continue;
+        const int64_t wo = wn / p.sw;
+        const int64_t row = ((n * p.H_out + ho) * p.W_out + wo) * p.C_out;
+        for (int64_t j = 0; j < p.Cog; ++j) {
+          const int64_t co = ci * p.Cog + j;
+          acc = fma_acc(static_cast<acc_t>(go[row + co]), static_cast<acc_t>(w[co * p.KT + kh * p.kW + kw]), acc);
+        }
+      }
+    }
+    gi[n * p.so_n + ci * p.so_c + y_ * p.so_h + x_ * p.so_w] = static_cast<scalar_t>(acc);
+  }
+}
+
+// wgrad partials: part[split, co, kh kW + kw] = sum over the split's positions m of
+// grad_out[m, co] x[m @ (kh, kw), co / Cog]; one column of threads per channel, a fixed-order tree
+// over threadIdx.y (deterministic).
+template <typename scalar_t>
+__global__ void __launch_bounds__(256)
+    _conv2d_dw_wgrad_kernel(const Problem p, const scalar_t* __restrict__ go, const scalar_t* __restrict__ x,
+                            at::opmath_type<scalar_t>* __restrict__ part) {
+  using acc_t = at::opmath_type<scalar_t>;
+  __shared__ acc_t red[8][33];
+  const int64_t co = static_cast<int64_t>(blockIdx.x) * 32 + threadIdx.x;
+  const int64_t split = blockIdx.y;
+  const int64_t m0 = split * p.chunk, m1 = std::min(p.K, m0 + p.chunk);
+  const int64_t ci = co / p.Cog;
+  for (int64_t khw = 0; khw < p.KT; ++khw) {
+    const int64_t kh = khw / p.kW, kw = khw % p.kW;
+    acc_t sum = acc_t(0);
+    if (co < p.C_out) {
+      for (int64_t m = m0 + threadIdx.y; m < m1; m += 8) {
+        const int64_t wo = m % p.W_out, t = m / p.W_out;
+        const int64_t ho = t % p.H_out, n = t / p.H_out;
+        const int64_t ih = ho * p.sh - p.pt + kh * p.dh, iw = wo * p.sw - p.pl + kw * p.dw;
+        if (ih < 0 || ih >= p.H || iw < 0 || iw >= p.W) continue;
+        sum = fma_acc(static_cast<acc_t>(go[m * p.C_out + co]),
+                      static_cast<acc_t>(x[((n * p.H + ih) * p.W + iw) * p.C_in + ci]), sum);
+      }
+    }
+    red[threadIdx.y][threadIdx.x] = sum;
+    __syncthreads();
+    if (threadIdx.y == 0 && co < p.C_out) {
+      acc_t t = red[0][threadIdx.x];
+#pragma unroll
+      for (int y = 1; y < 8; ++y) t += red[y][threadIdx.x];
+      part[(split * p.C_out + co) * p.KT + khw] = t;
+    }
+    __syncthreads();
+  }
+}
+
+unsigned elementwise_blocks(int64_t total) {
+  return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>((total + 255) / 256, 65535LL * 8)));
+}
+
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 Path choose_path(at::ScalarType st) {
@@ -502,11 +609,20 @@ at::Tensor conv2d_fwd_cuda(const at::Tensor& input, const at::Tensor& weight, co
   p.so_c = out.stride(1);
   p.so_h = out.stride(2);
   p.so_w = out.stride(3);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  if (p.Cg == 1) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "conv2d_dw_fwd_cuda", [&] {
+      _conv2d_dw_fwd_kernel<scalar_t><<<elementwise_blocks(out.numel()), 256, 0, stream>>>(
+          p, x.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
+          has_bias ? b.const_data_ptr<scalar_t>() : nullptr, out.mutable_data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    return out;
+  }
   const dim3 grid(static_cast<unsigned>(ceil_div(p.M, kBM)), static_cast<unsigned>(ceil_div(p.Ncols, kBN)),
                   static_cast<unsigned>(q.groups));
   TORCH_CHECK(ceil_div(p.M, kBM) <= std::numeric_limits<int32_t>::max(), op, ": output too large");
   const Path path = choose_path(input.scalar_type());
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "conv2d_fwd_cuda", [&] {
     launch_igemm<scalar_t, Mode::kFwd>(path, p, grid, x.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
                                        has_bias ? b.const_data_ptr<scalar_t>() : nullptr,
@@ -558,13 +674,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_bwd_cuda(const at::Tensor&
       p.so_c = gi.stride(1);
       p.so_h = gi.stride(2);
       p.so_w = gi.stride(3);
-      const dim3 grid(static_cast<unsigned>(ceil_div(p.M, kBM)), static_cast<unsigned>(ceil_div(p.Ncols, kBN)),
-                      static_cast<unsigned>(q.groups));
-      launch_igemm<scalar_t, Mode::kDgrad>(path, p, grid, go.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
-                                           nullptr, gi.mutable_data_ptr<scalar_t>(), nullptr, stream);
+      if (p.Cg == 1) {
+        _conv2d_dw_dgrad_kernel<scalar_t><<<elementwise_blocks(gi.numel()), 256, 0, stream>>>(
+            p, go.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(), gi.mutable_data_ptr<scalar_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      } else {
+        const dim3 grid(static_cast<unsigned>(ceil_div(p.M, kBM)), static_cast<unsigned>(ceil_div(p.Ncols, kBN)),
+                        static_cast<unsigned>(q.groups));
+        launch_igemm<scalar_t, Mode::kDgrad>(path, p, grid, go.const_data_ptr<scalar_t>(),
+                                             w.const_data_ptr<scalar_t>(), nullptr, gi.mutable_data_ptr<scalar_t>(),
+                                             nullptr, stream);
+      }
     }
     const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-    if (need_gw && gw.numel() > 0) {
+    if (need_gw && gw.numel() > 0 && q.cin_g() == 1) {
+      Problem p = make_problem(q);
+      p.K = M_out;
+      const int64_t ctiles = ceil_div(q.C_out, 32);
+      int64_t splits = std::max<int64_t>(1, std::min<int64_t>({ceil_div(4 * sms, ctiles), ceil_div(M_out, 256),
+                                                              kMaxSplits}));
+      p.chunk = ceil_div(M_out, splits);
+      p.splits = ceil_div(M_out, p.chunk);
+      at::Tensor part = at::empty({p.splits, q.C_out, p.KT}, input.options().dtype(acc));
+      _conv2d_dw_wgrad_kernel<scalar_t>
+          <<<dim3(static_cast<unsigned>(ctiles), static_cast<unsigned>(p.splits)), dim3(32, 8), 0, stream>>>(
+              p, go.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), part.mutable_data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      const int64_t L = gw.numel();
+      const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(ceil_div(L, 256), 65535));
+      _conv2d_sum_partials_kernel<scalar_t><<<blocks, 256, 0, stream>>>(
+          part.const_data_ptr<acc_t>(), gw.mutable_data_ptr<scalar_t>(), L, p.splits, 1, q.kH * q.kW, true);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    } else if (need_gw && gw.numel() > 0) {
       Problem p = make_problem(q);
       p.M = p.Cog;
       p.Ncols = p.KT;
