@@ -105,15 +105,43 @@ def test_float64(ops, case):
     run_case(ops, x, w, b, s, p, d, g)
 
 
+def _conv_fp32_precision(value):
+    conv = torch.backends.cudnn.conv
+    old = conv.fp32_precision
+    conv.fp32_precision = value
+    yield
+    conv.fp32_precision = old
+
+
+@pytest.fixture
+def no_tf32():
+    """IEEE float32 products (on a GPU, TF32 is torch's default for float32 convolutions)."""
+    yield from _conv_fp32_precision("ieee")
+
+
+@pytest.fixture
+def tf32():
+    yield from _conv_fp32_precision("tf32")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("case", ["k3-s2-asym", "k5-p2-g2", "depthwise"])
-def test_low_precision(ops, case, dtype):
-    """float32 (IEEE dots: no TF32 under the interpreter) and float16 / bfloat16 (float32
-    accumulation) against float64."""
+def test_low_precision(ops, no_tf32, case, dtype):
+    """float32 (IEEE dots) and float16 / bfloat16 (float32 accumulation) against float64."""
     torch.manual_seed(1)
     N, Ci, H, W, Co, k, s, p, d, g = CASES[case]
     x, w, b = make(N, Ci, H, W, Co, k, g, dtype)
     run_case(ops, x, w, b, s, p, d, g)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="TF32 needs a CUDA GPU")
+def test_tf32(ops, tf32):
+    """float32 with TF32 allowed (torch's default for convolutions): tensor-core products of
+    10-bit-mantissa operands, float16's bound."""
+    torch.manual_seed(11)
+    x, w, b = make(2, 32, 9, 9, 48, 3, 1, torch.float32)
+    run_case(ops, x, w, b, (1, 1), (1, 1, 1, 1), (1, 1), 1, tol=TOL[torch.float16])
 
 
 def test_no_bias(ops):
@@ -162,11 +190,13 @@ def test_depthwise_small_blocks(ops, module, monkeypatch):
 def test_wgrad_splits_deterministic(module):
     """The split of the wgrad reduction is a function of the shape: every chunk but the last is
     full, the chunks cover M."""
-    for M in (1, 15, 64, 65, 1000, 100000):
+    for M in (1, 15, 64, 65, 1000, 100000, 10**7):
         for tiles in (1, 7, 4096):
-            splits, chunk = module._wgrad_splits(M, tiles)
-            assert chunk % module._WGRAD_BLOCK_R == 0
-            assert (splits - 1) * chunk < M <= splits * chunk
+            for elems in (0, 100, 1 << 22, 1 << 27):
+                splits, chunk = module._wgrad_splits(M, tiles, elems)
+                assert chunk % module._WGRAD_BLOCK_R == 0
+                assert (splits - 1) * chunk < M <= splits * chunk
+                assert splits == 1 or splits * elems <= module._MAX_PARTIAL_ELEMS
 
 
 def test_bitwise_deterministic(ops):

@@ -27,6 +27,11 @@ straight into the memory format the schema asks for::
              second kernel sums the P partials in a fixed order (deterministic, no atomics).
     gbias    gb[co]      = sum_m  go[m, co]             the same partial buffers (second kernel too).
 
+Cg = 1 (depthwise, or a single input channel as in LeNet's first layer) has its own kernels
+(``_conv2d_dw_*``): K = kH kW per channel is too short for a GEMM tile, so they accumulate
+elementwise products over [positions, channels] tiles (channels contiguous in NHWC); their wgrad
+uses the same split partial buffers and second sum.
+
 Accumulation in float32 (float64 for float64). tl.dot: float16 / bfloat16 on the tensor cores;
 float32 with TF32 tensor cores only when ``torch.backends.cudnn.allow_tf32`` says so (torch's rule
 for convolutions), IEEE float32 otherwise (and always on CPU tensors under the interpreter).
@@ -55,6 +60,7 @@ _MIN_BLOCK = 16  # tl.dot's smallest dimension
 _WGRAD_BLOCK_R = 64  # positions per wgrad reduction step
 _WGRAD_TARGET_PROGRAMS = 1024  # wgrad programs wanted (tiles x splits): fills an H100 several times
 _MAX_SPLITS = 256  # partial buffers of the wgrad reduction, at most
+_MAX_PARTIAL_ELEMS = 1 << 26  # elements of all partial buffers together, at most (256 MiB in float32)
 _USE_DEPTHWISE = True  # Cg = 1 (depthwise, one input channel): the elementwise kernels, not the GEMM
 _DW_BLOCK_M = 32  # positions per depthwise program
 _DW_BLOCK_C = 64  # channels per depthwise program (contiguous in NHWC)
@@ -414,8 +420,23 @@ def _acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+def _tf32_allowed() -> bool:
+    """torch's rule for float32 convolutions (what at::globalContext().allowTF32CuDNN(CONV) reads):
+    torch.backends.cudnn.conv.fp32_precision, "none" inheriting from cudnn's, then the global one;
+    the legacy torch.backends.cudnn.allow_tf32 where the new API is missing."""
+    try:
+        prec = torch.backends.cudnn.conv.fp32_precision
+        if prec == "none":
+            prec = torch.backends.cudnn.fp32_precision
+        if prec == "none":
+            prec = torch.backends.fp32_precision
+        return prec == "tf32"
+    except AttributeError:  # pragma: no cover (older torch)
+        return bool(torch.backends.cudnn.allow_tf32)
+
+
 def _dot_meta(t: Tensor) -> dict:
-    if t.dtype == torch.float32 and t.is_cuda and torch.backends.cudnn.allow_tf32:
+    if t.dtype == torch.float32 and t.is_cuda and _tf32_allowed():
         prec = "tf32"
     else:
         prec = "ieee"
@@ -525,11 +546,13 @@ def _dw_blocks(M: int, C: int) -> Tuple[int, int]:
             min(_DW_BLOCK_C, triton.next_power_of_2(max(C, 1))))
 
 
-def _wgrad_splits(M: int, tiles: int) -> Tuple[int, int]:
+def _wgrad_splits(M: int, tiles: int, elems: int = 0) -> Tuple[int, int]:
     """(splits, chunk) of the wgrad reduction over M positions: enough programs with `tiles` output
-    tiles, chunks a multiple of _WGRAD_BLOCK_R. A function of the shape only: deterministic."""
+    tiles, chunks a multiple of _WGRAD_BLOCK_R, and at most _MAX_PARTIAL_ELEMS partial sums of
+    `elems` each. A function of the shape only: deterministic."""
     steps = triton.cdiv(M, _WGRAD_BLOCK_R)
-    splits = max(1, min(steps, _MAX_SPLITS, triton.cdiv(_WGRAD_TARGET_PROGRAMS, max(tiles, 1))))
+    splits = max(1, min(steps, _MAX_SPLITS, triton.cdiv(_WGRAD_TARGET_PROGRAMS, max(tiles, 1)),
+                        _MAX_PARTIAL_ELEMS // max(elems, 1)))
     chunk = triton.cdiv(steps, splits) * _WGRAD_BLOCK_R
     return triton.cdiv(M, chunk), chunk
 
@@ -639,7 +662,7 @@ def conv2d_bwd(grad_out: Tensor, input: Tensor, weight: Tensor, stride: List[int
             KT = Cg * kH * kW
         if (do_w or need_gb) and Cg == 1 and _USE_DEPTHWISE:
             _, BC = _dw_blocks(M_out, C_out)
-            splits, chunk = _wgrad_splits(M_out, triton.cdiv(C_out, BC))
+            splits, chunk = _wgrad_splits(M_out, triton.cdiv(C_out, BC), C_out * (KT + 1))
             pw = torch.empty((splits, C_out, KT) if do_w else (1,), dtype=acc_dtype,
                              device=input.device)
             pb = torch.empty((splits, C_out) if need_gb else (1,), dtype=acc_dtype,
@@ -655,7 +678,7 @@ def conv2d_bwd(grad_out: Tensor, input: Tensor, weight: Tensor, stride: List[int
             BK = _pow2_block(KT, _MAX_BLOCK_N) if do_w else _MIN_BLOCK
             n_k = triton.cdiv(KT, BK) if do_w else 1
             tiles = triton.cdiv(Cog, BCO) * n_k * groups
-            splits, chunk = _wgrad_splits(M_out, tiles)
+            splits, chunk = _wgrad_splits(M_out, tiles, C_out * (KT + 1))
             pw = torch.empty((splits, C_out, KT) if do_w else (1,), dtype=acc_dtype,
                              device=input.device)
             pb = torch.empty((splits, C_out) if need_gb else (1,), dtype=acc_dtype,

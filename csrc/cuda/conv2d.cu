@@ -23,6 +23,10 @@
 //                  tensor cores (wmma 16x16x8, precision::tf32), float accumulation.
 //   Path::kSimt    float32 otherwise, float64: an 8x4 register tile per thread, FMA in acc_t.
 // Output and grad_input are written through their four strides, in the memory format of input.
+//
+// Cg = 1 (depthwise, or one input channel): K = kH kW is too short for a GEMM tile; _conv2d_dw_*
+// kernels compute one output (forward) / input (dgrad) element a thread in NHWC order, and the wgrad
+// partials per (split, channel, kh kW + kw) with a fixed-order block reduction.
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
 #include <ATen/Dispatch.h>
@@ -55,7 +59,8 @@ constexpr int kBM = 64;       // GEMM rows per block
 constexpr int kBN = 64;       // GEMM columns per block
 constexpr int kBK = 32;       // reduction step through shared memory
 constexpr int kThreads = 128;  // 4 warps
-constexpr int kMaxSplits = 256;
+constexpr int kMaxSplits = 256;                 // partial buffers of a wgrad reduction, at most
+constexpr int64_t kMaxPartialElems = 1LL << 26;  // elements of all the partial buffers, at most
 constexpr int64_t kMaxGridYZ = 65535;
 
 enum class Mode : int { kFwd = 0, kDgrad = 1, kWgrad = 2 };
@@ -529,7 +534,7 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 Path choose_path(at::ScalarType st) {
   if (st == at::kHalf || st == at::kBFloat16) return Path::kWmma16;
-  if (st == at::kFloat && at::globalContext().allowTF32CuDNN()) return Path::kTf32;
+  if (st == at::kFloat && at::globalContext().allowTF32CuDNN(at::Float32Op::CONV)) return Path::kTf32;
   return Path::kSimt;
 }
 
@@ -692,7 +697,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_bwd_cuda(const at::Tensor&
       p.K = M_out;
       const int64_t ctiles = ceil_div(q.C_out, 32);
       int64_t splits = std::max<int64_t>(1, std::min<int64_t>({ceil_div(4 * sms, ctiles), ceil_div(M_out, 256),
-                                                              kMaxSplits}));
+                                                              kMaxSplits, kMaxPartialElems / (q.C_out * p.KT)}));
       p.chunk = ceil_div(M_out, splits);
       p.splits = ceil_div(M_out, p.chunk);
       at::Tensor part = at::empty({p.splits, q.C_out, p.KT}, input.options().dtype(acc));
@@ -714,6 +719,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_bwd_cuda(const at::Tensor&
       const int64_t steps = ceil_div(M_out, kBK);
       int64_t splits = std::max<int64_t>(1, std::min<int64_t>({ceil_div(4 * sms, tiles), steps, kMaxSplits}));
       splits = std::min<int64_t>(splits, std::max<int64_t>(1, kMaxGridYZ / q.groups));
+      splits = std::min<int64_t>(splits, std::max<int64_t>(1, kMaxPartialElems / (q.C_out * p.KT)));
       p.chunk = ceil_div(steps, splits) * kBK;
       p.splits = ceil_div(M_out, p.chunk);
       TORCH_CHECK(q.groups * p.splits <= kMaxGridYZ && ceil_div(p.Ncols, kBN) <= kMaxGridYZ, op,
