@@ -113,6 +113,26 @@ def _conv_fp32_precision(value):
     conv.fp32_precision = old
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_random_shapes(ops, seed):
+    """Random small problems (fixed seeds): any kernel size, stride, dilation, asymmetric padding and
+    group count that gives an output."""
+    import random
+    rng = random.Random(seed)
+    while True:
+        g = rng.choice([1, 1, 2, 3])
+        Ci, Co = g * rng.randint(1, 3), g * rng.randint(1, 3)
+        kh, kw = rng.randint(1, 4), rng.randint(1, 4)
+        s, d = (rng.randint(1, 3), rng.randint(1, 3)), (rng.randint(1, 2), rng.randint(1, 2))
+        p = tuple(rng.randint(0, 2) for _ in range(4))
+        N, H, W = rng.randint(1, 2), rng.randint(1, 9), rng.randint(1, 9)
+        if d[0] * (kh - 1) < H + p[0] + p[1] and d[1] * (kw - 1) < W + p[2] + p[3]:
+            break
+    torch.manual_seed(seed)
+    x, w, b = make(N, Ci, H, W, Co, (kh, kw), g, bias=rng.random() < 0.5)
+    run_case(ops, x, w, b, s, p, d, g)
+
+
 @pytest.fixture
 def no_tf32():
     """IEEE float32 products (on a GPU, TF32 is torch's default for float32 convolutions)."""
