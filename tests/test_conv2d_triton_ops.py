@@ -164,6 +164,27 @@ def test_tf32(ops, tf32):
     run_case(ops, x, w, b, (1, 1), (1, 1, 1, 1), (1, 1), 1, tol=TOL[torch.float16])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_error_ratio_vs_torch(ops, no_tf32, dtype):
+    """The GEMM error rule (docs/testing.md): against float64, our error at most twice torch's own
+    conv2d in the same dtype (plus one unit roundoff), forward and the three gradients."""
+    torch.manual_seed(12)
+    x, w, b = make(2, 16, 9, 8, 24, 3, 1, dtype)
+    args = ((1, 2), (1, 1, 0, 2), (1, 1), 1)
+    out = ops.conv2d_fwd(x, w, b, *args)
+    go = torch.randn_like(out)
+    ref, grads = reference(x, w, b, *args, grad_out=go)
+    mine = (out,) + tuple(ops.conv2d_bwd(go, x, w, *args, [True, True, True]))
+    xt, wt, bt = (t.detach().cpu().requires_grad_() for t in (x, w, b))
+    o = F.conv2d(F.pad(xt, (0, 2, 1, 1)), wt, bt, stride=(1, 2))
+    o.backward(go.cpu())
+    theirs = (o, xt.grad, wt.grad, bt.grad)
+    u = torch.finfo(dtype).eps / 2
+    for name, m, t, r in zip(("out", "grad_input", "grad_weight", "grad_bias"), mine, theirs,
+                             (ref,) + grads):
+        assert rel_err(m, r) <= 2 * rel_err(t, r) + u, (name, rel_err(m, r), rel_err(t, r))
+
+
 def test_no_bias(ops):
     torch.manual_seed(2)
     x, w, _ = make(1, 3, 6, 5, 4, 3, 1)
