@@ -82,8 +82,11 @@ def _dot(a, b, acc, DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr):
 
 @triton.jit
 def _conv2d_fwd_kernel(
-    x_ptr, w_ptr, b_ptr, y_ptr,
-    M, H, W, H_out, W_out, Cg, Cog,
+    x_ptr,  # input (N, C_in, H, W), strides (sxn, sxc, sxh, sxw): NHWC from the launcher
+    w_ptr,  # weight (C_out, Cg, kH, kW), strides (swo, swi, swh, sww)
+    b_ptr,  # bias (C_out,) (read if HAS_BIAS)
+    y_ptr,  # output (N, C_out, H_out, W_out), strides (syn, syc, syh, syw): input's format
+    M, H, W, H_out, W_out, Cg, Cog,  # M = N H_out W_out; Cg, Cog channels per group
     sxn, sxc, sxh, sxw, swo, swi, swh, sww, syn, syc, syh, syw,
     str_h, str_w, pad_t, pad_l, dil_h, dil_w,
     KH, KW: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -134,8 +137,10 @@ def _conv2d_fwd_kernel(
 
 @triton.jit
 def _conv2d_dgrad_kernel(
-    go_ptr, w_ptr, gi_ptr,
-    M, H, W, H_out, W_out, Cg, Cog,
+    go_ptr,  # grad_out (N, C_out, H_out, W_out), strides (sgn, sgc, sgh, sgw): NHWC
+    w_ptr,  # weight (C_out, Cg, kH, kW), strides (swo, swi, swh, sww)
+    gi_ptr,  # grad_input (N, C_in, H, W), strides (sin, sic, sih, siw): input's format
+    M, H, W, H_out, W_out, Cg, Cog,  # M = N H W
     sgn, sgc, sgh, sgw, swo, swi, swh, sww, sin, sic, sih, siw,
     str_h, str_w, pad_t, pad_l, dil_h, dil_w,
     KH, KW: tl.constexpr,
@@ -188,8 +193,11 @@ def _conv2d_dgrad_kernel(
 
 @triton.jit
 def _conv2d_wgrad_kernel(
-    go_ptr, x_ptr, pw_ptr, pb_ptr,
-    M, H, W, H_out, W_out, Cg, Cog, C_out, KT, CHUNK, n_splits,
+    go_ptr,  # grad_out (N, C_out, H_out, W_out), strides (sgn, sgc, sgh, sgw): NHWC
+    x_ptr,  # input (N, C_in, H, W), strides (sxn, sxc, sxh, sxw): NHWC
+    pw_ptr,  # weight partials (n_splits, C_out, KT) float32 / float64, k = (kh, kw, ci) (if DO_W)
+    pb_ptr,  # bias partials (n_splits, C_out) (if DO_B)
+    M, H, W, H_out, W_out, Cg, Cog, C_out, KT, CHUNK, n_splits,  # M = N H_out W_out, KT = kH kW Cg
     sgn, sgc, sgh, sgw, sxn, sxc, sxh, sxw,
     str_h, str_w, pad_t, pad_l, dil_h, dil_w,
     KW: tl.constexpr, DO_W: tl.constexpr, DO_B: tl.constexpr,
@@ -246,7 +254,9 @@ def _conv2d_wgrad_kernel(
 
 @triton.jit
 def _conv2d_sum_partials_kernel(
-    p_ptr, out_ptr, L, n_splits, Cg, KHW,
+    p_ptr,  # partials (n_splits, L), contiguous
+    out_ptr,  # grad_weight (C_out, Cg, kH, kW) contiguous (WEIGHT_LAYOUT), or grad_bias (L,)
+    L, n_splits, Cg, KHW,
     WEIGHT_LAYOUT: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """out[i] = sum over the splits of p[split, i], in split order. WEIGHT_LAYOUT: i = co * KT + k
@@ -268,8 +278,11 @@ def _conv2d_sum_partials_kernel(
 
 @triton.jit
 def _conv2d_dw_fwd_kernel(
-    x_ptr, w_ptr, b_ptr, y_ptr,
-    M, H, W, H_out, W_out, C_out, Cog,
+    x_ptr,  # input (N, C_in, H, W), strides (sxn, sxc, sxh, sxw): NHWC
+    w_ptr,  # weight (C_out, 1, kH, kW), strides (swo, -, swh, sww)
+    b_ptr,  # bias (C_out,) (if HAS_BIAS)
+    y_ptr,  # output (N, C_out, H_out, W_out), strides (syn, syc, syh, syw)
+    M, H, W, H_out, W_out, C_out, Cog,  # M = N H_out W_out, Cog = C_out / C_in
     sxn, sxc, sxh, sxw, swo, swh, sww, syn, syc, syh, syw,
     str_h, str_w, pad_t, pad_l, dil_h, dil_w,
     KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -307,8 +320,10 @@ def _conv2d_dw_fwd_kernel(
 
 @triton.jit
 def _conv2d_dw_dgrad_kernel(
-    go_ptr, w_ptr, gi_ptr,
-    M, H, W, H_out, W_out, C_in, Cog,
+    go_ptr,  # grad_out (N, C_out, H_out, W_out), strides (sgn, sgc, sgh, sgw): NHWC
+    w_ptr,  # weight (C_out, 1, kH, kW), strides (swo, -, swh, sww)
+    gi_ptr,  # grad_input (N, C_in, H, W), strides (sin, sic, sih, siw)
+    M, H, W, H_out, W_out, C_in, Cog,  # M = N H W
     sgn, sgc, sgh, sgw, swo, swh, sww, sin, sic, sih, siw,
     str_h, str_w, pad_t, pad_l, dil_h, dil_w,
     KH: tl.constexpr, KW: tl.constexpr,
@@ -349,8 +364,11 @@ def _conv2d_dw_dgrad_kernel(
 
 @triton.jit
 def _conv2d_dw_wgrad_kernel(
-    go_ptr, x_ptr, pw_ptr, pb_ptr,
-    M, H, W, H_out, W_out, C_out, Cog, CHUNK,
+    go_ptr,  # grad_out (N, C_out, H_out, W_out), strides (sgn, sgc, sgh, sgw): NHWC
+    x_ptr,  # input (N, C_in, H, W), strides (sxn, sxc, sxh, sxw): NHWC
+    pw_ptr,  # weight partials (splits, C_out, kH kW) (if DO_W)
+    pb_ptr,  # bias partials (splits, C_out) (if DO_B)
+    M, H, W, H_out, W_out, C_out, Cog, CHUNK,  # M = N H_out W_out
     sgn, sgc, sgh, sgw, sxn, sxc, sxh, sxw,
     str_h, str_w, pad_t, pad_l, dil_h, dil_w,
     KH: tl.constexpr, KW: tl.constexpr, DO_W: tl.constexpr, DO_B: tl.constexpr,
