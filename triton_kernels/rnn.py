@@ -80,8 +80,9 @@ def _tanh(x, SMALL: tl.constexpr):
     e = tl.exp(-2.0 * a)
     t = (1.0 - e) / (1.0 + e)
     big = tl.where(x < 0, -t, t)
-    x2 = x * x
-    p = x * (1.0 + x2 * (-0.3333333333333333 + x2 * (0.13333333333333333 + x2 * (
+    xs = tl.where(a < SMALL, x, 0.0)  # the series only where it is used (no overflow warnings)
+    x2 = xs * xs
+    p = xs * (1.0 + x2 * (-0.3333333333333333 + x2 * (0.13333333333333333 + x2 * (
         -0.05396825396825397 + x2 * 0.021869488536155203))))
     return tl.where(a < SMALL, p, big)
 
