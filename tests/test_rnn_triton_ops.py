@@ -478,3 +478,15 @@ def test_schema_matches_cpp(triton_ops, cpp_ops, op):
     """Same arguments and types as the C++ op (return names aside)."""
     strip = lambda s: str(s).split("::", 1)[1]  # noqa: E731
     assert strip(getattr(triton_ops, op).default._schema) == strip(getattr(cpp_ops, op).default._schema)
+
+
+@MARKS["triton"][0]
+@MARKS["triton"][1]
+def test_int32_limit_raises(triton_ops, monkeypatch):
+    """The Triton kernels index with int32 (rows * 4 * hidden_size < 2**31): beyond, a clear error
+    before anything runs (the limit lowered here so that a tiny input passes it)."""
+    import pyfastdl.triton_kernels.rnn as m
+    monkeypatch.setattr(m, "_INT32_MAX", 50)
+    args = _seq_args(triton_ops, "lstm")
+    with pytest.raises(RuntimeError, match="int32"):
+        triton_ops.lstm_seq_fwd(*args)
