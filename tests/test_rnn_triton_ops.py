@@ -490,3 +490,38 @@ def test_int32_limit_raises(triton_ops, monkeypatch):
     args = _seq_args(triton_ops, "lstm")
     with pytest.raises(RuntimeError, match="int32"):
         triton_ops.lstm_seq_fwd(*args)
+
+
+@pytest.fixture(scope="module")
+def cpu_ops(cpp_ops):
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("pyfastdl::lstm_seq_fwd", "CPU"):
+        pytest.skip("the built pyfastdl._C has no CPU kernels of the rnn ops")
+    return cpp_ops
+
+
+@MARKS["triton"][0]
+@MARKS["triton"][1]
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+def test_agrees_with_cpu_ops(triton_ops, cpu_ops, kind, reverse):
+    """The Triton ops and the C++ CPU ops of the same contract: every output, saved tensor and
+    gradient (the backward fed each implementation's own saved tensors), packed and uneven."""
+    low, _ = make(kind, [4, 3, 3, 1], 3, 6, torch.float32, dev=triton_ops.dev)
+    sizes = bs([4, 3, 3, 1])
+    cpu = {k: v.cpu() if v is not None else None for k, v in low.items()}
+    g = torch.Generator().manual_seed(5)
+    go, ghy, gcy = (torch.randn(*s, generator=g) for s in ((11, 6), (4, 6), (4, 6)))
+    res = []
+    for ops, t in ((triton_ops, low), (cpu_ops, cpu)):
+        dev = t["x"].device
+        if kind == "lstm":
+            f = ops.lstm_seq_fwd(t["x"], sizes, t["h0"], t["c0"], t["w_ih"], t["w_hh"], t["b_ih"], t["b_hh"], reverse)
+            b = ops.lstm_seq_bwd(go.to(dev), ghy.to(dev), gcy.to(dev), t["x"], sizes, t["h0"], t["c0"], t["w_ih"],
+                                 t["w_hh"], f[0], f[3], f[4], reverse, [True] * 6)
+        else:
+            f = ops.gru_seq_fwd(t["x"], sizes, t["h0"], t["w_ih"], t["w_hh"], t["b_ih"], t["b_hh"], reverse)
+            b = ops.gru_seq_bwd(go.to(dev), ghy.to(dev), t["x"], sizes, t["h0"], t["w_ih"], t["w_hh"], f[0], f[2],
+                                reverse, [True] * 6)
+        res.append(list(f) + list(b))
+    for got, exp in zip(*res):
+        assert_rel(got, exp, torch.float32, "gemm")
