@@ -162,9 +162,9 @@ class LSTMCell(torch.nn.LSTMCell):
         batched = input.dim() == 2
         if not batched:
             input = input.unsqueeze(0)
-        if hx is None:
-            zeros = torch.zeros(input.size(0), self.hidden_size, dtype=input.dtype, device=input.device)
-            hx = (zeros, zeros)
+        if hx is None:  # two tensors (torch.compile refuses one tensor passed twice to a Function)
+            zeros = torch.zeros(2, input.size(0), self.hidden_size, dtype=input.dtype, device=input.device)
+            hx = (zeros[0], zeros[1])
         elif not batched:
             hx = (hx[0].unsqueeze(0), hx[1].unsqueeze(0))
         hy, cy = pf.lstm_cell(input, hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
