@@ -40,3 +40,13 @@ def _swap(module: torch.nn.Module, target: type) -> torch.nn.Module:
     # parameters stay the same objects (an optimizer built before convert keeps working).
     module.__class__ = target
     return module
+
+
+# LSTM and GRU (family rnn). An LSTM with proj_size != 0 is swapped too and then refuses to run with a
+# clear error (pyfastdl.nn.LSTM supports proj_size = 0 only).
+_SWAPS.update({
+    torch.nn.LSTM: pnn.LSTM,
+    torch.nn.GRU: pnn.GRU,
+    torch.nn.LSTMCell: pnn.LSTMCell,
+    torch.nn.GRUCell: pnn.GRUCell,
+})

@@ -297,3 +297,61 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     else:
         out = ops.attention_fwd(q4, k4, v4, mask4, vl, bool(is_causal), scale, float(dropout_p), seed, 0)[0]
     return out.reshape(out_shape)
+
+
+# ---- LSTM and GRU cells (family rnn) -------------------------------------------------------------------
+
+from .autograd.rnn import GRUCellFunction, LSTMCellFunction  # noqa: E402
+
+_RNN_DTYPES = {
+    "cpu": (torch.float32, torch.float64),
+    "cuda": (torch.float32, torch.float16, torch.bfloat16),
+    "triton": (torch.float32, torch.float16, torch.bfloat16),
+}
+__all__ += ["lstm_cell", "gru_cell"]
+
+
+def _rnn_needs_grad(*tensors) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    for t in tensors:
+        if t is not None and t.requires_grad:
+            return True
+    return False
+
+
+def lstm_cell(input: torch.Tensor, hx: tuple[torch.Tensor, torch.Tensor], w_ih: torch.Tensor, w_hh: torch.Tensor,
+              b_ih: torch.Tensor | None = None, b_hh: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One LSTM step, drop-in for ``torch._VF.lstm_cell`` (what ``torch.nn.LSTMCell`` calls).
+
+    input (B, I); hx = (h, c), each (B, H); w_ih (4H, I), w_hh (4H, H); b_ih, b_hh (4H,) or None.
+    Gates in torch's order (i, f, g, o): i, f, o = sigmoid, g = tanh of x W_ih^T + b_ih + h W_hh^T + b_hh;
+    c' = f c + i g, h' = o tanh(c'). Returns (h', c'), each (B, H). float32/float64 on the CPU.
+    Both GEMMs and one fused pointwise kernel in one op, forward and backward (notes section 57).
+    Double backward raises."""
+    h, c = hx
+    backend = backends.pick("lstm_cell", input.device, input.dtype, _RNN_DTYPES)
+    if backend in ("torch", "reference"):
+        return torch._VF.lstm_cell(input, (h, c), w_ih, w_hh, b_ih, b_hh)
+    ops = backends.ops(backend, "rnn")
+    if _rnn_needs_grad(input, h, c, w_ih, w_hh, b_ih, b_hh):
+        return LSTMCellFunction.apply(input, h, c, w_ih, w_hh, b_ih, b_hh, ops)
+    hy, cy, _ = ops.lstm_cell_fwd(input, h, c, w_ih, w_hh, b_ih, b_hh)
+    return hy, cy
+
+
+def gru_cell(input: torch.Tensor, hx: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor,
+             b_ih: torch.Tensor | None = None, b_hh: torch.Tensor | None = None) -> torch.Tensor:
+    """One GRU step, drop-in for ``torch._VF.gru_cell`` (what ``torch.nn.GRUCell`` calls).
+
+    input (B, I); hx (B, H); w_ih (3H, I), w_hh (3H, H); b_ih, b_hh (3H,) or None. Gates in torch's
+    order (r, z, n): r, z = sigmoid(x W^T + b_i + h W^T + b_h), n = tanh(x W_in^T + b_in + r (h W_hn^T + b_hn)),
+    h' = (1 - z) n + z h. Returns h' (B, H). float32/float64 on the CPU (notes section 56).
+    Double backward raises."""
+    backend = backends.pick("gru_cell", input.device, input.dtype, _RNN_DTYPES)
+    if backend in ("torch", "reference"):
+        return torch._VF.gru_cell(input, hx, w_ih, w_hh, b_ih, b_hh)
+    ops = backends.ops(backend, "rnn")
+    if _rnn_needs_grad(input, hx, w_ih, w_hh, b_ih, b_hh):
+        return GRUCellFunction.apply(input, hx, w_ih, w_hh, b_ih, b_hh, ops)
+    return ops.gru_cell_fwd(input, hx, w_ih, w_hh, b_ih, b_hh)[0]

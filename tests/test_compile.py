@@ -201,3 +201,79 @@ def test_optimizers(name, kwargs):
         torch.testing.assert_close(p1, p0, rtol=1e-6, atol=1e-7)
         for key, s0 in opt0.state[p0].items():
             torch.testing.assert_close(opt1.state[p1][key], s0, rtol=1e-6, atol=1e-7, msg=key)
+
+
+# ---- LSTM and GRU (family rnn) -------------------------------------------------------------------------
+
+def test_rnn_cell_functionals():
+    def fn(x, h, c, w_ih, w_hh, b_ih, b_hh):
+        hy, cy = PF.lstm_cell(x, (h, c), w_ih, w_hh, b_ih, b_hh)
+        hg = PF.gru_cell(x, h, w_ih[:12], w_hh[:12], b_ih[:12], b_hh[:12])
+        return (hy * cy).sum() + hg.square().sum()
+
+    def make():
+        return [torch.randn(*s).requires_grad_() for s in ((3, 5), (3, 4), (3, 4), (16, 5), (16, 4), (16,), (16,))]
+
+    eager, compiled = _run_both(fn, make, "aot_eager")
+    _assert_same(eager, compiled)
+    assert backends.last_dispatch().backend == "cpu"
+
+
+@pytest.mark.parametrize("make_module,packed", [
+    (lambda: pyfastdl.nn.LSTM(5, 6, num_layers=2, bidirectional=True), False),
+    (lambda: pyfastdl.nn.GRU(5, 6, num_layers=2, batch_first=True), False),
+], ids=["lstm", "gru-batch_first"])
+def test_rnn_modules(make_module, packed):
+    """Dynamo refuses any torch.nn.RNNBase subclass unless torch._dynamo.config.allow_rnn is set (torch's
+    own rule for its LSTM/GRU); with it, pyfastdl's layers trace in one graph. (PackedSequence input is
+    not covered: dynamo skips pack_padded_sequence, and torch's own checks read batch_sizes[0] as a
+    Python int.)"""
+    with torch._dynamo.config.patch(allow_rnn=True):
+        _rnn_module_case(make_module, packed)
+
+
+def _rnn_module_case(make_module, packed):
+    torch.manual_seed(0)
+    m0 = make_module()
+    m1 = copy.deepcopy(m0)
+    bf = m0.batch_first
+    x = torch.randn(4, 7, 5) if bf else torch.randn(7, 4, 5)
+    lengths = torch.tensor([7, 3, 5, 2])
+
+    def call(m, x):
+        inp = torch.nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=bf, enforce_sorted=False) if packed else x
+        out, st = m(inp)
+        out = out.data if packed else out
+        sts = st if isinstance(st, tuple) else (st,)
+        return out.square().sum() + sum(s.sum() for s in sts)
+
+    cm = _compiled(lambda x: call(m1, x), "aot_eager")
+    x0, x1 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y0, y1 = call(m0, x0), cm(x1)
+    torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-6)
+    y0.backward()
+    y1.backward()
+    torch.testing.assert_close(x1.grad, x0.grad, rtol=1e-5, atol=1e-6)
+    for (n, a), (_, b) in zip(m0.named_parameters(), m1.named_parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-6, msg=n)
+    assert backends.last_dispatch().backend == "cpu"
+
+
+@pytest.mark.parametrize("kind", ["LSTMCell", "GRUCell"])
+def test_rnn_cell_modules(kind):
+    torch.manual_seed(0)
+    m0 = getattr(pyfastdl.nn, kind)(5, 6)
+    m1 = copy.deepcopy(m0)
+    x = torch.randn(3, 5)
+
+    def call(m, x):
+        out = m(x)
+        return sum(o.square().sum() for o in (out if isinstance(out, tuple) else (out,)))
+
+    cm = _compiled(lambda x: call(m1, x), "aot_eager")
+    x0, x1 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y0, y1 = call(m0, x0), cm(x1)
+    torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-6)
+    y0.backward()
+    y1.backward()
+    torch.testing.assert_close(x1.grad, x0.grad, rtol=1e-5, atol=1e-6)

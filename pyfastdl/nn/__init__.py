@@ -5,3 +5,6 @@ from .batch_norm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "DotProductAttention", "MultiheadAttention",
            "TransformerEncoderLayer"]
+from .rnn import GRU, LSTM, GRUCell, LSTMCell  # noqa: E402
+
+__all__ += ["LSTM", "GRU", "LSTMCell", "GRUCell"]

@@ -1,0 +1,437 @@
+// LSTM/GRU CPU launchers (family "rnn"; schemas and layout in csrc/ops.cpp): validate
+// (common/rnn.h), allocate, run the GEMMs through ATen's BLAS and the fused pointwise kernels of the
+// CPU's capability (rnn_kernel.cpp) over row blocks with at::parallel_for. Registered under the CPU
+// dispatch key.
+//
+// Whole sequence, forward: gates = x W_ih^T + b_ih for all N rows in one GEMM before the loop; per
+// step t (batch_sizes[t] active rows) one recurrent GEMM h_prev W_hh^T (LSTM: accumulated into the
+// step's gate rows in place; GRU: into a (B, 3H) scratch, since r multiplies its n part) and one
+// fused pointwise pass that adds b_hh, applies the nonlinearities and writes c, h and what the
+// backward needs.
+// Backward through time: per step the fused pointwise backward -> dgates, then dh_prev = dgates W_hh
+// (the carried gradient, (B, H)); after the loop grad_w_ih = dgates^T X, grad_w_hh = dgates^T H_prev
+// and grad_input = dgates W_ih as single GEMMs over all steps, grad_bias the column sums.
+//
+// The previous state of row b at step t ("prev segments"): forward direction, h of step t - 1 (rows
+// [0, batch_sizes[t]) of it) or h0 at t = 0; reverse direction, h of step t + 1 for the rows still
+// active there (b < batch_sizes[t + 1]) and h0 for the rows whose sequence ends at t.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <array>
+#include <cstring>
+#include <vector>
+
+#include "common/rnn.h"
+#include "cpu/rnn_kernel.h"
+
+namespace pyfastdl {
+namespace {
+
+using rnn::Seq;
+
+template <typename T>
+const cpu::RnnKernelsT<T>& kern();
+template <>
+const cpu::RnnKernelsT<float>& kern<float>() {
+  return cpu::rnn_kernels()->f32;
+}
+template <>
+const cpu::RnnKernelsT<double>& kern<double>() {
+  return cpu::rnn_kernels()->f64;
+}
+
+constexpr std::initializer_list<at::ScalarType> kDtypes = {at::kFloat, at::kDouble};
+
+at::Tensor opt(const c10::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined() ? t->contiguous() : at::Tensor();
+}
+
+template <typename T>
+const T* ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? t.const_data_ptr<T>() : nullptr;
+}
+
+// x W^T (+ b): (rows, G*H).
+at::Tensor project(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
+  return b.defined() ? at::addmm(b, x, w.t()) : at::mm(x, w.t());
+}
+
+// Rows [0, n) of a pointwise kernel, split over threads in blocks of about kGrain elements.
+template <typename F>
+void rows_parallel(int64_t n, int64_t H, int64_t G, const F& f) {
+  constexpr int64_t kGrain = 16384;
+  const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(1, H * G));
+  if (n <= grain) {
+    if (n > 0) f(0, n);
+    return;
+  }
+  at::parallel_for(0, n, grain, [&](int64_t a, int64_t b) { f(a, b); });
+}
+
+// The previous state of rows [r0, r1) of step t: rows [src, src + r1 - r0) of the sequence's
+// output (from_init = false) or of h0/c0 (from_init = true, src = r0).
+struct Seg {
+  int64_t r0, r1, src;
+  bool from_init;
+};
+
+int prev_segments(const Seq& s, int64_t t, bool reverse, std::array<Seg, 2>& seg) {
+  const int64_t n = s.sizes[t];
+  if (!reverse) {
+    seg[0] = t == 0 ? Seg{0, n, 0, true} : Seg{0, n, s.offsets[t - 1], false};
+    return n > 0 ? 1 : 0;
+  }
+  const int64_t m = t + 1 < s.T ? s.sizes[t + 1] : 0;
+  int k = 0;
+  if (m > 0) seg[k++] = Seg{0, m, s.offsets[t + 1], false};
+  if (n > m) seg[k++] = Seg{m, n, m, true};
+  return k;
+}
+
+// hy[b] = h after row b's last processed step (forward direction: the step t with
+// batch_sizes[t + 1] <= b < batch_sizes[t]; reverse: t = 0). T = 0: hy = init.
+at::Tensor final_state(const Seq& s, const at::Tensor& seq, const at::Tensor& init, bool reverse) {
+  at::Tensor out = at::empty_like(init);
+  if (s.T == 0) return out.copy_(init);
+  if (reverse) return out.copy_(seq.narrow(0, 0, s.sizes[0]));
+  for (int64_t t = 0; t < s.T; ++t) {
+    const int64_t hi = s.sizes[t], lo = t + 1 < s.T ? s.sizes[t + 1] : 0;
+    if (hi > lo) out.narrow(0, lo, hi - lo).copy_(seq.narrow(0, s.offsets[t] + lo, hi - lo));
+  }
+  return out;
+}
+
+// H_prev (N, H): row (t, b) = the previous state of row b at step t.
+at::Tensor prev_states(const Seq& s, const at::Tensor& seq, const at::Tensor& init, bool reverse) {
+  const int64_t H = init.size(1);
+  at::Tensor out = at::empty({s.N, H}, seq.options());
+  const int64_t row_bytes = H * seq.element_size();
+  if (row_bytes == 0) return out;
+  char* o = static_cast<char*>(out.data_ptr());
+  const char* sq = static_cast<const char*>(seq.const_data_ptr());
+  const char* in = static_cast<const char*>(init.const_data_ptr());
+  std::array<Seg, 2> seg;
+  for (int64_t t = 0; t < s.T; ++t) {
+    const int k = prev_segments(s, t, reverse, seg);
+    for (int i = 0; i < k; ++i) {
+      const char* src = (seg[i].from_init ? in : sq) + seg[i].src * row_bytes;
+      std::memcpy(o + (s.offsets[t] + seg[i].r0) * row_bytes, src, (seg[i].r1 - seg[i].r0) * row_bytes);
+    }
+  }
+  return out;
+}
+
+at::Tensor prev_rows(const Seg& g, const at::Tensor& seq, const at::Tensor& init) {
+  return (g.from_init ? init : seq).narrow(0, g.src, g.r1 - g.r0);
+}
+
+}  // namespace
+
+// ---- cells -------------------------------------------------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_fwd_cpu(const at::Tensor& input, const at::Tensor& hx,
+                                                                 const at::Tensor& cx, const at::Tensor& w_ih,
+                                                                 const at::Tensor& w_hh,
+                                                                 const c10::optional<at::Tensor>& b_ih,
+                                                                 const c10::optional<at::Tensor>& b_hh) {
+  const at::NoGradGuard no_grad;  // in-place / out= GEMMs on inputs that may require grad
+  const rnn::Dims d = rnn::check_lstm_cell_fwd(input, hx, cx, w_ih, w_hh, b_ih, b_hh, kDtypes);
+  const at::Tensor bhh = opt(b_hh), cxc = cx.contiguous();
+  at::Tensor gates = project(input, w_ih, opt(b_ih));
+  gates.addmm_(hx, w_hh.t());
+  at::Tensor hy = at::empty({d.B, d.H}, input.options()), cy = at::empty({d.B, d.H}, input.options());
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "lstm_cell_fwd", [&] {
+    using T = scalar_t;
+    const auto& k = kern<T>();
+    T* g = gates.mutable_data_ptr<T>();
+    const T* b = ptr_or_null<T>(bhh);
+    const T* cp = cxc.const_data_ptr<T>();
+    T *c = cy.mutable_data_ptr<T>(), *h = hy.mutable_data_ptr<T>();
+    const int64_t H = d.H;
+    rows_parallel(d.B, H, 4, [&](int64_t a, int64_t e) {
+      k.lstm_fwd(e - a, H, g + a * 4 * H, 4 * H, b, cp + a * H, H, c + a * H, H, h + a * H, H);
+    });
+  });
+  return {hy, cy, gates};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_cell_bwd_cpu(
+    const c10::optional<at::Tensor>& grad_hy, const c10::optional<at::Tensor>& grad_cy, const at::Tensor& input,
+    const at::Tensor& hx, const at::Tensor& cx, const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& cy,
+    const at::Tensor& gates, std::array<bool, 6> mask) {
+  const at::NoGradGuard no_grad;  // in-place / out= GEMMs on inputs that may require grad
+  const rnn::Dims d = rnn::check_lstm_cell_bwd(grad_hy, grad_cy, input, hx, cx, w_ih, w_hh, cy, gates, kDtypes);
+  at::Tensor gi, gh, gc, gwi, gwh, gb;
+  if (!(mask[0] || mask[1] || mask[2] || mask[3] || mask[4] || mask[5])) return {gi, gh, gc, gwi, gwh, gb};
+  const at::Tensor ghy = opt(grad_hy), gcy = opt(grad_cy), gt = gates.contiguous(), cyc = cy.contiguous(),
+                   cxc = cx.contiguous();
+  at::Tensor dg = at::empty({d.B, 4 * d.H}, input.options());
+  if (mask[2]) gc = at::empty({d.B, d.H}, input.options());
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "lstm_cell_bwd", [&] {
+    using T = scalar_t;
+    const auto& k = kern<T>();
+    const T *g = gt.const_data_ptr<T>(), *c = cyc.const_data_ptr<T>(), *cp = cxc.const_data_ptr<T>();
+    const T *go = ptr_or_null<T>(ghy), *dci = ptr_or_null<T>(gcy);
+    T* dco = gc.defined() ? gc.mutable_data_ptr<T>() : nullptr;
+    T* dgp = dg.mutable_data_ptr<T>();
+    const int64_t H = d.H;
+    rows_parallel(d.B, H, 4, [&](int64_t a, int64_t e) {
+      k.lstm_bwd(e - a, H, g + a * 4 * H, 4 * H, c + a * H, H, cp + a * H, H, go ? go + a * H : nullptr, H,
+                 nullptr, H, dci ? dci + a * H : nullptr, dco ? dco + a * H : nullptr, H, dgp + a * 4 * H, 4 * H);
+    });
+  });
+  if (mask[0]) gi = at::mm(dg, w_ih);
+  if (mask[1]) gh = at::mm(dg, w_hh);
+  if (mask[3]) gwi = at::mm(dg.t(), input);
+  if (mask[4]) gwh = at::mm(dg.t(), hx);
+  if (mask[5]) gb = dg.sum(0);
+  return {gi, gh, gc, gwi, gwh, gb};
+}
+
+std::tuple<at::Tensor, at::Tensor> gru_cell_fwd_cpu(const at::Tensor& input, const at::Tensor& hx,
+                                                    const at::Tensor& w_ih, const at::Tensor& w_hh,
+                                                    const c10::optional<at::Tensor>& b_ih,
+                                                    const c10::optional<at::Tensor>& b_hh) {
+  const at::NoGradGuard no_grad;  // in-place / out= GEMMs on inputs that may require grad
+  const rnn::Dims d = rnn::check_gru_cell_fwd(input, hx, w_ih, w_hh, b_ih, b_hh, kDtypes);
+  const at::Tensor bhh = opt(b_hh), hxc = hx.contiguous();
+  const at::Tensor gx = project(input, w_ih, opt(b_ih));
+  const at::Tensor ghh = at::mm(hxc, w_hh.t());
+  at::Tensor hy = at::empty({d.B, d.H}, input.options()), ws = at::empty({d.B, 4 * d.H}, input.options());
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "gru_cell_fwd", [&] {
+    using T = scalar_t;
+    const auto& k = kern<T>();
+    const T *x = gx.const_data_ptr<T>(), *hh = ghh.const_data_ptr<T>(), *b = ptr_or_null<T>(bhh),
+            *hp = hxc.const_data_ptr<T>();
+    T *w = ws.mutable_data_ptr<T>(), *h = hy.mutable_data_ptr<T>();
+    const int64_t H = d.H;
+    rows_parallel(d.B, H, 3, [&](int64_t a, int64_t e) {
+      k.gru_fwd(e - a, H, x + a * 3 * H, 3 * H, hh + a * 3 * H, 3 * H, b, hp + a * H, H, w + a * 4 * H, 4 * H,
+                h + a * H, H);
+    });
+  });
+  return {hy, ws};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_cell_bwd_cpu(
+    const at::Tensor& grad_hy, const at::Tensor& input, const at::Tensor& hx, const at::Tensor& w_ih,
+    const at::Tensor& w_hh, const at::Tensor& ws, std::array<bool, 6> mask) {
+  const at::NoGradGuard no_grad;  // in-place / out= GEMMs on inputs that may require grad
+  const rnn::Dims d = rnn::check_gru_cell_bwd(grad_hy, input, hx, w_ih, w_hh, ws, kDtypes);
+  at::Tensor gi, gh, gwi, gwh, gbi, gbh;
+  if (!(mask[0] || mask[1] || mask[2] || mask[3] || mask[4] || mask[5])) return {gi, gh, gwi, gwh, gbi, gbh};
+  const at::Tensor go = grad_hy.contiguous(), hxc = hx.contiguous(), wsc = ws.contiguous();
+  at::Tensor dgx = at::empty({d.B, 3 * d.H}, input.options()), dgh = at::empty({d.B, 3 * d.H}, input.options());
+  if (mask[1]) gh = at::empty({d.B, d.H}, input.options());
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "gru_cell_bwd", [&] {
+    using T = scalar_t;
+    const auto& k = kern<T>();
+    const T *w = wsc.const_data_ptr<T>(), *hp = hxc.const_data_ptr<T>(), *g = go.const_data_ptr<T>();
+    T* dho = gh.defined() ? gh.mutable_data_ptr<T>() : nullptr;
+    T *dx = dgx.mutable_data_ptr<T>(), *dhh = dgh.mutable_data_ptr<T>();
+    const int64_t H = d.H;
+    rows_parallel(d.B, H, 3, [&](int64_t a, int64_t e) {
+      k.gru_bwd(e - a, H, w + a * 4 * H, 4 * H, hp + a * H, H, g + a * H, H, nullptr, H,
+                dho ? dho + a * H : nullptr, H, dx + a * 3 * H, 3 * H, dhh + a * 3 * H, 3 * H);
+    });
+  });
+  if (mask[0]) gi = at::mm(dgx, w_ih);
+  if (mask[1]) gh.addmm_(dgh, w_hh);
+  if (mask[2]) gwi = at::mm(dgx.t(), input);
+  if (mask[3]) gwh = at::mm(dgh.t(), hxc);
+  if (mask[4]) gbi = dgx.sum(0);
+  if (mask[5]) gbh = dgh.sum(0);
+  return {gi, gh, gwi, gwh, gbi, gbh};
+}
+
+// ---- whole sequences ---------------------------------------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_seq_fwd_cpu(
+    const at::Tensor& input, const at::Tensor& batch_sizes, const at::Tensor& h0, const at::Tensor& c0,
+    const at::Tensor& w_ih, const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_ih,
+    const c10::optional<at::Tensor>& b_hh, bool reverse) {
+  const at::NoGradGuard no_grad;  // in-place / out= GEMMs on inputs that may require grad
+  const Seq s = rnn::check_lstm_seq_fwd(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, kDtypes);
+  const int64_t H = s.d.H;
+  const at::Tensor h0c = h0.contiguous(), c0c = c0.contiguous(), bhh = opt(b_hh), whhT = w_hh.t();
+  at::Tensor gates = project(input, w_ih, opt(b_ih));  // (N, 4H) contiguous
+  at::Tensor output = at::empty({s.N, H}, input.options()), cs = at::empty({s.N, H}, input.options());
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "lstm_seq_fwd", [&] {
+    using T = scalar_t;
+    const auto& k = kern<T>();
+    T *g = gates.mutable_data_ptr<T>(), *c = cs.mutable_data_ptr<T>(), *h = output.mutable_data_ptr<T>();
+    const T *b = ptr_or_null<T>(bhh), *c0p = c0c.const_data_ptr<T>();
+    std::array<Seg, 2> seg;
+    for (int64_t i = 0; i < s.T; ++i) {
+      const int64_t t = reverse ? s.T - 1 - i : i, off = s.offsets[t];
+      const int nseg = prev_segments(s, t, reverse, seg);
+      for (int j = 0; j < nseg; ++j)
+        gates.narrow(0, off + seg[j].r0, seg[j].r1 - seg[j].r0).addmm_(prev_rows(seg[j], output, h0c), whhT);
+      for (int j = 0; j < nseg; ++j) {
+        const Seg sg = seg[j];
+        const T* cp = (sg.from_init ? c0p : c) + sg.src * H;
+        rows_parallel(sg.r1 - sg.r0, H, 4, [&](int64_t a, int64_t e) {
+          const int64_t r = off + sg.r0 + a;
+          k.lstm_fwd(e - a, H, g + r * 4 * H, 4 * H, b, cp + a * H, H, c + r * H, H, h + r * H, H);
+        });
+      }
+    }
+  });
+  return {output, final_state(s, output, h0c, reverse), final_state(s, cs, c0c, reverse), gates, cs};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_seq_bwd_cpu(
+    const c10::optional<at::Tensor>& grad_output, const c10::optional<at::Tensor>& grad_hy,
+    const c10::optional<at::Tensor>& grad_cy, const at::Tensor& input, const at::Tensor& batch_sizes,
+    const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+    const at::Tensor& output, const at::Tensor& gates, const at::Tensor& cs, bool reverse,
+    std::array<bool, 6> mask) {
+  const at::NoGradGuard no_grad;  // in-place / out= GEMMs on inputs that may require grad
+  const Seq s = rnn::check_lstm_seq_bwd(grad_output, grad_hy, grad_cy, input, batch_sizes, h0, c0, w_ih, w_hh,
+                                        output, gates, cs, kDtypes);
+  at::Tensor gi, gh0, gc0, gwi, gwh, gb;
+  if (!(mask[0] || mask[1] || mask[2] || mask[3] || mask[4] || mask[5])) return {gi, gh0, gc0, gwi, gwh, gb};
+  const int64_t H = s.d.H, B = s.d.B;
+  const at::Tensor go = opt(grad_output), h0c = h0.contiguous(), c0c = c0.contiguous(), gt = gates.contiguous(),
+                   csc = cs.contiguous(), outc = output.contiguous();
+  // dh, dc: the gradient carried to the previous step ((B, H); grad_h0, grad_c0 at the end)
+  at::Tensor dh = grad_hy.has_value() && grad_hy->defined() ? grad_hy->contiguous().clone()
+                                                            : at::zeros({B, H}, input.options());
+  at::Tensor dc = grad_cy.has_value() && grad_cy->defined() ? grad_cy->contiguous().clone()
+                                                            : at::zeros({B, H}, input.options());
+  at::Tensor dg = at::empty({s.N, 4 * H}, input.options());
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "lstm_seq_bwd", [&] {
+    using T = scalar_t;
+    const auto& k = kern<T>();
+    const T *g = gt.const_data_ptr<T>(), *c = csc.const_data_ptr<T>(), *c0p = c0c.const_data_ptr<T>(),
+            *gop = ptr_or_null<T>(go);
+    T *dhp = dh.mutable_data_ptr<T>(), *dcp = dc.mutable_data_ptr<T>(), *dgp = dg.mutable_data_ptr<T>();
+    std::array<Seg, 2> seg;
+    for (int64_t i = 0; i < s.T; ++i) {
+      const int64_t t = reverse ? i : s.T - 1 - i, off = s.offsets[t], n = s.sizes[t];
+      const int nseg = prev_segments(s, t, reverse, seg);
+      for (int j = 0; j < nseg; ++j) {
+        const Seg sg = seg[j];
+        const T* cp = (sg.from_init ? c0p : c) + sg.src * H;
+        rows_parallel(sg.r1 - sg.r0, H, 4, [&](int64_t a, int64_t e) {
+          const int64_t r = sg.r0 + a, row = off + r;
+          k.lstm_bwd(e - a, H, g + row * 4 * H, 4 * H, c + row * H, H, cp + a * H, H,
+                     gop ? gop + row * H : nullptr, H, dhp + r * H, H, dcp + r * H, dcp + r * H, H,
+                     dgp + row * 4 * H, 4 * H);
+        });
+      }
+      // dh_prev of the active rows (not needed after the last step unless grad_h0 is asked for)
+      if (n > 0 && (i + 1 < s.T || mask[1])) {
+        at::Tensor dhv = dh.narrow(0, 0, n);
+        at::mm_out(dhv, dg.narrow(0, off, n), w_hh);
+      }
+    }
+  });
+  if (mask[0]) gi = at::mm(dg, w_ih);
+  if (mask[1]) gh0 = dh;
+  if (mask[2]) gc0 = dc;
+  if (mask[3]) gwi = at::mm(dg.t(), input);
+  if (mask[4]) gwh = at::mm(dg.t(), prev_states(s, outc, h0c, reverse));
+  if (mask[5]) gb = dg.sum(0);
+  return {gi, gh0, gc0, gwi, gwh, gb};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_seq_fwd_cpu(const at::Tensor& input, const at::Tensor& batch_sizes,
+                                                               const at::Tensor& h0, const at::Tensor& w_ih,
+                                                               const at::Tensor& w_hh,
+                                                               const c10::optional<at::Tensor>& b_ih,
+                                                               const c10::optional<at::Tensor>& b_hh, bool reverse) {
+  const at::NoGradGuard no_grad;  // in-place / out= GEMMs on inputs that may require grad
+  const Seq s = rnn::check_gru_seq_fwd(input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, kDtypes);
+  const int64_t H = s.d.H;
+  const at::Tensor h0c = h0.contiguous(), bhh = opt(b_hh), whhT = w_hh.t();
+  const at::Tensor gx = project(input, w_ih, opt(b_ih));  // (N, 3H)
+  at::Tensor ghh = at::empty({s.d.B, 3 * H}, input.options());
+  at::Tensor output = at::empty({s.N, H}, input.options()), ws = at::empty({s.N, 4 * H}, input.options());
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "gru_seq_fwd", [&] {
+    using T = scalar_t;
+    const auto& k = kern<T>();
+    const T *x = gx.const_data_ptr<T>(), *hh = ghh.const_data_ptr<T>(), *b = ptr_or_null<T>(bhh),
+            *h0p = h0c.const_data_ptr<T>();
+    T *w = ws.mutable_data_ptr<T>(), *h = output.mutable_data_ptr<T>();
+    std::array<Seg, 2> seg;
+    for (int64_t i = 0; i < s.T; ++i) {
+      const int64_t t = reverse ? s.T - 1 - i : i, off = s.offsets[t];
+      const int nseg = prev_segments(s, t, reverse, seg);
+      for (int j = 0; j < nseg; ++j) {
+        at::Tensor gv = ghh.narrow(0, seg[j].r0, seg[j].r1 - seg[j].r0);
+        at::mm_out(gv, prev_rows(seg[j], output, h0c), whhT);
+      }
+      for (int j = 0; j < nseg; ++j) {
+        const Seg sg = seg[j];
+        const T* hp = (sg.from_init ? h0p : h) + sg.src * H;
+        rows_parallel(sg.r1 - sg.r0, H, 3, [&](int64_t a, int64_t e) {
+          const int64_t r = sg.r0 + a, row = off + r;
+          k.gru_fwd(e - a, H, x + row * 3 * H, 3 * H, hh + r * 3 * H, 3 * H, b, hp + a * H, H, w + row * 4 * H,
+                    4 * H, h + row * H, H);
+        });
+      }
+    }
+  });
+  return {output, final_state(s, output, h0c, reverse), ws};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_seq_bwd_cpu(
+    const c10::optional<at::Tensor>& grad_output, const c10::optional<at::Tensor>& grad_hy, const at::Tensor& input,
+    const at::Tensor& batch_sizes, const at::Tensor& h0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+    const at::Tensor& output, const at::Tensor& ws, bool reverse, std::array<bool, 6> mask) {
+  const at::NoGradGuard no_grad;  // in-place / out= GEMMs on inputs that may require grad
+  const Seq s = rnn::check_gru_seq_bwd(grad_output, grad_hy, input, batch_sizes, h0, w_ih, w_hh, output, ws, kDtypes);
+  at::Tensor gi, gh0, gwi, gwh, gbi, gbh;
+  if (!(mask[0] || mask[1] || mask[2] || mask[3] || mask[4] || mask[5])) return {gi, gh0, gwi, gwh, gbi, gbh};
+  const int64_t H = s.d.H, B = s.d.B;
+  const at::Tensor go = opt(grad_output), h0c = h0.contiguous(), wsc = ws.contiguous(), outc = output.contiguous();
+  at::Tensor dh = grad_hy.has_value() && grad_hy->defined() ? grad_hy->contiguous().clone()
+                                                            : at::zeros({B, H}, input.options());
+  at::Tensor dgx = at::empty({s.N, 3 * H}, input.options()), dgh = at::empty({s.N, 3 * H}, input.options());
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "gru_seq_bwd", [&] {
+    using T = scalar_t;
+    const auto& k = kern<T>();
+    const T *w = wsc.const_data_ptr<T>(), *h = outc.const_data_ptr<T>(), *h0p = h0c.const_data_ptr<T>(),
+            *gop = ptr_or_null<T>(go);
+    T *dhp = dh.mutable_data_ptr<T>(), *dx = dgx.mutable_data_ptr<T>(), *dhh = dgh.mutable_data_ptr<T>();
+    std::array<Seg, 2> seg;
+    for (int64_t i = 0; i < s.T; ++i) {
+      const int64_t t = reverse ? i : s.T - 1 - i, off = s.offsets[t], n = s.sizes[t];
+      const int nseg = prev_segments(s, t, reverse, seg);
+      for (int j = 0; j < nseg; ++j) {
+        const Seg sg = seg[j];
+        const T* hp = (sg.from_init ? h0p : h) + sg.src * H;
+        rows_parallel(sg.r1 - sg.r0, H, 3, [&](int64_t a, int64_t e) {
+          const int64_t r = sg.r0 + a, row = off + r;
+          k.gru_bwd(e - a, H, w + row * 4 * H, 4 * H, hp + a * H, H, gop ? gop + row * H : nullptr, H, dhp + r * H,
+                    H, dhp + r * H, H, dx + row * 3 * H, 3 * H, dhh + row * 3 * H, 3 * H);
+        });
+      }
+      if (n > 0 && (i + 1 < s.T || mask[1])) dh.narrow(0, 0, n).addmm_(dgh.narrow(0, off, n), w_hh);
+    }
+  });
+  if (mask[0]) gi = at::mm(dgx, w_ih);
+  if (mask[1]) gh0 = dh;
+  if (mask[2]) gwi = at::mm(dgx.t(), input);
+  if (mask[3]) gwh = at::mm(dgh.t(), prev_states(s, outc, h0c, reverse));
+  if (mask[4]) gbi = dgx.sum(0);
+  if (mask[5]) gbh = dgh.sum(0);
+  return {gi, gh0, gwi, gwh, gbi, gbh};
+}
+
+TORCH_LIBRARY_IMPL(pyfastdl, CPU, m) {
+  m.impl("lstm_cell_fwd", &lstm_cell_fwd_cpu);
+  m.impl("lstm_cell_bwd", &lstm_cell_bwd_cpu);
+  m.impl("gru_cell_fwd", &gru_cell_fwd_cpu);
+  m.impl("gru_cell_bwd", &gru_cell_bwd_cpu);
+  m.impl("lstm_seq_fwd", &lstm_seq_fwd_cpu);
+  m.impl("lstm_seq_bwd", &lstm_seq_bwd_cpu);
+  m.impl("gru_seq_fwd", &gru_seq_fwd_cpu);
+  m.impl("gru_seq_bwd", &gru_seq_bwd_cpu);
+}
+
+}  // namespace pyfastdl

@@ -1,0 +1,179 @@
+// LSTM/GRU CPU pointwise kernels (at::vec SIMD), compiled once per capability: setup.py defines
+// CPU_CAPABILITY (DEFAULT, AVX2 or AVX512) and the matching -m flags. The launchers (rnn.cpp) run
+// them over row blocks with at::parallel_for, between the GEMMs.
+//
+// Each kernel walks one row at a time, the H features of a row in SIMD chunks; the tail chunk is a
+// partial load/store of the same vector math, so every feature gets the same rounding.
+// sigmoid(x) = 1 / (1 + exp(-x)): 0 at -inf, 1 at +inf, NaN in -> NaN out.
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "cpu/rnn_kernel.h"
+
+namespace pyfastdl {
+namespace cpu {
+namespace CPU_CAPABILITY {
+namespace {
+
+using at::vec::Vectorized;
+
+template <typename T>
+inline Vectorized<T> sigmoid(const Vectorized<T>& x) {
+  const Vectorized<T> one(T(1));
+  return one / (one + (Vectorized<T>(T(0)) - x).exp());
+}
+
+template <typename T>
+inline Vectorized<T> ld(const T* p, int64_t cnt) {
+  return cnt == Vectorized<T>::size() ? Vectorized<T>::loadu(p) : Vectorized<T>::loadu(p, cnt);
+}
+
+template <typename T>
+inline void st(const Vectorized<T>& v, T* p, int64_t cnt) {
+  if (cnt == Vectorized<T>::size())
+    v.store(p);
+  else
+    v.store(p, cnt);
+}
+
+template <typename T>
+void lstm_fwd(int64_t n, int64_t H, T* gates, int64_t ldg, const T* bias, const T* c_prev, int64_t ldcp, T* c,
+              int64_t ldc, T* h, int64_t ldh) {
+  using V = Vectorized<T>;
+  constexpr int64_t W = V::size();
+  for (int64_t r = 0; r < n; ++r) {
+    T* g = gates + r * ldg;
+    const T* cp = c_prev + r * ldcp;
+    T* cr = c + r * ldc;
+    T* hr = h + r * ldh;
+    for (int64_t j = 0; j < H; j += W) {
+      const int64_t cnt = std::min<int64_t>(W, H - j);
+      V ai = ld(g + j, cnt), af = ld(g + H + j, cnt), ag = ld(g + 2 * H + j, cnt), ao = ld(g + 3 * H + j, cnt);
+      if (bias) {
+        ai = ai + ld(bias + j, cnt);
+        af = af + ld(bias + H + j, cnt);
+        ag = ag + ld(bias + 2 * H + j, cnt);
+        ao = ao + ld(bias + 3 * H + j, cnt);
+      }
+      const V i = sigmoid(ai), f = sigmoid(af), gg = ag.tanh(), o = sigmoid(ao);
+      const V cn = f * ld(cp + j, cnt) + i * gg;
+      st(i, g + j, cnt);
+      st(f, g + H + j, cnt);
+      st(gg, g + 2 * H + j, cnt);
+      st(o, g + 3 * H + j, cnt);
+      st(cn, cr + j, cnt);
+      st(o * cn.tanh(), hr + j, cnt);
+    }
+  }
+}
+
+template <typename T>
+void lstm_bwd(int64_t n, int64_t H, const T* gates, int64_t ldg, const T* c, int64_t ldc, const T* c_prev,
+              int64_t ldcp, const T* go, int64_t ldgo, const T* dh_in, int64_t lddh, const T* dc_in, T* dc_out,
+              int64_t lddc, T* dgates, int64_t lddg) {
+  using V = Vectorized<T>;
+  constexpr int64_t W = V::size();
+  const V zero(T(0)), one(T(1));
+  for (int64_t r = 0; r < n; ++r) {
+    const T* g = gates + r * ldg;
+    const T* cr = c + r * ldc;
+    const T* cp = c_prev + r * ldcp;
+    T* dg = dgates + r * lddg;
+    for (int64_t j = 0; j < H; j += W) {
+      const int64_t cnt = std::min<int64_t>(W, H - j);
+      V dh = go ? ld(go + r * ldgo + j, cnt) : zero;
+      if (dh_in) dh = dh + ld(dh_in + r * lddh + j, cnt);
+      const V i = ld(g + j, cnt), f = ld(g + H + j, cnt), gg = ld(g + 2 * H + j, cnt), o = ld(g + 3 * H + j, cnt);
+      const V tc = ld(cr + j, cnt).tanh();
+      V dc = dh * o * (one - tc * tc);
+      if (dc_in) dc = dc + ld(dc_in + r * lddc + j, cnt);
+      st(dc * gg * i * (one - i), dg + j, cnt);
+      st(dc * ld(cp + j, cnt) * f * (one - f), dg + H + j, cnt);
+      st(dc * i * (one - gg * gg), dg + 2 * H + j, cnt);
+      st(dh * tc * o * (one - o), dg + 3 * H + j, cnt);
+      if (dc_out) st(dc * f, dc_out + r * lddc + j, cnt);
+    }
+  }
+}
+
+template <typename T>
+void gru_fwd(int64_t n, int64_t H, const T* gx, int64_t ldgx, const T* gh, int64_t ldgh, const T* b_hh,
+             const T* h_prev, int64_t ldhp, T* ws, int64_t ldws, T* h, int64_t ldh) {
+  using V = Vectorized<T>;
+  constexpr int64_t W = V::size();
+  const V one(T(1));
+  for (int64_t r = 0; r < n; ++r) {
+    const T* x = gx + r * ldgx;
+    const T* hh = gh + r * ldgh;
+    const T* hp = h_prev + r * ldhp;
+    T* w = ws + r * ldws;
+    T* hr = h + r * ldh;
+    for (int64_t j = 0; j < H; j += W) {
+      const int64_t cnt = std::min<int64_t>(W, H - j);
+      V ar = ld(x + j, cnt) + ld(hh + j, cnt);
+      V az = ld(x + H + j, cnt) + ld(hh + H + j, cnt);
+      V hn = ld(hh + 2 * H + j, cnt);
+      if (b_hh) {
+        ar = ar + ld(b_hh + j, cnt);
+        az = az + ld(b_hh + H + j, cnt);
+        hn = hn + ld(b_hh + 2 * H + j, cnt);
+      }
+      const V rg = sigmoid(ar), z = sigmoid(az);
+      const V nn = (ld(x + 2 * H + j, cnt) + rg * hn).tanh();
+      const V hp_v = ld(hp + j, cnt);
+      st(rg, w + j, cnt);
+      st(z, w + H + j, cnt);
+      st(nn, w + 2 * H + j, cnt);
+      st(hn, w + 3 * H + j, cnt);
+      st((one - z) * nn + z * hp_v, hr + j, cnt);
+    }
+  }
+}
+
+template <typename T>
+void gru_bwd(int64_t n, int64_t H, const T* ws, int64_t ldws, const T* h_prev, int64_t ldhp, const T* go,
+             int64_t ldgo, const T* dh_in, int64_t lddh, T* dh_out, int64_t lddo, T* dgx, int64_t lddgx, T* dgh,
+             int64_t lddgh) {
+  using V = Vectorized<T>;
+  constexpr int64_t W = V::size();
+  const V zero(T(0)), one(T(1));
+  for (int64_t r = 0; r < n; ++r) {
+    const T* w = ws + r * ldws;
+    const T* hp = h_prev + r * ldhp;
+    T* dx = dgx + r * lddgx;
+    T* dhh = dgh + r * lddgh;
+    for (int64_t j = 0; j < H; j += W) {
+      const int64_t cnt = std::min<int64_t>(W, H - j);
+      V dh = go ? ld(go + r * ldgo + j, cnt) : zero;
+      if (dh_in) dh = dh + ld(dh_in + r * lddh + j, cnt);
+      const V rg = ld(w + j, cnt), z = ld(w + H + j, cnt), nn = ld(w + 2 * H + j, cnt), hn = ld(w + 3 * H + j, cnt);
+      const V dn = dh * (one - z) * (one - nn * nn);  // gradient of n's pre-activation
+      const V dz = dh * (ld(hp + j, cnt) - nn) * z * (one - z);
+      const V dr = dn * hn * rg * (one - rg);
+      st(dr, dx + j, cnt);
+      st(dz, dx + H + j, cnt);
+      st(dn, dx + 2 * H + j, cnt);
+      st(dr, dhh + j, cnt);
+      st(dz, dhh + H + j, cnt);
+      st(dn * rg, dhh + 2 * H + j, cnt);
+      if (dh_out) st(dh * z, dh_out + r * lddo + j, cnt);
+    }
+  }
+}
+
+template <typename T>
+constexpr RnnKernelsT<T> table() {
+  return {&lstm_fwd<T>, &lstm_bwd<T>, &gru_fwd<T>, &gru_bwd<T>};
+}
+
+const RnnKernels kTable{table<float>(), table<double>()};
+
+}  // namespace
+}  // namespace CPU_CAPABILITY
+
+PYFASTDL_CPU_KERNELS_DEFINE(RnnKernels, rnn_kernels, CPU_CAPABILITY::kTable)
+
+}  // namespace cpu
+}  // namespace pyfastdl
