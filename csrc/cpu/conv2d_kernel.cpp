@@ -89,11 +89,12 @@ inline void ukernel(const T* const* ap, const unsigned char* on, int64_t ntaps, 
 // ---- the gather GEMM driver (forward and grad_input) ------------------------------------------
 // M output pixels; G groups; per group K contraction channels (A's pixel holds G * K channels) and
 // c_g output channels; B: [G][nblk][ntaps][K][NB] (zero past c_g); bias_pad: [G][nblk * NB].
-// a_ptr(m, t): the pixel base (channel 0) tap t of pixel m reads, or nullptr; o_ptr(m): the output
-// pixel base (channel 0), ldo = G * c_g channels.
-template <typename T, typename APtr, typename OPtr>
+// a_fill(m, dst): dst[t * MR] = the pixel base (channel 0) tap t of pixel m reads, or nullptr, for
+// every tap (the pixel's coordinates are computed once, not per tap); o_ptr(m): the output pixel
+// base (channel 0), ldo = G * c_g channels.
+template <typename T, typename AFill, typename OPtr>
 void gather_gemm(int64_t M, int64_t G, int64_t ntaps, int64_t K, int64_t c_g, const T* B, const T* bias_pad,
-                 const APtr& a_ptr, const OPtr& o_ptr) {
+                 const AFill& a_fill, const OPtr& o_ptr) {
   using Vec = Vectorized<T>;
   constexpr int64_t NB = nb_of<T>();
   const int64_t nblk = ceil_div(c_g, NB);
@@ -117,7 +118,11 @@ void gather_gemm(int64_t M, int64_t G, int64_t ntaps, int64_t K, int64_t c_g, co
         const int64_t m0 = tile_i * MR;
         for (int i = 0; i < MR; ++i) {
           const int64_t m = m0 + i;
-          for (int64_t t = 0; t < ntaps; ++t) base[t * MR + i] = m < M ? a_ptr(m, t) : nullptr;
+          if (m < M) {
+            a_fill(m, base.data() + i, MR);
+          } else {
+            for (int64_t t = 0; t < ntaps; ++t) base[t * MR + i] = nullptr;
+          }
         }
         if (gather) {
           for (int i = 0; i < MR; ++i) {
@@ -161,6 +166,65 @@ void gather_gemm(int64_t M, int64_t G, int64_t ntaps, int64_t K, int64_t c_g, co
             }
           }
         }
+      }
+    }
+  });
+}
+
+// Forward taps of output pixel m: dst[t * stride] = the NHWC input pixel tap t reads, or nullptr.
+template <typename T>
+inline void fwd_fill(const T* xp, const conv::Params& p, int64_t m, const T** dst, int64_t stride) {
+  const int64_t HWo = p.H_out * p.W_out;
+  const int64_t n = m / HWo, r = m % HWo, oh = r / p.W_out, ow = r % p.W_out;
+  const int64_t ih0 = oh * p.sh - p.pt, iw0 = ow * p.sw - p.pl;
+  const T* xn = xp + n * p.H * p.W * p.C_in;
+  for (int64_t kh = 0; kh < p.kH; ++kh) {
+    const int64_t ih = ih0 + kh * p.dh;
+    const bool hok = ih >= 0 && ih < p.H;
+    for (int64_t kw = 0; kw < p.kW; ++kw) {
+      const int64_t iw = iw0 + kw * p.dw;
+      dst[(kh * p.kW + kw) * stride] = hok && iw >= 0 && iw < p.W ? xn + (ih * p.W + iw) * p.C_in : nullptr;
+    }
+  }
+}
+
+// Depthwise (one input and one output channel per group): vectorized over the C channels of an NHWC
+// pixel. out[m][c] = bias[c] + sum_t src(m, t)[c] * w[c][t]; w: (C, 1, kH, kW) contiguous; bias_pad
+// padded per channel block of NB (here: G = C groups of 1 channel, so bias_pad[c * NB]).
+template <typename T, typename AFill, typename OPtr>
+void depthwise(int64_t M, int64_t C, int64_t ntaps, const T* w, const T* bias_pad, const AFill& a_fill,
+               const OPtr& o_ptr) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t V = Vec::size(), NB = nb_of<T>();
+  std::vector<T> wt(ntaps * C), bias(C);  // wt[t][c]
+  for (int64_t c = 0; c < C; ++c) {
+    bias[c] = bias_pad[c * NB];
+    for (int64_t t = 0; t < ntaps; ++t) wt[t * C + c] = w[c * ntaps + t];
+  }
+  at::parallel_for(0, M, 64, [&](int64_t b, int64_t e) {
+    std::vector<const T*> src(ntaps);
+    for (int64_t m = b; m < e; ++m) {
+      a_fill(m, src.data(), 1);
+      T* o = o_ptr(m);
+      int64_t c = 0;
+      for (; c + 2 * V <= C; c += 2 * V) {
+        Vec a0 = Vec::loadu(bias.data() + c), a1 = Vec::loadu(bias.data() + c + V);
+        for (int64_t t = 0; t < ntaps; ++t) {
+          if (!src[t]) continue;
+          a0 = at::vec::fmadd(Vec::loadu(src[t] + c), Vec::loadu(wt.data() + t * C + c), a0);
+          a1 = at::vec::fmadd(Vec::loadu(src[t] + c + V), Vec::loadu(wt.data() + t * C + c + V), a1);
+        }
+        a0.store(o + c);
+        a1.store(o + c + V);
+      }
+      for (; c < C; c += V) {
+        const int64_t nv = std::min<int64_t>(V, C - c);
+        Vec a0 = Vec::loadu(bias.data() + c, nv);
+        for (int64_t t = 0; t < ntaps; ++t) {
+          if (!src[t]) continue;
+          a0 = at::vec::fmadd(Vec::loadu(src[t] + c, nv), Vec::loadu(wt.data() + t * C + c, nv), a0);
+        }
+        a0.store(o + c, nv);
       }
     }
   });
@@ -215,15 +279,13 @@ void fwd_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias, 
   const std::vector<T> B = pack_weight<T>(w.const_data_ptr<T>(), p, false);
   const std::vector<T> bp = pad_bias<T>(bias.defined() ? bias.const_data_ptr<T>() : nullptr, p.groups, p.cout_g());
   const int64_t HWo = p.H_out * p.W_out;
-  auto a_ptr = [&](int64_t m, int64_t t) -> const T* {
-    const int64_t n = m / HWo, r = m % HWo, oh = r / p.W_out, ow = r % p.W_out;
-    const int64_t kh = t / p.kW, kw = t % p.kW;
-    const int64_t ih = oh * p.sh - p.pt + kh * p.dh, iw = ow * p.sw - p.pl + kw * p.dw;
-    if (ih < 0 || ih >= p.H || iw < 0 || iw >= p.W) return nullptr;
-    return xp + ((n * p.H + ih) * p.W + iw) * p.C_in;
-  };
+  auto a_fill = [&](int64_t m, const T** dst, int64_t stride) { fwd_fill(xp, p, m, dst, stride); };
   auto o_ptr = [&](int64_t m) -> T* { return yp + m * p.C_out; };
-  gather_gemm<T>(p.N * HWo, p.groups, p.kH * p.kW, p.cin_g(), p.cout_g(), B.data(), bp.data(), a_ptr, o_ptr);
+  if (p.cin_g() == 1 && p.cout_g() == 1) {
+    depthwise<T>(p.N * HWo, p.C_out, p.kH * p.kW, w.const_data_ptr<T>(), bp.data(), a_fill, o_ptr);
+    return;
+  }
+  gather_gemm<T>(p.N * HWo, p.groups, p.kH * p.kW, p.cin_g(), p.cout_g(), B.data(), bp.data(), a_fill, o_ptr);
 }
 
 template <typename T>
@@ -238,20 +300,28 @@ void bwd_input_impl(const at::Tensor& g, const at::Tensor& w, const conv::Params
   for (int64_t r = 0; r < p.sw; ++r)
     for (int64_t iw = r; iw < p.W; iw += p.sw) perm.push_back(iw);
   const int64_t HW = p.H * p.W;
-  auto a_ptr = [&](int64_t m, int64_t t) -> const T* {
+  auto a_fill = [&](int64_t m, const T** dst, int64_t stride) {
     const int64_t n = m / HW, r = m % HW, ih = r / p.W, iw = perm[r % p.W];
-    const int64_t kh = t / p.kW, kw = t % p.kW;
-    const int64_t hn = ih + p.pt - kh * p.dh, wn = iw + p.pl - kw * p.dw;
-    if (hn < 0 || wn < 0 || hn % p.sh || wn % p.sw) return nullptr;
-    const int64_t oh = hn / p.sh, ow = wn / p.sw;
-    if (oh >= p.H_out || ow >= p.W_out) return nullptr;
-    return gp + ((n * p.H_out + oh) * p.W_out + ow) * p.C_out;
+    const T* gn = gp + n * p.H_out * p.W_out * p.C_out;
+    for (int64_t kh = 0; kh < p.kH; ++kh) {
+      const int64_t hn = ih + p.pt - kh * p.dh;
+      const bool hok = hn >= 0 && (p.sh == 1 || hn % p.sh == 0) && hn / p.sh < p.H_out;
+      for (int64_t kw = 0; kw < p.kW; ++kw) {
+        const int64_t wn = iw + p.pl - kw * p.dw;
+        const bool ok = hok && wn >= 0 && (p.sw == 1 || wn % p.sw == 0) && wn / p.sw < p.W_out;
+        dst[(kh * p.kW + kw) * stride] = ok ? gn + ((hn / p.sh) * p.W_out + wn / p.sw) * p.C_out : nullptr;
+      }
+    }
   };
   auto o_ptr = [&](int64_t m) -> T* {
     const int64_t n = m / HW, r = m % HW, ih = r / p.W, iw = perm[r % p.W];
     return op + ((n * p.H + ih) * p.W + iw) * p.C_in;
   };
-  gather_gemm<T>(p.N * HW, p.groups, p.kH * p.kW, p.cout_g(), p.cin_g(), B.data(), bp.data(), a_ptr, o_ptr);
+  if (p.cin_g() == 1 && p.cout_g() == 1) {  // depthwise: the taps in reverse, per channel
+    depthwise<T>(p.N * HW, p.C_in, p.kH * p.kW, w.const_data_ptr<T>(), bp.data(), a_fill, o_ptr);
+    return;
+  }
+  gather_gemm<T>(p.N * HW, p.groups, p.kH * p.kW, p.cout_g(), p.cin_g(), B.data(), bp.data(), a_fill, o_ptr);
 }
 
 // acc[i][0..NB) += sum_l x[l * xs + i] * g[l * gs + 0..NB),  i < R.
@@ -301,8 +371,61 @@ void bwd_weight_impl(const at::Tensor& g, const at::Tensor& x, const conv::Param
   const int64_t G = p.groups, cin_g = p.cin_g(), cout_g = p.cout_g();
   const int64_t nblk = ceil_div(cout_g, NB), cpad = nblk * NB, Gc = G * cpad;
   const int64_t M = p.N * p.H_out * p.W_out;
-  // grad_out with each group's channels padded to whole blocks (the micro-kernel loads NB at once)
   const T* gsrc = g.const_data_ptr<T>();
+  if (gb.defined()) {  // grad_bias: per block of NB channels, a fixed-order sum over the pixels
+    T* gbp = gb.mutable_data_ptr<T>();
+    const int64_t C = p.C_out, V = Vec::size();
+    at::parallel_for(0, ceil_div(C, NB), 1, [&](int64_t b, int64_t e) {
+      for (int64_t cb = b; cb < e; ++cb) {
+        const int64_t c0 = cb * NB, nv = std::min<int64_t>(NB, C - c0);
+        const int64_t n0 = std::min<int64_t>(V, nv), n1 = nv - n0;
+        double tot[NB] = {};
+        for (int64_t m0 = 0; m0 < M; m0 += 256) {  // chunks summed in T, chunk sums in float64
+          Vec s0(T(0)), s1(T(0));
+          for (int64_t m = m0; m < std::min<int64_t>(M, m0 + 256); ++m) {
+            s0 = s0 + Vec::loadu(gsrc + m * C + c0, n0);
+            if (n1 > 0) s1 = s1 + Vec::loadu(gsrc + m * C + c0 + V, n1);
+          }
+          alignas(64) T buf[NB];
+          s0.store(buf);
+          s1.store(buf + V);
+          for (int64_t j = 0; j < NB; ++j) tot[j] += static_cast<double>(buf[j]);
+        }
+        for (int64_t j = 0; j < nv; ++j) gbp[c0 + j] = static_cast<T>(tot[j]);
+      }
+    });
+  }
+  if (!gw.defined()) return;
+  const T* xp = x.const_data_ptr<T>();
+  if (cin_g == 1 && cout_g == 1) {  // depthwise: per block of 2 vectors of channels, all taps at once
+    const int64_t C = p.C_in, ntaps = p.kH * p.kW, V = Vec::size();
+    const T* g0 = g.const_data_ptr<T>();
+    T* gwp = gw.mutable_data_ptr<T>();
+    at::parallel_for(0, ceil_div(C, NB), 1, [&](int64_t b, int64_t e) {
+      std::vector<T> acc(ntaps * NB);
+      std::vector<const T*> src(ntaps);
+      for (int64_t cb = b; cb < e; ++cb) {
+        const int64_t c0 = cb * NB, nv = std::min<int64_t>(NB, C - c0);
+        const int64_t n0 = std::min<int64_t>(V, nv), n1 = nv - n0;
+        std::fill(acc.begin(), acc.end(), T(0));
+        for (int64_t m = 0; m < M; ++m) {
+          fwd_fill(xp, p, m, src.data(), 1);
+          const T* gm = g0 + m * C + c0;
+          const Vec ga = Vec::loadu(gm, n0), gb2 = n1 > 0 ? Vec::loadu(gm + V, n1) : Vec(T(0));
+          for (int64_t t = 0; t < ntaps; ++t) {
+            if (!src[t]) continue;
+            T* a = acc.data() + t * NB;
+            at::vec::fmadd(Vec::loadu(src[t] + c0, n0), ga, Vec::loadu(a)).store(a);
+            if (n1 > 0) at::vec::fmadd(Vec::loadu(src[t] + c0 + V, n1), gb2, Vec::loadu(a + V)).store(a + V);
+          }
+        }
+        for (int64_t j = 0; j < nv; ++j)
+          for (int64_t t = 0; t < ntaps; ++t) gwp[(c0 + j) * ntaps + t] = acc[t * NB + j];
+      }
+    });
+    return;
+  }
+  // grad_out with each group's channels padded to whole blocks (the micro-kernel loads NB at once)
   std::vector<T> gpad_buf;
   const T* gp = gsrc;
   if (cpad != cout_g) {
@@ -315,31 +438,6 @@ void bwd_weight_impl(const at::Tensor& g, const at::Tensor& x, const conv::Param
     });
     gp = gpad_buf.data();
   }
-  if (gb.defined()) {  // grad_bias: per (group, block), a fixed-order sum over the pixels
-    T* gbp = gb.mutable_data_ptr<T>();
-    at::parallel_for(0, G * nblk, 1, [&](int64_t b, int64_t e) {
-      for (int64_t gbk = b; gbk < e; ++gbk) {
-        const int64_t gg = gbk / nblk, nb = gbk % nblk;
-        const T* col = gp + gg * cpad + nb * NB;
-        double tot[NB] = {};
-        for (int64_t m0 = 0; m0 < M; m0 += 256) {
-          Vec s0(T(0)), s1(T(0));
-          for (int64_t m = m0; m < std::min<int64_t>(M, m0 + 256); ++m) {
-            s0 = s0 + Vec::loadu(col + m * Gc);
-            s1 = s1 + Vec::loadu(col + m * Gc + Vec::size());
-          }
-          alignas(64) T buf[NB];
-          s0.store(buf);
-          s1.store(buf + Vec::size());
-          for (int64_t j = 0; j < NB; ++j) tot[j] += static_cast<double>(buf[j]);
-        }
-        for (int64_t j = 0; j < NB && nb * NB + j < cout_g; ++j)
-          gbp[gg * cout_g + nb * NB + j] = static_cast<T>(tot[j]);
-      }
-    });
-  }
-  if (!gw.defined()) return;
-  const T* xp = x.const_data_ptr<T>();
   T* gwp = gw.mutable_data_ptr<T>();
   const int64_t ntaps = p.kH * p.kW;
   at::parallel_for(0, G * nblk * p.kH, 1, [&](int64_t b, int64_t e) {
