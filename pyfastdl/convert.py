@@ -40,3 +40,5 @@ def _swap(module: torch.nn.Module, target: type) -> torch.nn.Module:
     # parameters stay the same objects (an optimizer built before convert keeps working).
     module.__class__ = target
     return module
+
+_SWAPS[torch.nn.Conv2d] = pnn.Conv2d

@@ -5,3 +5,7 @@ from .batch_norm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "DotProductAttention", "MultiheadAttention",
            "TransformerEncoderLayer"]
+
+from .conv2d import Conv2d  # noqa: E402
+
+__all__ += ["Conv2d"]
