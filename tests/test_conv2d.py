@@ -39,6 +39,8 @@ CASES = [
     (1, 5, 13, 13, 7, 3, 1, "same", 2, 1),
     (2, 5, 7, 17, 3, 3, 1, "valid", 1, 1),
     (1, 37, 8, 8, 70, 3, 1, 1, 1, 1),       # channel tails on both sides of the tile
+    (2, 2, 11, 13, 5, 3, (2, 1), 1, 1, 1),  # the direct NCHW path (few channels) with stride 2 along H
+    (1, 3, 9, 21, 4, 3, 1, (0, 2), 2, 1),   # the direct NCHW path with dilation, a tail of the row
 ]
 CASES_TRITON = [CASES[0], CASES[5], CASES[6], CASES[12]]
 LAYOUTS = ["contiguous", "channels_last", "strided"]

@@ -20,16 +20,34 @@ at::Tensor to_input_format(const at::Tensor& nhwc, bool channels_last) {
   return channels_last ? nhwc : nhwc.contiguous();
 }
 
+// Few input channels on NCHW input (LeNet's convolutions): the direct NCHW kernel, vectorized along
+// the output row, beats reordering to NHWC (whose tiles would waste most of their output-channel lanes).
+bool use_nchw_direct(const conv::Params& p) {
+  return !p.channels_last && p.groups == 1 && p.sw == 1 && p.C_in <= 8 && p.W_out >= 8 &&
+         p.C_in * p.kH * p.kW <= 512;
+}
+
+bool is_depthwise(const conv::Params& p) { return p.cin_g() == 1 && p.cout_g() == 1; }
+
 }  // namespace
 
 at::Tensor conv2d_fwd_cpu(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                           at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
   const conv::Params p =
       conv::check_fwd(input, weight, bias, stride, padding, dilation, groups, {at::kFloat, at::kDouble}, "conv2d");
-  const at::Tensor x = input.contiguous(at::MemoryFormat::ChannelsLast);
   const at::Tensor w = weight.contiguous();
   const at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
-  at::Tensor y = at::empty({p.N, p.C_out, p.H_out, p.W_out}, input.options().memory_format(at::MemoryFormat::ChannelsLast));
+  if (use_nchw_direct(p)) {
+    at::Tensor y = at::empty({p.N, p.C_out, p.H_out, p.W_out}, input.options());
+    if (y.numel() > 0) kernels()->fwd_nchw(input.contiguous(), w, b, p, y);
+    return y;
+  }
+  const at::Tensor x = input.contiguous(at::MemoryFormat::ChannelsLast);
+  // NCHW output written by the kernel directly (no reorder), except for depthwise (NHWC vectors)
+  const bool nhwc_out = p.channels_last || is_depthwise(p);
+  at::Tensor y = at::empty({p.N, p.C_out, p.H_out, p.W_out},
+                           input.options().memory_format(nhwc_out ? at::MemoryFormat::ChannelsLast
+                                                                  : at::MemoryFormat::Contiguous));
   if (y.numel() == 0) return to_input_format(y, p.channels_last);
   kernels()->fwd(x, w, b, p, y);
   return to_input_format(y, p.channels_last);
@@ -45,7 +63,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_bwd_cpu(const at::Tensor& 
   at::Tensor gi, gw, gb;
   const at::Tensor g = (output_mask[0] || output_mask[1] || output_mask[2]) ? grad_out.contiguous(cl) : at::Tensor();
   if (output_mask[0]) {
-    gi = at::empty({p.N, p.C_in, p.H, p.W}, input.options().memory_format(cl));
+    gi = at::empty({p.N, p.C_in, p.H, p.W},
+                   input.options().memory_format(p.channels_last || is_depthwise(p) ? cl : at::MemoryFormat::Contiguous));
     if (gi.numel() > 0) {
       if (g.numel() == 0 || weight.numel() == 0) gi.zero_();
       else kernels()->bwd_input(g, weight.contiguous(), p, gi);

@@ -91,10 +91,11 @@ inline void ukernel(const T* const* ap, const unsigned char* on, int64_t ntaps, 
 // c_g output channels; B: [G][nblk][ntaps][K][NB] (zero past c_g); bias_pad: [G][nblk * NB].
 // a_fill(m, dst): dst[t * MR] = the pixel base (channel 0) tap t of pixel m reads, or nullptr, for
 // every tap (the pixel's coordinates are computed once, not per tap); o_ptr(m): the output pixel
-// base (channel 0), ldo = G * c_g channels.
+// base (channel 0); ocs: the output's channel stride (1: NHWC; H * W: NCHW, written directly so that
+// an NCHW output needs no reorder).
 template <typename T, typename AFill, typename OPtr>
 void gather_gemm(int64_t M, int64_t G, int64_t ntaps, int64_t K, int64_t c_g, const T* B, const T* bias_pad,
-                 const AFill& a_fill, const OPtr& o_ptr) {
+                 const AFill& a_fill, const OPtr& o_ptr, int64_t ocs = 1) {
   using Vec = Vectorized<T>;
   constexpr int64_t NB = nb_of<T>();
   const int64_t nblk = ceil_div(c_g, NB);
@@ -156,9 +157,11 @@ void gather_gemm(int64_t M, int64_t G, int64_t ntaps, int64_t K, int64_t c_g, co
           const int64_t c0 = nb * NB, nv = std::min<int64_t>(NB, c_g - c0);
           const T* bp = bias_pad + g * nblk * NB + c0;
           for (int i = 0; i < MR && m0 + i < M; ++i) {
-            T* o = o_ptr(m0 + i) + g * c_g + c0;
+            T* o = o_ptr(m0 + i) + (g * c_g + c0) * ocs;
             const T* s = tile + i * NB;
-            if (nv == NB) {
+            if (ocs != 1) {
+              for (int64_t j = 0; j < nv; ++j) o[j * ocs] = s[j] + bp[j];
+            } else if (nv == NB) {
               (Vec::loadu(s) + Vec::loadu(bp)).store(o);
               (Vec::loadu(s + Vec::size()) + Vec::loadu(bp + Vec::size())).store(o + Vec::size());
             } else {
@@ -230,6 +233,113 @@ void depthwise(int64_t M, int64_t C, int64_t ntaps, const T* w, const T* bias_pa
   });
 }
 
+// ---- direct NCHW forward for few input channels (LeNet's C_in = 1 and 6), stride 1 along W, groups 1 --
+// Vectorized along ow: an OCR x NV tile (OCR output channels x NV vectors of consecutive ow of one
+// output row) in registers; per (ci, kh, kw) NV unaligned loads of a zero-padded input row and OCR
+// weight broadcasts. Each task pads the input rows it reads (C_in x rows x Wp) once.
+template <typename T, int OCR, int NV>
+inline void nchw_tile(const T* const* rows /* [C_in * kH] padded rows, offset to ow0 */, int64_t cin, int64_t kH,
+                      int64_t kW, int64_t dw, const T* w /* oc0's weights, (OCR, cin, kH, kW) */, const T* bias,
+                      T* const* out /* OCR output rows, offset to ow0 */, int64_t count) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t V = Vec::size();
+  const int64_t ksz = cin * kH * kW;
+  Vec acc[OCR][NV];
+#pragma GCC unroll 4
+  for (int o = 0; o < OCR; ++o)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[o][v] = Vec(bias[o]);
+  for (int64_t r = 0; r < cin * kH; ++r) {
+    const T* row = rows[r];
+    for (int64_t kw = 0; kw < kW; ++kw) {
+      Vec xv[NV];
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) xv[v] = Vec::loadu(row + kw * dw + v * V);
+      const int64_t wi = r * kW + kw;
+#pragma GCC unroll 4
+      for (int o = 0; o < OCR; ++o) {
+        const Vec wv(w[o * ksz + wi]);
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) acc[o][v] = at::vec::fmadd(xv[v], wv, acc[o][v]);
+      }
+    }
+  }
+#pragma GCC unroll 4
+  for (int o = 0; o < OCR; ++o)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      const int64_t n = std::min<int64_t>(V, count - v * V);
+      if (n >= V) acc[o][v].store(out[o] + v * V);
+      else if (n > 0) acc[o][v].store(out[o] + v * V, n);
+    }
+}
+
+template <typename T, int OCR>
+inline void nchw_tile_nv(int nv, const T* const* rows, int64_t cin, int64_t kH, int64_t kW, int64_t dw, const T* w,
+                         const T* bias, T* const* out, int64_t count) {
+  switch (nv) {
+    case 4: nchw_tile<T, OCR, 4>(rows, cin, kH, kW, dw, w, bias, out, count); break;
+    case 3: nchw_tile<T, OCR, 3>(rows, cin, kH, kW, dw, w, bias, out, count); break;
+    case 2: nchw_tile<T, OCR, 2>(rows, cin, kH, kW, dw, w, bias, out, count); break;
+    default: nchw_tile<T, OCR, 1>(rows, cin, kH, kW, dw, w, bias, out, count); break;
+  }
+}
+
+template <typename T>
+void fwd_nchw_small(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias, const conv::Params& p,
+                    at::Tensor& y) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t V = Vec::size();
+  constexpr int OCR = 3, NVMAX = 4;
+  const T* xp = x.const_data_ptr<T>();
+  const T* wp = w.const_data_ptr<T>();
+  T* yp = y.mutable_data_ptr<T>();
+  std::vector<T> b(p.C_out + OCR, T(0));
+  if (bias.defined())
+    for (int64_t c = 0; c < p.C_out; ++c) b[c] = bias.const_data_ptr<T>()[c];
+  const int64_t C = p.C_in, H = p.H, W = p.W, Ho = p.H_out, Wo = p.W_out;
+  const int64_t Wp = ceil_div(Wo, NVMAX * V) * NVMAX * V + (p.kW - 1) * p.dw;  // padded row width
+  // tasks: (n, block of output rows)
+  const int64_t hb = std::max<int64_t>(1, std::min<int64_t>(Ho, 8));
+  const int64_t nhb = ceil_div(Ho, hb);
+  at::parallel_for(0, p.N * nhb, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> pad;
+    std::vector<const T*> rows(C * p.kH);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / nhb, oh0 = (task % nhb) * hb, oh1 = std::min(Ho, oh0 + hb);
+      const int64_t r0 = oh0 * p.sh - p.pt, nr = ((oh1 - 1) * p.sh - p.pt + (p.kH - 1) * p.dh) - r0 + 1;  // rows r0..
+      pad.assign(C * nr * Wp, T(0));
+      for (int64_t c = 0; c < C; ++c)
+        for (int64_t r = 0; r < nr; ++r) {
+          const int64_t ih = r0 + r;
+          if (ih < 0 || ih >= H) continue;
+          const T* src = xp + ((n * C + c) * H + ih) * W;
+          T* dst = pad.data() + (c * nr + r) * Wp + p.pl;
+          const int64_t lo = std::max<int64_t>(0, -p.pl);
+          for (int64_t iw = lo; iw < W && p.pl + iw < Wp; ++iw) dst[iw] = src[iw];
+        }
+      for (int64_t oh = oh0; oh < oh1; ++oh)
+        for (int64_t oc0 = 0; oc0 < p.C_out; oc0 += OCR) {
+          const int ocr = static_cast<int>(std::min<int64_t>(OCR, p.C_out - oc0));
+          for (int64_t ow0 = 0; ow0 < Wo; ow0 += NVMAX * V) {
+            const int64_t count = std::min<int64_t>(NVMAX * V, Wo - ow0);
+            const int nv = static_cast<int>(ceil_div(count, V));
+            for (int64_t c = 0; c < C; ++c)
+              for (int64_t kh = 0; kh < p.kH; ++kh)
+                rows[c * p.kH + kh] = pad.data() + (c * nr + (oh - oh0) * p.sh + kh * p.dh) * Wp + ow0;
+            T* outs[OCR];
+            for (int o = 0; o < OCR; ++o)
+              outs[o] = yp + ((n * p.C_out + oc0 + std::min(o, ocr - 1)) * Ho + oh) * Wo + ow0;
+            const T* wo = wp + oc0 * C * p.kH * p.kW;
+            if (ocr == 3) nchw_tile_nv<T, 3>(nv, rows.data(), C, p.kH, p.kW, p.dw, wo, b.data() + oc0, outs, count);
+            else if (ocr == 2) nchw_tile_nv<T, 2>(nv, rows.data(), C, p.kH, p.kW, p.dw, wo, b.data() + oc0, outs, count);
+            else nchw_tile_nv<T, 1>(nv, rows.data(), C, p.kH, p.kW, p.dw, wo, b.data() + oc0, outs, count);
+          }
+        }
+    }
+  });
+}
+
 // Packs w (C_out, cin_g, kH, kW) for the gather GEMM: transpose = false (forward):
 // B[g][nb][t][ci][j] = w[g*cout_g + nb*NB + j][ci][t]; transpose = true (grad_input):
 // B[g][nb][t][oc][j] = w[g*cout_g + oc][nb*NB + j][t]. Zero past the last channel.
@@ -280,7 +390,14 @@ void fwd_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias, 
   const std::vector<T> bp = pad_bias<T>(bias.defined() ? bias.const_data_ptr<T>() : nullptr, p.groups, p.cout_g());
   const int64_t HWo = p.H_out * p.W_out;
   auto a_fill = [&](int64_t m, const T** dst, int64_t stride) { fwd_fill(xp, p, m, dst, stride); };
+  // y: NHWC, or NCHW (the launcher's choice; the two are the same memory when C == 1 or H W == 1)
+  const bool nchw = !y.is_contiguous(at::MemoryFormat::ChannelsLast);
   auto o_ptr = [&](int64_t m) -> T* { return yp + m * p.C_out; };
+  auto o_nchw = [&](int64_t m) -> T* { return yp + (m / HWo) * p.C_out * HWo + m % HWo; };
+  if (nchw) {
+    gather_gemm<T>(p.N * HWo, p.groups, p.kH * p.kW, p.cin_g(), p.cout_g(), B.data(), bp.data(), a_fill, o_nchw, HWo);
+    return;
+  }
   if (p.cin_g() == 1 && p.cout_g() == 1) {
     depthwise<T>(p.N * HWo, p.C_out, p.kH * p.kW, w.const_data_ptr<T>(), bp.data(), a_fill, o_ptr);
     return;
@@ -317,6 +434,14 @@ void bwd_input_impl(const at::Tensor& g, const at::Tensor& w, const conv::Params
     const int64_t n = m / HW, r = m % HW, ih = r / p.W, iw = perm[r % p.W];
     return op + ((n * p.H + ih) * p.W + iw) * p.C_in;
   };
+  if (!gi.is_contiguous(at::MemoryFormat::ChannelsLast)) {  // NCHW grad_input, written directly
+    auto o_nchw = [&](int64_t m) -> T* {
+      const int64_t n = m / HW, r = m % HW, ih = r / p.W, iw = perm[r % p.W];
+      return op + n * p.C_in * HW + ih * p.W + iw;
+    };
+    gather_gemm<T>(p.N * HW, p.groups, p.kH * p.kW, p.cout_g(), p.cin_g(), B.data(), bp.data(), a_fill, o_nchw, HW);
+    return;
+  }
   if (p.cin_g() == 1 && p.cout_g() == 1) {  // depthwise: the taps in reverse, per channel
     depthwise<T>(p.N * HW, p.C_in, p.kH * p.kW, w.const_data_ptr<T>(), bp.data(), a_fill, o_ptr);
     return;
@@ -478,6 +603,9 @@ void bwd_weight_impl(const at::Tensor& g, const at::Tensor& x, const conv::Param
 void fwd(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias, const conv::Params& p, at::Tensor& y) {
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv2d_fwd_cpu", [&] { fwd_impl<scalar_t>(x, w, bias, p, y); });
 }
+void fwd_nchw(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias, const conv::Params& p, at::Tensor& y) {
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv2d_fwd_nchw_cpu", [&] { fwd_nchw_small<scalar_t>(x, w, bias, p, y); });
+}
 void bwd_input(const at::Tensor& g, const at::Tensor& w, const conv::Params& p, at::Tensor& gi) {
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "conv2d_bwd_input_cpu", [&] { bwd_input_impl<scalar_t>(g, w, p, gi); });
 }
@@ -486,7 +614,7 @@ void bwd_weight(const at::Tensor& g, const at::Tensor& x, const conv::Params& p,
                              [&] { bwd_weight_impl<scalar_t>(g, x, p, gw, gb); });
 }
 
-const Conv2dKernels kTable{&fwd, &bwd_input, &bwd_weight};
+const Conv2dKernels kTable{&fwd, &bwd_input, &bwd_weight, &fwd_nchw};
 
 }  // namespace
 }  // namespace CPU_CAPABILITY

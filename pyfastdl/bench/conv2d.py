@@ -3,13 +3,14 @@
 Providers: ``pyfastdl-<backend>`` (``pyfastdl.functional.conv2d``, each kernel backend of the device)
 and ``torch`` (``torch.nn.functional.conv2d`` eager: oneDNN on the CPU, cuDNN on a GPU; what
 ``torch.nn.Conv2d`` runs). Modes: "fwd" and "fwd+bwd" (forward, then ``autograd.grad`` of input,
-weight and bias). Layers: ResNet-18's convolutions at batch 8 (224 x 224 input: the 7x7 stem, the
+weight and bias; of the input too, except for the stem and LeNet's first conv, whose input is the
+images, as in training). Layers: ResNet-18's convolutions at batch 8 (224 x 224 input: the 7x7 stem, the
 3x3 layers at 56/28/14/7, the 1x1 stride-2 downsamples), the notes' LeNet convolutions at batch 256,
 a depthwise 3x3; NCHW (torch's default) and channels_last. The per-call row, (1, 1, 1, 1) with a 1x1
 kernel, measures the cost of a call itself (Python, dispatch, autograd, launchers).
 
 flops = 2 N C_out H_out W_out (C_in / groups) kH kW for the forward; fwd+bwd 3x that (grad_input
-and grad_weight each cost one forward; grad_bias is negligible).
+and grad_weight each cost one forward; grad_bias is negligible); 2x for the first layers (no grad_input).
 """
 from __future__ import annotations
 
@@ -55,10 +56,16 @@ def _targets(name, layout, mode):
     return []
 
 
+def _first_layer(layer):
+    """The stem and LeNet's first conv read the images: no gradient of their input, as in training."""
+    return layer[1] <= 3 and layer[2] >= 28
+
+
 def flops(layer, mode):
     N, C, H, W, O, k, s, p, g = layer
     Ho, Wo = (H + 2 * p - k) // s + 1, (W + 2 * p - k) // s + 1
-    return MODES[mode] * 2 * N * O * Ho * Wo * (C // g) * k * k
+    passes = MODES[mode] - (1 if mode == "fwd+bwd" and _first_layer(layer) else 0)
+    return passes * 2 * N * O * Ho * Wo * (C // g) * k * k
 
 
 def _providers(layer, layout, mode, dtype, device):
@@ -70,8 +77,9 @@ def _providers(layer, layout, mode, dtype, device):
     w = (torch.randn(O, C // g, k, k, generator=gen) / (C // g * k * k) ** 0.5).to(device=device, dtype=dtype)
     b = torch.randn(O, generator=gen).to(device=device, dtype=dtype)
     grad = mode == "fwd+bwd"
+    wrt = (w, b) if _first_layer(layer) else (x, w, b)
     if grad:
-        for t in (x, w, b):
+        for t in wrt:
             t.requires_grad_(True)
         dy = F.conv2d(x.detach(), w.detach(), b.detach(), s, p, 1, g)
         dy = torch.randn(dy.shape, generator=gen).to(device=device, dtype=dtype).contiguous(
@@ -80,7 +88,7 @@ def _providers(layer, layout, mode, dtype, device):
     def step(forward):
         if not grad:
             return lambda: forward(x)
-        return lambda: torch.autograd.grad(forward(x), (x, w, b), dy)
+        return lambda: torch.autograd.grad(forward(x), wrt, dy)
 
     import pyfastdl
     out = pyfastdl_providers(device, step(lambda x: pyfastdl.functional.conv2d(x, w, b, s, p, 1, g)))
@@ -101,7 +109,7 @@ def cases(device: str, quick: bool) -> list[Case]:
             for layout in layouts:
                 for mode in MODES:
                     out.append(Case(
-                        family=FAMILY, name=f"conv2d {name} {layout}", mode=mode, dtype=dtype,
+                        family=FAMILY, name=f"{name} {layout}", mode=mode, dtype=dtype,
                         params={"shape": layer[:4], "C_out": layer[4], "k": layer[5], "stride": layer[6],
                                 "padding": layer[7], "groups": layer[8], "layout": layout},
                         make_providers=functools.partial(_providers, layer, layout, mode, dtype, device),
