@@ -92,10 +92,11 @@ inline void ukernel(const T* const* ap, const unsigned char* on, int64_t ntaps, 
 // a_fill(m, dst): dst[t * MR] = the pixel base (channel 0) tap t of pixel m reads, or nullptr, for
 // every tap (the pixel's coordinates are computed once, not per tap); o_ptr(m): the output pixel
 // base (channel 0); ocs: the output's channel stride (1: NHWC; H * W: NCHW, written directly so that
-// an NCHW output needs no reorder).
+// an NCHW output needs no reorder). run: taps t .. t + run - 1 (t a multiple of run) of a pixel read
+// adjacent pixels when all are inside (the forward's kernel row with dw == 1 and one group: run = kW).
 template <typename T, typename AFill, typename OPtr>
 void gather_gemm(int64_t M, int64_t G, int64_t ntaps, int64_t K, int64_t c_g, const T* B, const T* bias_pad,
-                 const AFill& a_fill, const OPtr& o_ptr, int64_t ocs = 1) {
+                 const AFill& a_fill, const OPtr& o_ptr, int64_t ocs = 1, int64_t run = 1) {
   using Vec = Vectorized<T>;
   constexpr int64_t NB = nb_of<T>();
   const int64_t nblk = ceil_div(c_g, NB);
@@ -130,6 +131,12 @@ void gather_gemm(int64_t M, int64_t G, int64_t ntaps, int64_t K, int64_t c_g, co
             T* row = buf.data() + i * ntaps * K;
             for (int64_t t = 0; t < ntaps; ++t) {
               const T* src = base[t * MR + i];
+              // a whole kernel row in one copy when its pixels are adjacent (G == 1, dilation 1 along W)
+              if (run > 1 && t % run == 0 && src && base[(t + run - 1) * MR + i]) {
+                std::copy(src, src + run * K, row + t * K);
+                t += run - 1;
+                continue;
+              }
               if (src) {
                 src += g * K;
                 for (int64_t k = 0; k < K; ++k) row[t * K + k] = src[k];
@@ -392,17 +399,20 @@ void fwd_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias, 
   auto a_fill = [&](int64_t m, const T** dst, int64_t stride) { fwd_fill(xp, p, m, dst, stride); };
   // y: NHWC, or NCHW (the launcher's choice; the two are the same memory when C == 1 or H W == 1)
   const bool nchw = !y.is_contiguous(at::MemoryFormat::ChannelsLast);
+  const int64_t run = p.groups == 1 && p.dw == 1 ? p.kW : 1;
   auto o_ptr = [&](int64_t m) -> T* { return yp + m * p.C_out; };
   auto o_nchw = [&](int64_t m) -> T* { return yp + (m / HWo) * p.C_out * HWo + m % HWo; };
   if (nchw) {
-    gather_gemm<T>(p.N * HWo, p.groups, p.kH * p.kW, p.cin_g(), p.cout_g(), B.data(), bp.data(), a_fill, o_nchw, HWo);
+    gather_gemm<T>(p.N * HWo, p.groups, p.kH * p.kW, p.cin_g(), p.cout_g(), B.data(), bp.data(), a_fill, o_nchw, HWo,
+                   run);
     return;
   }
   if (p.cin_g() == 1 && p.cout_g() == 1) {
     depthwise<T>(p.N * HWo, p.C_out, p.kH * p.kW, w.const_data_ptr<T>(), bp.data(), a_fill, o_ptr);
     return;
   }
-  gather_gemm<T>(p.N * HWo, p.groups, p.kH * p.kW, p.cin_g(), p.cout_g(), B.data(), bp.data(), a_fill, o_ptr);
+  gather_gemm<T>(p.N * HWo, p.groups, p.kH * p.kW, p.cin_g(), p.cout_g(), B.data(), bp.data(), a_fill, o_ptr, 1,
+                 run);
 }
 
 template <typename T>
