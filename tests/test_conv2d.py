@@ -41,6 +41,8 @@ CASES = [
     (1, 37, 8, 8, 70, 3, 1, 1, 1, 1),       # channel tails on both sides of the tile
     (2, 2, 11, 13, 5, 3, (2, 1), 1, 1, 1),  # the direct NCHW path (few channels) with stride 2 along H
     (1, 3, 9, 21, 4, 3, 1, (0, 2), 2, 1),   # the direct NCHW path with dilation, a tail of the row
+    (2, 10, 9, 37, 10, 3, (2, 1), 1, 1, 10),  # depthwise on the direct NCHW path (a row of 37: a tail)
+    (1, 4, 6, 11, 4, 5, 1, "same", 2, 4),   # depthwise, direct NCHW, dilated 'same'
 ]
 CASES_TRITON = [CASES[0], CASES[5], CASES[6], CASES[12]]
 LAYOUTS = ["contiguous", "channels_last", "strided"]

@@ -22,12 +22,13 @@ at::Tensor to_input_format(const at::Tensor& nhwc, bool channels_last) {
 
 // Few input channels on NCHW input (LeNet's convolutions): the direct NCHW kernel, vectorized along
 // the output row, beats reordering to NHWC (whose tiles would waste most of their output-channel lanes).
-bool use_nchw_direct(const conv::Params& p) {
-  return !p.channels_last && p.groups == 1 && p.sw == 1 && p.C_in <= 8 && p.W_out >= 8 &&
-         p.C_in * p.kH * p.kW <= 512;
-}
-
 bool is_depthwise(const conv::Params& p) { return p.cin_g() == 1 && p.cout_g() == 1; }
+
+// ... and depthwise on NCHW input: one plane at a time, no reorder.
+bool use_nchw_direct(const conv::Params& p) {
+  if (p.channels_last || p.sw != 1 || p.W_out < 8) return false;
+  return (p.groups == 1 && p.C_in <= 8 && p.C_in * p.kH * p.kW <= 512) || (p.groups > 1 && is_depthwise(p));
+}
 
 }  // namespace
 

@@ -240,7 +240,7 @@ void depthwise(int64_t M, int64_t C, int64_t ntaps, const T* w, const T* bias_pa
   });
 }
 
-// ---- direct NCHW forward for few input channels (LeNet's C_in = 1 and 6), stride 1 along W, groups 1 --
+// ---- direct NCHW forward for few input channels (LeNet's C_in = 1 and 6) and depthwise, stride 1 along W --
 // Vectorized along ow: an OCR x NV tile (OCR output channels x NV vectors of consecutive ow of one
 // output row) in registers; per (ci, kh, kw) NV unaligned loads of a zero-padded input row and OCR
 // weight broadcasts. Each task pads the input rows it reads (C_in x rows x Wp) once.
@@ -306,6 +306,7 @@ void fwd_nchw_small(const at::Tensor& x, const at::Tensor& w, const at::Tensor& 
     for (int64_t c = 0; c < p.C_out; ++c) b[c] = bias.const_data_ptr<T>()[c];
   const int64_t C = p.C_in, H = p.H, W = p.W, Ho = p.H_out, Wo = p.W_out;
   const int64_t Wp = ceil_div(Wo, NVMAX * V) * NVMAX * V + (p.kW - 1) * p.dw;  // padded row width
+  const bool depthwise = p.groups > 1;  // the launcher sends groups == 1, or depthwise (C_in == C_out == groups)
   // tasks: (n, block of output rows)
   const int64_t hb = std::max<int64_t>(1, std::min<int64_t>(Ho, 8));
   const int64_t nhb = ceil_div(Ho, hb);
@@ -325,6 +326,19 @@ void fwd_nchw_small(const at::Tensor& x, const at::Tensor& w, const at::Tensor& 
           const int64_t lo = std::max<int64_t>(0, -p.pl);
           for (int64_t iw = lo; iw < W && p.pl + iw < Wp; ++iw) dst[iw] = src[iw];
         }
+      if (depthwise) {  // output channel c reads input channel c only
+        for (int64_t oh = oh0; oh < oh1; ++oh)
+          for (int64_t c = 0; c < C; ++c)
+            for (int64_t ow0 = 0; ow0 < Wo; ow0 += NVMAX * V) {
+              const int64_t count = std::min<int64_t>(NVMAX * V, Wo - ow0);
+              for (int64_t kh = 0; kh < p.kH; ++kh)
+                rows[kh] = pad.data() + (c * nr + (oh - oh0) * p.sh + kh * p.dh) * Wp + ow0;
+              T* outs[1] = {yp + ((n * C + c) * Ho + oh) * Wo + ow0};
+              nchw_tile_nv<T, 1>(static_cast<int>(ceil_div(count, V)), rows.data(), 1, p.kH, p.kW, p.dw,
+                                 wp + c * p.kH * p.kW, b.data() + c, outs, count);
+            }
+        continue;
+      }
       for (int64_t oh = oh0; oh < oh1; ++oh)
         for (int64_t oc0 = 0; oc0 < p.C_out; oc0 += OCR) {
           const int ocr = static_cast<int>(std::min<int64_t>(OCR, p.C_out - oc0));
