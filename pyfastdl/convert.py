@@ -50,3 +50,4 @@ _SWAPS.update({
     torch.nn.LSTMCell: pnn.LSTMCell,
     torch.nn.GRUCell: pnn.GRUCell,
 })
+_SWAPS[torch.nn.Conv2d] = pnn.Conv2d

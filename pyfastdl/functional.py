@@ -355,3 +355,94 @@ def gru_cell(input: torch.Tensor, hx: torch.Tensor, w_ih: torch.Tensor, w_hh: to
     if _rnn_needs_grad(input, hx, w_ih, w_hh, b_ih, b_hh):
         return GRUCellFunction.apply(input, hx, w_ih, w_hh, b_ih, b_hh, ops)
     return ops.gru_cell_fwd(input, hx, w_ih, w_hh, b_ih, b_hh)[0]
+# ---- conv2d --------------------------------------------------------------------------------------
+
+from .autograd.conv2d import Conv2dFunction, conv2d_reference  # noqa: E402
+
+# Input dtypes each kernel backend covers; anything else falls back (visibly, never when strict).
+_CONV2D_DTYPES = {
+    "cpu": (torch.float32, torch.float64),
+    "cuda": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
+    "triton": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
+}
+__all__ += ["conv2d"]
+
+
+def _conv2d_pair(name: str, v) -> tuple:
+    """int or 1/2-sequence of ints -> (a, b), as torch's IntArrayRef[2] takes it."""
+    if isinstance(v, bool):
+        raise TypeError(f"conv2d: expected {name} to be an int or a tuple of 2 ints, got {v!r}")
+    if isinstance(v, int):
+        return (v, v)
+    try:
+        t = tuple(int(e) for e in v)
+    except TypeError:
+        raise TypeError(f"conv2d: expected {name} to be an int or a tuple of 2 ints, got {v!r}") from None
+    if len(t) == 1:
+        return (t[0], t[0])
+    if len(t) != 2:
+        raise RuntimeError(f"conv2d: expected {name} of 2 values, got {name} = {v!r}")
+    return t
+
+
+def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride=1,
+           padding=0, dilation=1, groups: int = 1) -> torch.Tensor:
+    """2-D cross-correlation, drop-in for ``torch.nn.functional.conv2d`` (notes sections 19-22:
+    corr2d, padding and stride, multiple input and output channels, 1x1 convolution).
+
+    input: (N, C_in, H, W) or unbatched (C_in, H, W); float32/float64 on the CPU (CUDA and Triton
+    also float16/bfloat16); NCHW or channels_last (others are copied). weight: (C_out, C_in / groups,
+    kH, kW); bias: (C_out,) or None. stride, dilation: int or (h, w); padding: int, (h, w), 'valid'
+    or 'same' (stride 1 only; an odd total padding puts the extra row/column at the bottom/right,
+    as torch, without a copy). Returns (N, C_out, H_out, W_out) ((C_out, H_out, W_out) unbatched)
+    in input's memory format, H_out = (H + 2 ph - dh (kH - 1) - 1) // sh + 1.
+    Differentiable (grad_input, grad_weight, grad_bias, each only when needed) and twice
+    differentiable (create_graph=True recomputes the forward with torch's math: recorded as
+    conv2d_double_backward -> reference)."""
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"conv2d: expected input to be a Tensor, got {type(input).__name__}")
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"conv2d: expected weight to be a Tensor, got {type(weight).__name__}")
+    _check_same_device("conv2d", input, ("weight", "bias"), (weight, bias))
+    if input.dim() not in (3, 4):
+        raise RuntimeError(f"conv2d: expected input of rank 3 (C_in, H, W) or 4 (N, C_in, H, W), got input of "
+                           f"shape {tuple(input.shape)}")
+    if weight.dim() != 4:
+        raise RuntimeError(f"conv2d: expected weight of rank 4 (C_out, C_in / groups, kH, kW), got weight of "
+                           f"shape {tuple(weight.shape)}")
+    if not isinstance(groups, int) or isinstance(groups, bool):
+        raise TypeError(f"conv2d: expected groups to be an int, got {groups!r}")
+    stride = _conv2d_pair("stride", stride)
+    dilation = _conv2d_pair("dilation", dilation)
+    if isinstance(padding, str):
+        if padding == "valid":
+            pad4 = [0, 0, 0, 0]
+        elif padding == "same":
+            if stride != (1, 1):
+                raise ValueError(f"conv2d: padding='same' is not supported for strided convolutions, got "
+                                 f"stride = {stride}")
+            pad4 = []
+            for d, k in zip(dilation, weight.shape[2:]):
+                total = d * (k - 1)
+                pad4 += [total // 2, total - total // 2]
+        else:
+            raise ValueError(f"conv2d: expected padding to be an int, a tuple, 'valid' or 'same', got {padding!r}")
+    else:
+        ph, pw = _conv2d_pair("padding", padding)
+        pad4 = [ph, ph, pw, pw]
+    stride, dilation = list(stride), list(dilation)
+    unbatched = input.dim() == 3
+    x = input.unsqueeze(0) if unbatched else input
+    backend = backends.pick("conv2d", x.device, x.dtype, _CONV2D_DTYPES)
+    if backend == "torch":
+        out = conv2d_reference(x, weight, bias, stride, pad4, dilation, groups)
+    elif backend == "reference":
+        out = conv2d_reference(x, weight, bias, stride, pad4, dilation, groups)
+    else:
+        ops = backends.ops(backend, "conv2d")
+        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                        or (bias is not None and bias.requires_grad)):
+            out = Conv2dFunction.apply(x, weight, bias, stride, pad4, dilation, groups, ops)
+        else:  # nothing to differentiate: the op alone
+            out = ops.conv2d_fwd(x, weight, bias, stride, pad4, dilation, groups)
+    return out.squeeze(0) if unbatched else out

@@ -277,3 +277,22 @@ def test_rnn_cell_modules(kind):
     y0.backward()
     y1.backward()
     torch.testing.assert_close(x1.grad, x0.grad, rtol=1e-5, atol=1e-6)
+@pytest.mark.parametrize("backend", BACKENDS + [pytest.param("inductor", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_conv2d_functional_and_module(backend, layout):
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+
+    def make():
+        torch.manual_seed(0)
+        conv = pyfastdl.nn.Conv2d(3, 5, 3, padding=1)
+        return (torch.randn(2, 3, 9, 7).contiguous(memory_format=fmt).requires_grad_(),
+                torch.randn(4, 3, 2, 3, requires_grad=True), torch.randn(4, requires_grad=True),
+                conv.weight, conv.bias)
+
+    def fn(x, w, b, cw, cb):
+        y = PF.conv2d(x, w, b, stride=(2, 1), padding="valid")
+        z = PF.conv2d(x, cw, cb, padding="same")
+        return (y * y.detach().sin()).sum() + (z * z.detach().cos()).sum()
+
+    _assert_same(*_run_both(fn, make, backend))
+    assert backends.last_dispatch().backend == "cpu"

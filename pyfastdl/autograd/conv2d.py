@@ -3,7 +3,7 @@
 autograd Function over them. Schemas and shapes: csrc/ops.cpp."""
 import torch
 
-__all__ = ["conv2d_out_size", "conv2d_fwd_shapes", "conv2d_bwd_shapes"]
+__all__ = ["conv2d_out_size", "conv2d_fwd_shapes", "conv2d_bwd_shapes", "Conv2dFunction", "conv2d_reference"]
 
 
 def conv2d_out_size(H, W, kH, kW, stride, padding, dilation):
@@ -45,3 +45,55 @@ def _conv2d_fwd_fake(input, weight, bias, stride, padding, dilation, groups):
 @torch.library.register_fake("pyfastdl::conv2d_bwd")
 def _conv2d_bwd_fake(grad_out, input, weight, stride, padding, dilation, groups, output_mask):
     return conv2d_bwd_shapes(input, weight, output_mask)
+
+
+# ---- the autograd Function ------------------------------------------------------------------------
+
+def conv2d_reference(input, weight, bias, stride, padding, dilation, groups):
+    """The convolution as differentiable torch math (zero padding (top, bottom, left, right) by
+    F.pad, then torch's conv2d with no padding): used only for double backward."""
+    import torch.nn.functional as F
+    x = F.pad(input, (padding[2], padding[3], padding[0], padding[1])) if any(padding) else input
+    return F.conv2d(x, weight, bias, tuple(stride), 0, tuple(dilation), groups)
+
+
+class Conv2dFunction(torch.autograd.Function):
+    """y = conv2d(input, weight, bias) (cross-correlation, torch's convention).
+    forward(input (N, C_in, H, W), weight (C_out, C_in / groups, kH, kW), bias (C_out,)|None,
+            stride [2], padding [4] = (top, bottom, left, right), dilation [2], groups, ops)
+    -> (N, C_out, H_out, W_out) in input's memory format. ``ops`` is the backend's op namespace
+    (pyfastdl.backends.ops). backward asks conv2d_bwd only for the gradients autograd needs
+    (ctx.needs_input_grad -> output_mask). backward(create_graph=True) recomputes the forward with
+    conv2d_reference and differentiates it (recorded as conv2d_double_backward -> reference)."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, stride, padding, dilation, groups, ops):
+        out = ops.conv2d_fwd(input, weight, bias, stride, padding, dilation, groups)
+        ctx.save_for_backward(input, weight)
+        ctx.has_bias = bias is not None
+        ctx.conf = (stride, padding, dilation, groups)
+        ctx.ops = ops
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        input, weight = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conf
+        need = ctx.needs_input_grad
+        mask = [bool(need[0]), bool(need[1]), bool(need[2] and ctx.has_bias)]
+        if not any(mask):
+            return (None,) * 8
+        if torch.is_grad_enabled():  # create_graph=True: gradients with a graph of their own
+            from .. import backends
+            backends.record("conv2d_double_backward", "reference")
+            with torch.enable_grad():
+                bias = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device,
+                                   requires_grad=True) if mask[2] else None
+                y = conv2d_reference(input, weight, bias, stride, padding, dilation, groups)
+                targets = [t for t, m in zip((input, weight, bias), mask) if m]
+                grads = iter(torch.autograd.grad(y, targets, grad_out, create_graph=True, allow_unused=True))
+            out = [next(grads) if m else None for m in mask]
+            return tuple(out) + (None,) * 5
+        grad_input, grad_weight, grad_bias = ctx.ops.conv2d_bwd(
+            grad_out, input, weight, stride, padding, dilation, groups, mask)
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None

@@ -8,3 +8,7 @@ __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "DotProductAttention", "
 from .rnn import GRU, LSTM, GRUCell, LSTMCell  # noqa: E402
 
 __all__ += ["LSTM", "GRU", "LSTMCell", "GRUCell"]
+
+from .conv2d import Conv2d  # noqa: E402
+
+__all__ += ["Conv2d"]

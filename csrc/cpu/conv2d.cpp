@@ -1,0 +1,94 @@
+// conv2d CPU launchers: validate (common/conv2d.h), bring the activations into NHWC (the kernels'
+// layout: channels_last input is read in place; NCHW input is reordered once, and the output
+// reordered back), allocate, and run the SIMD kernels of the CPU's capability (conv2d_kernel.cpp).
+// Registered under the CPU dispatch key.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <array>
+
+#include "common/conv2d.h"
+#include "cpu/conv2d_kernel.h"
+
+namespace pyfastdl {
+namespace {
+
+constexpr auto kernels = &cpu::conv2d_kernels;  // the table of the CPU's capability (cpu/capability.h)
+
+// Output of the op in the input's memory format, from the NHWC result of the kernel.
+at::Tensor to_input_format(const at::Tensor& nhwc, bool channels_last) {
+  return channels_last ? nhwc : nhwc.contiguous();
+}
+
+// Few input channels on NCHW input (LeNet's convolutions): the direct NCHW kernel, vectorized along
+// the output row, beats reordering to NHWC (whose tiles would waste most of their output-channel lanes).
+bool is_depthwise(const conv::Params& p) { return p.cin_g() == 1 && p.cout_g() == 1; }
+
+// ... and depthwise on NCHW input: one plane at a time, no reorder.
+bool use_nchw_direct(const conv::Params& p) {
+  if (p.channels_last || p.sw != 1 || p.W_out < 8) return false;
+  return (p.groups == 1 && p.C_in <= 8 && p.C_in * p.kH * p.kW <= 512) || (p.groups > 1 && is_depthwise(p));
+}
+
+}  // namespace
+
+at::Tensor conv2d_fwd_cpu(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                          at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  const conv::Params p =
+      conv::check_fwd(input, weight, bias, stride, padding, dilation, groups, {at::kFloat, at::kDouble}, "conv2d");
+  const at::Tensor w = weight.contiguous();
+  const at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
+  if (use_nchw_direct(p)) {
+    at::Tensor y = at::empty({p.N, p.C_out, p.H_out, p.W_out}, input.options());
+    if (y.numel() > 0) kernels()->fwd_nchw(input.contiguous(), w, b, p, y);
+    return y;
+  }
+  const at::Tensor x = input.contiguous(at::MemoryFormat::ChannelsLast);
+  // NCHW output written by the kernel directly (no reorder), except for depthwise (NHWC vectors)
+  const bool nhwc_out = p.channels_last || is_depthwise(p);
+  at::Tensor y = at::empty({p.N, p.C_out, p.H_out, p.W_out},
+                           input.options().memory_format(nhwc_out ? at::MemoryFormat::ChannelsLast
+                                                                  : at::MemoryFormat::Contiguous));
+  if (y.numel() == 0) return to_input_format(y, p.channels_last);
+  kernels()->fwd(x, w, b, p, y);
+  return to_input_format(y, p.channels_last);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& input,
+                                                              const at::Tensor& weight, at::IntArrayRef stride,
+                                                              at::IntArrayRef padding, at::IntArrayRef dilation,
+                                                              int64_t groups, std::array<bool, 3> output_mask) {
+  const conv::Params p = conv::check_bwd(grad_out, input, weight, stride, padding, dilation, groups,
+                                         {at::kFloat, at::kDouble}, "conv2d_bwd");
+  const auto cl = at::MemoryFormat::ChannelsLast;
+  at::Tensor gi, gw, gb;
+  const at::Tensor g = (output_mask[0] || output_mask[1] || output_mask[2]) ? grad_out.contiguous(cl) : at::Tensor();
+  if (output_mask[0]) {
+    gi = at::empty({p.N, p.C_in, p.H, p.W},
+                   input.options().memory_format(p.channels_last || is_depthwise(p) ? cl : at::MemoryFormat::Contiguous));
+    if (gi.numel() > 0) {
+      if (g.numel() == 0 || weight.numel() == 0) gi.zero_();
+      else kernels()->bwd_input(g, weight.contiguous(), p, gi);
+    }
+    gi = to_input_format(gi, p.channels_last);
+  }
+  if (output_mask[1] || output_mask[2]) {
+    if (output_mask[1]) gw = at::empty(weight.sizes(), weight.options().memory_format(at::MemoryFormat::Contiguous));
+    if (output_mask[2]) gb = at::empty({p.C_out}, weight.options());
+    if (g.numel() == 0 || input.numel() == 0) {
+      if (gw.defined()) gw.zero_();
+      if (gb.defined()) gb.zero_();
+      if (gb.defined() && g.numel() > 0) gb.copy_(g.sum({0, 2, 3}));  // input empty, grad_out not: C_in = 0
+    } else {
+      kernels()->bwd_weight(g, input.contiguous(cl), p, gw, gb);
+    }
+  }
+  return {gi, gw, gb};
+}
+
+TORCH_LIBRARY_IMPL(pyfastdl, CPU, m) {
+  m.impl("conv2d_fwd", &conv2d_fwd_cpu);
+  m.impl("conv2d_bwd", &conv2d_bwd_cpu);
+}
+
+}  // namespace pyfastdl

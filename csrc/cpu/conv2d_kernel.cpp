@@ -1,0 +1,649 @@
+// conv2d CPU kernels (at::vec SIMD + ATen parallel_for), compiled once per capability: setup.py
+// defines CPU_CAPABILITY (DEFAULT, AVX2 or AVX512) and the matching -m flags.
+//
+// Layout: NHWC (channels_last) activations; weights packed once per call into the layout the
+// micro-kernel reads. No im2col, no BLAS, no call into torch's convolution.
+//
+// Forward and grad_input are one "gather GEMM": out[m][c] = sum_tap sum_k A(m, tap)[k] * B[tap][k][c]
+// where A(m, tap) is a pointer to the K contiguous channels of the input pixel that tap `tap` of output
+// pixel m reads (nullptr = padding: a zero row). The micro-kernel holds an MR x NB tile of the output
+// in registers (MR = 6 pixels, NB = 2 vectors of output channels: 12 accumulators on AVX2) and loops
+// over (tap, k): per step two vector loads of the packed weights and MR broadcasts.
+//   forward:    m = (n, oh, ow), K = C_in / groups,  B[g][nb][kh, kw][ci][NB oc]
+//   grad_input: m = (n, ih, iw), K = C_out / groups, B[g][nb][kh, kw][oc][NB ci]; A = the grad_out
+//               pixel (oh, ow) with oh * sh = ih + pt - kh * dh (none when not divisible: stride).
+//               Input pixels of a row are visited by residue class of iw mod sw, so the taps that hit
+//               nothing for a whole tile are skipped (stride 2: 3/4 of them).
+// Few channels (K < 16: LeNet's C_in = 1 and 6, the stem's 3): the MR pixels' taps are gathered into
+// a small buffer first (a per-tile im2col of MR rows), so the K loop runs over kH * kW * K at once.
+// grad_weight: per task (group, oc block, kh) an accumulator tile in memory, MR input channels x NB
+// output channels per micro-kernel call, summed over the valid ow of each (n, oh) row in order.
+// Every output element is computed by one task in a fixed order: results do not depend on the
+// thread count.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "cpu/conv2d_kernel.h"
+
+namespace pyfastdl {
+namespace cpu {
+namespace CPU_CAPABILITY {
+namespace {
+
+using at::vec::Vectorized;
+
+constexpr int MR = 6;                      // output pixels per micro-kernel tile
+constexpr int64_t kGatherBelow = 16;       // K below this: gather the taps of a tile first
+constexpr int64_t kWeightChunkBytes = 192 * 1024;  // packed weights one task sweeps (L2)
+constexpr int64_t kTilesPerTask = 8;
+
+template <typename T>
+constexpr int64_t nb_of() { return 2 * Vectorized<T>::size(); }
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+// floor division for a possibly negative numerator, b > 0
+inline int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
+
+// ---- the micro-kernel -------------------------------------------------------------------------
+// out[i][0..NB) = sum_{t: on[t]} sum_k ap[t * MR + i][k] * B[t][k][0..NB),  i < R.
+template <typename T, int R>
+inline void ukernel(const T* const* ap, const unsigned char* on, int64_t ntaps, int64_t K, const T* B,
+                    T* out /* R x NB */) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t V = Vec::size(), NB = 2 * V;
+  Vec c0[R], c1[R];
+#pragma GCC unroll 8
+  for (int i = 0; i < R; ++i) {
+    c0[i] = Vec(T(0));
+    c1[i] = Vec(T(0));
+  }
+  for (int64_t t = 0; t < ntaps; ++t) {
+    if (!on[t]) continue;
+    const T* a[R];
+#pragma GCC unroll 8
+    for (int i = 0; i < R; ++i) a[i] = ap[t * MR + i];
+    const T* b = B + t * K * NB;
+    for (int64_t k = 0; k < K; ++k, b += NB) {
+      const Vec b0 = Vec::loadu(b), b1 = Vec::loadu(b + V);
+#pragma GCC unroll 8
+      for (int i = 0; i < R; ++i) {
+        const Vec av(a[i][k]);
+        c0[i] = at::vec::fmadd(av, b0, c0[i]);
+        c1[i] = at::vec::fmadd(av, b1, c1[i]);
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < R; ++i) {
+    c0[i].store(out + i * NB);
+    c1[i].store(out + i * NB + V);
+  }
+}
+
+// ---- the gather GEMM driver (forward and grad_input) ------------------------------------------
+// M output pixels; G groups; per group K contraction channels (A's pixel holds G * K channels) and
+// c_g output channels; B: [G][nblk][ntaps][K][NB] (zero past c_g); bias_pad: [G][nblk * NB].
+// a_fill(m, dst): dst[t * MR] = the pixel base (channel 0) tap t of pixel m reads, or nullptr, for
+// every tap (the pixel's coordinates are computed once, not per tap); o_ptr(m): the output pixel
+// base (channel 0); ocs: the output's channel stride (1: NHWC; H * W: NCHW, written directly so that
+// an NCHW output needs no reorder). run: taps t .. t + run - 1 (t a multiple of run) of a pixel read
+// adjacent pixels when all are inside (the forward's kernel row with dw == 1 and one group: run = kW).
+template <typename T, typename AFill, typename OPtr>
+void gather_gemm(int64_t M, int64_t G, int64_t ntaps, int64_t K, int64_t c_g, const T* B, const T* bias_pad,
+                 const AFill& a_fill, const OPtr& o_ptr, int64_t ocs = 1, int64_t run = 1) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t NB = nb_of<T>();
+  const int64_t nblk = ceil_div(c_g, NB);
+  const int64_t blk_elems = ntaps * K * NB;
+  const int64_t bpc = std::max<int64_t>(1, std::min<int64_t>(nblk, kWeightChunkBytes / (blk_elems * int64_t(sizeof(T)))));
+  const int64_t cpg = ceil_div(nblk, bpc);
+  const int64_t ntiles = ceil_div(M, MR);
+  const int64_t npc = ceil_div(ntiles, kTilesPerTask);
+  const bool gather = K < kGatherBelow;
+  const std::vector<T> zeros(std::max<int64_t>(K, 1), T(0));
+  at::parallel_for(0, G * cpg * npc, 1, [&](int64_t begin, int64_t end) {
+    std::vector<const T*> base(ntaps * MR), ptrs(gather ? MR : ntaps * MR);
+    std::vector<unsigned char> on(gather ? 1 : ntaps);
+    std::vector<T> buf(gather ? MR * ntaps * K : 0);
+    alignas(64) T tile[MR * NB];
+    for (int64_t idx = begin; idx < end; ++idx) {
+      const int64_t occ = idx / npc, pc = idx % npc;
+      const int64_t g = occ / cpg, nb0 = (occ % cpg) * bpc, nb1 = std::min(nblk, nb0 + bpc);
+      const int64_t t_end = std::min(ntiles, (pc + 1) * kTilesPerTask);
+      for (int64_t tile_i = pc * kTilesPerTask; tile_i < t_end; ++tile_i) {
+        const int64_t m0 = tile_i * MR;
+        for (int i = 0; i < MR; ++i) {
+          const int64_t m = m0 + i;
+          if (m < M) {
+            a_fill(m, base.data() + i, MR);
+          } else {
+            for (int64_t t = 0; t < ntaps; ++t) base[t * MR + i] = nullptr;
+          }
+        }
+        if (gather) {
+          for (int i = 0; i < MR; ++i) {
+            T* row = buf.data() + i * ntaps * K;
+            for (int64_t t = 0; t < ntaps; ++t) {
+              const T* src = base[t * MR + i];
+              // a whole kernel row in one copy when its pixels are adjacent (G == 1, dilation 1 along W)
+              if (run > 1 && t % run == 0 && src && base[(t + run - 1) * MR + i]) {
+                std::copy(src, src + run * K, row + t * K);
+                t += run - 1;
+                continue;
+              }
+              if (src) {
+                src += g * K;
+                for (int64_t k = 0; k < K; ++k) row[t * K + k] = src[k];
+              } else {
+                for (int64_t k = 0; k < K; ++k) row[t * K + k] = T(0);
+              }
+            }
+            ptrs[i] = row;
+          }
+          on[0] = 1;
+        } else {
+          for (int64_t t = 0; t < ntaps; ++t) {
+            bool any = false;
+            for (int i = 0; i < MR; ++i) {
+              const T* src = base[t * MR + i];
+              any = any || src;
+              ptrs[t * MR + i] = src ? src + g * K : zeros.data();
+            }
+            on[t] = any;
+          }
+        }
+        const int64_t nt = gather ? 1 : ntaps, kk = gather ? ntaps * K : K;
+        for (int64_t nb = nb0; nb < nb1; ++nb) {
+          ukernel<T, MR>(ptrs.data(), on.data(), nt, kk, B + (g * nblk + nb) * blk_elems, tile);
+          const int64_t c0 = nb * NB, nv = std::min<int64_t>(NB, c_g - c0);
+          const T* bp = bias_pad + g * nblk * NB + c0;
+          for (int i = 0; i < MR && m0 + i < M; ++i) {
+            T* o = o_ptr(m0 + i) + (g * c_g + c0) * ocs;
+            const T* s = tile + i * NB;
+            if (ocs != 1) {
+              for (int64_t j = 0; j < nv; ++j) o[j * ocs] = s[j] + bp[j];
+            } else if (nv == NB) {
+              (Vec::loadu(s) + Vec::loadu(bp)).store(o);
+              (Vec::loadu(s + Vec::size()) + Vec::loadu(bp + Vec::size())).store(o + Vec::size());
+            } else {
+              for (int64_t j = 0; j < nv; ++j) o[j] = s[j] + bp[j];
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+// Forward taps of output pixel m: dst[t * stride] = the NHWC input pixel tap t reads, or nullptr.
+template <typename T>
+inline void fwd_fill(const T* xp, const conv::Params& p, int64_t m, const T** dst, int64_t stride) {
+  const int64_t HWo = p.H_out * p.W_out;
+  const int64_t n = m / HWo, r = m % HWo, oh = r / p.W_out, ow = r % p.W_out;
+  const int64_t ih0 = oh * p.sh - p.pt, iw0 = ow * p.sw - p.pl;
+  const T* xn = xp + n * p.H * p.W * p.C_in;
+  for (int64_t kh = 0; kh < p.kH; ++kh) {
+    const int64_t ih = ih0 + kh * p.dh;
+    const bool hok = ih >= 0 && ih < p.H;
+    for (int64_t kw = 0; kw < p.kW; ++kw) {
+      const int64_t iw = iw0 + kw * p.dw;
+      dst[(kh * p.kW + kw) * stride] = hok && iw >= 0 && iw < p.W ? xn + (ih * p.W + iw) * p.C_in : nullptr;
+    }
+  }
+}
+
+// Depthwise (one input and one output channel per group): vectorized over the C channels of an NHWC
+// pixel. out[m][c] = bias[c] + sum_t src(m, t)[c] * w[c][t]; w: (C, 1, kH, kW) contiguous; bias_pad
+// padded per channel block of NB (here: G = C groups of 1 channel, so bias_pad[c * NB]).
+template <typename T, typename AFill, typename OPtr>
+void depthwise(int64_t M, int64_t C, int64_t ntaps, const T* w, const T* bias_pad, const AFill& a_fill,
+               const OPtr& o_ptr) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t V = Vec::size(), NB = nb_of<T>();
+  std::vector<T> wt(ntaps * C), bias(C);  // wt[t][c]
+  for (int64_t c = 0; c < C; ++c) {
+    bias[c] = bias_pad[c * NB];
+    for (int64_t t = 0; t < ntaps; ++t) wt[t * C + c] = w[c * ntaps + t];
+  }
+  at::parallel_for(0, M, 64, [&](int64_t b, int64_t e) {
+    std::vector<const T*> src(ntaps);
+    for (int64_t m = b; m < e; ++m) {
+      a_fill(m, src.data(), 1);
+      T* o = o_ptr(m);
+      int64_t c = 0;
+      for (; c + 2 * V <= C; c += 2 * V) {
+        Vec a0 = Vec::loadu(bias.data() + c), a1 = Vec::loadu(bias.data() + c + V);
+        for (int64_t t = 0; t < ntaps; ++t) {
+          if (!src[t]) continue;
+          a0 = at::vec::fmadd(Vec::loadu(src[t] + c), Vec::loadu(wt.data() + t * C + c), a0);
+          a1 = at::vec::fmadd(Vec::loadu(src[t] + c + V), Vec::loadu(wt.data() + t * C + c + V), a1);
+        }
+        a0.store(o + c);
+        a1.store(o + c + V);
+      }
+      for (; c < C; c += V) {
+        const int64_t nv = std::min<int64_t>(V, C - c);
+        Vec a0 = Vec::loadu(bias.data() + c, nv);
+        for (int64_t t = 0; t < ntaps; ++t) {
+          if (!src[t]) continue;
+          a0 = at::vec::fmadd(Vec::loadu(src[t] + c, nv), Vec::loadu(wt.data() + t * C + c, nv), a0);
+        }
+        a0.store(o + c, nv);
+      }
+    }
+  });
+}
+
+// ---- direct NCHW forward for few input channels (LeNet's C_in = 1 and 6) and depthwise, stride 1 along W --
+// Vectorized along ow: an OCR x NV tile (OCR output channels x NV vectors of consecutive ow of one
+// output row) in registers; per (ci, kh, kw) NV unaligned loads of a zero-padded input row and OCR
+// weight broadcasts. Each task pads the input rows it reads (C_in x rows x Wp) once.
+template <typename T, int OCR, int NV>
+inline void nchw_tile(const T* const* rows /* [C_in * kH] padded rows, offset to ow0 */, int64_t cin, int64_t kH,
+                      int64_t kW, int64_t dw, const T* w /* oc0's weights, (OCR, cin, kH, kW) */, const T* bias,
+                      T* const* out /* OCR output rows, offset to ow0 */, int64_t count) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t V = Vec::size();
+  const int64_t ksz = cin * kH * kW;
+  Vec acc[OCR][NV];
+#pragma GCC unroll 4
+  for (int o = 0; o < OCR; ++o)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[o][v] = Vec(bias[o]);
+  for (int64_t r = 0; r < cin * kH; ++r) {
+    const T* row = rows[r];
+    for (int64_t kw = 0; kw < kW; ++kw) {
+      Vec xv[NV];
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) xv[v] = Vec::loadu(row + kw * dw + v * V);
+      const int64_t wi = r * kW + kw;
+#pragma GCC unroll 4
+      for (int o = 0; o < OCR; ++o) {
+        const Vec wv(w[o * ksz + wi]);
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) acc[o][v] = at::vec::fmadd(xv[v], wv, acc[o][v]);
+      }
+    }
+  }
+#pragma GCC unroll 4
+  for (int o = 0; o < OCR; ++o)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      const int64_t n = std::min<int64_t>(V, count - v * V);
+      if (n >= V) acc[o][v].store(out[o] + v * V);
+      else if (n > 0) acc[o][v].store(out[o] + v * V, n);
+    }
+}
+
+template <typename T, int OCR>
+inline void nchw_tile_nv(int nv, const T* const* rows, int64_t cin, int64_t kH, int64_t kW, int64_t dw, const T* w,
+                         const T* bias, T* const* out, int64_t count) {
+  switch (nv) {
+    case 4: nchw_tile<T, OCR, 4>(rows, cin, kH, kW, dw, w, bias, out, count); break;
+    case 3: nchw_tile<T, OCR, 3>(rows, cin, kH, kW, dw, w, bias, out, count); break;
+    case 2: nchw_tile<T, OCR, 2>(rows, cin, kH, kW, dw, w, bias, out, count); break;
+    default: nchw_tile<T, OCR, 1>(rows, cin, kH, kW, dw, w, bias, out, count); break;
+  }
+}
+
+template <typename T>
+void fwd_nchw_small(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias, const conv::Params& p,
+                    at::Tensor& y) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t V = Vec::size();
+  constexpr int OCR = 3, NVMAX = 4;
+  const T* xp = x.const_data_ptr<T>();
+  const T* wp = w.const_data_ptr<T>();
+  T* yp = y.mutable_data_ptr<T>();
+  std::vector<T> b(p.C_out + OCR, T(0));
+  if (bias.defined())
+    for (int64_t c = 0; c < p.C_out; ++c) b[c] = bias.const_data_ptr<T>()[c];
+  const int64_t C = p.C_in, H = p.H, W = p.W, Ho = p.H_out, Wo = p.W_out;
+  const int64_t Wp = ceil_div(Wo, NVMAX * V) * NVMAX * V + (p.kW - 1) * p.dw;  // padded row width
+  const bool depthwise = p.groups > 1;  // the launcher sends groups == 1, or depthwise (C_in == C_out == groups)
+  // tasks: (n, block of output rows)
+  const int64_t hb = std::max<int64_t>(1, std::min<int64_t>(Ho, 8));
+  const int64_t nhb = ceil_div(Ho, hb);
+  at::parallel_for(0, p.N * nhb, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> pad;
+    std::vector<const T*> rows(C * p.kH);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / nhb, oh0 = (task % nhb) * hb, oh1 = std::min(Ho, oh0 + hb);
+      const int64_t r0 = oh0 * p.sh - p.pt, nr = ((oh1 - 1) * p.sh - p.pt + (p.kH - 1) * p.dh) - r0 + 1;  // rows r0..
+      pad.assign(C * nr * Wp, T(0));
+      for (int64_t c = 0; c < C; ++c)
+        for (int64_t r = 0; r < nr; ++r) {
+          const int64_t ih = r0 + r;
+          if (ih < 0 || ih >= H) continue;
+          const T* src = xp + ((n * C + c) * H + ih) * W;
+          T* dst = pad.data() + (c * nr + r) * Wp + p.pl;
+          const int64_t lo = std::max<int64_t>(0, -p.pl);
+          for (int64_t iw = lo; iw < W && p.pl + iw < Wp; ++iw) dst[iw] = src[iw];
+        }
+      if (depthwise) {  // output channel c reads input channel c only
+        for (int64_t oh = oh0; oh < oh1; ++oh)
+          for (int64_t c = 0; c < C; ++c)
+            for (int64_t ow0 = 0; ow0 < Wo; ow0 += NVMAX * V) {
+              const int64_t count = std::min<int64_t>(NVMAX * V, Wo - ow0);
+              for (int64_t kh = 0; kh < p.kH; ++kh)
+                rows[kh] = pad.data() + (c * nr + (oh - oh0) * p.sh + kh * p.dh) * Wp + ow0;
+              T* outs[1] = {yp + ((n * C + c) * Ho + oh) * Wo + ow0};
+              nchw_tile_nv<T, 1>(static_cast<int>(ceil_div(count, V)), rows.data(), 1, p.kH, p.kW, p.dw,
+                                 wp + c * p.kH * p.kW, b.data() + c, outs, count);
+            }
+        continue;
+      }
+      for (int64_t oh = oh0; oh < oh1; ++oh)
+        for (int64_t oc0 = 0; oc0 < p.C_out; oc0 += OCR) {
+          const int ocr = static_cast<int>(std::min<int64_t>(OCR, p.C_out - oc0));
+          for (int64_t ow0 = 0; ow0 < Wo; ow0 += NVMAX * V) {
+            const int64_t count = std::min<int64_t>(NVMAX * V, Wo - ow0);
+            const int nv = static_cast<int>(ceil_div(count, V));
+            for (int64_t c = 0; c < C; ++c)
+              for (int64_t kh = 0; kh < p.kH; ++kh)
+                rows[c * p.kH + kh] = pad.data() + (c * nr + (oh - oh0) * p.sh + kh * p.dh) * Wp + ow0;
+            T* outs[OCR];
+            for (int o = 0; o < OCR; ++o)
+              outs[o] = yp + ((n * p.C_out + oc0 + std::min(o, ocr - 1)) * Ho + oh) * Wo + ow0;
+            const T* wo = wp + oc0 * C * p.kH * p.kW;
+            if (ocr == 3) nchw_tile_nv<T, 3>(nv, rows.data(), C, p.kH, p.kW, p.dw, wo, b.data() + oc0, outs, count);
+            else if (ocr == 2) nchw_tile_nv<T, 2>(nv, rows.data(), C, p.kH, p.kW, p.dw, wo, b.data() + oc0, outs, count);
+            else nchw_tile_nv<T, 1>(nv, rows.data(), C, p.kH, p.kW, p.dw, wo, b.data() + oc0, outs, count);
+          }
+        }
+    }
+  });
+}
+
+// Packs w (C_out, cin_g, kH, kW) for the gather GEMM: transpose = false (forward):
+// B[g][nb][t][ci][j] = w[g*cout_g + nb*NB + j][ci][t]; transpose = true (grad_input):
+// B[g][nb][t][oc][j] = w[g*cout_g + oc][nb*NB + j][t]. Zero past the last channel.
+template <typename T>
+std::vector<T> pack_weight(const T* w, const conv::Params& p, bool transpose) {
+  constexpr int64_t NB = nb_of<T>();
+  const int64_t G = p.groups, cin_g = p.cin_g(), cout_g = p.cout_g(), ntaps = p.kH * p.kW;
+  const int64_t K = transpose ? cout_g : cin_g, c_g = transpose ? cin_g : cout_g;
+  const int64_t nblk = ceil_div(c_g, NB);
+  std::vector<T> B(G * nblk * ntaps * K * NB);
+  at::parallel_for(0, G * nblk, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t gb = b0; gb < b1; ++gb) {
+      const int64_t g = gb / nblk, nb = gb % nblk;
+      T* dst = B.data() + gb * ntaps * K * NB;
+      for (int64_t t = 0; t < ntaps; ++t)
+        for (int64_t k = 0; k < K; ++k)
+          for (int64_t j = 0; j < NB; ++j) {
+            const int64_t c = nb * NB + j;
+            T v = T(0);
+            if (c < c_g) {
+              const int64_t oc = g * cout_g + (transpose ? k : c), ci = transpose ? c : k;
+              v = w[(oc * cin_g + ci) * ntaps + t];
+            }
+            dst[(t * K + k) * NB + j] = v;
+          }
+    }
+  });
+  return B;
+}
+
+template <typename T>
+std::vector<T> pad_bias(const T* bias, int64_t G, int64_t c_g) {
+  constexpr int64_t NB = nb_of<T>();
+  const int64_t nblk = ceil_div(c_g, NB);
+  std::vector<T> out(G * nblk * NB, T(0));
+  if (bias)
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t c = 0; c < c_g; ++c) out[g * nblk * NB + c] = bias[g * c_g + c];
+  return out;
+}
+
+template <typename T>
+void fwd_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias, const conv::Params& p,
+              at::Tensor& y) {
+  const T* xp = x.const_data_ptr<T>();
+  T* yp = y.mutable_data_ptr<T>();
+  const std::vector<T> B = pack_weight<T>(w.const_data_ptr<T>(), p, false);
+  const std::vector<T> bp = pad_bias<T>(bias.defined() ? bias.const_data_ptr<T>() : nullptr, p.groups, p.cout_g());
+  const int64_t HWo = p.H_out * p.W_out;
+  auto a_fill = [&](int64_t m, const T** dst, int64_t stride) { fwd_fill(xp, p, m, dst, stride); };
+  // y: NHWC, or NCHW (the launcher's choice; the two are the same memory when C == 1 or H W == 1)
+  const bool nchw = !y.is_contiguous(at::MemoryFormat::ChannelsLast);
+  const int64_t run = p.groups == 1 && p.dw == 1 ? p.kW : 1;
+  auto o_ptr = [&](int64_t m) -> T* { return yp + m * p.C_out; };
+  auto o_nchw = [&](int64_t m) -> T* { return yp + (m / HWo) * p.C_out * HWo + m % HWo; };
+  if (nchw) {
+    gather_gemm<T>(p.N * HWo, p.groups, p.kH * p.kW, p.cin_g(), p.cout_g(), B.data(), bp.data(), a_fill, o_nchw, HWo,
+                   run);
+    return;
+  }
+  if (p.cin_g() == 1 && p.cout_g() == 1) {
+    depthwise<T>(p.N * HWo, p.C_out, p.kH * p.kW, w.const_data_ptr<T>(), bp.data(), a_fill, o_ptr);
+    return;
+  }
+  gather_gemm<T>(p.N * HWo, p.groups, p.kH * p.kW, p.cin_g(), p.cout_g(), B.data(), bp.data(), a_fill, o_ptr, 1,
+                 run);
+}
+
+template <typename T>
+void bwd_input_impl(const at::Tensor& g, const at::Tensor& w, const conv::Params& p, at::Tensor& gi) {
+  const T* gp = g.const_data_ptr<T>();
+  T* op = gi.mutable_data_ptr<T>();
+  const std::vector<T> B = pack_weight<T>(w.const_data_ptr<T>(), p, true);
+  const std::vector<T> bp = pad_bias<T>(nullptr, p.groups, p.cin_g());
+  // the input pixels of a row in residue classes of iw mod sw
+  std::vector<int64_t> perm;
+  perm.reserve(p.W);
+  for (int64_t r = 0; r < p.sw; ++r)
+    for (int64_t iw = r; iw < p.W; iw += p.sw) perm.push_back(iw);
+  const int64_t HW = p.H * p.W;
+  auto a_fill = [&](int64_t m, const T** dst, int64_t stride) {
+    const int64_t n = m / HW, r = m % HW, ih = r / p.W, iw = perm[r % p.W];
+    const T* gn = gp + n * p.H_out * p.W_out * p.C_out;
+    for (int64_t kh = 0; kh < p.kH; ++kh) {
+      const int64_t hn = ih + p.pt - kh * p.dh;
+      const bool hok = hn >= 0 && (p.sh == 1 || hn % p.sh == 0) && hn / p.sh < p.H_out;
+      for (int64_t kw = 0; kw < p.kW; ++kw) {
+        const int64_t wn = iw + p.pl - kw * p.dw;
+        const bool ok = hok && wn >= 0 && (p.sw == 1 || wn % p.sw == 0) && wn / p.sw < p.W_out;
+        dst[(kh * p.kW + kw) * stride] = ok ? gn + ((hn / p.sh) * p.W_out + wn / p.sw) * p.C_out : nullptr;
+      }
+    }
+  };
+  auto o_ptr = [&](int64_t m) -> T* {
+    const int64_t n = m / HW, r = m % HW, ih = r / p.W, iw = perm[r % p.W];
+    return op + ((n * p.H + ih) * p.W + iw) * p.C_in;
+  };
+  if (!gi.is_contiguous(at::MemoryFormat::ChannelsLast)) {  // NCHW grad_input, written directly
+    auto o_nchw = [&](int64_t m) -> T* {
+      const int64_t n = m / HW, r = m % HW, ih = r / p.W, iw = perm[r % p.W];
+      return op + n * p.C_in * HW + ih * p.W + iw;
+    };
+    gather_gemm<T>(p.N * HW, p.groups, p.kH * p.kW, p.cout_g(), p.cin_g(), B.data(), bp.data(), a_fill, o_nchw, HW);
+    return;
+  }
+  if (p.cin_g() == 1 && p.cout_g() == 1) {  // depthwise: the taps in reverse, per channel
+    depthwise<T>(p.N * HW, p.C_in, p.kH * p.kW, w.const_data_ptr<T>(), bp.data(), a_fill, o_ptr);
+    return;
+  }
+  gather_gemm<T>(p.N * HW, p.groups, p.kH * p.kW, p.cout_g(), p.cin_g(), B.data(), bp.data(), a_fill, o_ptr);
+}
+
+// acc[i][0..NB) += sum_l x[l * xs + i] * g[l * gs + 0..NB),  i < R.
+template <typename T, int R>
+inline void gw_ukernel(const T* x, int64_t xs, const T* g, int64_t gs, int64_t L, T* acc) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t V = Vec::size(), NB = 2 * V;
+  Vec c0[R], c1[R];
+#pragma GCC unroll 8
+  for (int i = 0; i < R; ++i) {
+    c0[i] = Vec::loadu(acc + i * NB);
+    c1[i] = Vec::loadu(acc + i * NB + V);
+  }
+  for (int64_t l = 0; l < L; ++l, x += xs, g += gs) {
+    const Vec b0 = Vec::loadu(g), b1 = Vec::loadu(g + V);
+#pragma GCC unroll 8
+    for (int i = 0; i < R; ++i) {
+      const Vec av(x[i]);
+      c0[i] = at::vec::fmadd(av, b0, c0[i]);
+      c1[i] = at::vec::fmadd(av, b1, c1[i]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < R; ++i) {
+    c0[i].store(acc + i * NB);
+    c1[i].store(acc + i * NB + V);
+  }
+}
+
+template <typename T>
+void gw_dispatch(int r, const T* x, int64_t xs, const T* g, int64_t gs, int64_t L, T* acc) {
+  switch (r) {
+    case 6: gw_ukernel<T, 6>(x, xs, g, gs, L, acc); break;
+    case 5: gw_ukernel<T, 5>(x, xs, g, gs, L, acc); break;
+    case 4: gw_ukernel<T, 4>(x, xs, g, gs, L, acc); break;
+    case 3: gw_ukernel<T, 3>(x, xs, g, gs, L, acc); break;
+    case 2: gw_ukernel<T, 2>(x, xs, g, gs, L, acc); break;
+    default: gw_ukernel<T, 1>(x, xs, g, gs, L, acc); break;
+  }
+}
+
+template <typename T>
+void bwd_weight_impl(const at::Tensor& g, const at::Tensor& x, const conv::Params& p, at::Tensor& gw,
+                     at::Tensor& gb) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t NB = nb_of<T>();
+  const int64_t G = p.groups, cin_g = p.cin_g(), cout_g = p.cout_g();
+  const int64_t nblk = ceil_div(cout_g, NB), cpad = nblk * NB, Gc = G * cpad;
+  const int64_t M = p.N * p.H_out * p.W_out;
+  const T* gsrc = g.const_data_ptr<T>();
+  if (gb.defined()) {  // grad_bias: per block of NB channels, a fixed-order sum over the pixels
+    T* gbp = gb.mutable_data_ptr<T>();
+    const int64_t C = p.C_out, V = Vec::size();
+    at::parallel_for(0, ceil_div(C, NB), 1, [&](int64_t b, int64_t e) {
+      for (int64_t cb = b; cb < e; ++cb) {
+        const int64_t c0 = cb * NB, nv = std::min<int64_t>(NB, C - c0);
+        const int64_t n0 = std::min<int64_t>(V, nv), n1 = nv - n0;
+        double tot[NB] = {};
+        for (int64_t m0 = 0; m0 < M; m0 += 256) {  // chunks summed in T, chunk sums in float64
+          Vec s0(T(0)), s1(T(0));
+          for (int64_t m = m0; m < std::min<int64_t>(M, m0 + 256); ++m) {
+            s0 = s0 + Vec::loadu(gsrc + m * C + c0, n0);
+            if (n1 > 0) s1 = s1 + Vec::loadu(gsrc + m * C + c0 + V, n1);
+          }
+          alignas(64) T buf[NB];
+          s0.store(buf);
+          s1.store(buf + V);
+          for (int64_t j = 0; j < NB; ++j) tot[j] += static_cast<double>(buf[j]);
+        }
+        for (int64_t j = 0; j < nv; ++j) gbp[c0 + j] = static_cast<T>(tot[j]);
+      }
+    });
+  }
+  if (!gw.defined()) return;
+  const T* xp = x.const_data_ptr<T>();
+  if (cin_g == 1 && cout_g == 1) {  // depthwise: per block of 2 vectors of channels, all taps at once
+    const int64_t C = p.C_in, ntaps = p.kH * p.kW, V = Vec::size();
+    const T* g0 = g.const_data_ptr<T>();
+    T* gwp = gw.mutable_data_ptr<T>();
+    at::parallel_for(0, ceil_div(C, NB), 1, [&](int64_t b, int64_t e) {
+      std::vector<T> acc(ntaps * NB);
+      std::vector<const T*> src(ntaps);
+      for (int64_t cb = b; cb < e; ++cb) {
+        const int64_t c0 = cb * NB, nv = std::min<int64_t>(NB, C - c0);
+        const int64_t n0 = std::min<int64_t>(V, nv), n1 = nv - n0;
+        std::fill(acc.begin(), acc.end(), T(0));
+        for (int64_t m = 0; m < M; ++m) {
+          fwd_fill(xp, p, m, src.data(), 1);
+          const T* gm = g0 + m * C + c0;
+          const Vec ga = Vec::loadu(gm, n0), gb2 = n1 > 0 ? Vec::loadu(gm + V, n1) : Vec(T(0));
+          for (int64_t t = 0; t < ntaps; ++t) {
+            if (!src[t]) continue;
+            T* a = acc.data() + t * NB;
+            at::vec::fmadd(Vec::loadu(src[t] + c0, n0), ga, Vec::loadu(a)).store(a);
+            if (n1 > 0) at::vec::fmadd(Vec::loadu(src[t] + c0 + V, n1), gb2, Vec::loadu(a + V)).store(a + V);
+          }
+        }
+        for (int64_t j = 0; j < nv; ++j)
+          for (int64_t t = 0; t < ntaps; ++t) gwp[(c0 + j) * ntaps + t] = acc[t * NB + j];
+      }
+    });
+    return;
+  }
+  // grad_out with each group's channels padded to whole blocks (the micro-kernel loads NB at once)
+  std::vector<T> gpad_buf;
+  const T* gp = gsrc;
+  if (cpad != cout_g) {
+    gpad_buf.assign(M * Gc, T(0));
+    at::parallel_for(0, M, 1024, [&](int64_t b, int64_t e) {
+      for (int64_t m = b; m < e; ++m)
+        for (int64_t gg = 0; gg < G; ++gg)
+          std::copy(gsrc + m * p.C_out + gg * cout_g, gsrc + m * p.C_out + (gg + 1) * cout_g,
+                    gpad_buf.data() + m * Gc + gg * cpad);
+    });
+    gp = gpad_buf.data();
+  }
+  T* gwp = gw.mutable_data_ptr<T>();
+  const int64_t ntaps = p.kH * p.kW;
+  at::parallel_for(0, G * nblk * p.kH, 1, [&](int64_t b, int64_t e) {
+    std::vector<T> acc(p.kW * cin_g * NB);
+    for (int64_t task = b; task < e; ++task) {
+      const int64_t gg = task / (nblk * p.kH), nb = (task / p.kH) % nblk, kh = task % p.kH;
+      std::fill(acc.begin(), acc.end(), T(0));
+      for (int64_t n = 0; n < p.N; ++n)
+        for (int64_t oh = 0; oh < p.H_out; ++oh) {
+          const int64_t ih = oh * p.sh - p.pt + kh * p.dh;
+          if (ih < 0 || ih >= p.H) continue;
+          const T* grow = gp + ((n * p.H_out + oh) * p.W_out) * Gc + gg * cpad + nb * NB;
+          const T* xrow = xp + ((n * p.H + ih) * p.W) * p.C_in + gg * cin_g;
+          for (int64_t kw = 0; kw < p.kW; ++kw) {
+            // ow with 0 <= ow * sw - pl + kw * dw < W
+            const int64_t off = kw * p.dw - p.pl;
+            const int64_t lo = std::max<int64_t>(0, ceil_div(std::max<int64_t>(0, -off), p.sw));
+            const int64_t hi = std::min<int64_t>(p.W_out, floor_div(p.W - 1 - off, p.sw) + 1);
+            if (lo >= hi) continue;
+            const T* xs = xrow + (lo * p.sw + off) * p.C_in;
+            const T* gs = grow + lo * Gc;
+            T* a = acc.data() + kw * cin_g * NB;
+            for (int64_t ci0 = 0; ci0 < cin_g; ci0 += MR)
+              gw_dispatch<T>(static_cast<int>(std::min<int64_t>(MR, cin_g - ci0)), xs + ci0, p.sw * p.C_in, gs, Gc,
+                             hi - lo, a + ci0 * NB);
+          }
+        }
+      for (int64_t kw = 0; kw < p.kW; ++kw)
+        for (int64_t ci = 0; ci < cin_g; ++ci)
+          for (int64_t j = 0; j < NB && nb * NB + j < cout_g; ++j) {
+            const int64_t oc = gg * cout_g + nb * NB + j;
+            gwp[(oc * cin_g + ci) * ntaps + kh * p.kW + kw] = acc[(kw * cin_g + ci) * NB + j];
+          }
+    }
+  });
+}
+
+void fwd(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias, const conv::Params& p, at::Tensor& y) {
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv2d_fwd_cpu", [&] { fwd_impl<scalar_t>(x, w, bias, p, y); });
+}
+void fwd_nchw(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias, const conv::Params& p, at::Tensor& y) {
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv2d_fwd_nchw_cpu", [&] { fwd_nchw_small<scalar_t>(x, w, bias, p, y); });
+}
+void bwd_input(const at::Tensor& g, const at::Tensor& w, const conv::Params& p, at::Tensor& gi) {
+  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "conv2d_bwd_input_cpu", [&] { bwd_input_impl<scalar_t>(g, w, p, gi); });
+}
+void bwd_weight(const at::Tensor& g, const at::Tensor& x, const conv::Params& p, at::Tensor& gw, at::Tensor& gb) {
+  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "conv2d_bwd_weight_cpu",
+                             [&] { bwd_weight_impl<scalar_t>(g, x, p, gw, gb); });
+}
+
+const Conv2dKernels kTable{&fwd, &bwd_input, &bwd_weight, &fwd_nchw};
+
+}  // namespace
+}  // namespace CPU_CAPABILITY
+
+PYFASTDL_CPU_KERNELS_DEFINE(Conv2dKernels, conv2d_kernels, CPU_CAPABILITY::kTable)
+
+}  // namespace cpu
+}  // namespace pyfastdl

@@ -1,0 +1,377 @@
+"""conv2d: every backend against torch.nn.functional.conv2d and a float64 reference, forward and the
+three gradients (output_mask honoured), gradcheck, opcheck, the OpInfo and ModuleInfo samples,
+layouts, bad input, non-finite values, thread-count independence, a converted CNN."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pyfastdl
+from pyfastdl import backends
+from pyfastdl import functional as PF
+from helpers import DEVICE, MARKS, params, rel_err
+
+DTYPES = {
+    "cpu": [torch.float32, torch.float64],
+    "reference": [torch.float64],
+    "cuda": [torch.float32, torch.float64, torch.float16, torch.bfloat16],
+    "triton": [torch.float32, torch.float16],
+}
+KERNEL_BACKENDS = [pytest.param(b, marks=MARKS[b]) for b in ("cpu", "cuda", "triton")]
+
+# (N, C_in, H, W, C_out, k, stride, padding, dilation, groups): kernel sizes 1, 3, 5, 7; stride 1, 2;
+# padding incl. 'same'/'valid'; dilation 2; groups 1, 2, C (depthwise); odd sizes 1, 7, 13, 17;
+# batch 1; few channels (LeNet, the stem); K tails (C_in / groups not a multiple of anything).
+CASES = [
+    (2, 3, 7, 9, 5, 3, 1, 1, 1, 1),
+    (1, 16, 13, 13, 20, 3, 2, 1, 1, 1),
+    (3, 1, 17, 17, 6, 5, 1, 2, 1, 1),       # LeNet's first conv
+    (2, 6, 13, 13, 16, 5, 1, 0, 1, 1),      # LeNet's second conv
+    (1, 3, 17, 17, 8, 7, 2, 3, 1, 1),       # the stem
+    (2, 4, 13, 11, 6, 3, 2, 2, 2, 2),       # dilation 2, groups 2
+    (2, 8, 7, 7, 8, 3, 1, 1, 1, 8),         # depthwise
+    (2, 24, 9, 9, 24, 5, 2, 2, 1, 24),      # depthwise, stride 2
+    (1, 6, 13, 13, 12, 3, 1, 1, 1, 6),      # channel multiplier 2
+    (2, 32, 9, 9, 40, 1, 1, 0, 1, 1),       # 1x1
+    (2, 20, 7, 7, 36, 1, 2, 0, 1, 1),       # 1x1 stride 2 (a downsample)
+    (1, 20, 1, 1, 24, 1, 1, 0, 1, 1),       # 1x1 spatial
+    (2, 19, 13, 7, 33, 3, 1, "same", 1, 1),
+    (1, 5, 13, 13, 7, 4, 1, "same", 1, 1),  # even kernel: asymmetric 'same'
+    (1, 5, 13, 13, 7, 3, 1, "same", 2, 1),
+    (2, 5, 7, 17, 3, 3, 1, "valid", 1, 1),
+    (1, 37, 8, 8, 70, 3, 1, 1, 1, 1),       # channel tails on both sides of the tile
+    (2, 2, 11, 13, 5, 3, (2, 1), 1, 1, 1),  # the direct NCHW path (few channels) with stride 2 along H
+    (1, 3, 9, 21, 4, 3, 1, (0, 2), 2, 1),   # the direct NCHW path with dilation, a tail of the row
+    (2, 10, 9, 37, 10, 3, (2, 1), 1, 1, 10),  # depthwise on the direct NCHW path (a row of 37: a tail)
+    (1, 4, 6, 11, 4, 5, 1, "same", 2, 4),   # depthwise, direct NCHW, dilated 'same'
+]
+CASES_TRITON = [CASES[0], CASES[5], CASES[6], CASES[12]]
+LAYOUTS = ["contiguous", "channels_last", "strided"]
+
+
+def _id(c):
+    return "x".join(str(v) for v in c)
+
+
+def make(c, dtype, device, layout="contiguous", seed=0):
+    N, C, H, W, O, k, s, p, d, g = c
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, C, H, W, generator=gen, dtype=torch.float64)
+    w = torch.randn(O, C // g, k, k, generator=gen, dtype=torch.float64) / (C // g * k * k) ** 0.5
+    b = torch.randn(O, generator=gen, dtype=torch.float64)
+    x, w, b = (t.to(dtype).to(device) for t in (x, w, b))
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "strided":
+        big = torch.zeros(N, C, H, 2 * W, dtype=dtype, device=device)
+        big[..., ::2] = x
+        x = big[..., ::2]
+    return x, w, b, dict(stride=s, padding=p, dilation=d, groups=g)
+
+
+def run(backend, *args, **kwargs):
+    with backends.use(backend):
+        out = PF.conv2d(*args, **kwargs)
+    assert backends.last_dispatch().backend == backend
+    assert backends.last_dispatch().fallback is None
+    return out
+
+
+def cases_for(backend):
+    return CASES_TRITON if backend == "triton" else CASES
+
+
+# ---- forward and the three gradients against torch and a float64 reference ------------------------
+
+@pytest.mark.parametrize("backend,dtype", params(DTYPES))
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_forward_backward_match_torch(backend, dtype, layout):
+    device = DEVICE[backend]
+    for c in cases_for(backend):
+        x, w, b, kw = make(c, dtype, device, layout)
+        leaves = [t.detach().clone().requires_grad_() for t in (x, w, b)]
+        y = run(backend, *leaves, **kw)
+        ref_leaves = [t.detach().double().cpu().requires_grad_() for t in (x, w, b)]
+        ref = F.conv2d(*ref_leaves, **kw)
+        assert y.shape == ref.shape and y.dtype == dtype
+        if layout == "channels_last" and c[1] > 1 and c[2] * c[3] > 1:
+            assert y.is_contiguous(memory_format=torch.channels_last), c
+        else:
+            assert y.is_contiguous(), c
+        gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        y.backward(gy.to(dtype).to(device))
+        ref.backward(gy)
+        # float32 error against float64 at most 2x torch's own float32 error (plus a floor)
+        tl = [t.detach().clone().requires_grad_() for t in (x, w, b)]
+        yt = F.conv2d(*tl, **kw)
+        yt.backward(gy.to(dtype).to(device))
+        for name, ours, theirs, r in (("output", y, yt, ref), ("grad_input", leaves[0].grad, tl[0].grad, ref_leaves[0].grad),
+                                      ("grad_weight", leaves[1].grad, tl[1].grad, ref_leaves[1].grad),
+                                      ("grad_bias", leaves[2].grad, tl[2].grad, ref_leaves[2].grad)):
+            bound = max(2 * rel_err(theirs, r), {torch.float64: 1e-12, torch.float32: 1e-6}.get(dtype, 1e-2))
+            err = rel_err(ours, r)
+            assert err <= bound, (c, layout, name, err, bound)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_output_mask_honoured(backend):
+    device = DEVICE[backend]
+    ops = backends.ops(backend, "conv2d")
+    x, w, b, _ = make(CASES[1], torch.float32, device)
+    g = torch.randn(1, 20, 7, 7, device=device)
+    full = ops.conv2d_bwd(g, x, w, [2, 2], [1, 1, 1, 1], [1, 1], 1, [True, True, True])
+    for mask in ([True, False, False], [False, True, False], [False, False, True], [False, True, True],
+                 [False, False, False]):
+        out = ops.conv2d_bwd(g, x, w, [2, 2], [1, 1, 1, 1], [1, 1], 1, mask)
+        for m, o, f in zip(mask, out, full):
+            if m:
+                torch.testing.assert_close(o, f, rtol=0, atol=0)
+            else:
+                assert o is None
+    # through autograd: only what needs a gradient
+    xr = x.clone().requires_grad_()
+    with backends.use(backend):
+        PF.conv2d(xr, w, b, stride=2, padding=1).sum().backward()
+    assert xr.grad is not None and w.grad is None and b.grad is None
+
+
+@pytest.mark.parametrize("backend,dtype", [pytest.param(b, torch.float64, marks=MARKS[b])
+                                           for b in ("cpu", "cuda", "triton")])
+def test_gradcheck(backend, dtype):
+    device = DEVICE[backend]
+    for c in [CASES[0], CASES[5], CASES[7], CASES[13]]:
+        x, w, b, kw = make(c, dtype, device)
+        x = x[:1, :, :7, :7].clone()
+        args = tuple(t.detach().clone().requires_grad_() for t in (x, w, b))
+
+        def f(x, w, b):
+            with backends.use(backend):
+                return PF.conv2d(x, w, b, **kw)
+
+        assert torch.autograd.gradcheck(f, args)
+
+
+def test_double_backward_cpu():
+    x, w, b, kw = make(CASES[5], torch.float64, "cpu")
+    x = x[:1, :, :7, :7].clone()
+    args = tuple(t.detach().clone().requires_grad_() for t in (x, w, b))
+    assert torch.autograd.gradgradcheck(lambda x, w, b: PF.conv2d(x, w, b, **kw), args)
+    assert backends.last_dispatch().op == "conv2d_double_backward"
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_opcheck(backend):
+    device = DEVICE[backend]
+    ops = backends.ops(backend, "conv2d")
+    for c, layout in [(CASES[0], "contiguous"), (CASES[5], "channels_last"), (CASES[6], "contiguous")]:
+        x, w, b, kw = make(c, torch.float32, device, layout)
+        s, d = [kw["stride"]] * 2, [kw["dilation"]] * 2
+        p = [kw["padding"]] * 4
+        torch.library.opcheck(ops.conv2d_fwd, (x, w, b, s, p, d, kw["groups"]))
+        torch.library.opcheck(ops.conv2d_fwd, (x, w, None, s, [0, 1, 1, 0], d, kw["groups"]))
+        y = ops.conv2d_fwd(x, w, b, s, p, d, kw["groups"])
+        g = torch.randn_like(y)
+        torch.library.opcheck(ops.conv2d_bwd, (g, x, w, s, p, d, kw["groups"], [True, True, True]))
+        torch.library.opcheck(ops.conv2d_bwd, (g, x, w, s, p, d, kw["groups"], [False, True, False]))
+
+
+# ---- torch's own samples --------------------------------------------------------------------------
+
+def _op_samples(dtype):
+    from torch.testing._internal.common_methods_invocations import op_db
+    op = next(o for o in op_db if o.name == "nn.functional.conv2d" and o.variant_test_name == "")
+    return list(op.sample_inputs("cpu", dtype, requires_grad=True))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_opinfo_samples_match_torch(dtype):
+    pytest.importorskip("expecttest")
+    samples = _op_samples(dtype)
+    assert samples
+    for i, s in enumerate(samples):
+        results = []
+        for f in (F.conv2d, PF.conv2d):
+            x = s.input.detach().clone().requires_grad_(s.input.requires_grad)
+            args = [a.detach().clone().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a
+                    for a in s.args]
+            kwargs = {k: (v.detach().clone().requires_grad_(v.requires_grad) if isinstance(v, torch.Tensor) else v)
+                      for k, v in s.kwargs.items()}
+            try:
+                y = f(x, *args, **kwargs)
+            except Exception as e:  # noqa: BLE001
+                results.append(("error", type(e)))
+                continue
+            leaves = [t for t in [x] + args + list(kwargs.values()) if isinstance(t, torch.Tensor) and t.requires_grad]
+            dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(i), dtype=y.dtype)
+            grads = torch.autograd.grad(y, leaves, dy, allow_unused=True) if leaves and y.numel() else []
+            results.append((y.detach(), grads))
+        t, p = results
+        if t[0] == "error":
+            assert p[0] == "error", (i, s)
+            continue
+        assert p[0] != "error", (i, s, p)
+        tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(p[0], t[0], **tol, msg=f"sample {i}")
+        assert len(p[1]) == len(t[1])
+        for a, b in zip(p[1], t[1]):
+            if b is None:
+                assert a is None or not a.any()
+            else:
+                torch.testing.assert_close(a, b, **tol, msg=f"sample {i} grad")
+
+
+def test_moduleinfo_samples_match_torch():
+    pytest.importorskip("expecttest")
+    from torch.testing._internal.common_modules import module_db
+    info = next(m for m in module_db if m.module_cls is torch.nn.Conv2d)
+    samples = info.module_inputs_func(info, device="cpu", dtype=torch.float32, requires_grad=True, training=True)
+    assert samples
+    for i, mi in enumerate(samples):
+        ca, fi = mi.constructor_input, mi.forward_input
+        torch.manual_seed(i)
+        ref = torch.nn.Conv2d(*ca.args, **ca.kwargs)
+        mod = pyfastdl.nn.Conv2d(*ca.args, **ca.kwargs)
+        mod.load_state_dict(ref.state_dict())
+        outs = []
+        for m in (ref, mod):
+            args = [a.detach().clone().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a
+                    for a in fi.args]
+            y = m(*args, **fi.kwargs)
+            y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(i), dtype=y.dtype))
+            outs.append((y.detach(), [a.grad for a in args if isinstance(a, torch.Tensor)]))
+        torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-4, atol=1e-5, msg=f"sample {i}")
+        for a, b in zip(outs[1][1], outs[0][1]):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=f"sample {i} input grad")
+        for (k, a), (_, b) in zip(mod.named_parameters(), ref.named_parameters()):
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5, msg=f"sample {i} grad {k}")
+
+
+# ---- API: unbatched, int/tuple args, padding modes, state_dict, convert -------------------------------
+
+def test_unbatched_and_argument_forms():
+    x = torch.randn(3, 11, 13)
+    w = torch.randn(4, 3, 3, 2)
+    for kw in (dict(stride=(2, 1), padding=(1, 0)), dict(stride=[1], padding=1, dilation=(2, 1)),
+               dict(padding="same", dilation=2), dict(padding="valid")):
+        y = PF.conv2d(x, w, **kw)
+        torch.testing.assert_close(y, F.conv2d(x, w, **kw), rtol=1e-5, atol=1e-5)
+        assert y.dim() == 3
+
+
+@pytest.mark.parametrize("mode", ["zeros", "reflect", "replicate", "circular"])
+def test_module_padding_modes_and_state_dict(mode):
+    torch.manual_seed(0)
+    ref = torch.nn.Conv2d(4, 6, 3, padding=1, stride=2, padding_mode=mode)
+    mod = pyfastdl.nn.Conv2d(4, 6, 3, padding=1, stride=2, padding_mode=mode)
+    mod.load_state_dict(ref.state_dict())
+    ref.load_state_dict(mod.state_dict())
+    x = torch.randn(2, 4, 9, 8)
+    torch.testing.assert_close(mod(x), ref(x), rtol=1e-5, atol=1e-5)
+    assert backends.last_dispatch().op == "conv2d" and backends.last_dispatch().backend == "cpu"
+
+
+def test_converted_cnn_matches_torch():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(  # LeNet-like, plus a depthwise and a 1x1 conv
+        torch.nn.Conv2d(1, 6, 5, padding=2), torch.nn.Sigmoid(), torch.nn.AvgPool2d(2),
+        torch.nn.Conv2d(6, 16, 5), torch.nn.ReLU(), torch.nn.Conv2d(16, 16, 3, padding=1, groups=16),
+        torch.nn.Conv2d(16, 8, 1), torch.nn.Flatten(), torch.nn.Linear(8 * 10 * 10, 10))
+    x = torch.randn(4, 1, 28, 28)
+    y_ref = net(x)
+    y_ref.sum().backward()
+    grads = [p.grad.clone() for p in net.parameters()]
+    net.zero_grad()
+    pyfastdl.convert(net)
+    assert sum(isinstance(m, pyfastdl.nn.Conv2d) for m in net.modules()) == 4
+    y = net(x)
+    y.sum().backward()
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-5)
+    for a, b in zip(net.parameters(), grads):
+        torch.testing.assert_close(a.grad, b, rtol=1e-4, atol=1e-4)
+
+
+# ---- bad input, non-finite values, threads ------------------------------------------------------------
+
+BAD = [
+    (lambda: (torch.randn(2, 5, 8, 8), torch.randn(4, 2, 3, 3), dict(groups=2)), "divisible by groups"),
+    (lambda: (torch.randn(2, 4, 8, 8), torch.randn(5, 2, 3, 3), dict(groups=2)), "divisible by groups"),
+    (lambda: (torch.randn(2, 4, 3, 3), torch.randn(5, 4, 5, 5), dict()), "larger than the padded input"),
+    (lambda: (torch.randn(2, 4, 3, 3), torch.randn(5, 4, 3, 3), dict(dilation=2)), "larger than the padded input"),
+    (lambda: (torch.randn(2, 4, 8, 8), torch.randn(5, 4, 3), dict()), "weight of rank 4"),
+    (lambda: (torch.randn(4, 8), torch.randn(5, 4, 3, 3), dict()), "input of rank"),
+    (lambda: (torch.randn(2, 4, 8, 8), torch.randn(5, 3, 3, 3), dict()), "weight.size(1)"),
+    (lambda: (torch.randn(2, 4, 8, 8), torch.randn(5, 4, 3, 3, dtype=torch.float64), dict()), "dtype"),
+    (lambda: (torch.randn(2, 4, 8, 8), torch.randn(5, 4, 3, 3), dict(stride=0)), "stride >= 1"),
+    (lambda: (torch.randn(2, 4, 8, 8), torch.randn(5, 4, 3, 3), dict(padding=-1)), "padding >= 0"),
+    (lambda: (torch.randn(2, 4, 8, 8), torch.randn(5, 4, 3, 3), dict(stride=2, padding="same")), "strided"),
+    (lambda: (torch.randn(2, 4, 8, 8), torch.randn(5, 4, 3, 3), dict(padding="full")), "padding"),
+]
+
+
+@pytest.mark.parametrize("make_bad,msg", BAD, ids=[m for _, m in BAD])
+def test_bad_input_raises_clearly(make_bad, msg):
+    x, w, kw = make_bad()
+    with pytest.raises((RuntimeError, ValueError), match=msg.replace("(", r"\(").replace(")", r"\)")):
+        PF.conv2d(x, w, **kw)
+    with pytest.raises((RuntimeError, ValueError)):
+        F.conv2d(x, w, **kw)  # torch refuses as well
+
+
+def test_bad_bias_and_grad_out_touch_nothing():
+    ops = torch.ops.pyfastdl
+    x, w = torch.randn(2, 4, 8, 8), torch.randn(5, 4, 3, 3)
+    with pytest.raises(RuntimeError, match="bias of shape"):
+        ops.conv2d_fwd(x, w, torch.randn(4), [1, 1], [0] * 4, [1, 1], 1)
+    with pytest.raises(RuntimeError, match="grad_out of shape"):
+        ops.conv2d_bwd(torch.randn(2, 5, 7, 7), x, w, [1, 1], [0] * 4, [1, 1], 1, [True, True, True])
+    with pytest.raises(RuntimeError, match="padding of 4 values"):
+        ops.conv2d_fwd(x, w, None, [1, 1], [0, 0], [1, 1], 1)
+
+
+@pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[6], CASES[16]], ids=_id)
+@pytest.mark.parametrize("where", ["lane0", "lane5", "tail"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_nonfinite_propagates_like_torch(case, where, value):
+    x, w, b, kw = make(case, torch.float32, "cpu", "channels_last")
+    N, C, H, W = x.shape
+    pos = {"lane0": (0, 0, 0, 0), "lane5": (0, min(5, C - 1), H // 2, W // 2),
+           "tail": (N - 1, C - 1, H - 1, W - 1)}[where]
+    x = x.clone()
+    x[pos] = value
+    y, yt = PF.conv2d(x, w, b, **kw), F.conv2d(x, w, b, **kw)
+    assert torch.equal(torch.isnan(y), torch.isnan(yt))
+    assert torch.equal(torch.isinf(y), torch.isinf(yt))
+    fin = torch.isfinite(yt)
+    torch.testing.assert_close(y[fin], yt[fin], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[7], CASES[16]], ids=_id)
+def test_results_do_not_depend_on_thread_count(case):
+    x, w, b, kw = make(case, torch.float32, "cpu", "channels_last")
+    y0 = F.conv2d(x, w, b, **kw)
+    gy = torch.randn_like(y0)
+    outs = []
+    n = torch.get_num_threads()
+    try:
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            leaves = [u.detach().clone().requires_grad_() for u in (x, w, b)]
+            y = PF.conv2d(*leaves, **kw)
+            y.backward(gy)
+            outs.append([y.detach()] + [u.grad for u in leaves])
+    finally:
+        torch.set_num_threads(n)
+    for other in outs[1:]:
+        for a, b_ in zip(outs[0], other):
+            assert torch.equal(a, b_)
+
+
+def test_strict_mode_and_dispatch_visible(monkeypatch):
+    x, w = torch.randn(1, 2, 5, 5, dtype=torch.float16), torch.randn(3, 2, 3, 3, dtype=torch.float16)
+    with pytest.raises(backends.BackendError):
+        PF.conv2d(x, w)
+    monkeypatch.setitem(backends._config, "strict", False)
+    y = PF.conv2d(x.float(), w.float())
+    assert backends.last_dispatch().backend == "cpu"
+    PF.conv2d(x, w)  # float16 on the CPU: torch, visibly
+    assert backends.last_dispatch().backend == "torch" and backends.last_dispatch().fallback
+    assert y.shape == (1, 3, 3, 3)
