@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from . import backends
+from . import _C, backends
 from .autograd import AttentionFunction, BatchNormFunction
 from .reference import batch_norm_like_torch, sdpa_like_torch
 from .reference import masked_softmax as masked_softmax_notes
@@ -25,6 +25,7 @@ _ACTIVATIONS = (None, "relu")
 # resolved once
 _BATCH_NORM_OP = torch.ops.pyfastdl.batch_norm.default
 _BN_TENSOR_ARGS = ("weight", "bias", "running_mean", "running_var")
+_is_compiling = torch.compiler.is_compiling
 
 
 def _check_same_device(op: str, input: torch.Tensor, names: tuple, tensors: tuple) -> None:
@@ -108,6 +109,11 @@ _ATTENTION_DTYPES = {
 }
 
 
+# attention_fwd with its autograd formula in C++ (csrc/cpu/attention_autograd.cpp); the overload
+# resolved once
+_ATTENTION_OP = torch.ops.pyfastdl.attention.default
+
+
 def _sdpa_error(msg: str) -> RuntimeError:
     return RuntimeError(f"scaled_dot_product_attention: {msg}")
 
@@ -173,6 +179,16 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     key equally (the notes' -1e6 fill). Kernels: cpu float32/float64; cuda, triton
     float16/bfloat16/float32.
     Vaswani et al. 2017; Dao 2023 (FlashAttention-2); notes sections 65-67."""
+    # The common case, kept lean (per-call cost): the cpu/cuda op with its C++ derivative through its
+    # direct entry (csrc/cpu/percall.cpp), which takes plain 4-D tensors of one (B, H), dtype and device,
+    # nothing empty, and returns None for anything else -- as does everything else here -- so that the
+    # full path below (its checks, its errors) runs. Under torch.compile, always the full path.
+    if (attn_mask is None and valid_lens is None and not dropout_p and not enable_gqa and type(query) is torch.Tensor
+            and not _is_compiling()
+            and backends.picked("scaled_dot_product_attention", query.device, query.dtype) is not None):
+        out = _C.attention(query, key, value, is_causal, scale)
+        if out is not None:
+            return out
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"scaled_dot_product_attention: expected {name} to be a Tensor, got {type(t).__name__}")
@@ -280,9 +296,7 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
         if per_b != 1:
             vl = vl.repeat_interleave(per_b, dim=0)
 
-    backend, fallback = backends.resolve("scaled_dot_product_attention", query.device,
-                                         backends.dtype_covers(_ATTENTION_DTYPES, query.dtype))
-    backends.record("scaled_dot_product_attention", backend, fallback)
+    backend = backends.pick("scaled_dot_product_attention", query.device, query.dtype, _ATTENTION_DTYPES)
     if backend in ("torch", "reference"):
         if backend == "torch" and vl is None:
             return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
@@ -290,6 +304,8 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
         return sdpa_like_torch(q4, k4, v4, mask4, dropout_p, is_causal, scale, enable_gqa=heads != kv_heads,
                                valid_lens=vl).reshape(out_shape)
     seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout_p > 0 else 0
+    if backend != "triton":  # cpu, cuda: the op's derivative is registered in C++, no Python per backward
+        return _ATTENTION_OP(q4, k4, v4, mask4, vl, bool(is_causal), scale, float(dropout_p), seed).reshape(out_shape)
     ops = backends.ops(backend, "attention")
     if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad or
                                     (attn_mask is not None and attn_mask.requires_grad)):
