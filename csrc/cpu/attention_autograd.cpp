@@ -99,7 +99,10 @@ struct AttentionBackward final : torch::autograd::Node {
     if (graph) {
       g = call_bwd_graph(grad_out, q, k, v, attn_mask, vl, causal_, scale_, dropout_p_, mask);
     } else {
+      // Below autograd: the kernel op has no autograd formula of its own (it would otherwise go through
+      // autograd's boxed not-implemented fallback).
       at::AutoGradMode no_grad(false);
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
       g = call_bwd(grad_out.contiguous(), q, k, v, out_.unpack(getptr()), lse_.unpack(), attn_mask, vl,
                    causal_, scale_, dropout_p_, seed_, mask);
     }
