@@ -313,7 +313,8 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
                                valid_lens=vl).reshape(out_shape)
     seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout_p > 0 else 0
     if backend != "triton":  # cpu, cuda: the op's derivative is registered in C++, no Python per backward
-        return _ATTENTION_OP(q4, k4, v4, mask4, vl, bool(is_causal), scale, float(dropout_p), seed).reshape(out_shape)
+        out = _ATTENTION_OP(q4, k4, v4, mask4, vl, bool(is_causal), scale, float(dropout_p), seed)
+        return out if out.shape == out_shape else out.reshape(out_shape)  # no view node for 4-D input
     ops = backends.ops(backend, "attention")
     if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad or
                                     (attn_mask is not None and attn_mask.requires_grad)):

@@ -145,7 +145,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd_cpu(
   // not zero-filled: on_sums below writes every channel
   at::Tensor grad_weight = output_mask[1] ? at::empty({C}, x.options()) : at::Tensor();
   at::Tensor grad_bias = output_mask[2] ? at::empty({C}, x.options()) : at::Tensor();
-  if (x.numel() == 0 || !(need_gi || need_sums)) return {grad_input, grad_weight, grad_bias};
+  if (x.numel() == 0 || !(need_gi || need_sums)) {
+    if (grad_weight.defined()) grad_weight.zero_();  // no element: zero sums
+    if (grad_bias.defined()) grad_bias.zero_();
+    return {grad_input, grad_weight, grad_bias};
+  }
   const at::Tensor invstd = save_invstd.contiguous();
   const at::Tensor w = contiguous_or_undefined(weight);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "batch_norm_bwd_cpu", [&] {
