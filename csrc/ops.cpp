@@ -115,6 +115,19 @@ TORCH_LIBRARY(pyfastdl, m) {
   m.def(
       "attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, Tensor? valid_lens, bool is_causal, "
       "float scale, float dropout_p, int seed, int offset) -> (Tensor, Tensor)");
+  // attention_fwd's output (offset 0), differentiable in q, k, v and a floating-point attn_mask: its
+  // derivative (attention_bwd) is registered in C++ under the Autograd key
+  // (csrc/cpu/attention_autograd.cpp), so the C++ backends run a forward+backward without Python.
+  m.def(
+      "attention(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, Tensor? valid_lens, bool is_causal, "
+      "float scale, float dropout_p, int seed) -> Tensor");
+  // attention_bwd's gradients (grad_q, grad_k, grad_v, grad_attn_mask) as differentiable functions of
+  // (grad_out, q, k, v, attn_mask), for backward(create_graph=True) through pyfastdl::attention:
+  // implemented in Python as CompositeImplicitAutograd (pyfastdl/autograd/attention.py: the reference
+  // math differentiated by autograd; dropout_p > 0 raises). Outputs not in output_mask are empty (0,).
+  m.def(
+      "attention_bwd_graph(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? attn_mask, Tensor? valid_lens, "
+      "bool is_causal, float scale, float dropout_p, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? attn_mask, "
       "Tensor? valid_lens, bool is_causal, float scale, float dropout_p, int seed, int offset, "
@@ -220,7 +233,9 @@ TORCH_LIBRARY_FRAGMENT(pyfastdl, m) {
 
 // `import pyfastdl._C` loads this library, whose static initializers register the ops above; the
 // module itself is empty (the ops are reached through torch.ops.pyfastdl).
+extern PyMethodDef pyfastdl_percall_methods[];  // csrc/cpu/percall.cpp: direct entries of the per-call path
+
 extern "C" PyMODINIT_FUNC PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, pyfastdl_percall_methods};
   return PyModule_Create(&module_def);
 }

@@ -23,7 +23,7 @@ import threading
 import torch
 
 __all__ = ["NAMES", "built", "available", "use", "current", "last_dispatch", "strict", "set_strict", "Dispatch",
-           "BackendError", "resolve", "pick", "ops", "record", "dtype_covers"]
+           "BackendError", "resolve", "pick", "ops", "record", "dtype_covers", "picked"]
 
 NAMES = ("cpu", "cuda", "triton", "reference")
 _log = logging.getLogger("pyfastdl.backends")
@@ -256,3 +256,15 @@ def ops(backend: str, family: str):
 
 
 _PYFASTDL_OPS = torch.ops.pyfastdl
+
+
+def picked(op: str, device: torch.device, dtype: torch.dtype) -> "Dispatch | None":
+    """The per-call path's ``pick``: when no backend is chosen and an earlier ``pick`` of (op, device,
+    dtype) found the default kernel backend covering it, records that Dispatch and returns it (its
+    ``backend`` is ``device.type``); None otherwise (the caller then takes its full path, which picks)."""
+    if _state.chosen is None and _config["backend"] is None:
+        d = _PICKED.get((op, device, dtype))
+        if d is not None:
+            _state.last = d
+        return d
+    return None

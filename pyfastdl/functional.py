@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from . import backends
+from . import _C, backends
 from .autograd import AttentionFunction, BatchNormFunction
 from .reference import batch_norm_like_torch, sdpa_like_torch
 from .reference import masked_softmax as masked_softmax_notes
@@ -25,6 +25,7 @@ _ACTIVATIONS = (None, "relu")
 # resolved once
 _BATCH_NORM_OP = torch.ops.pyfastdl.batch_norm.default
 _BN_TENSOR_ARGS = ("weight", "bias", "running_mean", "running_var")
+_is_compiling = torch.compiler.is_compiling
 
 
 def _check_same_device(op: str, input: torch.Tensor, names: tuple, tensors: tuple) -> None:
@@ -60,6 +61,14 @@ def batch_norm(input: torch.Tensor, running_mean: torch.Tensor | None, running_v
     momentum raises ValueError (torch accepts it and writes NaN running statistics); C = 0 with a
     weight gives an empty result (torch raises IndexError).
     """
+    # The common case, kept lean (per-call cost): the cpu/cuda op with its C++ derivative through its
+    # direct entry (csrc/cpu/percall.cpp), which returns None for what it does not take (another
+    # device, a non-floating or 1-D input, a non-Tensor argument): the full path below then runs.
+    if (activation is None and type(input) is torch.Tensor and not _is_compiling()
+            and backends.picked("batch_norm", input.device, input.dtype) is not None):
+        out = _C.batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps, False)
+        if out is not None:
+            return out
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"batch_norm: expected input to be a Tensor, got {type(input).__name__}")
     if activation not in _ACTIVATIONS:
@@ -106,6 +115,11 @@ _ATTENTION_DTYPES = {
     "cuda": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
     "triton": (torch.float32, torch.float16, torch.bfloat16),
 }
+
+
+# attention_fwd with its autograd formula in C++ (csrc/cpu/attention_autograd.cpp); the overload
+# resolved once
+_ATTENTION_OP = torch.ops.pyfastdl.attention.default
 
 
 def _sdpa_error(msg: str) -> RuntimeError:
@@ -173,6 +187,16 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     key equally (the notes' -1e6 fill). Kernels: cpu float32/float64; cuda, triton
     float16/bfloat16/float32.
     Vaswani et al. 2017; Dao 2023 (FlashAttention-2); notes sections 65-67."""
+    # The common case, kept lean (per-call cost): the cpu/cuda op with its C++ derivative through its
+    # direct entry (csrc/cpu/percall.cpp), which takes plain 4-D tensors of one (B, H), dtype and device,
+    # nothing empty, and returns None for anything else -- as does everything else here -- so that the
+    # full path below (its checks, its errors) runs. Under torch.compile, always the full path.
+    if (attn_mask is None and valid_lens is None and not dropout_p and not enable_gqa and type(query) is torch.Tensor
+            and not _is_compiling()
+            and backends.picked("scaled_dot_product_attention", query.device, query.dtype) is not None):
+        out = _C.attention(query, key, value, is_causal, scale)
+        if out is not None:
+            return out
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"scaled_dot_product_attention: expected {name} to be a Tensor, got {type(t).__name__}")
@@ -280,9 +304,7 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
         if per_b != 1:
             vl = vl.repeat_interleave(per_b, dim=0)
 
-    backend, fallback = backends.resolve("scaled_dot_product_attention", query.device,
-                                         backends.dtype_covers(_ATTENTION_DTYPES, query.dtype))
-    backends.record("scaled_dot_product_attention", backend, fallback)
+    backend = backends.pick("scaled_dot_product_attention", query.device, query.dtype, _ATTENTION_DTYPES)
     if backend in ("torch", "reference"):
         if backend == "torch" and vl is None:
             return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
@@ -290,6 +312,9 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
         return sdpa_like_torch(q4, k4, v4, mask4, dropout_p, is_causal, scale, enable_gqa=heads != kv_heads,
                                valid_lens=vl).reshape(out_shape)
     seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout_p > 0 else 0
+    if backend != "triton":  # cpu, cuda: the op's derivative is registered in C++, no Python per backward
+        out = _ATTENTION_OP(q4, k4, v4, mask4, vl, bool(is_causal), scale, float(dropout_p), seed)
+        return out if out.shape == out_shape else out.reshape(out_shape)  # no view node for 4-D input
     ops = backends.ops(backend, "attention")
     if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad or
                                     (attn_mask is not None and attn_mask.requires_grad)):

@@ -226,3 +226,185 @@ def test_bad_input_still_raises_before_writing():
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         PF.batch_norm(x[:1], rm, rv, w, b, True, 0.1, 1e-5)
     assert torch.equal(rm, rm0) and torch.equal(rv, rv0)
+
+
+# ---- attention: pyfastdl::attention, its C++ node (csrc/cpu/attention_autograd.cpp) and the direct
+# entries of the per-call path (csrc/cpu/percall.cpp) ----------------------------------------------------
+
+ATTN_OP = torch.ops.pyfastdl.attention.default
+ATTN_NODE = "pyfastdl::AttentionBackward"
+
+
+def _qkv(B, H, L, S, E, dtype=torch.float64, seed=0, grad=True):
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v, do = (torch.randn(B, H, n, E, generator=gen, dtype=torch.float64).to(dtype)
+                   for n in (L, S, S, L))
+    for t in (q, k, v):
+        t.requires_grad_(grad)
+    return q, k, v, do
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("case", ["plain", "causal", "bool_mask", "float_mask_grad", "broadcast_3d", "scale"])
+def test_sdpa_runs_the_cpp_node_and_matches_torch(dtype, case):
+    q, k, v, do = _qkv(2, 3, 5, 7, 4, dtype, seed=1)
+    kw, mask = {}, None
+    if case == "causal":
+        kw["is_causal"] = True
+    elif case == "bool_mask":
+        mask = torch.rand(5, 7, generator=torch.Generator().manual_seed(2)) > 0.3
+    elif case == "float_mask_grad":
+        mask = torch.randn(3, 5, 7, dtype=dtype).requires_grad_(True)  # broadcast over the batch: summed
+    elif case == "broadcast_3d":
+        q = q.detach()[0].requires_grad_(True)  # (H, L, E) against (B, H, S, E): torch broadcasts
+        do = do[0].expand(2, 3, 5, 4)
+    elif case == "scale":
+        kw["scale"] = 0.37
+    y = PF.scaled_dot_product_attention(q, k, v, attn_mask=mask, **kw)
+    assert backends.last_dispatch().backend == "cpu"
+    assert y.grad_fn is not None
+    if case != "broadcast_3d":
+        assert y.grad_fn.name() == ATTN_NODE  # C++ autograd, no Python Function
+    inputs = [t for t in (q, k, v, mask) if t is not None and t.requires_grad]
+    ref = [t.detach().clone().requires_grad_(True) for t in inputs]
+    it = iter(ref)
+    rq, rk, rv = (next(it) if t.requires_grad else t for t in (q, k, v))
+    rmask = next(it) if mask is not None and mask.requires_grad else mask
+    y_t = F.scaled_dot_product_attention(rq, rk, rv, attn_mask=rmask, **kw)
+    got, want = torch.autograd.grad(y, inputs, do), torch.autograd.grad(y_t, ref, do)
+    tol = dict(rtol=TOL[dtype] * 10, atol=TOL[dtype] * 10)
+    torch.testing.assert_close(y.detach(), y_t.detach(), **tol)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, **tol)
+
+
+def test_sdpa_only_the_asked_gradients_and_no_grad():
+    q, k, v, do = _qkv(1, 2, 4, 6, 3)
+    (gk,) = torch.autograd.grad(PF.scaled_dot_product_attention(q, k, v), (k,), do)
+    q_t, k_t, v_t = (t.detach().requires_grad_(True) for t in (q, k, v))
+    (gk_t,) = torch.autograd.grad(F.scaled_dot_product_attention(q_t, k_t, v_t), (k_t,), do)
+    assert rel_err(gk, gk_t) < 1e-10
+    with torch.no_grad():
+        assert PF.scaled_dot_product_attention(q, k, v).grad_fn is None
+    with torch.inference_mode():
+        y = PF.scaled_dot_product_attention(q.detach(), k.detach(), v.detach())
+    assert rel_err(y, F.scaled_dot_product_attention(q_t, k_t, v_t)) < 1e-10
+
+
+def test_sdpa_dropout_through_the_cpp_node_equals_the_python_function():
+    """Dropout (Philox, keyed by the seed the functional draws): the C++ node's forward and backward
+    equal AttentionFunction's with the same seed, bit for bit, and the gradients differ from the
+    dropout-free ones."""
+    from pyfastdl.autograd.attention import AttentionFunction
+    q, k, v, do = _qkv(1, 2, 6, 9, 4)
+    y = ATTN_OP(q, k, v, None, None, False, 0.5, 0.3, 1234)
+    assert y.grad_fn.name() == ATTN_NODE
+    got = torch.autograd.grad(y, (q, k, v), do)
+    y_f = AttentionFunction.apply(q, k, v, None, None, False, 0.5, 0.3, 1234, torch.ops.pyfastdl)
+    want = torch.autograd.grad(y_f, (q, k, v), do)
+    assert torch.equal(y, y_f)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+    y0 = ATTN_OP(q, k, v, None, None, False, 0.5, 0.0, 0)
+    assert not torch.allclose(y, y0)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(ATTN_OP(q, k, v, None, None, False, 0.5, 0.3, 1), (q,), do, create_graph=True)
+
+
+def test_sdpa_create_graph_runs_the_differentiable_formula():
+    q, k, v, do = _qkv(1, 2, 4, 5, 3)
+    mask = torch.randn(1, 2, 4, 5, dtype=torch.float64, requires_grad=True)
+    leaves = (q, k, v, mask)
+    y = PF.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert y.grad_fn.name() == ATTN_NODE
+    got = torch.autograd.grad(y, leaves, do, create_graph=True)
+    assert all(g.requires_grad for g in got)
+    assert backends.last_dispatch().op == "scaled_dot_product_attention_double_backward"
+    ref = [t.detach().clone().requires_grad_(True) for t in leaves]
+    want = torch.autograd.grad(F.scaled_dot_product_attention(*ref[:3], attn_mask=ref[3]), ref, do, create_graph=True)
+    for g, w in zip(got, want):
+        assert rel_err(g, w) < 1e-10
+    second = torch.autograd.grad(sum(g.square().sum() for g in got), leaves)
+    second_t = torch.autograd.grad(sum(w.square().sum() for w in want), ref)
+    for g, w in zip(second, second_t):
+        assert rel_err(g, w) < 1e-9
+    assert torch.autograd.gradgradcheck(lambda a, b, c: ATTN_OP(a, b, c, None, None, True, 0.6, 0.0, 0), (q, k, v))
+
+
+def test_sdpa_gradcheck_and_opcheck():
+    q, k, v, _ = _qkv(1, 2, 3, 4, 3)
+    mask = torch.randn(1, 2, 3, 4, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(lambda a, b, c, m: ATTN_OP(a, b, c, m, None, False, 0.5, 0.0, 0), (q, k, v, mask))
+    lens = torch.tensor([3])
+    for args in ((q, k, v, None, None, True, 0.5, 0.0, 0), (q, k, v, mask, None, False, 0.5, 0.0, 0),
+                 (q, k, v, None, lens, False, 0.5, 0.0, 0), (q.detach(), k.detach(), v.detach(), mask.detach() > 0,
+                                                            None, False, 0.5, 0.0, 0)):
+        torch.library.opcheck(ATTN_OP, args)
+
+
+def test_sdpa_compile_fullgraph_equals_eager():
+    torch._dynamo.reset()
+    q, k, v, do = _qkv(2, 2, 5, 6, 4, torch.float32)
+
+    def f(q, k, v):
+        return PF.scaled_dot_product_attention(q, k, v, is_causal=True) * 2
+
+    y_c = torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v)
+    g_c = torch.autograd.grad(y_c, (q, k, v), do)
+    y_e = f(q, k, v)
+    g_e = torch.autograd.grad(y_e, (q, k, v), do)
+    assert rel_err(y_c, y_e) < 1e-6
+    for a, e in zip(g_c, g_e):
+        assert rel_err(a, e) < 1e-6
+
+
+class _Sub(torch.Tensor):
+    """A tensor subclass: __torch_function__ must run, so the direct entries step aside."""
+    seen = 0
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        cls.seen += 1
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+def test_direct_entries_step_aside_where_torch_ops_would_do_more():
+    from pyfastdl import _C
+    q, k, v, _ = _qkv(1, 1, 3, 4, 2, grad=False)
+    x, w, b, rm, rv, _ = _inputs((6, 4), False, torch.float64, "cpu")
+    # what the entries take: they run the registered op
+    assert torch.equal(_C.attention(q, k, v, False, None), ATTN_OP(q, k, v, None, None, False, 1.0 / 2 ** 0.5, 0.0, 0))
+    assert torch.equal(_C.batch_norm(x, w, b, None, None, True, 0.1, 1e-5, False),
+                       OP(x, w, b, None, None, True, 0.1, 1e-5, False))
+    # what they do not: None, nothing run
+    assert _C.attention(q.as_subclass(_Sub), k, v, False, None) is None
+    assert _C.attention(q[0], k[0], v[0], False, None) is None  # 3-D: the full path broadcasts
+    assert _C.attention(q, k[:, :, :0, :1], v, False, None) is None
+    assert _C.attention(q.float(), k, v, False, None) is None
+    assert _C.attention(q, k, v, 1, None) is None
+    assert _C.batch_norm(x.as_subclass(_Sub), w, b, None, None, True, 0.1, 1e-5, False) is None
+    assert _C.batch_norm(x, w.as_subclass(_Sub), b, None, None, True, 0.1, 1e-5, False) is None
+    assert _C.batch_norm(x, [1.0] * 4, b, None, None, True, 0.1, 1e-5, False) is None
+    assert _C.batch_norm(x[:, 0], None, None, None, None, True, 0.1, 1e-5, False) is None
+    assert _C.batch_norm(x.long(), None, None, None, None, True, 0.1, 1e-5, False) is None
+    with torch.overrides.TorchFunctionMode():
+        assert _C.attention(q, k, v, False, None) is None
+        assert _C.batch_norm(x, w, b, None, None, True, 0.1, 1e-5, False) is None
+    # and the functional then runs the full path: the subclass's __torch_function__ sees the op
+    _Sub.seen = 0
+    y = PF.scaled_dot_product_attention(q.as_subclass(_Sub), k, v)
+    assert _Sub.seen > 0 and rel_err(y, F.scaled_dot_product_attention(q, k, v)) < 1e-12
+    _Sub.seen = 0
+    y = PF.batch_norm(x.as_subclass(_Sub), None, None, w, b, True)
+    assert _Sub.seen > 0 and rel_err(y, F.batch_norm(x, None, None, w, b, True)) < 1e-12
+
+
+def test_direct_entries_errors_are_torch_ops_errors():
+    """Bad input the entry does take reaches the op's launcher check: the same error as torch.ops."""
+    x, w, b, rm, rv, _ = _inputs((6, 4), False, torch.float32, "cpu")
+    for call in (lambda: PF.batch_norm(x, rm[:3], rv, w, b, True), lambda: OP(x, w, b, rm[:3], rv, True, 0.1, 1e-5, False)):
+        with pytest.raises(RuntimeError, match="running_mean"):
+            call()
+    q, k, v, _ = _qkv(1, 1, 3, 4, 2, torch.float32, grad=False)
+    with pytest.raises(RuntimeError, match="head dim"):
+        PF.scaled_dot_product_attention(q, k[..., :1], v)

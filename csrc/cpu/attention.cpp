@@ -86,16 +86,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
   Prepared p = prepare("attention_bwd", q, k, v, attn_mask, valid_lens, is_causal, scale, dropout_p, seed, offset);
   attention::check_bwd_tensors("attention_bwd", grad_out, out, lse, q, v);
   const at::Tensor g = grad_out.contiguous(), o = out.contiguous(), l = lse.contiguous();
-  // Gradients not asked for are empty (0,) tensors; the asked ones start at zero (skipped blocks and
-  // the dQ sum of csrc/cpu/attention_kernel.cpp rely on it).
-  const auto grad = [&](bool need, const at::Tensor& like) {
-    return need ? at::zeros_like(like, at::MemoryFormat::Contiguous) : at::empty({0}, like.options());
+  // Gradients not asked for are empty (0,) tensors. When the kernel runs, grad_q and grad_mask start
+  // at zero (skipped blocks and the dQ sum of csrc/cpu/attention_kernel.cpp rely on it), while
+  // grad_k and grad_v are written whole (every key block is copied out); otherwise all are zero.
+  const bool runs = p.a.B * p.a.Hq * p.a.L > 0 && p.a.S > 0 && p.a.Ev > 0;
+  const auto grad = [&](bool need, const at::Tensor& like, bool zero) {
+    if (!need) return at::empty({0}, like.options());
+    return zero ? at::zeros_like(like, at::MemoryFormat::Contiguous) : at::empty_like(like, at::MemoryFormat::Contiguous);
   };
-  at::Tensor gq = grad(output_mask[0], p.q), gk = grad(output_mask[1], p.k), gv = grad(output_mask[2], p.v);
+  at::Tensor gq = grad(output_mask[0], p.q, true), gk = grad(output_mask[1], p.k, !runs),
+             gv = grad(output_mask[2], p.v, !runs);
   at::Tensor gm = output_mask[3] ? at::zeros({p.a.B, p.a.Hq, p.a.L, p.a.S}, q.options())
                                  : at::empty({0}, q.options());
   const bool any = gq.numel() > 0 || gk.numel() > 0 || gv.numel() > 0 || gm.numel() > 0;
-  if (any && p.a.B * p.a.Hq * p.a.L > 0 && p.a.S > 0 && p.a.Ev > 0) {
+  if (any && runs) {
     p.a.out = const_cast<void*>(o.const_data_ptr());
     p.a.lse = const_cast<void*>(l.const_data_ptr());
     p.a.grad_out = g.const_data_ptr();

@@ -286,7 +286,9 @@ void fwd(const AttnArgs& a) {
   }
   at::parallel_for(0, a.B * a.Hq * nqb, 1, [&](int64_t t0, int64_t t1) {
     BlasSingleThread blas1;
-    Scratch<T> S(kBq * kBk), O(kBq * a.Ev), m(kBq), l(kBq);
+    // Sized to the blocks that occur (small inputs: a few elements, not 128 KiB mmapped and zeroed per call)
+    const int64_t sq = std::min(kBq, a.L), sk = std::min(kBk, a.S);
+    Scratch<T> S(sq * sk), O(sq * a.Ev), m(sq), l(sq);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t bh = t / nqb, b = bh / a.Hq, h = bh % a.Hq;
       const int64_t i0 = (t % nqb) * kBq, bq = std::min(kBq, a.L - i0);
@@ -393,7 +395,10 @@ void bwd(const AttnArgs& a) {
   const T ninf = -std::numeric_limits<T>::infinity();
   at::parallel_for(0, a.B * a.Hk * parts, 1, [&](int64_t t0, int64_t t1) {
     BlasSingleThread blas1;
-    Scratch<T> P(kBq * kBk), Pd(kBq * kBk), dP(kBq * kBk), dK(kBk * a.E), dV(kBk * a.Ev);
+    // Sized to the blocks that occur; Pd only with dropout, dP only when dS is needed
+    const int64_t sq = std::min(kBq, a.L), sk = std::min(kBk, a.S);
+    Scratch<T> P(sq * sk), Pd(a.dropout_p > 0 ? sq * sk : 0), dP(need_ds ? sq * sk : 0), dK(sk * a.E),
+        dV(sk * a.Ev);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t bhk = t / parts, part = t % parts, b = bhk / a.Hk, hk = bhk % a.Hk;
       T* dqp = dq == nullptr ? nullptr : part == 0 ? dq : dq_part[part - 1]->data();

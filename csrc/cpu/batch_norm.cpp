@@ -6,6 +6,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
 #include <cmath>
 #include <vector>
@@ -26,10 +27,12 @@ struct Consts {
   cpu::NormConsts k;
   const T* w;
   T *m1, *m2, *scale;
-  Consts(const c10::optional<at::Tensor>& bias, const at::Tensor& m1_tensor, const at::Tensor& w_contig) {
+  at::Tensor buf;  // m2, scale, bias, then `extra` more (C,) slots for the caller: one allocation
+  Consts(const c10::optional<at::Tensor>& bias, const at::Tensor& m1_tensor, const at::Tensor& w_contig,
+         int64_t extra = 0) {
     const int64_t C = m1_tensor.numel();
-    // m2, scale and bias in one allocation (this runs on every call: small inputs feel it)
-    const at::Tensor buf = at::empty({3 * C}, m1_tensor.options());
+    // one allocation (this runs on every call: small inputs feel it)
+    buf = at::empty({(3 + extra) * C}, m1_tensor.options());
     k = {m1_tensor, buf.narrow(0, 0, C), buf.narrow(0, C, C), buf.narrow(0, 2 * C, C)};
     w = w_contig.defined() ? w_contig.const_data_ptr<T>() : nullptr;
     m1 = k.m1.mutable_data_ptr<T>();
@@ -139,19 +142,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd_cpu(
   // Only what output_mask asks for is computed; the rest is returned undefined (None in Python).
   const bool need_gi = output_mask[0], need_sums = output_mask[1] || output_mask[2];
   at::Tensor grad_input = need_gi ? at::empty_like(x) : at::Tensor();
-  at::Tensor grad_weight = output_mask[1] ? at::zeros({C}, x.options()) : at::Tensor();
-  at::Tensor grad_bias = output_mask[2] ? at::zeros({C}, x.options()) : at::Tensor();
-  if (x.numel() == 0 || !(need_gi || need_sums)) return {grad_input, grad_weight, grad_bias};
+  // not zero-filled: on_sums below writes every channel
+  at::Tensor grad_weight = output_mask[1] ? at::empty({C}, x.options()) : at::Tensor();
+  at::Tensor grad_bias = output_mask[2] ? at::empty({C}, x.options()) : at::Tensor();
+  if (x.numel() == 0 || !(need_gi || need_sums)) {
+    if (grad_weight.defined()) grad_weight.zero_();  // no element: zero sums
+    if (grad_bias.defined()) grad_bias.zero_();
+    return {grad_input, grad_weight, grad_bias};
+  }
   const at::Tensor invstd = save_invstd.contiguous();
   const at::Tensor w = contiguous_or_undefined(weight);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "batch_norm_bwd_cpu", [&] {
-    Consts<scalar_t> k(bias, save_mean.contiguous(), w);
+    Consts<scalar_t> k(bias, save_mean.contiguous(), w, /*extra=*/2);
     const scalar_t* ip = invstd.const_data_ptr<scalar_t>();
     for (int64_t c = 0; c < C; ++c) k.set(c, ip[c], nullptr);
     // grad_input = scale * (g' - sum_g / n - xhat * sum(g' * xhat) / n), xhat = (x - mean) * invstd
     //            = a * g' + b * (x - mean) + d,  a = scale (eval: a * g' alone, see bwd_apply)
     const at::Tensor& a = k.k.scale;
-    const at::Tensor bd = at::zeros({2 * C}, x.options());
+    // b, d: Consts' extra slots, zeroed (eval leaves them so)
+    const at::Tensor bd = k.buf.narrow(0, 3 * C, 2 * C);
+    std::fill_n(bd.mutable_data_ptr<scalar_t>(), 2 * C, scalar_t(0));
     const at::Tensor b = bd.narrow(0, 0, C), d = bd.narrow(0, C, C);
     scalar_t* gw = output_mask[1] ? grad_weight.mutable_data_ptr<scalar_t>() : nullptr;
     scalar_t* gb = output_mask[2] ? grad_bias.mutable_data_ptr<scalar_t>() : nullptr;

@@ -109,7 +109,10 @@ struct BatchNormBackward final : torch::autograd::Node {
       g = call_bwd_graph(grad_out, input, weight, bias, save_mean_.unpack(), save_invstd_.unpack(), training_, eps_,
                          relu_, mask);
     } else {
+      // Below autograd: the kernel op has no autograd formula of its own (it would otherwise go through
+      // autograd's boxed not-implemented fallback, and its inner narrow()s through VariableType).
       at::AutoGradMode no_grad(false);
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
       g = call_bwd(grad_out, input, weight, bias, save_mean_.unpack(), save_invstd_.unpack(), training_, relu_,
                    mask);
     }

@@ -202,7 +202,9 @@ void reduce_then_map_per_channel(const T* x, const T* g, const bn::Layout& L,
                                  const ConstPtrs<T, NKM>& km, MapOp mp, T* out) {
   const int64_t C = L.C, S = L.S, N = L.N;
   const bool stream = N * C * S * static_cast<int64_t>(sizeof(T)) > stream_bytes();
-  at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
+  // At least kGrain elements a task: a small input runs inline, without a parallel region's fork and
+  // join (each channel is one task's whole, in the same order, whatever the split).
+  at::parallel_for(0, C, std::max<int64_t>(1, kGrain / std::max<int64_t>(N * S, 1)), [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       const Consts<T> k = kr.broadcast(c);
       double s1 = 0, s2 = 0;

@@ -106,3 +106,17 @@ def _double_backward_grads(grad_out, q, k, v, attn_mask, valid_lens, is_causal, 
         g = next(grads) if n else None
         res.append(torch.zeros_like(t) if n and g is None else g)
     return tuple(res)
+
+
+@torch.library.register_fake("pyfastdl::attention")
+def _attention_fake(q, k, v, attn_mask, valid_lens, is_causal, scale, dropout_p, seed):
+    return attention_fwd_shapes(q, v)[0]
+
+
+@torch.library.impl("pyfastdl::attention_bwd_graph", "CompositeImplicitAutograd")
+def _attention_bwd_graph(grad_out, q, k, v, attn_mask, valid_lens, is_causal, scale, dropout_p, output_mask):
+    """The C++ node of ``pyfastdl::attention`` (csrc/cpu/attention_autograd.cpp) under
+    backward(create_graph=True): the gradients asked for, with their graph; empty (0,) for the rest."""
+    need = [bool(m) for m in output_mask]
+    g = _double_backward_grads(grad_out, q, k, v, attn_mask, valid_lens, is_causal, scale, dropout_p, need)
+    return tuple(t if t is not None else q.new_empty((0,)) for t in g)

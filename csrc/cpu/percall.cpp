@@ -1,0 +1,139 @@
+// Direct Python entries (pyfastdl._C.attention, pyfastdl._C.batch_norm) for the per-call path of the
+// cpu and cuda backends: a METH_FASTCALL function that unpacks its positional arguments and calls the
+// registered op (pyfastdl::attention, pyfastdl::batch_norm) through the dispatcher -- the same op, its
+// C++ autograd node, every dispatch key (autograd, functorch, Python dispatch modes) as through
+// torch.ops, without torch.ops' schema-driven argument parsing (about 2 us a call on a 2-core AMD
+// EPYC; docs/architecture.md, "Per-call cost").
+//
+// An entry returns None, having done nothing, where torch.ops would do more than call the op: a
+// __torch_function__ override or mode is active, or an argument is not what the fast path takes
+// (pyfastdl.functional then takes its full path: its checks, its errors, torch.ops). The registered
+// ops stay the one thing torch.compile sees (functional skips these entries while compiling).
+#include <Python.h>
+
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <pybind11/pybind11.h>
+#include <torch/csrc/Exceptions.h>
+#include <torch/csrc/autograd/python_variable.h>
+#include <ATen/PythonTorchFunctionTLS.h>
+
+#include <array>
+#include <cmath>
+
+namespace pyfastdl {
+namespace {
+
+using OptT = c10::optional<at::Tensor>;
+
+// A plain tensor: exactly torch.Tensor or nn.Parameter (no subclass, so no __torch_function__
+// override). The entries also step aside while a __torch_function__ mode is active (no_mode()).
+inline bool plain_tensor(PyObject* o) { return THPVariable_CheckExact(o); }
+inline bool no_mode() { return !at::impl::torch_function_mode_enabled(); }
+
+// None -> nullopt (ok); a plain tensor -> it (ok); anything else -> not ok.
+inline bool optional_tensor(PyObject* o, OptT& out) {
+  if (o == Py_None) return true;
+  if (!plain_tensor(o)) return false;
+  out = THPVariable_Unpack(o);
+  return true;
+}
+
+inline bool as_double(PyObject* o, double& out) {
+  if (PyFloat_CheckExact(o)) {
+    out = PyFloat_AS_DOUBLE(o);
+    return true;
+  }
+  if (PyLong_CheckExact(o)) {
+    out = PyLong_AsDouble(o);
+    if (out == -1.0 && PyErr_Occurred()) {
+      PyErr_Clear();
+      return false;
+    }
+    return true;
+  }
+  return false;
+}
+
+PyObject* not_taken() { Py_RETURN_NONE; }
+
+// attention(q, k, v, is_causal: bool, scale: float | None) -> Tensor | None. Taken for the common
+// case only: q (B, H, L, E), k (B, H, S, E), v (B, H, S, Ev) of one dtype and device, nothing empty
+// (S = 0 aside), no attn_mask, valid_lens, dropout or GQA; scale None = 1 / sqrt(E).
+PyObject* attention_entry(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (nargs != 5 || !no_mode()) return not_taken();
+  for (int i = 0; i < 3; ++i)
+    if (!plain_tensor(args[i])) return not_taken();
+  if (!PyBool_Check(args[3])) return not_taken();
+  const at::Tensor& q = THPVariable_Unpack(args[0]);
+  const at::Tensor& k = THPVariable_Unpack(args[1]);
+  const at::Tensor& v = THPVariable_Unpack(args[2]);
+  if (q.dim() != 4 || k.dim() != 4 || v.dim() != 4) return not_taken();
+  const auto qs = q.sizes(), ks = k.sizes(), vs = v.sizes();
+  if (qs[0] != ks[0] || qs[0] != vs[0] || qs[1] != ks[1] || qs[1] != vs[1] || qs[3] != ks[3] || ks[2] != vs[2] ||
+      qs[0] * qs[1] * qs[2] * qs[3] * vs[3] == 0)
+    return not_taken();
+  if (k.scalar_type() != q.scalar_type() || v.scalar_type() != q.scalar_type() || k.device() != q.device() ||
+      v.device() != q.device())
+    return not_taken();
+  double scale;
+  if (args[4] == Py_None) scale = 1.0 / std::pow(static_cast<double>(qs[3]), 0.5);  // Python's 1.0 / E ** 0.5
+  else if (!as_double(args[4], scale)) return not_taken();
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("pyfastdl::attention", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptT&,
+                                               const OptT&, bool, double, double, int64_t)>();
+  const bool causal = args[3] == Py_True;
+  at::Tensor out;
+  {
+    pybind11::gil_scoped_release no_gil;
+    out = op.call(q, k, v, c10::nullopt, c10::nullopt, causal, scale, 0.0, 0);
+  }
+  return THPVariable_Wrap(std::move(out));
+  END_HANDLE_TH_ERRORS
+}
+
+// batch_norm(input, weight, bias, running_mean, running_var, training: bool, momentum: float,
+// eps: float, relu: bool) -> Tensor | None. None as well for what functional's full path treats
+// itself: a tensor on another device than input, a non-floating input, a 1-D input.
+PyObject* batch_norm_entry(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (nargs != 9 || !plain_tensor(args[0]) || !no_mode()) return not_taken();
+  std::array<OptT, 4> opt;
+  for (int i = 0; i < 4; ++i)
+    if (!optional_tensor(args[1 + i], opt[i])) return not_taken();
+  if (!PyBool_Check(args[5]) || !PyBool_Check(args[8])) return not_taken();
+  double momentum, eps;
+  if (!as_double(args[6], momentum) || !as_double(args[7], eps)) return not_taken();
+  const at::Tensor& input = THPVariable_Unpack(args[0]);
+  if (input.dim() < 2 || !at::isFloatingType(input.scalar_type())) return not_taken();
+  const c10::Device device = input.device();
+  for (const OptT& t : opt)
+    if (t.has_value() && t->device() != device) return not_taken();
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("pyfastdl::batch_norm", "")
+          .typed<at::Tensor(const at::Tensor&, const OptT&, const OptT&, const OptT&, const OptT&, bool, double,
+                            double, bool)>();
+  at::Tensor out;
+  {
+    pybind11::gil_scoped_release no_gil;
+    out = op.call(input, opt[0], opt[1], opt[2], opt[3], args[5] == Py_True, momentum, eps, args[8] == Py_True);
+  }
+  return THPVariable_Wrap(std::move(out));
+  END_HANDLE_TH_ERRORS
+}
+
+}  // namespace
+}  // namespace pyfastdl
+
+// The methods of the pyfastdl._C module (csrc/ops.cpp, PyInit__C).
+PyMethodDef pyfastdl_percall_methods[] = {
+    {"attention", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&pyfastdl::attention_entry)),
+     METH_FASTCALL, "pyfastdl::attention(q, k, v, None, None, is_causal, scale, 0.0, 0), or None (not taken)"},
+    {"batch_norm", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&pyfastdl::batch_norm_entry)),
+     METH_FASTCALL,
+     "pyfastdl::batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps, relu), or None "
+     "(not taken)"},
+    {nullptr, nullptr, 0, nullptr}};
