@@ -147,7 +147,8 @@ def test_gradcheck(backend, dtype):
             with backends.use(backend):
                 return PF.conv2d(x, w, b, **kw)
 
-        assert torch.autograd.gradcheck(f, args)
+        # fast mode under the Triton interpreter: the full Jacobian there takes minutes per case
+        assert torch.autograd.gradcheck(f, args, fast_mode=backend == "triton")
 
 
 def test_double_backward_cpu():
