@@ -327,6 +327,7 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
 # ---- LSTM and GRU cells (family rnn) -------------------------------------------------------------------
 
 from .autograd.rnn import GRUCellFunction, LSTMCellFunction  # noqa: E402
+from .reference.rnn import gru_cell_like_torch, lstm_cell_like_torch  # noqa: E402
 
 _RNN_DTYPES = {
     "cpu": (torch.float32, torch.float64),
@@ -356,7 +357,9 @@ def lstm_cell(input: torch.Tensor, hx: tuple[torch.Tensor, torch.Tensor], w_ih: 
     Double backward raises."""
     h, c = hx
     backend = backends.pick("lstm_cell", input.device, input.dtype, _RNN_DTYPES)
-    if backend in ("torch", "reference"):
+    if backend == "reference":  # the notes' math in torch's layout
+        return lstm_cell_like_torch(input, h, c, w_ih, w_hh, b_ih, b_hh)
+    if backend == "torch":
         return torch._VF.lstm_cell(input, (h, c), w_ih, w_hh, b_ih, b_hh)
     ops = backends.ops(backend, "rnn")
     if _rnn_needs_grad(input, h, c, w_ih, w_hh, b_ih, b_hh):
@@ -374,7 +377,9 @@ def gru_cell(input: torch.Tensor, hx: torch.Tensor, w_ih: torch.Tensor, w_hh: to
     h' = (1 - z) n + z h. Returns h' (B, H). float32/float64 on the CPU (notes section 56).
     Double backward raises."""
     backend = backends.pick("gru_cell", input.device, input.dtype, _RNN_DTYPES)
-    if backend in ("torch", "reference"):
+    if backend == "reference":  # the notes' math in torch's layout
+        return gru_cell_like_torch(input, hx, w_ih, w_hh, b_ih, b_hh)
+    if backend == "torch":
         return torch._VF.gru_cell(input, hx, w_ih, w_hh, b_ih, b_hh)
     ops = backends.ops(backend, "rnn")
     if _rnn_needs_grad(input, hx, w_ih, w_hh, b_ih, b_hh):

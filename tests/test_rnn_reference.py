@@ -458,3 +458,29 @@ def test_seq_like_op_bad_batch_sizes():
                            w_ih, w_hh)
     with pytest.raises(ValueError, match="rows"):
         R.gru_seq_like_op(torch.randn(4, 3), torch.tensor([3, 2]), torch.zeros(3, 4), w_ih[:12], w_hh[:12])
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_reference_backend_of_the_cell_functionals_is_the_notes_math(cell, monkeypatch):
+    """pyfastdl.functional.lstm_cell / gru_cell under backends.use("reference") run
+    lstm_cell_like_torch / gru_cell_like_torch (not torch's _VF op), equal to torch's cell in float64."""
+    import pyfastdl.functional as PF
+    from pyfastdl import backends
+    calls = []
+    name = f"{cell}_cell_like_torch"
+    original = getattr(PF, name)
+    monkeypatch.setattr(PF, name, lambda *a: calls.append(name) or original(*a))
+    g = torch.Generator().manual_seed(7)
+    G = 4 if cell == "lstm" else 3
+    x, h, c = (torch.randn(3, n, generator=g, dtype=torch.float64) for n in (4, 5, 5))
+    w_ih, w_hh = torch.randn(G * 5, 4, generator=g, dtype=torch.float64), torch.randn(G * 5, 5, generator=g, dtype=torch.float64)
+    b_ih, b_hh = torch.randn(G * 5, generator=g, dtype=torch.float64), torch.randn(G * 5, generator=g, dtype=torch.float64)
+    with backends.use("reference"):
+        out = (PF.lstm_cell(x, (h, c), w_ih, w_hh, b_ih, b_hh) if cell == "lstm"
+               else (PF.gru_cell(x, h, w_ih, w_hh, b_ih, b_hh),))
+        assert backends.last_dispatch().backend == "reference"
+    assert calls == [name]
+    ref = (torch._VF.lstm_cell(x, (h, c), w_ih, w_hh, b_ih, b_hh) if cell == "lstm"
+           else (torch._VF.gru_cell(x, h, w_ih, w_hh, b_ih, b_hh),))
+    for o, r in zip(out, ref):
+        torch.testing.assert_close(o, r, rtol=1e-12, atol=1e-12)
