@@ -478,3 +478,31 @@ def test_percall_path_saved_input_modified_in_place_is_detected():
     xs.add_(1)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         y.sum().backward()
+
+
+# grad_input of stride-1 NCHW convolutions with few output channels: the forward of grad_out by the
+# flipped, transposed weight on the direct NCHW kernel (csrc/cpu/conv2d.cpp, use_bwd_input_as_nchw_fwd).
+# C_out 16 (LeNet's second conv), 11 and 3; asymmetric padding; dilation; rows of 8, 9 and 37 (tails).
+BWD_AS_FWD = [
+    (2, 6, 14, 14, 16, 5, 1, 0, 1, 1),
+    (1, 20, 9, 37, 11, 3, 1, 1, 1, 1),
+    (2, 3, 8, 8, 3, 4, 1, "same", 1, 1),
+    (1, 5, 13, 9, 7, 3, 1, (2, 1), 2, 1),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("c", BWD_AS_FWD, ids=_id)
+def test_grad_input_as_nchw_forward(c, dtype):
+    x, w, b, kw = make(c, dtype, "cpu")
+    xr = x.clone().requires_grad_()
+    with backends.use("cpu"):
+        out = PF.conv2d(xr, w, b, **kw)
+    gy = torch.randn(out.shape, generator=torch.Generator().manual_seed(2), dtype=dtype)
+    out.backward(gy)
+    xd = x.detach().double().clone().requires_grad_()
+    F.conv2d(xd, w.double(), b.double(), **kw).backward(gy.double())
+    xt = x.clone().requires_grad_()
+    F.conv2d(xt, w, b, **kw).backward(gy)
+    bound = max(2 * rel_err(xt.grad, xd.grad), 1e-12 if dtype == torch.float64 else 1e-6)
+    assert xr.grad.is_contiguous() and rel_err(xr.grad, xd.grad) <= bound
