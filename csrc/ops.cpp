@@ -150,6 +150,18 @@ TORCH_LIBRARY(pyfastdl, m) {
   m.def(
       "conv2d_bwd(Tensor grad_out, Tensor input, Tensor weight, int[2] stride, int[4] padding, "
       "int[2] dilation, int groups, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  // conv2d_fwd with its derivative (conv2d_bwd) registered in C++ under the Autograd key
+  // (csrc/cpu/conv2d_autograd.cpp), for the per-call path of the cpu and cuda backends: a
+  // forward+backward runs no Python after the call. Same arguments and result as conv2d_fwd.
+  m.def(
+      "conv2d(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[4] padding, "
+      "int[2] dilation, int groups) -> Tensor");
+  // (grad_input, grad_weight, grad_bias) as differentiable functions of (grad_out, input, weight), for
+  // backward(create_graph=True) through pyfastdl::conv2d: CompositeImplicitAutograd in Python
+  // (pyfastdl/autograd/conv2d.py: the reference math differentiated by autograd).
+  m.def(
+      "conv2d_bwd_graph(Tensor grad_out, Tensor input, Tensor weight, int[2] stride, int[4] padding, "
+      "int[2] dilation, int groups, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
 
   // ---- LSTM and GRU (family "rnn") ---------------------------------------------------------------
   // Gate order is torch's: LSTM (i, f, g, o), GRU (r, z, n). w_ih (G*H, I), w_hh (G*H, H), b_ih and

@@ -429,6 +429,15 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     Differentiable (grad_input, grad_weight, grad_bias, each only when needed) and twice
     differentiable (create_graph=True recomputes the forward with torch's math: recorded as
     conv2d_double_backward -> reference)."""
+    # The common case, kept lean (per-call cost): the cpu/cuda op with its C++ derivative
+    # (pyfastdl::conv2d) through its direct entry (csrc/cpu/percall.cpp), which returns None for what it
+    # does not take (unbatched input, a string padding, a tensor on another device, a non-int
+    # argument): the full path below then runs.
+    if (type(input) is torch.Tensor and not _is_compiling()
+            and backends.picked("conv2d", input.device, input.dtype) is not None):
+        out = _C.conv2d(input, weight, bias, stride, padding, dilation, groups)
+        if out is not None:
+            return out
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"conv2d: expected input to be a Tensor, got {type(input).__name__}")
     if not isinstance(weight, torch.Tensor):

@@ -376,3 +376,134 @@ def test_strict_mode_and_dispatch_visible(monkeypatch):
     PF.conv2d(x, w)  # float16 on the CPU: torch, visibly
     assert backends.last_dispatch().backend == "torch" and backends.last_dispatch().fallback
     assert y.shape == (1, 3, 3, 3)
+
+
+# ---- the per-call path: pyfastdl::conv2d (C++ autograd node) through its direct entry --------------
+
+def _fast(x, w, b, **kw):
+    """PF.conv2d with no backend chosen, after a first call has picked the cpu kernels: the direct
+    entry (csrc/cpu/percall.cpp) and pyfastdl::conv2d's C++ node, where it takes the arguments."""
+    with torch.no_grad():
+        PF.conv2d(x.detach(), w.detach(), None if b is None else b.detach(), **kw)
+    assert backends.picked("conv2d", x.device, x.dtype) is not None
+    return PF.conv2d(x, w, b, **kw)
+
+
+FAST_FORMS = [  # (case index, stride/padding/dilation forms the entry takes)
+    (0, dict()), (1, dict(stride=(2, 2), padding=[1, 1])), (5, dict(dilation=[2, 2], padding=(2, 2))),
+    (6, dict()), (7, dict()), (16, dict()), (17, dict(stride=(2, 1))), (18, dict(padding=(0, 2))),
+    (11, dict()), (3, dict()),
+]
+
+
+@pytest.mark.parametrize("i,forms", FAST_FORMS, ids=[str(i) for i, _ in FAST_FORMS])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_percall_path_matches_full_path(i, forms, layout):
+    x, w, b, kw = make(CASES[i], torch.float32, "cpu", layout)
+    kw.update(forms)
+    leaves = [t.detach().clone().requires_grad_() for t in (x, w, b)]
+    y = _fast(*leaves, **kw)
+    assert y.grad_fn.name() == "pyfastdl::Conv2dBackward"
+    full = [t.detach().clone().requires_grad_() for t in (x, w, b)]
+    with backends.use("cpu"):  # the full path: Conv2dFunction over conv2d_fwd / conv2d_bwd
+        yf = PF.conv2d(*full, **kw)
+    assert "Conv2dFunction" in type(yf.grad_fn).__name__
+    assert torch.equal(y, yf) and y.stride() == yf.stride()
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(3))
+    y.backward(gy)
+    yf.backward(gy)
+    for a, f in zip(leaves, full):
+        assert torch.equal(a.grad, f.grad)
+    ref = F.conv2d(*(t.detach().double() for t in (x, w, b)), **kw)
+    assert rel_err(y, ref) <= 1e-5
+
+
+def test_percall_path_masks_no_grad_and_not_taken():
+    x, w, b, kw = make(CASES[1], torch.float32, "cpu")
+    # only weight needs a gradient; no bias
+    wr = w.clone().requires_grad_()
+    y = _fast(x, wr, None, **kw)
+    y.sum().backward()
+    wf = w.clone().requires_grad_()
+    F.conv2d(x, wf, None, **kw).sum().backward()
+    assert rel_err(wr.grad, wf.grad) <= 1e-5
+    # only bias
+    br = b.clone().requires_grad_()
+    _fast(x, w, br, **kw).sum().backward()
+    torch.testing.assert_close(br.grad, torch.full_like(b, 7 * 7 * x.shape[0]))
+    # nothing to differentiate, no_grad, inference_mode: no node
+    assert _fast(x, w, b, **kw).grad_fn is None
+    with torch.no_grad():
+        assert _fast(x, wr, b, **kw).grad_fn is None
+    with torch.inference_mode():
+        yi = PF.conv2d(x, wr, b, **kw)
+    torch.testing.assert_close(yi, F.conv2d(x, w, b, **kw), rtol=1e-5, atol=1e-5)
+    # what the entry does not take runs the full path (same result)
+    xr = x.clone().requires_grad_()
+    for args, kwargs in (((xr, w, b), dict(kw, padding="same", stride=1)), ((xr[0], w, b), kw),
+                         ((xr, w, b), dict(kw, stride=(2,))), ((xr, w, b), dict(kw, stride=torch.Size([2, 2])))):
+        y = _fast(*args, **kwargs)
+        fn = y.grad_fn.next_functions[0][0] if y.dim() == 3 else y.grad_fn  # unbatched: squeeze(0) last
+        assert "Conv2dFunction" in type(fn).__name__, args
+        ref = F.conv2d(*(t.detach() for t in args), **kwargs)
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    # bad input through the entry: the kernel's clear error
+    with pytest.raises(RuntimeError, match="stride >= 1"):
+        _fast(x, w, b, stride=0)
+
+
+def test_percall_path_double_backward_masks():
+    x, w, b, kw = make(CASES[5], torch.float64, "cpu")
+    x = x[:1, :, :7, :7].clone()
+    for need in ((True, False, False), (False, True, True), (True, True, False)):
+        args = tuple(t.detach().clone().requires_grad_(n) for t, n in zip((x, w, b), need))
+        y = _fast(*args, **kw)
+        assert y.grad_fn.name() == "pyfastdl::Conv2dBackward"
+        assert torch.autograd.gradgradcheck(lambda *a: PF.conv2d(*a, **kw), args)
+
+
+def test_percall_op_opcheck():
+    for c, layout in [(CASES[0], "contiguous"), (CASES[5], "channels_last")]:
+        x, w, b, kw = make(c, torch.float32, "cpu", layout)
+        s, d, p = [kw["stride"]] * 2, [kw["dilation"]] * 2, [kw["padding"]] * 4
+        torch.library.opcheck(torch.ops.pyfastdl.conv2d, (x, w, b, s, p, d, kw["groups"]),
+                              test_utils=("test_schema", "test_faketensor"))
+
+
+def test_percall_path_saved_input_modified_in_place_is_detected():
+    x, w, b, kw = make(CASES[0], torch.float32, "cpu")
+    wr = w.clone().requires_grad_()
+    xs = x.clone()
+    y = _fast(xs, wr, b, **kw)
+    assert y.grad_fn.name() == "pyfastdl::Conv2dBackward"
+    xs.add_(1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
+# grad_input of stride-1 NCHW convolutions with few output channels: the forward of grad_out by the
+# flipped, transposed weight on the direct NCHW kernel (csrc/cpu/conv2d.cpp, use_bwd_input_as_nchw_fwd).
+# C_out 16 (LeNet's second conv), 11 and 3; asymmetric padding; dilation; rows of 8, 9 and 37 (tails).
+BWD_AS_FWD = [
+    (2, 6, 14, 14, 16, 5, 1, 0, 1, 1),
+    (1, 20, 9, 37, 11, 3, 1, 1, 1, 1),
+    (2, 3, 8, 8, 3, 4, 1, "same", 1, 1),
+    (1, 5, 13, 9, 7, 3, 1, (2, 1), 2, 1),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("c", BWD_AS_FWD, ids=_id)
+def test_grad_input_as_nchw_forward(c, dtype):
+    x, w, b, kw = make(c, dtype, "cpu")
+    xr = x.clone().requires_grad_()
+    with backends.use("cpu"):
+        out = PF.conv2d(xr, w, b, **kw)
+    gy = torch.randn(out.shape, generator=torch.Generator().manual_seed(2), dtype=dtype)
+    out.backward(gy)
+    xd = x.detach().double().clone().requires_grad_()
+    F.conv2d(xd, w.double(), b.double(), **kw).backward(gy.double())
+    xt = x.clone().requires_grad_()
+    F.conv2d(xt, w, b, **kw).backward(gy)
+    bound = max(2 * rel_err(xt.grad, xd.grad), 1e-12 if dtype == torch.float64 else 1e-6)
+    assert xr.grad.is_contiguous() and rel_err(xr.grad, xd.grad) <= bound

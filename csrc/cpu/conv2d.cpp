@@ -30,6 +30,17 @@ bool use_nchw_direct(const conv::Params& p) {
   return (p.groups == 1 && p.C_in <= 8 && p.C_in * p.kH * p.kW <= 512) || (p.groups > 1 && is_depthwise(p));
 }
 
+// grad_input of a stride-1, one-group convolution on NCHW input with few output channels (LeNet's
+// second conv: C_out = 16, C_in = 6): the forward of grad_out by the flipped, transposed weight
+// (C_in, C_out, kH, kW) with padding dh (kH - 1) - top (...) on the direct NCHW kernel, vectorized
+// along the row; the gather GEMM would spend most of its NB-wide tiles on absent input channels.
+bool use_bwd_input_as_nchw_fwd(const conv::Params& p) {
+  if (p.channels_last || p.groups != 1 || p.sh != 1 || p.sw != 1 || p.W < 8) return false;
+  if (p.C_out > 16 || p.C_out * p.kH * p.kW > 512 || p.C_in > 64) return false;
+  return p.pt <= p.dh * (p.kH - 1) && p.pb <= p.dh * (p.kH - 1) && p.pl <= p.dw * (p.kW - 1) &&
+         p.pr <= p.dw * (p.kW - 1);
+}
+
 }  // namespace
 
 at::Tensor conv2d_fwd_cpu(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
@@ -68,7 +79,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_bwd_cpu(const at::Tensor& 
                    input.options().memory_format(p.channels_last || is_depthwise(p) ? cl : at::MemoryFormat::Contiguous));
     if (gi.numel() > 0) {
       if (g.numel() == 0 || weight.numel() == 0) gi.zero_();
-      else kernels()->bwd_input(g, weight.contiguous(), p, gi);
+      else if (use_bwd_input_as_nchw_fwd(p)) {
+        const at::Tensor wt = weight.flip({2, 3}).transpose(0, 1).contiguous();
+        const std::array<int64_t, 2> st = {1, 1}, dil = {p.dh, p.dw};
+        const std::array<int64_t, 4> pad = {p.dh * (p.kH - 1) - p.pt, p.dh * (p.kH - 1) - p.pb,
+                                            p.dw * (p.kW - 1) - p.pl, p.dw * (p.kW - 1) - p.pr};
+        const at::Tensor go = grad_out.contiguous();
+        const conv::Params q = conv::check_fwd(go, wt, c10::nullopt, st, pad, dil, 1, {at::kFloat, at::kDouble},
+                                               "conv2d_bwd");
+        kernels()->fwd_nchw(go, wt, at::Tensor(), q, gi);
+      } else kernels()->bwd_input(g, weight.contiguous(), p, gi);
     }
     gi = to_input_format(gi, p.channels_last);
   }

@@ -125,6 +125,71 @@ PyObject* batch_norm_entry(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   END_HANDLE_TH_ERRORS
 }
 
+// An int, or a tuple/list of `n` ints (exact Python ints, no bool) -> out[0..n). n = 1 or 2.
+inline bool int_or_pair(PyObject* o, std::array<int64_t, 2>& out) {
+  if (PyLong_CheckExact(o)) {
+    const long long v = PyLong_AsLongLong(o);
+    if (v == -1 && PyErr_Occurred()) {
+      PyErr_Clear();
+      return false;
+    }
+    out = {v, v};
+    return true;
+  }
+  if (!PyTuple_CheckExact(o) && !PyList_CheckExact(o)) return false;
+  PyObject* seq = o;
+  const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+  if (n != 2) return false;
+  PyObject** items = PySequence_Fast_ITEMS(seq);
+  for (int i = 0; i < 2; ++i) {
+    if (!PyLong_CheckExact(items[i])) return false;
+    const long long v = PyLong_AsLongLong(items[i]);
+    if (v == -1 && PyErr_Occurred()) {
+      PyErr_Clear();
+      return false;
+    }
+    out[i] = v;
+  }
+  return true;
+}
+
+// conv2d(input, weight, bias, stride, padding, dilation, groups) -> Tensor | None: pyfastdl::conv2d
+// (conv2d_fwd with its C++ derivative, csrc/cpu/conv2d_autograd.cpp). Taken for a 4-D input, a 4-D
+// weight and bias (or None) on input's device; stride, padding, dilation each an int or 2 ints
+// (padding (ph, pw) -> (ph, ph, pw, pw); a string -> not taken); groups an int.
+PyObject* conv2d_entry(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (nargs != 7 || !plain_tensor(args[0]) || !plain_tensor(args[1]) || !no_mode()) return not_taken();
+  OptT bias;
+  if (!optional_tensor(args[2], bias)) return not_taken();
+  std::array<int64_t, 2> stride, pad, dilation;
+  if (!int_or_pair(args[3], stride) || !int_or_pair(args[4], pad) || !int_or_pair(args[5], dilation) ||
+      !PyLong_CheckExact(args[6]))
+    return not_taken();
+  const long long groups = PyLong_AsLongLong(args[6]);
+  if (groups == -1 && PyErr_Occurred()) {
+    PyErr_Clear();
+    return not_taken();
+  }
+  const at::Tensor& input = THPVariable_Unpack(args[0]);
+  const at::Tensor& weight = THPVariable_Unpack(args[1]);
+  if (input.dim() != 4 || weight.dim() != 4 || weight.device() != input.device() ||
+      (bias.has_value() && bias->device() != input.device()))
+    return not_taken();
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("pyfastdl::conv2d", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const OptT&, at::IntArrayRef,
+                                               at::IntArrayRef, at::IntArrayRef, int64_t)>();
+  const std::array<int64_t, 4> pad4 = {pad[0], pad[0], pad[1], pad[1]};
+  at::Tensor out;
+  {
+    pybind11::gil_scoped_release no_gil;
+    out = op.call(input, weight, bias, stride, pad4, dilation, groups);
+  }
+  return THPVariable_Wrap(std::move(out));
+  END_HANDLE_TH_ERRORS
+}
+
 }  // namespace
 }  // namespace pyfastdl
 
@@ -136,4 +201,6 @@ PyMethodDef pyfastdl_percall_methods[] = {
      METH_FASTCALL,
      "pyfastdl::batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps, relu), or None "
      "(not taken)"},
+    {"conv2d", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&pyfastdl::conv2d_entry)), METH_FASTCALL,
+     "pyfastdl::conv2d(input, weight, bias, stride, padding (ph, ph, pw, pw), dilation, groups), or None (not taken)"},
     {nullptr, nullptr, 0, nullptr}};

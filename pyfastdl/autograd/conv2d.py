@@ -97,3 +97,34 @@ class Conv2dFunction(torch.autograd.Function):
         grad_input, grad_weight, grad_bias = ctx.ops.conv2d_bwd(
             grad_out, input, weight, stride, padding, dilation, groups, mask)
         return grad_input, grad_weight, grad_bias, None, None, None, None, None
+
+
+# ---- pyfastdl::conv2d (the C++ autograd op of the cpu and cuda backends' per-call path) ----------
+
+@torch.library.register_fake("pyfastdl::conv2d")
+def _conv2d_fake(input, weight, bias, stride, padding, dilation, groups):
+    return conv2d_fwd_shapes(input, weight, stride, padding, dilation)
+
+
+@torch.library.impl("pyfastdl::conv2d_bwd_graph", "CompositeImplicitAutograd")
+def _conv2d_bwd_graph(grad_out, input, weight, stride, padding, dilation, groups, output_mask):
+    """The C++ node of ``pyfastdl::conv2d`` (csrc/cpu/conv2d_autograd.cpp) under
+    backward(create_graph=True): the gradients asked for, with their graph (the forward recomputed
+    with conv2d_reference and differentiated; recorded as conv2d_double_backward -> reference);
+    empty (0,) for the rest."""
+    from .. import backends
+    backends.record("conv2d_double_backward", "reference")
+    mask = [bool(m) for m in output_mask]
+    with torch.enable_grad():
+        bias = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device,
+                           requires_grad=True) if mask[2] else None
+        x = input if input.requires_grad or not mask[0] else input.detach().requires_grad_(True)
+        w = weight if weight.requires_grad or not mask[1] else weight.detach().requires_grad_(True)
+        y = conv2d_reference(x, w, bias, stride, padding, dilation, groups)
+        targets = [t for t, m in zip((x, w, bias), mask) if m]
+        grads = iter(torch.autograd.grad(y, targets, grad_out, create_graph=True, allow_unused=True))
+    res = []
+    for t, m in zip((input, weight, bias), mask):
+        g = next(grads) if m else None
+        res.append(g if g is not None else (torch.zeros_like(t) if m else input.new_empty((0,))))
+    return tuple(res)
