@@ -8,6 +8,10 @@
 // step's gate rows in place; GRU: into a (B, 3H) scratch, since r multiplies its n part) and one
 // fused pointwise pass that adds b_hh, applies the nonlinearities and writes c, h and what the
 // backward needs.
+// The per-step recurrent GEMMs (forward h_prev W_hh^T, backward dgates W_hh) do not go through ATen:
+// W_hh is packed once per call (rnn_kernel.h, pack_b) and each step runs the packed micro-kernel over
+// its panels, split over threads (step_gemm); at 1 thread on the 2-core EPYC this beat at::mm (MKL)
+// by 8-10% per layer on the sizes (T35 B32 H256, T100 B64 H512).
 // Backward through time: per step the fused pointwise backward -> dgates, then dh_prev = dgates W_hh
 // (the carried gradient, (B, H)); after the loop grad_w_ih = dgates^T X, grad_w_hh = dgates^T H_prev
 // and grad_input = dgates W_ih as single GEMMs over all steps, grad_bias the column sums.

@@ -185,34 +185,46 @@ void pack_b(int64_t K, int64_t N, const T* b, int64_t ldk, int64_t ldn, T* out) 
   }
 }
 
+// The accumulators are named variables, not an array: GCC keeps an array of Vectorized in memory and
+// stores it back at every k.
 template <typename T, int MR>
 inline void micro(int64_t K, const T* a, int64_t lda, const T* bp, T* c, int64_t ldc, int64_t cnt, bool acc) {
   using V = Vectorized<T>;
   constexpr int64_t W = V::size();
-  V c0[MR], c1[MR];
-#pragma GCC unroll 6
-  for (int i = 0; i < MR; ++i) c0[i] = c1[i] = V(T(0));
+  V x00(T(0)), x01(T(0)), x10(T(0)), x11(T(0)), x20(T(0)), x21(T(0)), x30(T(0)), x31(T(0)), x40(T(0)),
+      x41(T(0)), x50(T(0)), x51(T(0));
+  const T *a0 = a, *a1 = a + lda, *a2 = a + 2 * lda, *a3 = a + 3 * lda, *a4 = a + 4 * lda, *a5 = a + 5 * lda;
   for (int64_t k = 0; k < K; ++k) {
     const V b0 = V::loadu(bp + k * 2 * W), b1 = V::loadu(bp + k * 2 * W + W);
-#pragma GCC unroll 6
-    for (int i = 0; i < MR; ++i) {
-      const V ai(a[i * lda + k]);
-      c0[i] = at::vec::fmadd(ai, b0, c0[i]);
-      c1[i] = at::vec::fmadd(ai, b1, c1[i]);
-    }
+#define PYFASTDL_RNN_ROW(i)                 \
+  if constexpr (MR > i) {                   \
+    const V ai(a##i[k]);                    \
+    x##i##0 = at::vec::fmadd(ai, b0, x##i##0); \
+    x##i##1 = at::vec::fmadd(ai, b1, x##i##1); \
+  }
+    PYFASTDL_RNN_ROW(0)
+    PYFASTDL_RNN_ROW(1)
+    PYFASTDL_RNN_ROW(2)
+    PYFASTDL_RNN_ROW(3)
+    PYFASTDL_RNN_ROW(4)
+    PYFASTDL_RNN_ROW(5)
+#undef PYFASTDL_RNN_ROW
   }
   const int64_t n0 = std::min<int64_t>(W, cnt), n1 = cnt - n0;
-#pragma GCC unroll 6
-  for (int i = 0; i < MR; ++i) {
-    T* cr = c + i * ldc;
-    V v0 = c0[i], v1 = c1[i];
+  const auto put = [&](V v0, V v1, T* cr) {
     if (acc) {
       v0 = v0 + ld(cr, n0);
       if (n1 > 0) v1 = v1 + ld(cr + W, n1);
     }
     st(v0, cr, n0);
     if (n1 > 0) st(v1, cr + W, n1);
-  }
+  };
+  put(x00, x01, c);
+  if constexpr (MR > 1) put(x10, x11, c + ldc);
+  if constexpr (MR > 2) put(x20, x21, c + 2 * ldc);
+  if constexpr (MR > 3) put(x30, x31, c + 3 * ldc);
+  if constexpr (MR > 4) put(x40, x41, c + 4 * ldc);
+  if constexpr (MR > 5) put(x50, x51, c + 5 * ldc);
 }
 
 template <typename T>
