@@ -109,6 +109,18 @@ def test_layers_odd_sizes(kind, T, B, I, H, backend, dtype):
     _compare(kind, backend, dtype, T, B, I, H, num_layers=2, bidirectional=True)
 
 
+# The CPU time loop's recurrent GEMM (rnn_kernel.cpp, gemm_packed): rows in blocks of 6 (B = 1, 5, 13
+# leave row tails of 1, 5, 1), columns in panels of 2 vectors (H = 1, 7, 17, 33 leave column tails in
+# both vectors of a panel, forward (G*H columns) and backward (H columns)); packed uneven lengths and the
+# reverse direction change the rows of each step; H = 160 splits the panels over threads.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+@pytest.mark.parametrize("B,H", [(1, 1), (5, 7), (13, 17), (5, 33), (13, 160)])
+def test_cpu_recurrent_gemm_tails(kind, B, H, dtype):
+    lengths = [4 - (b * 3) // max(B, 2) for b in range(B)]
+    _compare(kind, "cpu", dtype, 4, B, 3, H, lengths=lengths, bidirectional=True)
+
+
 @pytest.mark.parametrize("backend,dtype", params(DTYPES, BACKENDS))
 @pytest.mark.parametrize("kind", ["LSTM", "GRU"])
 @pytest.mark.parametrize("enforce_sorted", [True, False], ids=["sorted", "unsorted"])

@@ -8,6 +8,10 @@
 // step's gate rows in place; GRU: into a (B, 3H) scratch, since r multiplies its n part) and one
 // fused pointwise pass that adds b_hh, applies the nonlinearities and writes c, h and what the
 // backward needs.
+// The per-step recurrent GEMMs (forward h_prev W_hh^T, backward dgates W_hh) do not go through ATen:
+// W_hh is packed once per call (rnn_kernel.h, pack_b) and each step runs the packed micro-kernel over
+// its panels, split over threads (step_gemm); at 1 thread on the 2-core EPYC this beat at::mm (MKL)
+// by 8-10% per layer on the sizes (T35 B32 H256, T100 B64 H512).
 // Backward through time: per step the fused pointwise backward -> dgates, then dh_prev = dgates W_hh
 // (the carried gradient, (B, H)); after the loop grad_w_ih = dgates^T X, grad_w_hh = dgates^T H_prev
 // and grad_input = dgates W_ih as single GEMMs over all steps, grad_bias the column sums.
@@ -124,8 +128,31 @@ at::Tensor prev_states(const Seq& s, const at::Tensor& seq, const at::Tensor& in
   return out;
 }
 
-at::Tensor prev_rows(const Seg& g, const at::Tensor& seq, const at::Tensor& init) {
-  return (g.from_init ? init : seq).narrow(0, g.src, g.r1 - g.r0);
+// W packed once per call for the time loop's recurrent GEMM (rnn_kernel.h, pack_b): B (K, N) with
+// B[k][n] = w[k * ldk + n * ldn], w a contiguous tensor of dtype T.
+template <typename T>
+at::Tensor pack_weight(const cpu::RnnKernelsT<T>& k, const at::Tensor& w, int64_t K, int64_t N, int64_t ldk,
+                       int64_t ldn) {
+  const int64_t np = (N + k.nr - 1) / k.nr;
+  at::Tensor out = at::empty({np * k.nr * K}, w.options());
+  k.pack_b(K, N, w.const_data_ptr<T>(), ldk, ldn, out.mutable_data_ptr<T>());
+  return out;
+}
+
+// C (m, N) (+)= A (m, K) B, B packed: the panels split over threads (each thread gets the same
+// panels at every step, so its part of B stays in its core's cache over the time loop).
+template <typename T>
+void step_gemm(const cpu::RnnKernelsT<T>& k, int64_t m, int64_t K, int64_t N, const T* a, int64_t lda,
+               const T* bp, T* c, int64_t ldc, bool acc) {
+  if (m <= 0 || N <= 0) return;
+  const int64_t np = (N + k.nr - 1) / k.nr;
+  constexpr int64_t kMinWork = 1 << 15;  // multiply-adds per thread at least
+  const int64_t grain = std::max<int64_t>(1, kMinWork / std::max<int64_t>(1, m * K * k.nr));
+  if (np <= grain) {
+    k.gemm_packed(m, K, N, 0, np, a, lda, bp, c, ldc, acc);
+    return;
+  }
+  at::parallel_for(0, np, grain, [&](int64_t p0, int64_t p1) { k.gemm_packed(m, K, N, p0, p1, a, lda, bp, c, ldc, acc); });
 }
 
 }  // namespace
@@ -256,20 +283,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_seq_
   const at::NoGradGuard no_grad;  // in-place / out= GEMMs on inputs that may require grad
   const Seq s = rnn::check_lstm_seq_fwd(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, kDtypes);
   const int64_t H = s.d.H;
-  const at::Tensor h0c = h0.contiguous(), c0c = c0.contiguous(), bhh = opt(b_hh), whhT = w_hh.t();
+  const at::Tensor h0c = h0.contiguous(), c0c = c0.contiguous(), bhh = opt(b_hh), whh = w_hh.contiguous();
   at::Tensor gates = project(input, w_ih, opt(b_ih));  // (N, 4H) contiguous
   at::Tensor output = at::empty({s.N, H}, input.options()), cs = at::empty({s.N, H}, input.options());
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "lstm_seq_fwd", [&] {
     using T = scalar_t;
     const auto& k = kern<T>();
     T *g = gates.mutable_data_ptr<T>(), *c = cs.mutable_data_ptr<T>(), *h = output.mutable_data_ptr<T>();
-    const T *b = ptr_or_null<T>(bhh), *c0p = c0c.const_data_ptr<T>();
+    const T *b = ptr_or_null<T>(bhh), *c0p = c0c.const_data_ptr<T>(), *h0p = h0c.const_data_ptr<T>();
+    const at::Tensor wp = pack_weight<T>(k, whh, H, 4 * H, 1, H);  // B = W_hh^T (H, 4H)
+    const T* bp = wp.const_data_ptr<T>();
     std::array<Seg, 2> seg;
     for (int64_t i = 0; i < s.T; ++i) {
       const int64_t t = reverse ? s.T - 1 - i : i, off = s.offsets[t];
       const int nseg = prev_segments(s, t, reverse, seg);
-      for (int j = 0; j < nseg; ++j)
-        gates.narrow(0, off + seg[j].r0, seg[j].r1 - seg[j].r0).addmm_(prev_rows(seg[j], output, h0c), whhT);
+      for (int j = 0; j < nseg; ++j) {
+        const Seg sg = seg[j];
+        step_gemm(k, sg.r1 - sg.r0, H, 4 * H, (sg.from_init ? h0p : h) + sg.src * H, H, bp,
+                  g + (off + sg.r0) * 4 * H, 4 * H, true);
+      }
       for (int j = 0; j < nseg; ++j) {
         const Seg sg = seg[j];
         const T* cp = (sg.from_init ? c0p : c) + sg.src * H;
@@ -296,7 +328,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   if (!(mask[0] || mask[1] || mask[2] || mask[3] || mask[4] || mask[5])) return {gi, gh0, gc0, gwi, gwh, gb};
   const int64_t H = s.d.H, B = s.d.B;
   const at::Tensor go = opt(grad_output), h0c = h0.contiguous(), c0c = c0.contiguous(), gt = gates.contiguous(),
-                   csc = cs.contiguous(), outc = output.contiguous();
+                   csc = cs.contiguous(), outc = output.contiguous(), whh = w_hh.contiguous();
   // dh, dc: the gradient carried to the previous step ((B, H); grad_h0, grad_c0 at the end)
   at::Tensor dh = grad_hy.has_value() && grad_hy->defined() ? grad_hy->contiguous().clone()
                                                             : at::zeros({B, H}, input.options());
@@ -309,6 +341,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const T *g = gt.const_data_ptr<T>(), *c = csc.const_data_ptr<T>(), *c0p = c0c.const_data_ptr<T>(),
             *gop = ptr_or_null<T>(go);
     T *dhp = dh.mutable_data_ptr<T>(), *dcp = dc.mutable_data_ptr<T>(), *dgp = dg.mutable_data_ptr<T>();
+    const at::Tensor wp = pack_weight<T>(k, whh, 4 * H, H, H, 1);  // B = W_hh (4H, H)
+    const T* bp = wp.const_data_ptr<T>();
     std::array<Seg, 2> seg;
     for (int64_t i = 0; i < s.T; ++i) {
       const int64_t t = reverse ? i : s.T - 1 - i, off = s.offsets[t], n = s.sizes[t];
@@ -324,10 +358,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         });
       }
       // dh_prev of the active rows (not needed after the last step unless grad_h0 is asked for)
-      if (n > 0 && (i + 1 < s.T || mask[1])) {
-        at::Tensor dhv = dh.narrow(0, 0, n);
-        at::mm_out(dhv, dg.narrow(0, off, n), w_hh);
-      }
+      if (n > 0 && (i + 1 < s.T || mask[1])) step_gemm(k, n, 4 * H, H, dgp + off * 4 * H, 4 * H, bp, dhp, H, false);
     }
   });
   if (mask[0]) gi = at::mm(dg, w_ih);
@@ -347,7 +378,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_seq_fwd_cpu(const at::Tensor&
   const at::NoGradGuard no_grad;  // in-place / out= GEMMs on inputs that may require grad
   const Seq s = rnn::check_gru_seq_fwd(input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, kDtypes);
   const int64_t H = s.d.H;
-  const at::Tensor h0c = h0.contiguous(), bhh = opt(b_hh), whhT = w_hh.t();
+  const at::Tensor h0c = h0.contiguous(), bhh = opt(b_hh), whh = w_hh.contiguous();
   const at::Tensor gx = project(input, w_ih, opt(b_ih));  // (N, 3H)
   at::Tensor ghh = at::empty({s.d.B, 3 * H}, input.options());
   at::Tensor output = at::empty({s.N, H}, input.options()), ws = at::empty({s.N, 4 * H}, input.options());
@@ -357,13 +388,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_seq_fwd_cpu(const at::Tensor&
     const T *x = gx.const_data_ptr<T>(), *hh = ghh.const_data_ptr<T>(), *b = ptr_or_null<T>(bhh),
             *h0p = h0c.const_data_ptr<T>();
     T *w = ws.mutable_data_ptr<T>(), *h = output.mutable_data_ptr<T>();
+    const at::Tensor wp = pack_weight<T>(k, whh, H, 3 * H, 1, H);  // B = W_hh^T (H, 3H)
+    const T* bp = wp.const_data_ptr<T>();
+    T* hhw = ghh.mutable_data_ptr<T>();
     std::array<Seg, 2> seg;
     for (int64_t i = 0; i < s.T; ++i) {
       const int64_t t = reverse ? s.T - 1 - i : i, off = s.offsets[t];
       const int nseg = prev_segments(s, t, reverse, seg);
       for (int j = 0; j < nseg; ++j) {
-        at::Tensor gv = ghh.narrow(0, seg[j].r0, seg[j].r1 - seg[j].r0);
-        at::mm_out(gv, prev_rows(seg[j], output, h0c), whhT);
+        const Seg sg = seg[j];
+        step_gemm(k, sg.r1 - sg.r0, H, 3 * H, (sg.from_init ? h0p : h) + sg.src * H, H, bp, hhw + sg.r0 * 3 * H,
+                  3 * H, false);
       }
       for (int j = 0; j < nseg; ++j) {
         const Seg sg = seg[j];
@@ -388,7 +423,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor gi, gh0, gwi, gwh, gbi, gbh;
   if (!(mask[0] || mask[1] || mask[2] || mask[3] || mask[4] || mask[5])) return {gi, gh0, gwi, gwh, gbi, gbh};
   const int64_t H = s.d.H, B = s.d.B;
-  const at::Tensor go = opt(grad_output), h0c = h0.contiguous(), wsc = ws.contiguous(), outc = output.contiguous();
+  const at::Tensor go = opt(grad_output), h0c = h0.contiguous(), wsc = ws.contiguous(), outc = output.contiguous(),
+                   whh = w_hh.contiguous();
   at::Tensor dh = grad_hy.has_value() && grad_hy->defined() ? grad_hy->contiguous().clone()
                                                             : at::zeros({B, H}, input.options());
   at::Tensor dgx = at::empty({s.N, 3 * H}, input.options()), dgh = at::empty({s.N, 3 * H}, input.options());
@@ -398,6 +434,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const T *w = wsc.const_data_ptr<T>(), *h = outc.const_data_ptr<T>(), *h0p = h0c.const_data_ptr<T>(),
             *gop = ptr_or_null<T>(go);
     T *dhp = dh.mutable_data_ptr<T>(), *dx = dgx.mutable_data_ptr<T>(), *dhh = dgh.mutable_data_ptr<T>();
+    const at::Tensor wp = pack_weight<T>(k, whh, 3 * H, H, H, 1);  // B = W_hh (3H, H)
+    const T* bp = wp.const_data_ptr<T>();
     std::array<Seg, 2> seg;
     for (int64_t i = 0; i < s.T; ++i) {
       const int64_t t = reverse ? i : s.T - 1 - i, off = s.offsets[t], n = s.sizes[t];
@@ -411,7 +449,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                     H, dhp + r * H, H, dx + row * 3 * H, 3 * H, dhh + row * 3 * H, 3 * H);
         });
       }
-      if (n > 0 && (i + 1 < s.T || mask[1])) dh.narrow(0, 0, n).addmm_(dgh.narrow(0, off, n), w_hh);
+      if (n > 0 && (i + 1 < s.T || mask[1])) step_gemm(k, n, 3 * H, H, dhh + off * 3 * H, 3 * H, bp, dhp, H, true);
     }
   });
   if (mask[0]) gi = at::mm(dgx, w_ih);

@@ -163,9 +163,95 @@ void gru_bwd(int64_t n, int64_t H, const T* ws, int64_t ldws, const T* h_prev, i
   }
 }
 
+// ---- the packed recurrent GEMM ------------------------------------------------------------------------
+// Panels of NR = 2 vectors of columns; the micro-kernel keeps an MR x NR block of C in 2 * MR vector
+// registers (AVX2 float: 6 x 16 in 12 of the 16 ymm registers) and per k loads two vectors of the panel
+// and broadcasts MR elements of A: 2 * MR FMAs per 2 loads + MR broadcasts.
+template <typename T>
+constexpr int64_t kNr = 2 * Vectorized<T>::size();
+constexpr int64_t kMr = 6;
+
+template <typename T>
+void pack_b(int64_t K, int64_t N, const T* b, int64_t ldk, int64_t ldn, T* out) {
+  constexpr int64_t NR = kNr<T>;
+  for (int64_t p = 0; p * NR < N; ++p) {
+    T* o = out + p * NR * K;
+    const int64_t n0 = p * NR, cnt = std::min<int64_t>(NR, N - n0);
+    for (int64_t k = 0; k < K; ++k) {
+      T* ok = o + k * NR;
+      for (int64_t j = 0; j < cnt; ++j) ok[j] = b[k * ldk + (n0 + j) * ldn];
+      for (int64_t j = cnt; j < NR; ++j) ok[j] = T(0);
+    }
+  }
+}
+
+// The accumulators are named variables, not an array: GCC keeps an array of Vectorized in memory and
+// stores it back at every k.
+template <typename T, int MR>
+inline void micro(int64_t K, const T* a, int64_t lda, const T* bp, T* c, int64_t ldc, int64_t cnt, bool acc) {
+  using V = Vectorized<T>;
+  constexpr int64_t W = V::size();
+  V x00(T(0)), x01(T(0)), x10(T(0)), x11(T(0)), x20(T(0)), x21(T(0)), x30(T(0)), x31(T(0)), x40(T(0)),
+      x41(T(0)), x50(T(0)), x51(T(0));
+  const T *a0 = a, *a1 = a + lda, *a2 = a + 2 * lda, *a3 = a + 3 * lda, *a4 = a + 4 * lda, *a5 = a + 5 * lda;
+  for (int64_t k = 0; k < K; ++k) {
+    const V b0 = V::loadu(bp + k * 2 * W), b1 = V::loadu(bp + k * 2 * W + W);
+#define PYFASTDL_RNN_ROW(i)                 \
+  if constexpr (MR > i) {                   \
+    const V ai(a##i[k]);                    \
+    x##i##0 = at::vec::fmadd(ai, b0, x##i##0); \
+    x##i##1 = at::vec::fmadd(ai, b1, x##i##1); \
+  }
+    PYFASTDL_RNN_ROW(0)
+    PYFASTDL_RNN_ROW(1)
+    PYFASTDL_RNN_ROW(2)
+    PYFASTDL_RNN_ROW(3)
+    PYFASTDL_RNN_ROW(4)
+    PYFASTDL_RNN_ROW(5)
+#undef PYFASTDL_RNN_ROW
+  }
+  const int64_t n0 = std::min<int64_t>(W, cnt), n1 = cnt - n0;
+  const auto put = [&](V v0, V v1, T* cr) {
+    if (acc) {
+      v0 = v0 + ld(cr, n0);
+      if (n1 > 0) v1 = v1 + ld(cr + W, n1);
+    }
+    st(v0, cr, n0);
+    if (n1 > 0) st(v1, cr + W, n1);
+  };
+  put(x00, x01, c);
+  if constexpr (MR > 1) put(x10, x11, c + ldc);
+  if constexpr (MR > 2) put(x20, x21, c + 2 * ldc);
+  if constexpr (MR > 3) put(x30, x31, c + 3 * ldc);
+  if constexpr (MR > 4) put(x40, x41, c + 4 * ldc);
+  if constexpr (MR > 5) put(x50, x51, c + 5 * ldc);
+}
+
+template <typename T>
+void gemm_packed(int64_t m, int64_t K, int64_t N, int64_t p0, int64_t p1, const T* a, int64_t lda, const T* bp,
+                 T* c, int64_t ldc, bool acc) {
+  constexpr int64_t NR = kNr<T>;
+  for (int64_t p = p0; p < p1; ++p) {
+    const int64_t n0 = p * NR, cnt = std::min<int64_t>(NR, N - n0);
+    const T* b = bp + p * NR * K;
+    int64_t r = 0;
+    for (; r + kMr <= m; r += kMr) micro<T, kMr>(K, a + r * lda, lda, b, c + r * ldc + n0, ldc, cnt, acc);
+    const T* ar = a + r * lda;
+    T* cr = c + r * ldc + n0;
+    switch (m - r) {
+      case 5: micro<T, 5>(K, ar, lda, b, cr, ldc, cnt, acc); break;
+      case 4: micro<T, 4>(K, ar, lda, b, cr, ldc, cnt, acc); break;
+      case 3: micro<T, 3>(K, ar, lda, b, cr, ldc, cnt, acc); break;
+      case 2: micro<T, 2>(K, ar, lda, b, cr, ldc, cnt, acc); break;
+      case 1: micro<T, 1>(K, ar, lda, b, cr, ldc, cnt, acc); break;
+      default: break;
+    }
+  }
+}
+
 template <typename T>
 constexpr RnnKernelsT<T> table() {
-  return {&lstm_fwd<T>, &lstm_bwd<T>, &gru_fwd<T>, &gru_bwd<T>};
+  return {&lstm_fwd<T>, &lstm_bwd<T>, &gru_fwd<T>, &gru_bwd<T>, kNr<T>, &pack_b<T>, &gemm_packed<T>};
 }
 
 const RnnKernels kTable{table<float>(), table<double>()};
