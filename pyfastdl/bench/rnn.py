@@ -124,4 +124,52 @@ def cases(device: str, quick: bool) -> list[Case]:
                 make_providers=functools.partial(_providers, kind, T, B, I, H, L, packed, dtype, device, mode),
                 flops=gate_flops(kind, T, B, I, H, L, lengths, mode), bound="compute", formula=FORMULA,
                 targets=targets))
+    for mode in ("fwd", "fwd+bwd"):  # the notes' character LM: LSTM + output layer, one-hot input
+        T, B, V, H = NOTES_LM
+        flops = gate_flops("LSTM", T, B, V, H, 1, None, mode) + 2 * T * B * H * V * (3 if mode == "fwd+bwd" else 1)
+        out.append(Case(
+            family=FAMILY, name=f"notes' LSTM LM T{T} B{B} V{V} H{H}", mode=mode, dtype=dtype,
+            params={"kind": "LSTM", "T": T, "B": B, "I": V, "H": H, "layers": 1, "packed": False},
+            make_providers=functools.partial(_notes_providers, T, B, V, H, dtype, device, mode),
+            flops=flops, bound="compute", formula=FORMULA + "; + 2 T B H V for the output layer",
+            targets=[Target("pyfastdl-cpu", "notes", 4.0)] if on_cpu and mode == "fwd+bwd" else []))
+    return out
+
+
+# the notes' LM sizes (section 57: vocabulary 28, 256 hidden units, 35 steps, batch 32)
+NOTES_LM = (35, 32, 28, 256)
+
+
+def _notes_providers(T, B, V, H, dtype, device, mode):
+    """pyfastdl.nn.LSTM + nn.Linear and torch's, against the notes' scratch ``lstm`` (section 57: a Python
+    loop of per-gate matmuls) holding the same weights (reference.rnn.lstm_params_from_torch)."""
+    import pyfastdl
+    from pyfastdl.reference.rnn import lstm as notes_lstm, lstm_params_from_torch
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    theirs = torch.nn.LSTM(V, H).to(device, dtype)
+    linear = torch.nn.Linear(H, V).to(device, dtype)
+    ours = pyfastdl.nn.LSTM(V, H).to(device, dtype)
+    ours.load_state_dict(theirs.state_dict())
+    params = [p.to(device, dtype).detach().requires_grad_(True) for p in lstm_params_from_torch(theirs, linear)]
+    x = torch.nn.functional.one_hot(torch.randint(0, V, (T, B), generator=g), V).to(device, dtype)
+    state = (torch.zeros(B, H, device=device, dtype=dtype), torch.zeros(B, H, device=device, dtype=dtype))
+    dy = torch.randn(T * B, V, generator=g).to(device, dtype)
+    grad = mode == "fwd+bwd"
+
+    def layer(module):
+        mparams = list(module.parameters()) + list(linear.parameters())
+
+        def run():
+            y = linear(module(x)[0]).reshape(T * B, V)
+            return torch.autograd.grad(y, mparams, dy) if grad else y
+        return run
+
+    def notes():
+        y = notes_lstm(x, state, params)[0]
+        return torch.autograd.grad(y, params, dy) if grad else y
+
+    out = pyfastdl_providers(device, layer(ours))
+    out["torch"] = layer(theirs)
+    out["notes"] = notes if grad else (lambda: torch.no_grad()(notes)())
     return out
