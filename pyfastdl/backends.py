@@ -18,6 +18,7 @@ import importlib
 import importlib.util
 import logging
 import os
+import pkgutil
 import threading
 
 import torch
@@ -140,6 +141,8 @@ class use(contextlib.ContextDecorator):
     def __init__(self, name: str | None):
         if name is not None and name not in NAMES:
             raise ValueError(f"unknown backend {name!r}; expected one of {NAMES} or None")
+        if name == "triton":
+            _import_triton_families()
         self._previous = _state.chosen
         _state.chosen = name
 
@@ -250,12 +253,29 @@ def ops(backend: str, family: str):
     """The op namespace of a kernel backend: torch.ops.pyfastdl (cpu, cuda) or, for triton,
     torch.ops.pyfastdl_triton after importing that family's kernels (pyfastdl/triton_kernels/<family>.py)."""
     if backend == "triton":
-        importlib.import_module(f"pyfastdl.triton_kernels.{family}")
+        if family not in _TRITON_FAMILIES:  # imported once: torch.compile cannot trace an import
+            importlib.import_module(f"pyfastdl.triton_kernels.{family}")
+            _TRITON_FAMILIES.add(family)
         return torch.ops.pyfastdl_triton
     return _PYFASTDL_OPS
 
 
 _PYFASTDL_OPS = torch.ops.pyfastdl
+_TRITON_FAMILIES: set = set()
+
+
+def _import_triton_families() -> None:
+    """Registers every family's Triton ops now (``use("triton")`` calls it), so that a function
+    compiled later with torch.compile finds them registered: dynamo cannot trace an import. Without
+    triton this does nothing (resolve then says the backend is not available)."""
+    try:
+        import pyfastdl.triton_kernels as tk
+        for m in pkgutil.iter_modules(tk.__path__):
+            if not m.name.startswith("_") and m.name not in _TRITON_FAMILIES:
+                importlib.import_module(f"pyfastdl.triton_kernels.{m.name}")
+                _TRITON_FAMILIES.add(m.name)
+    except ImportError:
+        pass
 
 
 def picked(op: str, device: torch.device, dtype: torch.dtype) -> "Dispatch | None":

@@ -296,3 +296,19 @@ def test_conv2d_functional_and_module(backend, layout):
 
     _assert_same(*_run_both(fn, make, backend))
     assert backends.last_dispatch().backend == "cpu"
+
+
+@pytest.mark.triton
+@pytest.mark.skipif(not __import__("helpers").TRITON_RUNS, reason="needs triton and a GPU or TRITON_INTERPRET=1")
+def test_triton_backend_under_compile_needs_no_import_while_tracing(monkeypatch):
+    """A function compiled after ``backends.use("triton")`` runs the Triton ops with fullgraph=True:
+    use() registers every family's Triton ops up front, since dynamo cannot trace the import that
+    ``backends.ops`` would otherwise do on the first call (seen failing before)."""
+    monkeypatch.setattr(backends, "_TRITON_FAMILIES", set())  # as in a fresh process
+    device = __import__("helpers").TRITON_DEVICE
+    x, w = torch.randn(1, 2, 5, 5, device=device), torch.randn(3, 2, 3, 3, device=device)
+    f = _compiled(lambda x, w: PF.conv2d(x, w, padding=1), "aot_eager")
+    with backends.use("triton"):
+        assert "conv2d" in backends._TRITON_FAMILIES
+        y = f(x, w)
+    torch.testing.assert_close(y, torch.nn.functional.conv2d(x, w, padding=1), rtol=1e-4, atol=1e-4)
