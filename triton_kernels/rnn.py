@@ -125,6 +125,24 @@ def _bias(b_ptr, idx, mask, HAS: tl.constexpr, ACC: tl.constexpr):
         return 0.0
 
 
+@triton.jit
+def _dh_from_next(dgn_ptr, whh_ptr, next_off, rm, rh, has_next, h_mask, G: tl.constexpr, H, K_NEXT,
+                  ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+                  DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr):
+    """[BM, BH] tile of dgates_next @ W_hh[:, rh]: the recurrent gradient that flows into this step's
+    h from the step processed after it (rows < n_next; K_NEXT = G * H, or 0 without such a step)."""
+    rk = tl.arange(0, BLOCK_K)
+    dh = tl.zeros([BLOCK_M, BLOCK_H], ACC)
+    for k0 in range(0, K_NEXT, BLOCK_K):
+        kk = k0 + rk
+        k_mask = kk < K_NEXT
+        a = tl.load(dgn_ptr + (next_off + rm)[:, None] * (G * H) + kk[None, :],
+                    mask=has_next[:, None] & k_mask[None, :], other=0.0)
+        w = tl.load(whh_ptr + kk[:, None] * H + rh[None, :], mask=k_mask[:, None] & h_mask[None, :], other=0.0)
+        dh += _dot(a, w, ACC, DOT_PREC, DOT_UPCAST)
+    return dh
+
+
 # =============================================================================================
 # LSTM
 # =============================================================================================
@@ -219,20 +237,12 @@ def _lstm_bwd_step_kernel(
 ):
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rh = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    rk = tl.arange(0, BLOCK_K)
     m_mask = rm < bt
     h_mask = rh < H
     mask = m_mask[:, None] & h_mask[None, :]
     has_next = rm < n_next
-    # dh from the next-processed step: dgates_next[b, :] @ W_hh[:, rh]
-    dh = tl.zeros([BLOCK_M, BLOCK_H], ACC)
-    for k0 in range(0, K_NEXT, BLOCK_K):
-        kk = k0 + rk
-        k_mask = kk < K_NEXT
-        a = tl.load(dgn_ptr + (next_off + rm)[:, None] * (4 * H) + kk[None, :],
-                    mask=has_next[:, None] & k_mask[None, :], other=0.0)
-        w = tl.load(whh_ptr + kk[:, None] * H + rh[None, :], mask=k_mask[:, None] & h_mask[None, :], other=0.0)
-        dh += _dot(a, w, ACC, DOT_PREC, DOT_UPCAST)
+    dh = _dh_from_next(dgn_ptr, whh_ptr, next_off, rm, rh, has_next, h_mask, 4, H, K_NEXT, ACC, BLOCK_M, BLOCK_H,
+                       BLOCK_K, DOT_PREC, DOT_UPCAST)
     bh = rm[:, None] * H + rh[None, :]
     orow = (row_off + rm)[:, None] * H + rh[None, :]
     nxt = has_next[:, None]
@@ -336,19 +346,12 @@ def _gru_bwd_step_kernel(
 ):
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rh = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    rk = tl.arange(0, BLOCK_K)
     m_mask = rm < bt
     h_mask = rh < H
     mask = m_mask[:, None] & h_mask[None, :]
     has_next = rm < n_next
-    dh = tl.zeros([BLOCK_M, BLOCK_H], ACC)
-    for k0 in range(0, K_NEXT, BLOCK_K):
-        kk = k0 + rk
-        k_mask = kk < K_NEXT
-        a = tl.load(dgn_ptr + (next_off + rm)[:, None] * (3 * H) + kk[None, :],
-                    mask=has_next[:, None] & k_mask[None, :], other=0.0)
-        w = tl.load(whh_ptr + kk[:, None] * H + rh[None, :], mask=k_mask[:, None] & h_mask[None, :], other=0.0)
-        dh += _dot(a, w, ACC, DOT_PREC, DOT_UPCAST)
+    dh = _dh_from_next(dgn_ptr, whh_ptr, next_off, rm, rh, has_next, h_mask, 3, H, K_NEXT, ACC, BLOCK_M, BLOCK_H,
+                       BLOCK_K, DOT_PREC, DOT_UPCAST)
     bh = rm[:, None] * H + rh[None, :]
     orow = (row_off + rm)[:, None] * H + rh[None, :]
     nxt = has_next[:, None]
@@ -525,6 +528,45 @@ def _mm(a: Tensor, b: Tensor) -> Tensor:
     return torch.mm(a, b)
 
 
+def _run_steps(kernel, x: Tensor, sched: "_Schedule", H: int, K: int, backward: bool, args: tuple, step_args,
+               **consts) -> None:
+    """Launches kernel once per non-empty step, in processing order (reversed for the backward):
+    kernel[grid](*args, *step_args(step), BLOCK_*, num_warps, **consts), on x's device."""
+    with _device_guard(x):
+        for s in (reversed(sched.steps) if backward else sched.steps):
+            if s["bt"] == 0:
+                continue
+            bm, bh, bk, warps = _blocks(s["bt"], H, K)
+            grid = (triton.cdiv(s["bt"], bm), triton.cdiv(H, bh))
+            kernel[grid](*args, *step_args(s), BLOCK_M=bm, BLOCK_H=bh, BLOCK_K=bk, num_warps=warps, **consts)
+
+
+def _gemm_grads(dgx: Tensor, dgh: Tensor, x: Tensor, output: Optional[Tensor], h0: Tensor, w_ih: Tensor,
+                w_hh: Tensor, sched: "_Schedule", want_input: bool, want_w_ih: bool,
+                want_w_hh: bool) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """The gradients that are single GEMMs over all steps, after the loop: grad_input = dG_x W_ih,
+    grad_w_ih = dG_x^T x, grad_w_hh = dG_h^T h_prev (h_prev gathered once from cat([output, h0]))."""
+    N = x.size(0)
+    gi = gw_ih = gw_hh = None
+    if want_input:
+        gi = _mm(dgx, w_ih.contiguous()) if N > 0 else torch.zeros_like(x)
+    if want_w_ih:
+        gw_ih = _mm(dgx.t(), x)
+    if want_w_hh:
+        if N > 0:
+            hprev = torch.cat([output.contiguous(), h0], 0).index_select(
+                0, torch.tensor(sched.prev_rows(N), dtype=torch.long, device=x.device))
+            gw_hh = _mm(dgh.t(), hprev)
+        else:
+            gw_hh = w_hh.new_zeros(w_hh.shape)
+    return gi, gw_ih, gw_hh
+
+
+def _first_step_rows(sched: "_Schedule", B: int, x: Tensor) -> Tensor:
+    """For each batch row, its row in the packed layout at its first processed step (for grad_h0)."""
+    return torch.tensor(sched.first_rows(B), dtype=torch.long, device=x.device)
+
+
 def _lstm_forward(input: Tensor, sizes: List[int], h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor,
                   b_ih: Optional[Tensor], b_hh: Optional[Tensor], reverse: bool, final: bool):
     """Returns (output, hy, cy, gates, cs); hy, cy are None unless final."""
@@ -546,18 +588,10 @@ def _lstm_forward(input: Tensor, sizes: List[int], h0: Tensor, c0: Tensor, w_ih:
     bih = b_ih.contiguous() if b_ih is not None else dummy
     bhh = b_hh.contiguous() if b_hh is not None else dummy
     hyp, cyp = (hy, cy) if final else (out, cs)  # not written when not final (fin_lo = B)
-    with _device_guard(x):
-        for k, s in enumerate(sched.steps):
-            if s["bt"] == 0:
-                continue
-            bm, bh, bk, warps = _blocks(s["bt"], H, H)
-            fin_lo = s["n_next"] if final else B
-            grid = (triton.cdiv(s["bt"], bm), triton.cdiv(H, bh))
-            _lstm_fwd_step_kernel[grid](
-                xw, bih, bhh, out, h0, c0, carry, w_hh, out, cs, gates, hyp, cyp,
-                s["off"], s["prev_off"], s["bt"], s["n_a"], fin_lo, H,
-                HAS_BIAS_IH=b_ih is not None, HAS_BIAS_HH=b_hh is not None,
-                BLOCK_M=bm, BLOCK_H=bh, BLOCK_K=bk, num_warps=warps, **meta)
+    _run_steps(_lstm_fwd_step_kernel, x, sched, H, H, False,
+               (xw, bih, bhh, out, h0, c0, carry, w_hh, out, cs, gates, hyp, cyp),
+               lambda s: (s["off"], s["prev_off"], s["bt"], s["n_a"], s["n_next"] if final else B, H),
+               HAS_BIAS_IH=b_ih is not None, HAS_BIAS_HH=b_hh is not None, **meta)
     return out, hy, cy, gates, cs
 
 
@@ -584,40 +618,23 @@ def _lstm_backward(grad_output: Optional[Tensor], grad_hy: Optional[Tensor], gra
         gout = grad_output.contiguous() if grad_output is not None else dummy
         ghy = grad_hy.contiguous() if grad_hy is not None else dummy
         gcy = grad_cy.contiguous() if grad_cy is not None else dummy
-        with _device_guard(x):
-            for s in reversed(sched.steps):
-                if s["bt"] == 0:
-                    continue
-                bm, bh, bk, warps = _blocks(s["bt"], H, 4 * H)
-                grid = (triton.cdiv(s["bt"], bm), triton.cdiv(H, bh))
-                _lstm_bwd_step_kernel[grid](
-                    dg, w_hh, gout, ghy, gcy, carry, gates, cs, c0c, dg, gc0,
-                    s["off"], s["next_off"], s["prev_off"], s["bt"], s["n_next"], s["n_a"], H,
-                    4 * H if s["n_next"] > 0 else 0,
-                    HAS_GOUT=grad_output is not None, HAS_GHY=grad_hy is not None, HAS_GCY=grad_cy is not None,
-                    BLOCK_M=bm, BLOCK_H=bh, BLOCK_K=bk, num_warps=warps, **meta)
+        _run_steps(_lstm_bwd_step_kernel, x, sched, H, 4 * H, True,
+                   (dg, w_hh, gout, ghy, gcy, carry, gates, cs, c0c, dg, gc0),
+                   lambda s: (s["off"], s["next_off"], s["prev_off"], s["bt"], s["n_next"], s["n_a"], H,
+                              4 * H if s["n_next"] > 0 else 0),
+                   HAS_GOUT=grad_output is not None, HAS_GHY=grad_hy is not None, HAS_GCY=grad_cy is not None,
+                   **meta)
     else:
         dg.zero_()
         sched = _Schedule(sizes, reverse)
-    if mask[0]:
-        outs[0] = _mm(dg, w_ih.contiguous()) if N > 0 else torch.zeros_like(x)
+    outs[0], outs[3], outs[4] = _gemm_grads(dg, dg, x, output, h0c, w_ih, w_hh, sched, mask[0], mask[3], mask[4])
     if mask[1]:
         if N > 0:  # every row has a first step: grad_h0 = its dgates @ W_hh
-            idx = torch.tensor(sched.first_rows(B), dtype=torch.long, device=x.device)
-            outs[1] = _mm(dg.index_select(0, idx), w_hh)
+            outs[1] = _mm(dg.index_select(0, _first_step_rows(sched, B, x)), w_hh)
         else:  # no step: hy = h0
             outs[1] = grad_hy.clone() if grad_hy is not None else x.new_zeros((B, H))
     if mask[2]:
         outs[2] = gc0.to(x.dtype)
-    if mask[3]:
-        outs[3] = _mm(dg.t(), x)
-    if mask[4]:
-        if N > 0:
-            hprev = torch.cat([output.contiguous(), h0c], 0).index_select(
-                0, torch.tensor(sched.prev_rows(N), dtype=torch.long, device=x.device))
-            outs[4] = _mm(dg.t(), hprev)
-        else:
-            outs[4] = w_hh.new_zeros(w_hh.shape)
     if mask[5]:
         outs[5] = dg.sum(0, dtype=acc).to(x.dtype)
     return tuple(outs)
@@ -640,17 +657,9 @@ def _gru_forward(input: Tensor, sizes: List[int], h0: Tensor, w_ih: Tensor, w_hh
     dummy = xw
     bih = b_ih.contiguous() if b_ih is not None else dummy
     bhh = b_hh.contiguous() if b_hh is not None else dummy
-    with _device_guard(x):
-        for s in sched.steps:
-            if s["bt"] == 0:
-                continue
-            bm, bh, bk, warps = _blocks(s["bt"], H, H)
-            grid = (triton.cdiv(s["bt"], bm), triton.cdiv(H, bh))
-            _gru_fwd_step_kernel[grid](
-                xw, bih, bhh, out, h0, w_hh, out, ws, hy if final else out,
-                s["off"], s["prev_off"], s["bt"], s["n_a"], s["n_next"] if final else B, H,
-                HAS_BIAS_IH=b_ih is not None, HAS_BIAS_HH=b_hh is not None,
-                BLOCK_M=bm, BLOCK_H=bh, BLOCK_K=bk, num_warps=warps, **meta)
+    _run_steps(_gru_fwd_step_kernel, x, sched, H, H, False, (xw, bih, bhh, out, h0, w_hh, out, ws, hy if final else out),
+               lambda s: (s["off"], s["prev_off"], s["bt"], s["n_a"], s["n_next"] if final else B, H),
+               HAS_BIAS_IH=b_ih is not None, HAS_BIAS_HH=b_hh is not None, **meta)
     return out, hy, ws
 
 
@@ -678,37 +687,19 @@ def _gru_backward(grad_output: Optional[Tensor], grad_hy: Optional[Tensor], inpu
         out_c = output.contiguous()
         gout = grad_output.contiguous() if grad_output is not None else dummy
         ghy = grad_hy.contiguous() if grad_hy is not None else dummy
-        with _device_guard(x):
-            for s in reversed(sched.steps):
-                if s["bt"] == 0:
-                    continue
-                bm, bh, bk, warps = _blocks(s["bt"], H, 3 * H)
-                grid = (triton.cdiv(s["bt"], bm), triton.cdiv(H, bh))
-                _gru_bwd_step_kernel[grid](
-                    dgh, w_hh, gout, ghy, carry, ws, out_c, h0c, dgh, dgx, gh0,
-                    s["off"], s["next_off"], s["prev_off"], s["bt"], s["n_next"], s["n_a"], H,
-                    3 * H if s["n_next"] > 0 else 0,
-                    HAS_GOUT=grad_output is not None, HAS_GHY=grad_hy is not None,
-                    BLOCK_M=bm, BLOCK_H=bh, BLOCK_K=bk, num_warps=warps, **meta)
+        _run_steps(_gru_bwd_step_kernel, x, sched, H, 3 * H, True,
+                   (dgh, w_hh, gout, ghy, carry, ws, out_c, h0c, dgh, dgx, gh0),
+                   lambda s: (s["off"], s["next_off"], s["prev_off"], s["bt"], s["n_next"], s["n_a"], H,
+                              3 * H if s["n_next"] > 0 else 0),
+                   HAS_GOUT=grad_output is not None, HAS_GHY=grad_hy is not None, **meta)
     else:
         dgh.zero_()
         dgx.zero_()
-    if mask[0]:
-        outs[0] = _mm(dgx, w_ih.contiguous()) if N > 0 else torch.zeros_like(x)
+    outs[0], outs[2], outs[3] = _gemm_grads(dgx, dgh, x, output, h0c, w_ih, w_hh, sched, mask[0], mask[2], mask[3])
     if mask[1]:
         if N > 0 and H > 0:  # every row has a first step: its dgh @ W_hh plus the direct part
-            idx = torch.tensor(sched.first_rows(B), dtype=torch.long, device=x.device)
-            gh0 += _mm(dgh.index_select(0, idx), w_hh).to(acc)
+            gh0 += _mm(dgh.index_select(0, _first_step_rows(sched, B, x)), w_hh).to(acc)
         outs[1] = gh0.to(x.dtype)
-    if mask[2]:
-        outs[2] = _mm(dgx.t(), x)
-    if mask[3]:
-        if N > 0:
-            hprev = torch.cat([output.contiguous(), h0c], 0).index_select(
-                0, torch.tensor(sched.prev_rows(N), dtype=torch.long, device=x.device))
-            outs[3] = _mm(dgh.t(), hprev)
-        else:
-            outs[3] = w_hh.new_zeros(w_hh.shape)
     if mask[4]:
         outs[4] = dgx.sum(0, dtype=acc).to(x.dtype)
     if mask[5]:
