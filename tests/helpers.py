@@ -62,3 +62,19 @@ def params(dtypes: dict, backends=("cpu", "cuda", "triton", "reference")):
         for dt in dtypes[b]:
             out.append(pytest.param(b, dt, marks=MARKS[b], id=f"{b}-{str(dt).replace('torch.', '')}"))
     return out
+
+
+def assert_schema_matches_cpp(triton_ops, op: str) -> None:
+    """A Triton op's schema against the C++ op of the same name: same arguments, types and mutations;
+    return names and alias-set names aside. Skips where the built pyfastdl._C lacks the op."""
+    import re
+
+    import pyfastdl  # noqa: F401  (registers torch.ops.pyfastdl)
+    import pytest
+    if not hasattr(torch.ops.pyfastdl, op):
+        pytest.skip(f"the built pyfastdl._C has no {op} op")
+
+    def strip(schema) -> str:
+        return re.sub(r"\((\w+)!\)", "(!)", str(schema).split("::", 1)[1])
+
+    assert strip(getattr(triton_ops, op).default._schema) == strip(getattr(torch.ops.pyfastdl, op).default._schema)

@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from helpers import DEVICE, GEMM_TOL as TOL, MARKS, rel_err
+from helpers import DEVICE, GEMM_TOL as TOL, MARKS, assert_schema_matches_cpp, rel_err
 
 pytestmark = MARKS["triton"]
 
@@ -340,16 +340,6 @@ def test_opcheck(ops):
                                               True, 0.25, 0.1, 3, 4), test_utils=utils)
 
 
-@pytest.fixture(scope="module")
-def cpp_ops():
-    import pyfastdl  # noqa: F401  (registers torch.ops.pyfastdl)
-    if not hasattr(torch.ops.pyfastdl, "attention_fwd"):
-        pytest.skip("the built pyfastdl._C has no attention ops yet")
-    return torch.ops.pyfastdl
-
-
 @pytest.mark.parametrize("op", ["attention_fwd", "attention_bwd"])
-def test_schema_matches_cpp(ops, cpp_ops, op):
-    """Same arguments and types as the C++ op (return names aside)."""
-    strip = lambda s: str(s).split("::", 1)[1]  # noqa: E731
-    assert strip(getattr(ops, op).default._schema) == strip(getattr(cpp_ops, op).default._schema)
+def test_schema_matches_cpp(ops, op):
+    assert_schema_matches_cpp(ops, op)

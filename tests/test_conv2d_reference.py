@@ -13,13 +13,7 @@ from pyfastdl import reference as R
 from helpers import assert_rel
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small ops gain nothing from intra-op threads on a loaded 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _g(seed=0):

@@ -11,14 +11,7 @@ from pyfastdl import reference as R
 from helpers import EXACT_TOL
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small per-tensor ops gain nothing from intra-op threads, and on a loaded 2-core machine an
-    OpenMP fork/join costs milliseconds per op (sqrt of 4097 elements: 12 ms vs 12 us)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # ---- the notes' train_ch7 problem (linear regression, squared loss, minibatches of 10) -------------
 

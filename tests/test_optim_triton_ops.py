@@ -9,7 +9,7 @@ GPU. Sizes and step counts are small: the interpreter runs every program in Pyth
 import pytest
 import torch
 
-from helpers import DEVICE, MARKS, STEP_TOL as TOL
+from helpers import DEVICE, MARKS, STEP_TOL as TOL, assert_schema_matches_cpp
 
 pytestmark = MARKS["triton"]
 
@@ -411,12 +411,7 @@ OP_NAMES = ["sgd_step_", "adam_step_", "adagrad_step_", "rmsprop_step_", "adadel
 
 @pytest.mark.parametrize("op", OP_NAMES)
 def test_schema_matches_cpp(ops, op):
-    """Same arguments, types and mutations as the C++ op (alias set names aside)."""
-    import re
-    cpp = getattr(torch.ops.pyfastdl, op).default._schema
-    ours = getattr(ops, op).default._schema
-    strip = lambda s: re.sub(r"\((\w+)!\)", "(!)", str(s).split("::", 1)[1])  # noqa: E731
-    assert strip(ours) == strip(cpp)
+    assert_schema_matches_cpp(ops, op)
 
 
 def test_opcheck(ops):

@@ -18,13 +18,7 @@ from pyfastdl import reference as R
 TOL64 = dict(rtol=1e-10, atol=1e-10)   # float64, same math in another operation order
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small per-step ops gain nothing from intra-op threads on a loaded 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- the corpus and the text helpers -----------------------------------------------------------------
