@@ -122,6 +122,25 @@ at::Tensor index_tensor(const std::vector<int64_t>& v, const at::Tensor& like) {
   return cpu.to(like.options().dtype(at::kLong));
 }
 
+// The gradients that are single GEMMs over all steps, after the time loop (LSTM: dgx = dgh = dgates):
+// grad_input = dG_x W_ih, grad_w_ih = dG_x^T x, grad_w_hh = dG_h^T h_prev (h_prev gathered once from
+// cat(output, h0)). Undefined where not wanted.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gemm_grads(const at::Tensor& dgx, const at::Tensor& dgh,
+                                                          const at::Tensor& x, const at::Tensor& output,
+                                                          const at::Tensor& h0, const at::Tensor& w_ih,
+                                                          const at::Tensor& w_hh, const std::vector<Step>& steps,
+                                                          bool want_input, bool want_w_ih, bool want_w_hh) {
+  at::Tensor gi, gw_ih, gw_hh;
+  if (want_input) gi = at::mm(dgx, w_ih);
+  if (want_w_ih) gw_ih = at::mm(dgx.t(), x);
+  if (want_w_hh) {
+    const at::Tensor hprev =
+        at::cat({output.contiguous(), h0}, 0).index_select(0, index_tensor(prev_rows(steps, x.size(0)), x));
+    gw_hh = at::mm(dgh.t(), hprev);
+  }
+  return {gi, gw_ih, gw_hh};
+}
+
 // rows [0, rows) of dst (contiguous) = a @ b (cuBLAS on the current stream, input dtype).
 void mm_into(const at::Tensor& dst, int64_t rows, const at::Tensor& a, const at::Tensor& b) {
   at::Tensor view = dst.narrow(0, 0, rows);
@@ -436,18 +455,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   } else {
     dg.zero_();
   }
-  at::Tensor gi, gh0, gc0_out, gw_ih, gw_hh, gb;
-  if (mask[0]) gi = at::mm(dg, w_ih);
+  auto [gi, gw_ih, gw_hh] = gemm_grads(dg, dg, x, output, h0, w_ih, w_hh, steps, mask[0], mask[3], mask[4]);
+  at::Tensor gh0, gc0_out, gb;
   if (mask[1]) {
     if (N > 0) gh0 = at::mm(dg.index_select(0, index_tensor(first_rows(steps, B), x)), w_hh);
     else gh0 = grad_hy.has_value() ? grad_hy->clone() : at::zeros({B, H}, x.options());
   }
   if (mask[2]) gc0_out = gc0.to(x.scalar_type());
-  if (mask[3]) gw_ih = at::mm(dg.t(), x);
-  if (mask[4]) {
-    const at::Tensor hprev = at::cat({output.contiguous(), h0}, 0).index_select(0, index_tensor(prev_rows(steps, N), x));
-    gw_hh = at::mm(dg.t(), hprev);
-  }
   if (mask[5]) gb = dg.sum(kDim0, /*keepdim=*/false, acc).to(x.scalar_type());
   return {gi, gh0, gc0_out, gw_ih, gw_hh, gb};
 }
@@ -539,19 +553,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     dgh.zero_();
     dgx.zero_();
   }
-  at::Tensor gi, gh0_out, gw_ih, gw_hh, gb_ih, gb_hh;
-  if (mask[0]) gi = at::mm(dgx, w_ih);
+  auto [gi, gw_ih, gw_hh] = gemm_grads(dgx, dgh, x, output, h0, w_ih, w_hh, steps, mask[0], mask[2], mask[3]);
+  at::Tensor gh0_out, gb_ih, gb_hh;
   if (mask[1]) {
     if (N > 0 && H > 0) {
       const at::Tensor first = index_tensor(first_rows(steps, B), x);
       gh0.add_(at::mm(dgh.index_select(0, first), w_hh).to(acc));
     }
     gh0_out = gh0.to(x.scalar_type());
-  }
-  if (mask[2]) gw_ih = at::mm(dgx.t(), x);
-  if (mask[3]) {
-    const at::Tensor hprev = at::cat({output, h0}, 0).index_select(0, index_tensor(prev_rows(steps, N), x));
-    gw_hh = at::mm(dgh.t(), hprev);
   }
   if (mask[4]) gb_ih = dgx.sum(kDim0, /*keepdim=*/false, acc).to(x.scalar_type());
   if (mask[5]) gb_hh = dgh.sum(kDim0, /*keepdim=*/false, acc).to(x.scalar_type());
