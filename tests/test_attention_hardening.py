@@ -415,3 +415,49 @@ def test_opcheck_cpu_ops_with_float_mask_and_empty_heads():
                                               7, 0, [True, False, True, True]))
     e = torch.randn(2, 0, 5, 8)
     torch.library.opcheck(ops.attention_fwd, (e, e, e, None, None, True, 0.3, 0.0, 0, 0))
+
+
+# ---- 5. per-key skipping (issue 12): blocks end at the last key their queries can see ------------------
+@pytest.mark.parametrize("L,S,lens,causal", [
+    (20, 512, [1, 255, 256, 257, 300, 511], False),  # key tails inside the first and the second block
+    (300, 300, None, True), (200, 300, None, True), (300, 200, None, True),  # causal, L = S and L != S
+    (260, 520, [259, 260, 519, 1], True),  # both: min of the causal edge and the length
+], ids=str)
+def test_skipped_keys_change_nothing(L, S, lens, causal):
+    """The CPU kernels compute keys only up to the last one a query block can see (1-D valid_lens,
+    causal), cut at single-key granularity inside a 256-key block: out, lse and every gradient
+    against torch's math SDPA with the equivalent boolean mask in float64, and dK, dV exactly 0 on
+    the keys no query sees."""
+    torch.manual_seed(5)
+    B, H, E = (len(lens) if lens else 2), 2, 16
+    q, k, v = (torch.randn(B, H, n, E, dtype=torch.float64, requires_grad=True) for n in (L, S, S))
+    keep = torch.ones(B, 1, L, S, dtype=torch.bool)
+    if lens is not None:
+        keep &= (torch.arange(S) < torch.tensor(lens)[:, None])[:, None, None, :]
+    if causal:
+        keep &= torch.ones(L, S, dtype=torch.bool).tril()
+    ref = torch_math(q, k, v, attn_mask=keep)  # every row sees key 0: no fully masked row
+    g = torch.randn_like(ref)
+    rq, rk, rv = torch.autograd.grad(ref, (q, k, v), g)
+    vl = None if lens is None else torch.tensor(lens)
+    out = PF.scaled_dot_product_attention(q, k, v, is_causal=causal, valid_lens=vl)
+    gq, gk, gv = torch.autograd.grad(out, (q, k, v), g)
+    for ours, theirs in ((out, ref), (gq, rq), (gk, rk), (gv, rv)):
+        torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
+    dead = (~keep.any(dim=2))[..., None].expand_as(gk)  # keys no query of the batch row sees
+    assert torch.count_nonzero(gk[dead]) == 0 and torch.count_nonzero(gv[dead]) == 0
+
+
+def test_skipped_keys_keep_the_dropout_mask():
+    """With dropout, trimming the masked keys of a block leaves the Philox keep mask of the others
+    unchanged: valid_lens gives the same result as the equivalent boolean mask (which skips nothing)
+    for the same seed."""
+    B, H, L, S, E = 3, 2, 40, 520, 16
+    lens = torch.tensor([300, 257, 5])
+    q, k, v = (torch.randn(B, H, n, E, dtype=torch.float64) for n in (L, S, S))
+    keep = (torch.arange(S) < lens[:, None])[:, None, None, :].expand(B, H, L, S)
+    torch.manual_seed(11)
+    a = PF.scaled_dot_product_attention(q, k, v, dropout_p=0.3, valid_lens=lens)
+    torch.manual_seed(11)
+    b = PF.scaled_dot_product_attention(q, k, v, dropout_p=0.3, attn_mask=keep)
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

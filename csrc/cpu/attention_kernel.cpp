@@ -13,7 +13,8 @@
 //
 // NaN and Inf as torch's math SDPA: masked scores get -inf *added* (NaN stays NaN, +inf becomes NaN),
 // the row max propagates NaN, and P V runs over every key a row could see -- a block that masks
-// skip (causal, 1-D valid_lens) is skipped only when no non-finite value could reach the result.
+// skip (causal, 1-D valid_lens) is skipped only when no non-finite value could reach the result; the
+// skipping is per key, not per block: a block ends at the last key its queries can see.
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/ATen.h>
@@ -303,8 +304,11 @@ void fwd(const AttnArgs& a) {
         jend = key_end(a, b, i0 + bq - 1);
         if (jend < a.S && (kv_bad[b * a.Hk + h / group] || !all_finite(Q, bq * a.E))) jend = a.S;
       }
+      // The last key block stops at jend itself: the keys past it are masked for every row of the
+      // block (causal, 1-D valid_lens), so they are never computed -- a 300-key sequence in a batch
+      // padded to 512 costs 300 keys, not 512.
       for (int64_t j0 = 0; j0 < jend; j0 += kBk) {
-        const int64_t bk = std::min(kBk, a.S - j0);
+        const int64_t bk = std::min(kBk, jend - j0);
         scores(a, Q, K + j0 * a.E, bq, bk, S.data());
         apply_masks(a, S.data(), bk, b, h, i0, bq, j0, bk);
         for (int64_t r = 0; r < bq; ++r) {
@@ -404,16 +408,23 @@ void bwd(const AttnArgs& a) {
       T* dqp = dq == nullptr ? nullptr : part == 0 ? dq : dq_part[part - 1]->data();
       const bool skip_ok = may_skip(a) && !head_bad[bhk];
       for (int64_t kb = part; kb < nkb; kb += parts) {
-        const int64_t j0 = kb * kBk, bk = std::min(kBk, a.S - j0);
+        const int64_t j0 = kb * kBk, bk_all = std::min(kBk, a.S - j0);
+        // Keys of this block past a 1-D valid length are masked for every query: never computed (their
+        // dK, dV rows stay 0). Below, causal trims further per query block.
+        const int64_t bk_live = skip_ok && a.valid_lens_dim == 1 && a.valid_lens[b] > 0
+                                    ? std::min(bk_all, a.valid_lens[b] - j0) : bk_all;
         const T* K = k + (bhk * a.S + j0) * a.E;
         const T* Vv = v + (bhk * a.S + j0) * a.Ev;
         std::fill(dK.begin(), dK.end(), T(0));
         std::fill(dV.begin(), dV.end(), T(0));
-        const bool keys_dead = skip_ok && a.valid_lens_dim == 1 && a.valid_lens[b] > 0 && j0 >= a.valid_lens[b];
+        const bool keys_dead = bk_live <= 0;
         for (int64_t h = hk * group; !keys_dead && h < (hk + 1) * group; ++h) {
           const int64_t bh = b * a.Hq + h;
           for (int64_t i0 = skip_ok && a.causal ? j0 / kBq * kBq : 0; i0 < a.L; i0 += kBq) {
             const int64_t bq = std::min(kBq, a.L - i0);
+            // causal: keys past this query block's last row are masked for all of its rows
+            const int64_t bk = skip_ok && a.causal ? std::min(bk_live, i0 + bq - j0) : bk_live;
+            if (bk <= 0) continue;
             const T* Q = q + (bh * a.L + i0) * a.E;
             const T* dO = dout + (bh * a.L + i0) * a.Ev;
             scores(a, Q, K, bq, bk, P.data());
@@ -453,8 +464,8 @@ void bwd(const AttnArgs& a) {
                     dqp + (bh * a.L + i0) * a.E, a.E);
           }
         }
-        if (dk != nullptr) std::copy(dK.begin(), dK.begin() + bk * a.E, dk + (bhk * a.S + j0) * a.E);
-        if (dv != nullptr) std::copy(dV.begin(), dV.begin() + bk * a.Ev, dv + (bhk * a.S + j0) * a.Ev);
+        if (dk != nullptr) std::copy(dK.begin(), dK.begin() + bk_all * a.E, dk + (bhk * a.S + j0) * a.E);
+        if (dv != nullptr) std::copy(dV.begin(), dV.begin() + bk_all * a.Ev, dv + (bhk * a.S + j0) * a.Ev);
       }
     }
   });
