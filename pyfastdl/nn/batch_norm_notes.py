@@ -5,12 +5,12 @@ from __future__ import annotations
 import torch
 
 from .. import functional as PF
-from ..reference import batch_norm as _notes
+from ..reference.batch_norm import BatchNorm as _NotesBatchNorm
 
 __all__ = ["BatchNorm"]
 
 
-class BatchNorm(_notes.BatchNorm):
+class BatchNorm(_NotesBatchNorm):
     """Drop-in for the notes' ``BatchNorm(num_features, num_dims)`` (a subclass: the same ``gamma``,
     ``beta`` parameters of shape (1, C) or (1, C, 1, 1), the same ``moving_mean`` / ``moving_var``
     attributes -- plain tensors, not buffers, as the notes keep them, so the state_dicts match), and the
