@@ -286,6 +286,21 @@ def test_from_torch_continues_a_torch_run(name, kwargs):
     assert pyfastdl.optim.from_torch(fused) is fused
 
 
+@pytest.mark.parametrize("name,kwargs", [("Adam", dict(fused=True)), ("SGD", dict(momentum=0.9, fused=True)),
+                                         ("RMSprop", dict(foreach=True, momentum=0.5))])
+def test_from_torch_after_torch_fused_or_foreach_steps(name, kwargs):
+    """torch's fused / foreach state layouts (a float32 step tensor) carry over too."""
+    ref_model, model = _mlp(), _mlp()
+    ref = getattr(torch.optim, name)(ref_model.parameters(), lr=0.01, **kwargs)
+    opt = getattr(torch.optim, name)(model.parameters(), lr=0.01, **kwargs)
+    _steps(ref_model, ref, 4)
+    _steps(model, opt, 2)
+    _steps(model, pyfastdl.optim.from_torch(opt), 2, start=2)
+    for a, b in zip(model.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(a, b, **STEP_TOL[torch.float32])
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")
 def test_from_torch_keeps_a_scheduler_driving_the_lr():
     model = _mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
