@@ -533,3 +533,25 @@ def test_torch_sync_batch_norm_refuses_cpu_tensors_ours_runs(ranks):
     """The documented difference: torch's SyncBatchNorm needs a GPU inside a process group."""
     _no_exception(ranks, "torch_cpu")
     assert "GPU" in ranks[0]["torch_cpu/error"]
+
+
+# ---- deliberate differences from torch (docs/convert.md) ----------------------------------------------
+
+def test_not_an_instance_of_torch_sync_batch_norm():
+    """DDP refuses any torch.nn.SyncBatchNorm in a CPU module; ours is a _BatchNorm, not one."""
+    bn = pyfastdl.nn.SyncBatchNorm(3)
+    assert not isinstance(bn, torch.nn.SyncBatchNorm)
+    assert isinstance(bn, torch.nn.modules.batchnorm._BatchNorm)
+    assert bn.state_dict().keys() == torch.nn.SyncBatchNorm(3).state_dict().keys()
+
+
+def test_one_value_per_channel_over_the_group_raises(group_of_one):
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        sync_batch_norm(torch.randn(1, 3), torch.zeros(3), torch.ones(3), None, None, 0.1, 1e-5, group_of_one, 1)
+
+
+def test_double_backward_through_the_synchronized_path_raises(group_of_one):
+    x = torch.randn(4, 3, requires_grad=True)
+    y = sync_batch_norm(x, None, None, None, None, 0.1, 1e-5, group_of_one, 1)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(y.square().sum(), x, create_graph=True)
