@@ -29,7 +29,7 @@ import triton.language as tl
 
 from ..autograd.batch_norm import _like_kernel_layout
 from ..autograd.sync_batch_norm import sync_batch_norm_stats_shapes
-from ._common import device_guard as _device_guard
+from ._common import INTERPRETED as _INTERPRETED, device_guard as _device_guard  # noqa: F401
 
 _BLOCK = 1024  # elements per tile (tests may shrink it to exercise the loops under the interpreter)
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
