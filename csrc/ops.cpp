@@ -226,6 +226,26 @@ TORCH_LIBRARY(pyfastdl, m) {
       "gru_seq_bwd(Tensor? grad_output, Tensor? grad_hy, Tensor input, Tensor batch_sizes, Tensor h0, "
       "Tensor w_ih, Tensor w_hh, Tensor output, Tensor ws, bool reverse, bool[6] output_mask) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+
+  // ---- sync batch norm (pyfastdl.nn.SyncBatchNorm: statistics combined over a process group) -----
+  // The forward's normalization and the backward's two per-channel sums are batch_norm_fwd (eval, the
+  // global statistics as running_*) and batch_norm_bwd (eval, output_mask [false, true, true]:
+  // grad_bias = sum(dy), grad_weight = sum(dy * xhat)); these two ops add what batch norm lacks.
+  // input: (N, C, *) of any rank >= 2, contiguous or channels_last(_3d) (other strides are copied).
+  // Returns (mean (C,), m2 (C,)), both float64 whatever input's dtype: this rank's per-channel batch
+  // mean and the sum of squared deviations from it, sum((x - mean)^2) (Welford's M2), over the
+  // n = numel / C elements of the channel (n = 0: mean 0, m2 0). Ranks combine (n, mean, m2) exactly
+  // (Chan et al.'s parallel formula), so no variance is recovered from an invstd.
+  m.def("sync_batch_norm_stats(Tensor input) -> (Tensor, Tensor)");
+  // grad_input of batch norm in training from the sums over every rank (the backward's elementwise pass):
+  //   grad_input = weight * invstd * (grad_out - sum_dy / count - (input - mean) * invstd * sum_dy_xhat / count)
+  // grad_out, input: (N, C, *) of one shape and dtype; weight: (C,) or None (= 1); mean, invstd,
+  // sum_dy, sum_dy_xhat: (C,) in the accumulation dtype (float32, float64 for float64 input): the
+  // global statistics the forward normalized with and the all-reduced sum(dy), sum(dy * xhat);
+  // count >= 1: the elements per channel over all ranks. Returns grad_input in input's layout.
+  m.def(
+      "sync_batch_norm_bwd_elemt(Tensor grad_out, Tensor input, Tensor? weight, Tensor mean, Tensor invstd, "
+      "Tensor sum_dy, Tensor sum_dy_xhat, int count) -> Tensor");
 }
 
 // ---- build information (python -m pyfastdl info) ---------------------------------------------------

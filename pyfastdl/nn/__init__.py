@@ -12,3 +12,8 @@ __all__ += ["LSTM", "GRU", "LSTMCell", "GRUCell"]
 from .conv2d import Conv2d  # noqa: E402
 
 __all__ += ["Conv2d"]
+
+from .sync_batch_norm import SyncBatchNorm  # noqa: E402
+from .batch_norm_notes import BatchNorm  # noqa: E402  (the notes' from-scratch BatchNorm, on the kernel)
+
+__all__ += ["SyncBatchNorm", "BatchNorm"]
