@@ -25,6 +25,16 @@ TINY = {"image": ["--batch-size", "16"], "lm": ["--batch-size", "8"], "seq": ["-
 pytest.importorskip("sklearn", reason="the CNNs train on scikit-learn's digits (requirements-dev.txt)")
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny steps on a shared machine: one thread (two threads wait on each other at every op when the
+    cores are busy; 4x slower seen)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _check_outputs(out: Path, name: str, impls=("pyfastdl",)):
     for f in ("curves.png", "summary.md", "metrics.json", "checkpoint.pt"):
         assert (out / f).stat().st_size > 0, f
@@ -41,7 +51,8 @@ def _val_loss_with_torch_model(out: Path, name: str, ckpt="checkpoint.pt"):
     """The checkpoint in the plain torch model (strict load), evaluated on the --quick validation set."""
     from torch.utils.data import DataLoader, Subset
     model = train.load_checkpoint(out / ckpt)
-    assert not any(type(m).__module__.startswith("pyfastdl.") for m in model.modules()), "not the plain model"
+    from pyfastdl.train.loop import _is_pyfastdl_layer
+    assert not any(_is_pyfastdl_layer(m) for m in model.modules()), "not the plain model"
     _, val = train.datasets(name)
     loader = DataLoader(Subset(val, range(min(256, len(val)))), batch_size=256)
     return evaluate(MODELS[name].kind, model, loader, "cpu", MODELS[name].channels_last)
@@ -68,7 +79,8 @@ def test_the_command_with_compare_torch(tmp_path):
     and torch.optim; the same batches in the same order, so the losses agree step by step."""
     out = tmp_path / "cmp"
     subprocess.run([sys.executable, "-m", "pyfastdl", "train", "lenet-bn", "--quick", "--compare", "torch",
-                    "--batch-size", "32", "--out", str(out)], check=True, cwd=ROOT, timeout=300)
+                    "--batch-size", "32", "--out", str(out)], check=True, cwd=ROOT, timeout=300,
+                   env=dict(os.environ, OMP_NUM_THREADS="1"))
     metrics = _check_outputs(out, "lenet-bn", ("pyfastdl", "torch"))
     ours, theirs = metrics["results"]["pyfastdl"], metrics["results"]["torch"]
     assert theirs["optimizer"] == "torch.optim.SGD" and ours["optimizer"] == "pyfastdl.optim.SGD"

@@ -9,7 +9,8 @@ Providers, each with its own copy of the model built from the same seed, on the 
   where it is faster for torch (ResNet-18, DenseNet: measured; the LeNet stays NCHW);
 * ``torch.compile``: ``torch.compile`` of the same plain model (forward and, through AOTAutograd, its
   backward), the same fused optimizer; its compile time is the row's ``first_call_s``. For the
-  recurrent LMs dynamo needs ``allow_rnn`` (set for this provider's calls);
+  recurrent LMs dynamo leaves the nn.LSTM / nn.GRU to eager (its default; with ``allow_rnn`` inductor
+  fails on ``mkldnn_rnn_layer`` in torch 2.14) and compiles the rest;
 * ``pyfastdl-<backend>``: ``pyfastdl.convert(model)`` + the ``pyfastdl.optim`` optimizer of the same
   class, ``opt.step()`` after backward (the Triton backend is left out on the CPU: it would time the
   interpreter);
@@ -71,7 +72,9 @@ def _batch(name, spec, B, device, g):
 
 def _notes_step(name, spec, batch, device):
     """The notes' scratch model and optimizer for one step, or None where the notes have none."""
-    from pyfastdl.reference import optim as notes_optim
+    import importlib
+    # (pyfastdl.reference re-exports the notes' functions, whose names shadow its submodules)
+    notes_optim = importlib.import_module("pyfastdl.reference.optim")
     if name == "lenet-bn":
         from pyfastdl.reference.models import lenet_batch_norm
         torch.manual_seed(0)
@@ -88,7 +91,7 @@ def _notes_step(name, spec, batch, device):
             notes_optim.sgd_momentum(params, states, hp)
         return step
     if name in ("lstm-lm", "gru-lm"):
-        from pyfastdl.reference import rnn as R
+        R = importlib.import_module("pyfastdl.reference.rnn")
         fns = {"lstm-lm": (R.get_lstm_params, R.init_lstm_state, R.lstm),
                "gru-lm": (R.get_gru_params, R.init_gru_state, R.gru)}[name]
         torch.manual_seed(0)
@@ -149,14 +152,7 @@ def _providers(name, B, device):
     compiled = torch.compile(m_c, dynamic=False)
     if spec.kind == "lm":
         compiled.begin_state = m_c.begin_state
-    c_step = plain_step(m_c, None, torch_opt(m_c.parameters()), forward=compiled)
-    if spec.kind == "lm":
-        def c_step_rnn(inner=c_step):
-            with torch._dynamo.config.patch(allow_rnn=True):
-                inner()
-        out["torch.compile"] = c_step_rnn
-    else:
-        out["torch.compile"] = c_step
+    out["torch.compile"] = plain_step(m_c, None, torch_opt(m_c.parameters()), forward=compiled)
 
     on_cpu = torch.device(device).type == "cpu"
     m_p = model("pyfastdl")

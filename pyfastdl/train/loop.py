@@ -73,10 +73,21 @@ def _in_torchrun() -> bool:
 
 def _launch(args, argv) -> dict:
     """Re-executes this command under torchrun with args.nproc processes; returns rank 0's metrics."""
+    # the workers know they run under torchrun; --nproc is left out (torchrun's argparse would take it
+    # for an abbreviation of its own --nproc-per-node)
+    worker_argv, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            worker_argv.append(a)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
-           "-m", "pyfastdl", "train", *argv]
+           "-m", "pyfastdl", "train", *worker_argv]
     print("pyfastdl train: " + " ".join(cmd[1:]), file=sys.stderr, flush=True)
-    rc = subprocess.call(cmd)
+    env = dict(os.environ, PYFASTDL_TRAIN_COMMAND="python -m pyfastdl train " + " ".join(argv))
+    rc = subprocess.call(cmd, env=env)
     if rc != 0:
         raise SystemExit(f"pyfastdl train: the {args.nproc} processes failed (exit status {rc})")
     return json.loads((Path(args.out) / "metrics.json").read_text())
@@ -129,11 +140,17 @@ def _prepare(impl, spec, name, seed, device, world, notes):
     return model
 
 
+def _is_pyfastdl_layer(m: nn.Module) -> bool:
+    """A module pyfastdl.convert put in (not the notes' reference classes the models are built from)."""
+    mod = type(m).__module__
+    return mod.startswith("pyfastdl.") and not mod.startswith(("pyfastdl.reference", "pyfastdl.train"))
+
+
 def _swapped(model: nn.Module) -> dict:
     """{pyfastdl class name: count} of the modules pyfastdl.convert put in."""
     out = {}
     for m in model.modules():
-        if type(m).__module__.startswith("pyfastdl."):
+        if _is_pyfastdl_layer(m):
             out[type(m).__name__] = out.get(type(m).__name__, 0) + 1
     return out
 
@@ -399,7 +416,8 @@ def _write(args, spec, device, world, results, models, notes, argv) -> dict:
         "versions": f"torch {torch.__version__}, pyfastdl {pyfastdl.__version__}, python {sys.version.split()[0]}"
                     + (f", triton {_version('triton')}" if _version("triton") else ""),
         "commit": _git_commit(Path(pyfastdl.__file__).resolve().parent.parent),
-        "command": "`python -m pyfastdl train " + " ".join(argv if argv is not None else sys.argv[2:]) + "`",
+        "command": "`" + os.environ.get("PYFASTDL_TRAIN_COMMAND", "python -m pyfastdl train " + " ".join(
+            argv if argv is not None else sys.argv[2:])) + "`",
         "notes": notes,
     }
     _plot(results, spec, args.model, out / "curves.png")
