@@ -1,6 +1,6 @@
 """Model-level cases of the benchmark report (``python -m pyfastdl bench --families models``; issue 13,
 item 5): one training step -- forward, loss, backward, optimizer step -- of each model of
-``python -m pyfastdl train`` (pyfastdl/train/models.py) at its training batch, in ms per step.
+``python -m pyfastdl train`` (pyfastdl/train/models.py) at a realistic batch (``BATCH``), in ms per step.
 
 Providers, each with its own copy of the model built from the same seed, on the same batch:
 
@@ -40,7 +40,8 @@ from .core import Case, Target, pyfastdl_providers
 __all__ = ["cases", "BATCH"]
 
 FAMILY = "models"
-# model -> training batch of the step (pyfastdl.train.models.MODELS' batch; tests shrink it)
+# model -> batch of the step: the notes' training batches (LeNet 256 as the notes' Fashion-MNIST runs,
+# ResNet-18 / DenseNet 128, the LM 32 x 35 steps), the encoders 64 sequences of 16; tests shrink it
 BATCH = {"lenet-bn": 256, "resnet18": 128, "densenet": 128, "lstm-lm": 32, "gru-lm": 32,
          "transformer": 64, "bert": 64}
 # the step's optimizer: the training configuration without weight decay (the notes' SGD has none)

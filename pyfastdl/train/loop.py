@@ -49,7 +49,9 @@ __all__ = ["add_arguments", "run", "load_checkpoint"]
 def add_arguments(p) -> None:
     p.add_argument("model", choices=list(MODELS), help="the model to train")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available, else cpu")
-    p.add_argument("--backend", help="pyfastdl backend (cpu, cuda, triton, reference); default: the device's")
+    from pyfastdl.backends import NAMES
+    p.add_argument("--backend", choices=list(NAMES), help="pyfastdl backend; default: the device's (on the CPU "
+                   "the Triton backend runs under the interpreter: TRITON_INTERPRET=1, slow)")
     p.add_argument("--epochs", type=int, default=None, help="epochs (default 5; --quick: 1)")
     p.add_argument("--batch-size", type=int, help="global batch (split over --nproc ranks); default per model")
     p.add_argument("--lr", type=float, help="learning rate; default per model")

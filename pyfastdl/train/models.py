@@ -120,11 +120,11 @@ def _densenet():
 _SGD = dict(lr=0.05, momentum=0.9, weight_decay=5e-4)
 MODELS: dict[str, Spec] = {s.name: s for s in [
     Spec("lenet-bn", "image", "the notes' LeNet with batch norm (torch's BatchNorm2d/1d), digits 28x28",
-         _lenet, "SGD", _SGD, 256, "accuracy", 0.95, img_size=28),
+         _lenet, "SGD", dict(_SGD, lr=0.01), 64, "accuracy", 0.95, img_size=28),
     Spec("resnet18", "image", "the notes' ResNet-18, channels / 8, digits 32x32",
-         _resnet, "SGD", _SGD, 128, "accuracy", 0.95, img_size=32, channels_last=True),
+         _resnet, "SGD", _SGD, 64, "accuracy", 0.95, img_size=32, channels_last=True),
     Spec("densenet", "image", "the book's DenseNet (4 blocks of 4), channels / 4, digits 32x32",
-         _densenet, "SGD", _SGD, 128, "accuracy", 0.95, img_size=32, channels_last=True),
+         _densenet, "SGD", _SGD, 64, "accuracy", 0.95, img_size=32, channels_last=True),
     Spec("lstm-lm", "lm", "the notes' character LM: one-hot -> nn.LSTM(28, 256) -> Linear, 35 steps",
          lambda: _lm("LSTM"), "Adam", dict(lr=0.005), 32, "perplexity", 8.0, clip=1.0),
     Spec("gru-lm", "lm", "the notes' character LM with nn.GRU(28, 256), 35 steps",
