@@ -1,6 +1,9 @@
 """``python -m pyfastdl info`` -- the build and the machine;
 ``python -m pyfastdl bench [--quick] [--device cpu|cuda] [--families batch_norm,...] [--out DIR]
-[--no-compile] [--tuned-malloc] [--rounds N]`` -- the benchmark report (pyfastdl/bench)."""
+[--no-compile] [--tuned-malloc] [--rounds N]`` -- the benchmark report (pyfastdl/bench);
+``python -m pyfastdl train <model> [--device cpu|cuda] [--backend B] [--epochs N] [--batch-size B]
+[--compare torch] [--nproc N] [--out DIR] [--seed S] [--steps-per-epoch K] [--quick]`` -- train one of
+the notes' models (pyfastdl/train, docs/training.md)."""
 from __future__ import annotations
 
 import argparse
@@ -71,9 +74,15 @@ def main(argv=None) -> None:
                    help=f"re-run with GLIBC_TUNABLES={core.TUNED_MALLOC} (freed big blocks are reused, "
                         "not unmapped)")
     p.add_argument("--rounds", type=int, help="interleaved rounds (default 5 quick, 15 full)")
+    from pyfastdl import train as _train
+    p = sub.add_parser("train", help="train one of the notes' models (PNG, summary, checkpoint); docs/training.md")
+    _train.add_arguments(p)
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     if args.command == "info":
         info()
+    elif args.command == "train":
+        _train.run(args, argv[argv.index("train") + 1:])
     else:
         bench(args)
 
