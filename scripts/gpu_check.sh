@@ -113,8 +113,9 @@ if stage build bash -c "rm -f pyfastdl/_C*.so && \"\$0\" -m pip install --no-bui
   else
     skip sanitizer "compute-sanitizer not installed"
   fi
-  # one report per family, so a bench cut short keeps the families it finished
-  stage bench bash -c 'for f in $("$0" -c "from pyfastdl.bench import core; print(*core.families())"); do
+  # one report per family, so a bench cut short keeps the families it finished; the kernel families
+  # first, the whole-model steps (models) last
+  stage bench bash -c 'for f in $("$0" -c "from pyfastdl.bench import core; print(*sorted(core.families(), key=lambda f: f == \"models\"))"); do
       "$0" -m pyfastdl bench --quick --no-compile --device cuda --families "$f" --out "$1/bench-$f" || exit 1
     done' "$PY" "$OUT"
 else
