@@ -142,12 +142,13 @@ struct Wino {
   bool nchw;
   int64_t K, Kp, Co, nblk, Cop;  // C_in (Kp: whole vectors), C_out (Cop: whole NB blocks)
   int64_t tw, tpi, tiles;        // tiles along W, per image, in all
-  std::vector<T> U;              // [NP][nblk][K][NB]
+  const T* w;                    // (C_out, C_in, 3, 3), or (C_in, C_out, 3, 3) flipped (ft)
+  bool ft;
   std::vector<T> bias;           // [Cop]
 
-  Wino(const at::Tensor& xt, const at::Tensor& w, const at::Tensor& b, const conv::Params& p_, bool ft, at::Tensor& yt)
+  Wino(const at::Tensor& xt, const at::Tensor& w_, const at::Tensor& b, const conv::Params& p_, bool ft_, at::Tensor& yt)
       : p(p_), x(xt.const_data_ptr<T>()), y(yt.mutable_data_ptr<T>()),
-        nchw(!yt.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+        nchw(!yt.is_contiguous(at::MemoryFormat::ChannelsLast)), w(w_.const_data_ptr<T>()), ft(ft_) {
     K = p.C_in;
     Kp = ceil_div(K, V) * V;
     Co = p.C_out;
@@ -159,33 +160,27 @@ struct Wino {
     bias.assign(Cop, T(0));
     if (b.defined())
       for (int64_t c = 0; c < Co; ++c) bias[c] = b.const_data_ptr<T>()[c];
-    transform_weight(w.const_data_ptr<T>(), ft);
   }
 
-  // U[xi][nb][k][j] = (G g G^T)[xi] of g = w'[nb * NB + j][k] (zero past C_out).
-  void transform_weight(const T* w, bool ft) {
-    U.resize(NP * nblk * K * NB);
-    T* u = U.data();
-    at::parallel_for(0, nblk * K, 16, [&](int64_t b, int64_t e) {
-      alignas(64) T g[9][NB];
-      Vec t[6][3], r[6];
-      for (int64_t idx = b; idx < e; ++idx) {
-        const int64_t nb = idx / K, k = idx % K;
-        for (int64_t j = 0; j < NB; ++j) {
-          const int64_t co = nb * NB + j;
-          for (int tap = 0; tap < 9; ++tap)
-            g[tap][j] = co >= Co ? T(0) : ft ? w[(k * Co + co) * 9 + 8 - tap] : w[(co * K + k) * 9 + tap];
-        }
-        for (int64_t h = 0; h < NB; h += V) {
-          for (int c = 0; c < 3; ++c)  // along kh, per column kw
-            g3(Vec::loadu(&g[c][h]), Vec::loadu(&g[3 + c][h]), Vec::loadu(&g[6 + c][h]), &t[0][c], 3);
-          for (int i = 0; i < 6; ++i) {  // along kw, per row
-            g3(t[i][0], t[i][1], t[i][2], r, 1);
-            for (int jj = 0; jj < 6; ++jj) r[jj].store(u + (((i * 6 + jj) * nblk + nb) * K + k) * NB + h);
-          }
+  // dst[xi * xs + k * NB + j] = (G g G^T)[xi] of g = w'[nb * NB + j][k] (zero past C_out), k in [k0, k1).
+  void transform_weight_block(int64_t nb, int64_t k0, int64_t k1, T* dst, int64_t xs) const {
+    alignas(64) T g[9][NB];
+    Vec t[6][3], r[6];
+    for (int64_t k = k0; k < k1; ++k) {
+      for (int64_t j = 0; j < NB; ++j) {
+        const int64_t co = nb * NB + j;
+        for (int tap = 0; tap < 9; ++tap)
+          g[tap][j] = co >= Co ? T(0) : ft ? w[(k * Co + co) * 9 + 8 - tap] : w[(co * K + k) * 9 + tap];
+      }
+      for (int64_t h = 0; h < NB; h += V) {
+        for (int c = 0; c < 3; ++c)  // along kh, per column kw
+          g3(Vec::loadu(&g[c][h]), Vec::loadu(&g[3 + c][h]), Vec::loadu(&g[6 + c][h]), &t[0][c], 3);
+        for (int i = 0; i < 6; ++i) {  // along kw, per row
+          g3(t[i][0], t[i][1], t[i][2], r, 1);
+          for (int jj = 0; jj < 6; ++jj) r[jj].store(dst + (i * 6 + jj) * xs + k * NB + h);
         }
       }
-    });
+    }
   }
 
   // V[xi][tl][0..Kp) for tile `tile` (block row tl).
@@ -224,19 +219,17 @@ struct Wino {
     }
   }
 
-  // The 4x4 outputs of tile `tile` from M[xi][tl][0..Cop), plus bias.
-  void output_tile(int64_t tile, const T* Mb, int64_t Tb, int64_t tl) const {
+  // The 4x4 outputs of tile `tile`, channels [c0, c1), plus bias: m[xi * ms + c - c0] = M[xi][tile][c].
+  void output_tile(int64_t tile, const T* m0, int64_t ms, int64_t c0, int64_t c1) const {
     const int64_t n = tile / tpi, r = tile % tpi;
     const int64_t oh0 = (r / tw) * 4, ow0 = (r % tw) * 4;
     const int64_t nh = std::min<int64_t>(4, p.H_out - oh0), nw = std::min<int64_t>(4, p.W_out - ow0);
-    const int64_t ms = Tb * Cop;
-    const T* in = Mb + tl * Cop;
     Vec s[4][6], o[4][4];
     const int64_t HWo = p.H_out * p.W_out;
-    for (int64_t c = 0; c < Co; c += V) {
-      const int64_t nc = std::min<int64_t>(V, Co - c);
+    for (int64_t c = c0; c < c1; c += V) {
+      const int64_t nc = std::min<int64_t>(V, c1 - c);
       for (int j = 0; j < 6; ++j) {
-        const T* m = in + j * ms + c;
+        const T* m = m0 + j * ms + c - c0;
         at6(Vec::loadu(m), Vec::loadu(m + 6 * ms), Vec::loadu(m + 12 * ms), Vec::loadu(m + 18 * ms),
             Vec::loadu(m + 24 * ms), Vec::loadu(m + 30 * ms), &s[0][j], 6);
       }
@@ -266,48 +259,64 @@ struct Wino {
     }
   }
 
-  // The 36 GEMMs of a block of nt tiles, tasks [b, e) of (xi, nb).
-  void gemm(const T* Vb, T* Mb, int64_t Tb, int64_t nt, int64_t b, int64_t e) const {
+  // C[xi][t][0..NB) = V[xi][t][0..K) B[xi][0..K)[0..NB) for the nt tiles of a block, xi in [x0, x1):
+  // A = V (xi stride as, row stride Kp), B (xi stride bs), C (xi stride cs, row stride ldc).
+  void gemm(const T* A, int64_t as, const T* B, int64_t bs, T* C, int64_t cs, int64_t ldc, int64_t nt, int64_t x0,
+            int64_t x1) const {
     const int64_t nmt = ceil_div(nt, MR);
-    for (int64_t idx = b; idx < e; ++idx) {
-      const int64_t xi = idx / nblk, nb = idx % nblk;
-      const T* B = U.data() + (xi * nblk + nb) * K * NB;
-      const T* A = Vb + xi * Tb * Kp;
-      T* C = Mb + xi * Tb * Cop + nb * NB;
-      for (int64_t mt = 0; mt < nmt; ++mt) ukernel<T>(A + mt * MR * Kp, Kp, K, B, C + mt * MR * Cop, Cop);
-    }
+    for (int64_t xi = x0; xi < x1; ++xi)
+      for (int64_t mt = 0; mt < nmt; ++mt)
+        ukernel<T>(A + xi * as + mt * MR * Kp, Kp, K, B + xi * bs, C + xi * cs + mt * MR * ldc, ldc);
   }
 
   void run() {
-    const int64_t per_tile = NP * (Kp + Cop) * int64_t(sizeof(T));
     const int64_t threads = at::get_num_threads();
-    const int64_t Tb_small = std::max<int64_t>(MR, kL2BlockBytes / per_tile / MR * MR);
+    const int64_t sz = int64_t(sizeof(T));
+    const int64_t Tb_small = std::max<int64_t>(MR, kL2BlockBytes / (NP * (Kp + Cop) * sz) / MR * MR);
     const int64_t nblocks_small = ceil_div(tiles, Tb_small);
-    const int64_t u_bytes = int64_t(U.size()) * int64_t(sizeof(T));
-    // one block per task: many blocks, and U (read once per block) small enough to come from L2/L3
+    const int64_t u_bytes = NP * nblk * K * NB * sz;
     if (threads == 1 || (nblocks_small >= 4 * threads && u_bytes <= 4 * 1024 * 1024)) {
+      // Tile mode: U transformed once; then one block of tiles per task, V and M of the block in L2.
+      std::vector<T> U(NP * nblk * K * NB);
+      const int64_t kc = std::max<int64_t>(1, std::min<int64_t>(K, 64));
+      at::parallel_for(0, nblk * ceil_div(K, kc), 1, [&](int64_t b, int64_t e) {
+        for (int64_t idx = b; idx < e; ++idx) {
+          const int64_t nb = idx % nblk, k0 = (idx / nblk) * kc;
+          transform_weight_block(nb, k0, std::min(K, k0 + kc), U.data() + nb * K * NB, nblk * K * NB);
+        }
+      });
       const int64_t Tb = Tb_small;
       at::parallel_for(0, nblocks_small, 1, [&](int64_t b, int64_t e) {
         std::vector<T> Vb(NP * Tb * Kp, T(0)), Mb(NP * Tb * Cop);
         for (int64_t blk = b; blk < e; ++blk) {
           const int64_t t0 = blk * Tb, nt = std::min(Tb, tiles - t0);
           for (int64_t tl = 0; tl < nt; ++tl) input_tile(t0 + tl, Vb.data(), Tb, tl);
-          gemm(Vb.data(), Mb.data(), Tb, nt, 0, NP * nblk);
-          for (int64_t tl = 0; tl < nt; ++tl) output_tile(t0 + tl, Mb.data(), Tb, tl);
+          for (int64_t nb = 0; nb < nblk; ++nb)
+            gemm(Vb.data(), Tb * Kp, U.data() + nb * K * NB, nblk * K * NB, Mb.data() + nb * NB, Tb * Cop, Cop, nt,
+                 0, NP);
+          for (int64_t tl = 0; tl < nt; ++tl) output_tile(t0 + tl, Mb.data() + tl * Cop, Tb * Cop, 0, Co);
         }
       });
       return;
     }
-    const int64_t Tb = std::min(ceil_div(tiles, MR) * MR, std::max<int64_t>(MR, kBigBlockBytes / per_tile / MR * MR));
-    std::vector<T> Vb(NP * Tb * Kp, T(0)), Mb(NP * Tb * Cop);
+    // Channel mode (many channels, few tiles): per block of tiles (all of them, unless V would outgrow
+    // the L3), the input transform in parallel, then one task per NB output channels: their U
+    // (transformed into the task's buffer, never stored whole), the 36 GEMMs, the output transform.
+    const int64_t Tb = std::min(ceil_div(tiles, MR) * MR, std::max<int64_t>(MR, kBigBlockBytes / (NP * Kp * sz) / MR * MR));
+    std::vector<T> Vb(NP * Tb * Kp, T(0));
     for (int64_t t0 = 0; t0 < tiles; t0 += Tb) {
       const int64_t nt = std::min(Tb, tiles - t0);
       at::parallel_for(0, nt, 1, [&](int64_t b, int64_t e) {
         for (int64_t tl = b; tl < e; ++tl) input_tile(t0 + tl, Vb.data(), Tb, tl);
       });
-      at::parallel_for(0, NP * nblk, 1, [&](int64_t b, int64_t e) { gemm(Vb.data(), Mb.data(), Tb, nt, b, e); });
-      at::parallel_for(0, nt, 1, [&](int64_t b, int64_t e) {
-        for (int64_t tl = b; tl < e; ++tl) output_tile(t0 + tl, Mb.data(), Tb, tl);
+      at::parallel_for(0, nblk, 1, [&](int64_t b, int64_t e) {
+        std::vector<T> Ub(NP * K * NB), Mb(NP * Tb * NB);
+        for (int64_t nb = b; nb < e; ++nb) {
+          transform_weight_block(nb, 0, K, Ub.data(), K * NB);
+          gemm(Vb.data(), Tb * Kp, Ub.data(), K * NB, Mb.data(), Tb * NB, NB, nt, 0, NP);
+          for (int64_t tl = 0; tl < nt; ++tl)
+            output_tile(t0 + tl, Mb.data() + tl * NB, Tb * NB, nb * NB, std::min(Co, (nb + 1) * NB));
+        }
       });
     }
   }
