@@ -17,9 +17,14 @@
 //      outside the input), 36 GEMMs on the register-blocked micro-kernel (MR = 6 tiles x NB output
 //      channels in 12 accumulators, as conv2d_kernel.cpp's), the output transform (+ bias) written to
 //      NHWC or NCHW (output pixels past H_out / W_out dropped).
-// Blocks sized so that V and M of a block stay in L2 are run one per task (both cores, no barrier)
-// when there are many; few large blocks (many channels, small images: U does not fit in L2 anyway)
-// run one after another with each step parallel inside.
+// Two schedules, each one parallel region (no barrier inside; on a shared machine every extra region
+// cost a scheduler wake-up: 7x7 px, 512 channels went from 84 to 51 ms with one region instead of two):
+//   tile mode (U <= 4 MB: few channels, many tiles): each thread transforms U for itself, then runs
+//     blocks of tiles sized so that V and M of a block stay in L2, one block per task;
+//   channel mode (many channels, small images: U would not fit in L2 anyway, 38 MB at 512 channels):
+//     each thread transforms V of all tiles for itself, then one task per NB output channels
+//     transforms its slice of U into its buffer (U is never stored whole), runs the 36 GEMMs and the
+//     output transform of those channels.
 //
 // Numerics: float32 accumulates in float32 like the direct kernel; the transforms add rounding
 // (B^T d B grows the data up to ~100x before the GEMM, the fractions of G are inexact): the error
@@ -47,7 +52,7 @@ using at::vec::Vectorized;
 constexpr int MR = 6;       // tiles per micro-kernel call
 constexpr int NP = 36;      // transform points (6 x 6)
 constexpr int64_t kL2BlockBytes = 512 * 1024;        // V + M of a block run as one task (L2)
-constexpr int64_t kBigBlockBytes = 12 * 1024 * 1024;  // V + M of a block with parallel steps (L3)
+constexpr int64_t kBigBlockBytes = 12 * 1024 * 1024;  // V of a block in channel mode (L3)
 
 template <typename T>
 constexpr int64_t nb_of() { return 2 * Vectorized<T>::size(); }
@@ -275,19 +280,15 @@ struct Wino {
     const int64_t Tb_small = std::max<int64_t>(MR, kL2BlockBytes / (NP * (Kp + Cop) * sz) / MR * MR);
     const int64_t nblocks_small = ceil_div(tiles, Tb_small);
     const int64_t u_bytes = NP * nblk * K * NB * sz;
-    if (threads == 1 || (nblocks_small >= 4 * threads && u_bytes <= 4 * 1024 * 1024)) {
-      // Tile mode: U transformed once; then one block of tiles per task, V and M of the block in L2.
-      std::vector<T> U(NP * nblk * K * NB);
-      const int64_t kc = std::max<int64_t>(1, std::min<int64_t>(K, 64));
-      at::parallel_for(0, nblk * ceil_div(K, kc), 1, [&](int64_t b, int64_t e) {
-        for (int64_t idx = b; idx < e; ++idx) {
-          const int64_t nb = idx % nblk, k0 = (idx / nblk) * kc;
-          transform_weight_block(nb, k0, std::min(K, k0 + kc), U.data() + nb * K * NB, nblk * K * NB);
-        }
-      });
+    // One parallel region per call (a second one costs a wake-up of the other thread each time, which
+    // on a shared machine can take a scheduler time slice): what every task needs (U in tile mode, V
+    // in channel mode) is computed by each thread for itself -- small next to the GEMMs there.
+    if (nblocks_small >= 4 * threads && u_bytes <= 4 * 1024 * 1024) {
+      // Tile mode: U per thread; then one block of tiles per task, V and M of the block in L2.
       const int64_t Tb = Tb_small;
       at::parallel_for(0, nblocks_small, 1, [&](int64_t b, int64_t e) {
-        std::vector<T> Vb(NP * Tb * Kp, T(0)), Mb(NP * Tb * Cop);
+        std::vector<T> U(NP * nblk * K * NB), Vb(NP * Tb * Kp, T(0)), Mb(NP * Tb * Cop);
+        for (int64_t nb = 0; nb < nblk; ++nb) transform_weight_block(nb, 0, K, U.data() + nb * K * NB, nblk * K * NB);
         for (int64_t blk = b; blk < e; ++blk) {
           const int64_t t0 = blk * Tb, nt = std::min(Tb, tiles - t0);
           for (int64_t tl = 0; tl < nt; ++tl) input_tile(t0 + tl, Vb.data(), Tb, tl);
@@ -300,17 +301,14 @@ struct Wino {
       return;
     }
     // Channel mode (many channels, few tiles): per block of tiles (all of them, unless V would outgrow
-    // the L3), the input transform in parallel, then one task per NB output channels: their U
-    // (transformed into the task's buffer, never stored whole), the 36 GEMMs, the output transform.
+    // the L3), one task per NB output channels: their U (transformed into the task's buffer, never
+    // stored whole), the 36 GEMMs, the output transform; V of the block computed by each thread.
     const int64_t Tb = std::min(ceil_div(tiles, MR) * MR, std::max<int64_t>(MR, kBigBlockBytes / (NP * Kp * sz) / MR * MR));
-    std::vector<T> Vb(NP * Tb * Kp, T(0));
     for (int64_t t0 = 0; t0 < tiles; t0 += Tb) {
       const int64_t nt = std::min(Tb, tiles - t0);
-      at::parallel_for(0, nt, 1, [&](int64_t b, int64_t e) {
-        for (int64_t tl = b; tl < e; ++tl) input_tile(t0 + tl, Vb.data(), Tb, tl);
-      });
       at::parallel_for(0, nblk, 1, [&](int64_t b, int64_t e) {
-        std::vector<T> Ub(NP * K * NB), Mb(NP * Tb * NB);
+        std::vector<T> Vb(NP * Tb * Kp, T(0)), Ub(NP * K * NB), Mb(NP * Tb * NB);
+        for (int64_t tl = 0; tl < nt; ++tl) input_tile(t0 + tl, Vb.data(), Tb, tl);
         for (int64_t nb = b; nb < e; ++nb) {
           transform_weight_block(nb, 0, K, Ub.data(), K * NB);
           gemm(Vb.data(), Tb * Kp, Ub.data(), K * NB, Mb.data(), Tb * NB, NB, nt, 0, NP);
