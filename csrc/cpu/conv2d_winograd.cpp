@@ -48,8 +48,8 @@ std::atomic<int>& mode_ref() {
 std::atomic<int> last_fwd{-1}, last_bwd_input{-1};
 
 // Measured faster than the direct kernel (float32; 2-core AMD EPYC, AVX2; the ResNet-18 3x3 layers at
-// batch 8, 64..512 channels at 56..7 px: docs/architecture.md, "Winograd"), with an error against
-// float64 of 1-3e-6 normwise there (bound: 1e-4): 64+ channels on both sides and 7+ output pixels
+// batch 8, 64..512 channels at 56..7 px: 1.3-2.6x the direct kernel forward; docs/architecture.md,
+// "Winograd"), with an error against float64 of 1-3e-6 normwise there (bound: 1e-4): 64+ channels on both sides and 7+ output pixels
 // along H and W (smaller images waste most of a 4x4 tile; fewer channels: not measured). Up to 1024
 // input channels (the error grows with the contraction; measured up to 512).
 bool measured_faster(const conv::Params& p, bool grad_input) {
