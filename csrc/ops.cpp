@@ -271,3 +271,12 @@ extern "C" PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, pyfastdl_percall_methods};
   return PyModule_Create(&module_def);
 }
+
+// ---- conv2d CPU algorithm switch (tests, benchmark): csrc/cpu/conv2d_winograd_kernel.h ---------------
+#include "cpu/conv2d_winograd_kernel.h"
+
+TORCH_LIBRARY_FRAGMENT(pyfastdl, m) {
+  // mode "auto" | "direct" | "winograd" sets the CPU conv2d algorithm and returns the previous mode;
+  // "" returns the mode; "last" returns "fwd=<algo>;bwd_input=<algo>" of the last CPU conv2d calls.
+  m.def("conv2d_cpu_algo(str mode) -> str", &pyfastdl::cpu::conv2d_cpu_algo);
+}

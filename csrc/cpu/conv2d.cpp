@@ -9,6 +9,7 @@
 
 #include "common/conv2d.h"
 #include "cpu/conv2d_kernel.h"
+#include "cpu/conv2d_winograd_kernel.h"
 
 namespace pyfastdl {
 namespace {
@@ -49,6 +50,7 @@ at::Tensor conv2d_fwd_cpu(const at::Tensor& input, const at::Tensor& weight, con
       conv::check_fwd(input, weight, bias, stride, padding, dilation, groups, {at::kFloat, at::kDouble}, "conv2d");
   const at::Tensor w = weight.contiguous();
   const at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
+  if (cpu::winograd_selected(p, input.scalar_type(), false)) return cpu::conv2d_winograd_fwd(input, w, b, p);  // 3x3/1
   if (use_nchw_direct(p)) {
     at::Tensor y = at::empty({p.N, p.C_out, p.H_out, p.W_out}, input.options());
     if (y.numel() > 0) kernels()->fwd_nchw(input.contiguous(), w, b, p, y);
@@ -79,6 +81,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_bwd_cpu(const at::Tensor& 
                    input.options().memory_format(p.channels_last || is_depthwise(p) ? cl : at::MemoryFormat::Contiguous));
     if (gi.numel() > 0) {
       if (g.numel() == 0 || weight.numel() == 0) gi.zero_();
+      else if (cpu::winograd_selected(p, input.scalar_type(), true)) cpu::conv2d_winograd_bwd_input(g, weight, p, gi);
       else if (use_bwd_input_as_nchw_fwd(p)) {
         const at::Tensor wt = weight.flip({2, 3}).transpose(0, 1).contiguous();
         const std::array<int64_t, 2> st = {1, 1}, dil = {p.dh, p.dw};
