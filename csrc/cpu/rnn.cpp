@@ -10,8 +10,11 @@
 // backward needs.
 // The per-step recurrent GEMMs (forward h_prev W_hh^T, backward dgates W_hh) do not go through ATen:
 // W_hh is packed once per call (rnn_kernel.h, pack_b) and each step runs the packed micro-kernel over
-// its panels, split over threads (step_gemm); at 1 thread on the 2-core EPYC this beat at::mm (MKL)
-// by 8-10% per layer on the sizes (T35 B32 H256, T100 B64 H512).
+// its panels; at 1 thread on the 2-core EPYC this beat at::mm (MKL) by 8-10% per layer on the issue's
+// sizes (T35 B32 H256, T100 B64 H512).
+// Threads: the batch rows are split over the threads for the whole time loop (row_parts, seq_loop):
+// one parallel region per op, no barrier per step. Small batches (B < 8) or little work keep one part;
+// then each step's GEMM is split over panels (step_gemm) and its pointwise pass over rows, as before.
 // Backward through time: per step the fused pointwise backward -> dgates, then dh_prev = dgates W_hh
 // (the carried gradient, (B, H)); after the loop grad_w_ih = dgates^T X, grad_w_hh = dgates^T H_prev
 // and grad_input = dgates W_ih as single GEMMs over all steps, grad_bias the column sums.
