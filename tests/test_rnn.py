@@ -534,3 +534,73 @@ def test_module_info_samples(kind):
                 torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
             n += 1
     assert n >= 4
+
+
+# ---- the CPU time loop split over threads by batch rows (csrc/cpu/rnn.cpp, row_parts) ---------------------
+# With B >= 8 and enough work the sequence ops give each thread a contiguous block of batch rows for the
+# whole time loop (no barrier per step); packed lengths move the split point (it balances the rows' step
+# counts). These shapes select that path at 2 threads: H not a multiple of 8 or 16, uneven lengths, both
+# directions, 2 layers, every gradient.
+
+def _two_threads(fn):
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        return fn()
+    finally:
+        torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+@pytest.mark.parametrize("T,B,H,packed", [(16, 11, 67, True), (7, 8, 13, False), (5, 23, 40, True), (1, 9, 33, False)],
+                         ids=["T16-B11-H67-packed", "T7-B8-H13", "T5-B23-H40-packed", "T1-B9-H33"])
+def test_cpu_row_split_matches_torch(kind, T, B, H, packed, dtype):
+    lengths = [max(1, T - (b * T) // B) for b in range(B)] if packed else None
+    if packed:  # unsorted, as a data loader gives them
+        lengths = lengths[1::2] + lengths[0::2]
+    _two_threads(lambda: _compare(kind, "cpu", dtype, T, B, 5, H, lengths=None if lengths is None else
+                                  torch.tensor(lengths), enforce_sorted=False, num_layers=2, bidirectional=True))
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("lengths", [(9, 9, 8, 6, 6, 5, 3, 2, 2, 1, 1), (4,) * 8], ids=["packed", "padded"])
+def test_cpu_row_split_equals_one_thread(kind, reverse, lengths):
+    """The row split (2 threads) computes every row as the single-threaded loop does."""
+    args = _seq_args(kind, reverse, lengths, I=3, H=21, grad=False)
+    fwd, bwd = getattr(OPS, f"{kind}_seq_fwd"), getattr(OPS, f"{kind}_seq_bwd")
+    g = _gen(21)
+
+    def run():
+        out = fwd(*args)
+        go = torch.randn(out[0].shape, generator=_gen(22), dtype=F64)
+        ghy = torch.randn(out[1].shape, generator=_gen(23), dtype=F64)
+        if kind == "lstm":
+            x, bs, h0, c0, w_ih, w_hh, _, _, rev = args
+            grads = bwd(go, ghy, ghy * 0.5, x, bs, h0, c0, w_ih, w_hh, out[0], out[3], out[4], rev, [True] * 6)
+        else:
+            x, bs, h0, w_ih, w_hh, _, _, rev = args
+            grads = bwd(go, ghy, x, bs, h0, w_ih, w_hh, out[0], out[2], rev, [True] * 6)
+        return list(out) + list(grads)
+    del g
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run()
+        torch.set_num_threads(2)
+        two = run()
+    finally:
+        torch.set_num_threads(n)
+    for a, b in zip(one, two):
+        torch.testing.assert_close(b, a, rtol=1e-13, atol=1e-13)  # the BLAS GEMMs may block differently
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+def test_gradcheck_seq_row_split(reverse):
+    """float64 gradcheck at a size the row split takes (B = 8, H = 16 at 2 threads)."""
+    lengths = (4, 4, 4, 3, 3, 2, 2, 1)
+    _two_threads(lambda: torch.autograd.gradcheck(lambda *a: LSTMSeqFunction.apply(*a, OPS),
+                                                  _seq_args("lstm", reverse, lengths, I=2, H=16)))
+    _two_threads(lambda: torch.autograd.gradcheck(lambda *a: GRUSeqFunction.apply(*a, OPS),
+                                                  _seq_args("gru", reverse, lengths, I=2, H=16)))

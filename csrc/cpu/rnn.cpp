@@ -10,8 +10,11 @@
 // backward needs.
 // The per-step recurrent GEMMs (forward h_prev W_hh^T, backward dgates W_hh) do not go through ATen:
 // W_hh is packed once per call (rnn_kernel.h, pack_b) and each step runs the packed micro-kernel over
-// its panels, split over threads (step_gemm); at 1 thread on the 2-core EPYC this beat at::mm (MKL)
-// by 8-10% per layer on the sizes (T35 B32 H256, T100 B64 H512).
+// its panels; at 1 thread on the 2-core EPYC this beat at::mm (MKL) by 8-10% per layer on the issue's
+// sizes (T35 B32 H256, T100 B64 H512).
+// Threads: the batch rows are split over the threads for the whole time loop (row_parts, seq_loop):
+// one parallel region per op, no barrier per step. Small batches (B < 8) or little work keep one part;
+// then each step's GEMM is split over panels (step_gemm) and its pointwise pass over rows, as before.
 // Backward through time: per step the fused pointwise backward -> dgates, then dh_prev = dgates W_hh
 // (the carried gradient, (B, H)); after the loop grad_w_ih = dgates^T X, grad_w_hh = dgates^T H_prev
 // and grad_input = dgates W_ih as single GEMMs over all steps, grad_bias the column sums.
@@ -93,6 +96,81 @@ int prev_segments(const Seq& s, int64_t t, bool reverse, std::array<Seg, 2>& seg
   if (m > 0) seg[k++] = Seg{0, m, s.offsets[t + 1], false};
   if (n > m) seg[k++] = Seg{m, n, m, true};
   return k;
+}
+
+// seg restricted to the rows [q0, q1) (empty: r1 <= r0).
+Seg clip(const Seg& sg, int64_t q0, int64_t q1) {
+  const int64_t a = std::max(sg.r0, q0), e = std::max(a, std::min(sg.r1, q1));
+  return Seg{a, e, sg.src + (a - sg.r0), sg.from_init};
+}
+
+// The batch rows split over threads for a whole time loop. Row b's recurrence reads only row b of the
+// previous state (forward h_{t-1}[b], c_{t-1}[b]; backward the carried dh[b], dc[b]), so each thread
+// runs every step on its own rows with no barrier between steps (the per-step alternative, splitting
+// each step's GEMM over columns and its pointwise pass over rows, costs two barriers per step, and on
+// a shared machine a descheduled thread stalls both cores at every one of them). The parts are
+// contiguous rows balancing the rows' step counts (packed: lengths non-increasing in b, so the first
+// part has fewer rows). One part (small batches or small work): the caller's thread runs the loop and
+// the per-step GEMM and pointwise pass split over threads as before.
+std::vector<int64_t> row_parts(const Seq& s, int64_t G) {
+  const int64_t B = s.d.B, H = s.d.H;
+  constexpr int64_t kMinRows = 4;         // rows per part at least (the GEMM micro-kernel takes 6)
+  constexpr int64_t kMinWork = 1 << 13;   // multiply-adds of the recurrent GEMMs per part at least
+  int64_t parts = std::min<int64_t>(at::get_num_threads(), B / kMinRows);
+  parts = std::min<int64_t>(parts, s.N * G * H * H / kMinWork);
+  if (at::in_parallel_region() || parts < 2) return {0, B};
+  std::vector<int64_t> len(B + 1, 0);  // len[b] = steps of row b (difference array first)
+  for (int64_t t = 0; t < s.T; ++t) len[s.sizes[t]] -= 1;
+  int64_t run = s.T;
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t l = run;
+    run += len[b + 1];
+    len[b] = l;
+  }
+  std::vector<int64_t> bounds{0};
+  int64_t acc = 0, b = 0;
+  for (int64_t p = 1; p < parts; ++p) {
+    while (b < B && (acc + len[b] / 2) * parts < s.N * p) acc += len[b++];
+    if (b > bounds.back()) bounds.push_back(b);
+  }
+  if (B > bounds.back()) bounds.push_back(B);
+  return bounds;
+}
+
+// f(q0, q1): the whole time loop over the rows [q0, q1), once per part, the parts in parallel.
+template <typename F>
+void for_row_parts(const std::vector<int64_t>& bounds, const F& f) {
+  const int64_t parts = static_cast<int64_t>(bounds.size()) - 1;
+  if (parts <= 1) {
+    if (parts == 1) f(bounds[0], bounds[1]);
+    return;
+  }
+  at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) f(bounds[p], bounds[p + 1]);
+  });
+}
+
+// The time loop shared by the four sequence ops. Steps in processing order (forward op: t = 0 .. T-1,
+// reverse t = T-1 .. 0; the backward op the other way round); per step, for the rows [q0, q1) of each
+// part: step(t, seg) for each prev segment of the step clipped to the part (the pointwise pass, with
+// the forward's recurrent GEMM before it), then after(t, a, e) for the part's active rows [a, e) (the
+// backward's dh_prev GEMM).
+template <typename Step, typename After>
+void seq_loop(const Seq& s, bool reverse, bool backward, const std::vector<int64_t>& parts, const Step& step,
+              const After& after) {
+  for_row_parts(parts, [&](int64_t q0, int64_t q1) {
+    std::array<Seg, 2> seg;
+    for (int64_t i = 0; i < s.T; ++i) {
+      const int64_t t = (reverse != backward) ? s.T - 1 - i : i;
+      const int nseg = prev_segments(s, t, reverse, seg);
+      for (int j = 0; j < nseg; ++j) {
+        const Seg sg = clip(seg[j], q0, q1);
+        if (sg.r1 > sg.r0) step(t, sg);
+      }
+      const int64_t e = std::min(q1, s.sizes[t]);
+      if (e > q0) after(t, q0, e);
+    }
+  });
 }
 
 // hy[b] = h after row b's last processed step (forward direction: the step t with
@@ -293,24 +371,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_seq_
     const T *b = ptr_or_null<T>(bhh), *c0p = c0c.const_data_ptr<T>(), *h0p = h0c.const_data_ptr<T>();
     const at::Tensor wp = pack_weight<T>(k, whh, H, 4 * H, 1, H);  // B = W_hh^T (H, 4H)
     const T* bp = wp.const_data_ptr<T>();
-    std::array<Seg, 2> seg;
-    for (int64_t i = 0; i < s.T; ++i) {
-      const int64_t t = reverse ? s.T - 1 - i : i, off = s.offsets[t];
-      const int nseg = prev_segments(s, t, reverse, seg);
-      for (int j = 0; j < nseg; ++j) {
-        const Seg sg = seg[j];
-        step_gemm(k, sg.r1 - sg.r0, H, 4 * H, (sg.from_init ? h0p : h) + sg.src * H, H, bp,
-                  g + (off + sg.r0) * 4 * H, 4 * H, true);
-      }
-      for (int j = 0; j < nseg; ++j) {
-        const Seg sg = seg[j];
-        const T* cp = (sg.from_init ? c0p : c) + sg.src * H;
-        rows_parallel(sg.r1 - sg.r0, H, 4, [&](int64_t a, int64_t e) {
-          const int64_t r = off + sg.r0 + a;
-          k.lstm_fwd(e - a, H, g + r * 4 * H, 4 * H, b, cp + a * H, H, c + r * H, H, h + r * H, H);
-        });
-      }
-    }
+    seq_loop(s, reverse, false, row_parts(s, 4), [&](int64_t t, const Seg& sg) {
+      const int64_t off = s.offsets[t], m = sg.r1 - sg.r0;
+      step_gemm(k, m, H, 4 * H, (sg.from_init ? h0p : h) + sg.src * H, H, bp, g + (off + sg.r0) * 4 * H, 4 * H,
+                true);
+      const T* cp = (sg.from_init ? c0p : c) + sg.src * H;
+      rows_parallel(m, H, 4, [&](int64_t a, int64_t e) {
+        const int64_t r = off + sg.r0 + a;
+        k.lstm_fwd(e - a, H, g + r * 4 * H, 4 * H, b, cp + a * H, H, c + r * H, H, h + r * H, H);
+      });
+    }, [](int64_t, int64_t, int64_t) {});
   });
   return {output, final_state(s, output, h0c, reverse), final_state(s, cs, c0c, reverse), gates, cs};
 }
@@ -335,6 +405,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor dc = grad_cy.has_value() && grad_cy->defined() ? grad_cy->contiguous().clone()
                                                             : at::zeros({B, H}, input.options());
   at::Tensor dg = at::empty({s.N, 4 * H}, input.options());
+  const int64_t last_t = reverse ? s.T - 1 : 0;  // the step processed last (dh_prev only for grad_h0)
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "lstm_seq_bwd", [&] {
     using T = scalar_t;
     const auto& k = kern<T>();
@@ -343,23 +414,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     T *dhp = dh.mutable_data_ptr<T>(), *dcp = dc.mutable_data_ptr<T>(), *dgp = dg.mutable_data_ptr<T>();
     const at::Tensor wp = pack_weight<T>(k, whh, 4 * H, H, H, 1);  // B = W_hh (4H, H)
     const T* bp = wp.const_data_ptr<T>();
-    std::array<Seg, 2> seg;
-    for (int64_t i = 0; i < s.T; ++i) {
-      const int64_t t = reverse ? i : s.T - 1 - i, off = s.offsets[t], n = s.sizes[t];
-      const int nseg = prev_segments(s, t, reverse, seg);
-      for (int j = 0; j < nseg; ++j) {
-        const Seg sg = seg[j];
-        const T* cp = (sg.from_init ? c0p : c) + sg.src * H;
-        rows_parallel(sg.r1 - sg.r0, H, 4, [&](int64_t a, int64_t e) {
-          const int64_t r = sg.r0 + a, row = off + r;
-          k.lstm_bwd(e - a, H, g + row * 4 * H, 4 * H, c + row * H, H, cp + a * H, H,
-                     gop ? gop + row * H : nullptr, H, dhp + r * H, H, dcp + r * H, dcp + r * H, H,
-                     dgp + row * 4 * H, 4 * H);
-        });
-      }
-      // dh_prev of the active rows (not needed after the last step unless grad_h0 is asked for)
-      if (n > 0 && (i + 1 < s.T || mask[1])) step_gemm(k, n, 4 * H, H, dgp + off * 4 * H, 4 * H, bp, dhp, H, false);
-    }
+    seq_loop(s, reverse, true, row_parts(s, 4), [&](int64_t t, const Seg& sg) {
+      const int64_t off = s.offsets[t];
+      const T* cp = (sg.from_init ? c0p : c) + sg.src * H;
+      rows_parallel(sg.r1 - sg.r0, H, 4, [&](int64_t a, int64_t e) {
+        const int64_t r = sg.r0 + a, row = off + r;
+        k.lstm_bwd(e - a, H, g + row * 4 * H, 4 * H, c + row * H, H, cp + a * H, H, gop ? gop + row * H : nullptr,
+                   H, dhp + r * H, H, dcp + r * H, dcp + r * H, H, dgp + row * 4 * H, 4 * H);
+      });
+    }, [&](int64_t t, int64_t a, int64_t e) {  // dh_prev of the active rows [a, e)
+      if (t != last_t || mask[1]) step_gemm(k, e - a, 4 * H, H, dgp + (s.offsets[t] + a) * 4 * H, 4 * H, bp,
+                                            dhp + a * H, H, false);
+    });
   });
   if (mask[0]) gi = at::mm(dg, w_ih);
   if (mask[1]) gh0 = dh;
@@ -391,25 +457,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_seq_fwd_cpu(const at::Tensor&
     const at::Tensor wp = pack_weight<T>(k, whh, H, 3 * H, 1, H);  // B = W_hh^T (H, 3H)
     const T* bp = wp.const_data_ptr<T>();
     T* hhw = ghh.mutable_data_ptr<T>();
-    std::array<Seg, 2> seg;
-    for (int64_t i = 0; i < s.T; ++i) {
-      const int64_t t = reverse ? s.T - 1 - i : i, off = s.offsets[t];
-      const int nseg = prev_segments(s, t, reverse, seg);
-      for (int j = 0; j < nseg; ++j) {
-        const Seg sg = seg[j];
-        step_gemm(k, sg.r1 - sg.r0, H, 3 * H, (sg.from_init ? h0p : h) + sg.src * H, H, bp, hhw + sg.r0 * 3 * H,
-                  3 * H, false);
-      }
-      for (int j = 0; j < nseg; ++j) {
-        const Seg sg = seg[j];
-        const T* hp = (sg.from_init ? h0p : h) + sg.src * H;
-        rows_parallel(sg.r1 - sg.r0, H, 3, [&](int64_t a, int64_t e) {
-          const int64_t r = sg.r0 + a, row = off + r;
-          k.gru_fwd(e - a, H, x + row * 3 * H, 3 * H, hh + r * 3 * H, 3 * H, b, hp + a * H, H, w + row * 4 * H,
-                    4 * H, h + row * H, H);
-        });
-      }
-    }
+    seq_loop(s, reverse, false, row_parts(s, 3), [&](int64_t t, const Seg& sg) {
+      const int64_t off = s.offsets[t];
+      const T* hp = (sg.from_init ? h0p : h) + sg.src * H;
+      step_gemm(k, sg.r1 - sg.r0, H, 3 * H, hp, H, bp, hhw + sg.r0 * 3 * H, 3 * H, false);
+      rows_parallel(sg.r1 - sg.r0, H, 3, [&](int64_t a, int64_t e) {
+        const int64_t r = sg.r0 + a, row = off + r;
+        k.gru_fwd(e - a, H, x + row * 3 * H, 3 * H, hh + r * 3 * H, 3 * H, b, hp + a * H, H, w + row * 4 * H, 4 * H,
+                  h + row * H, H);
+      });
+    }, [](int64_t, int64_t, int64_t) {});
   });
   return {output, final_state(s, output, h0c, reverse), ws};
 }
@@ -428,6 +485,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor dh = grad_hy.has_value() && grad_hy->defined() ? grad_hy->contiguous().clone()
                                                             : at::zeros({B, H}, input.options());
   at::Tensor dgx = at::empty({s.N, 3 * H}, input.options()), dgh = at::empty({s.N, 3 * H}, input.options());
+  const int64_t last_t = reverse ? s.T - 1 : 0;  // the step processed last (dh_prev only for grad_h0)
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "gru_seq_bwd", [&] {
     using T = scalar_t;
     const auto& k = kern<T>();
@@ -436,21 +494,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     T *dhp = dh.mutable_data_ptr<T>(), *dx = dgx.mutable_data_ptr<T>(), *dhh = dgh.mutable_data_ptr<T>();
     const at::Tensor wp = pack_weight<T>(k, whh, 3 * H, H, H, 1);  // B = W_hh (3H, H)
     const T* bp = wp.const_data_ptr<T>();
-    std::array<Seg, 2> seg;
-    for (int64_t i = 0; i < s.T; ++i) {
-      const int64_t t = reverse ? i : s.T - 1 - i, off = s.offsets[t], n = s.sizes[t];
-      const int nseg = prev_segments(s, t, reverse, seg);
-      for (int j = 0; j < nseg; ++j) {
-        const Seg sg = seg[j];
-        const T* hp = (sg.from_init ? h0p : h) + sg.src * H;
-        rows_parallel(sg.r1 - sg.r0, H, 3, [&](int64_t a, int64_t e) {
-          const int64_t r = sg.r0 + a, row = off + r;
-          k.gru_bwd(e - a, H, w + row * 4 * H, 4 * H, hp + a * H, H, gop ? gop + row * H : nullptr, H, dhp + r * H,
-                    H, dhp + r * H, H, dx + row * 3 * H, 3 * H, dhh + row * 3 * H, 3 * H);
-        });
-      }
-      if (n > 0 && (i + 1 < s.T || mask[1])) step_gemm(k, n, 3 * H, H, dhh + off * 3 * H, 3 * H, bp, dhp, H, true);
-    }
+    seq_loop(s, reverse, true, row_parts(s, 3), [&](int64_t t, const Seg& sg) {
+      const int64_t off = s.offsets[t];
+      const T* hp = (sg.from_init ? h0p : h) + sg.src * H;
+      rows_parallel(sg.r1 - sg.r0, H, 3, [&](int64_t a, int64_t e) {
+        const int64_t r = sg.r0 + a, row = off + r;
+        k.gru_bwd(e - a, H, w + row * 4 * H, 4 * H, hp + a * H, H, gop ? gop + row * H : nullptr, H, dhp + r * H, H,
+                  dhp + r * H, H, dx + row * 3 * H, 3 * H, dhh + row * 3 * H, 3 * H);
+      });
+    }, [&](int64_t t, int64_t a, int64_t e) {  // dh_prev of the active rows [a, e)
+      if (t != last_t || mask[1]) step_gemm(k, e - a, 3 * H, H, dhh + (s.offsets[t] + a) * 3 * H, 3 * H, bp,
+                                            dhp + a * H, H, true);
+    });
   });
   if (mask[0]) gi = at::mm(dgx, w_ih);
   if (mask[1]) gh0 = dh;
