@@ -41,6 +41,14 @@ bool use_bwd_input_as_nchw_fwd(const conv::Params& p) {
          p.pr <= p.dw * (p.kW - 1);
 }
 
+// grad_weight / grad_bias of a one-group convolution on NCHW input with few input channels (LeNet's
+// convolutions, the ResNet stem): the direct NCHW kernel (vectorized along the output row, a register
+// tile of output channels x taps) on grad_out and input as they are, no reorder to NHWC.
+constexpr int64_t kNchwBwdWeightMaxCin = 8;
+bool use_nchw_bwd_weight(const conv::Params& p) {
+  return !p.channels_last && p.groups == 1 && p.C_in <= kNchwBwdWeightMaxCin;
+}
+
 }  // namespace
 
 at::Tensor conv2d_fwd_cpu(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
@@ -73,7 +81,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_bwd_cpu(const at::Tensor& 
                                          {at::kFloat, at::kDouble}, "conv2d_bwd");
   const auto cl = at::MemoryFormat::ChannelsLast;
   at::Tensor gi, gw, gb;
-  const at::Tensor g = (output_mask[0] || output_mask[1] || output_mask[2]) ? grad_out.contiguous(cl) : at::Tensor();
+  const bool wb_nchw = (output_mask[1] || output_mask[2]) && use_nchw_bwd_weight(p);
+  const at::Tensor g = ((output_mask[0] && !use_bwd_input_as_nchw_fwd(p)) || ((output_mask[1] || output_mask[2]) && !wb_nchw))
+                           ? grad_out.contiguous(cl)
+                           : grad_out;  // (only its sizes are read on the direct NCHW paths)
   if (output_mask[0]) {
     gi = at::empty({p.N, p.C_in, p.H, p.W},
                    input.options().memory_format(p.channels_last || is_depthwise(p) ? cl : at::MemoryFormat::Contiguous));
@@ -99,6 +110,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_bwd_cpu(const at::Tensor& 
       if (gw.defined()) gw.zero_();
       if (gb.defined()) gb.zero_();
       if (gb.defined() && g.numel() > 0) gb.copy_(g.sum({0, 2, 3}));  // input empty, grad_out not: C_in = 0
+    } else if (wb_nchw) {
+      kernels()->bwd_weight_nchw(grad_out.contiguous(), input.contiguous(), p, gw, gb);
     } else {
       kernels()->bwd_weight(g, input.contiguous(cl), p, gw, gb);
     }

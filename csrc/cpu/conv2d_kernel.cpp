@@ -27,6 +27,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/conv2d_kernel.h"
@@ -624,6 +626,217 @@ void bwd_weight_impl(const at::Tensor& g, const at::Tensor& x, const conv::Param
   });
 }
 
+// ---- grad_weight and grad_bias on NCHW directly, for few input channels (LeNet, the stem) ----------
+// gw[oc][ci][kh][kw] = sum_{n, oh, ow} g[n][oc][oh][ow] * x[n][ci][oh sh - pt + kh dh][ow sw - pl + kw dw].
+// Vectorized along ow (V consecutive output pixels of a row): per step OCB grad_out vectors and, per
+// tap, one vector of the input row, OCB x KB accumulators in registers (KB taps of OCB output channels,
+// 12 on AVX2), summed over every output pixel of a task before one horizontal sum. The input rows a
+// task reads are copied once into a zero-padded buffer split by column phase (column j of phase ph
+// holds input column j sw + ph - pl), so that the V lanes of any tap are contiguous, whatever the
+// stride: tap (ci, kh, kw) of output row r reads phase (kw dw) % sw at row r sh + kh dh, column
+// ow + (kw dw) / sw. Rows of grad_out whose width is not a multiple of V are copied zero-padded; the
+// input lanes past the row's end are blended to zero (not multiplied by a zero: 0 * inf is NaN).
+// Tasks: fixed blocks of (image, output rows) of ~kGwPixels pixels, independent of the thread count;
+// each writes its own partial gradient, summed over the tasks in order (in float64) at the end.
+constexpr int64_t kGwPixels = 2048;
+
+template <typename T, int OCB, int KB>
+void gw_nchw_pass(int64_t nimg, int64_t rows, int64_t nfull, bool tail, const T* g0, int64_t g_img, int64_t g_ch,
+                  int64_t g_row, const T* x0, int64_t x_img, int64_t x_row, const int64_t* off,
+                  const Vectorized<T>& tmask, T* out, int64_t out_oc) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t V = Vec::size();
+  Vec acc[OCB][KB];
+#pragma GCC unroll 4
+  for (int o = 0; o < OCB; ++o)
+#pragma GCC unroll 8
+    for (int k = 0; k < KB; ++k) acc[o][k] = Vec(T(0));
+  const Vec zero(T(0));
+  for (int64_t i = 0; i < nimg; ++i)
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* gr = g0 + i * g_img + r * g_row;
+      const T* xr = x0 + i * x_img + r * x_row;
+      const T* xp[KB];
+#pragma GCC unroll 8
+      for (int k = 0; k < KB; ++k) xp[k] = xr + off[k];
+      int64_t ow = 0;
+      for (int64_t c = 0; c < nfull; ++c, ow += V) {
+        Vec gv[OCB];
+#pragma GCC unroll 4
+        for (int o = 0; o < OCB; ++o) gv[o] = Vec::loadu(gr + o * g_ch + ow);
+#pragma GCC unroll 8
+        for (int k = 0; k < KB; ++k) {
+          const Vec xv = Vec::loadu(xp[k] + ow);
+#pragma GCC unroll 4
+          for (int o = 0; o < OCB; ++o) acc[o][k] = at::vec::fmadd(gv[o], xv, acc[o][k]);
+        }
+      }
+      if (tail) {
+        Vec gv[OCB];
+#pragma GCC unroll 4
+        for (int o = 0; o < OCB; ++o) gv[o] = Vec::loadu(gr + o * g_ch + ow);
+#pragma GCC unroll 8
+        for (int k = 0; k < KB; ++k) {
+          const Vec xv = Vec::blendv(zero, Vec::loadu(xp[k] + ow), tmask);
+#pragma GCC unroll 4
+          for (int o = 0; o < OCB; ++o) acc[o][k] = at::vec::fmadd(gv[o], xv, acc[o][k]);
+        }
+      }
+    }
+  alignas(64) T buf[V];
+#pragma GCC unroll 4
+  for (int o = 0; o < OCB; ++o)
+#pragma GCC unroll 8
+    for (int k = 0; k < KB; ++k) {
+      acc[o][k].store(buf);
+      T s = T(0);
+      for (int64_t j = 0; j < V; ++j) s += buf[j];
+      out[o * out_oc + k] = s;
+    }
+}
+
+template <typename T, int OCB>
+void gw_nchw_pass_kb(int kb, int64_t nimg, int64_t rows, int64_t nfull, bool tail, const T* g0, int64_t g_img,
+                     int64_t g_ch, int64_t g_row, const T* x0, int64_t x_img, int64_t x_row, const int64_t* off,
+                     const Vectorized<T>& tmask, T* out, int64_t out_oc) {
+#define PYFASTDL_GW_PASS(KB) \
+  gw_nchw_pass<T, OCB, KB>(nimg, rows, nfull, tail, g0, g_img, g_ch, g_row, x0, x_img, x_row, off, tmask, out, out_oc)
+  switch (kb) {
+    case 4: PYFASTDL_GW_PASS(4); break;
+    case 3: PYFASTDL_GW_PASS(3); break;
+    case 2: PYFASTDL_GW_PASS(2); break;
+    default: PYFASTDL_GW_PASS(1); break;
+  }
+#undef PYFASTDL_GW_PASS
+}
+
+template <typename T>
+void bwd_weight_nchw_impl(const at::Tensor& g, const at::Tensor& x, const conv::Params& p, at::Tensor& gw,
+                          at::Tensor& gb) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t V = Vec::size();
+  constexpr int OCB = 3, KB = 4;
+  const int64_t Ho = p.H_out, Wo = p.W_out, HWo = Ho * Wo, Cout = p.C_out, Cin = p.C_in;
+  const T* gp = g.const_data_ptr<T>();
+  if (gb.defined()) {  // grad_bias: per channel, per image a vector sum of the plane, images summed in float64
+    T* gbp = gb.mutable_data_ptr<T>();
+    at::parallel_for(0, Cout, 1, [&](int64_t b, int64_t e) {
+      for (int64_t oc = b; oc < e; ++oc) {
+        double tot = 0;
+        for (int64_t n = 0; n < p.N; ++n) {
+          const T* s = gp + (n * Cout + oc) * HWo;
+          Vec a0(T(0)), a1(T(0));
+          int64_t j = 0;
+          for (; j + 2 * V <= HWo; j += 2 * V) {
+            a0 = a0 + Vec::loadu(s + j);
+            a1 = a1 + Vec::loadu(s + j + V);
+          }
+          for (; j < HWo; j += V) a0 = a0 + Vec::loadu(s + j, std::min<int64_t>(V, HWo - j));
+          alignas(64) T buf[V];
+          (a0 + a1).store(buf);
+          for (int64_t l = 0; l < V; ++l) tot += static_cast<double>(buf[l]);
+        }
+        gbp[oc] = static_cast<T>(tot);
+      }
+    });
+  }
+  if (!gw.defined()) return;
+  const T* xp = x.const_data_ptr<T>();
+  const int64_t ntaps = Cin * p.kH * p.kW, sw = p.sw;
+  const int64_t nv = ceil_div(Wo, V), nfull = Wo / V;
+  const bool tail = nv != nfull;
+  const int64_t shift = ((p.kW - 1) * p.dw) / sw;
+  const int64_t Wq = nv * V + shift;  // buffer row width
+  // tasks: images per task (small images) or output rows per task (large ones)
+  int64_t nimg = 1, rb = Ho;
+  if (HWo >= kGwPixels) rb = std::max<int64_t>(1, kGwPixels / Wo);
+  else nimg = std::max<int64_t>(1, std::min<int64_t>(p.N, kGwPixels / HWo));
+  const int64_t nib = ceil_div(p.N, nimg), nrb = ceil_div(Ho, rb), ntask = nib * nrb;
+  const int64_t wsize = Cout * ntaps;
+  std::vector<T> partial(ntask * wsize);
+  std::vector<T> mbits(V);
+  {
+    using I = std::conditional_t<sizeof(T) == 8, int64_t, int32_t>;
+    for (int64_t j = 0; j < V; ++j) {
+      const I bits = j < Wo - nfull * V ? I(-1) : I(0);
+      std::memcpy(&mbits[j], &bits, sizeof(T));
+    }
+  }
+  const Vec tmask = Vec::loadu(mbits.data());
+  at::parallel_for(0, ntask, 1, [&](int64_t b, int64_t e) {
+    std::vector<T> xbuf, gbuf;
+    std::vector<int64_t> off(ntaps);
+    for (int64_t task = b; task < e; ++task) {
+      const int64_t n0 = (task / nrb) * nimg, ni = std::min(nimg, p.N - n0);
+      const int64_t oh0 = (task % nrb) * rb, rows = std::min(rb, Ho - oh0);
+      const int64_t r0 = oh0 * p.sh - p.pt, nr = (rows - 1) * p.sh + (p.kH - 1) * p.dh + 1;
+      const int64_t x_img = Cin * sw * nr * Wq;
+      xbuf.assign(ni * x_img, T(0));
+      for (int64_t i = 0; i < ni; ++i)
+        for (int64_t ci = 0; ci < Cin; ++ci)
+          for (int64_t ph = 0; ph < sw; ++ph)
+            for (int64_t r = 0; r < nr; ++r) {
+              const int64_t ih = r0 + r;
+              if (ih < 0 || ih >= p.H) continue;
+              const T* src = xp + (((n0 + i) * Cin + ci) * p.H + ih) * p.W;
+              T* dst = xbuf.data() + i * x_img + ((ci * sw + ph) * nr + r) * Wq;
+              // column j holds input column j sw + ph - pl
+              const int64_t j0 = std::max<int64_t>(0, ceil_div(p.pl - ph, sw));
+              const int64_t j1 = std::min<int64_t>(Wq, floor_div(p.W - 1 + p.pl - ph, sw) + 1);
+              for (int64_t j = j0; j < j1; ++j) dst[j] = src[j * sw + ph - p.pl];
+            }
+      for (int64_t ci = 0, t = 0; ci < Cin; ++ci)
+        for (int64_t kh = 0; kh < p.kH; ++kh)
+          for (int64_t kw = 0; kw < p.kW; ++kw, ++t)
+            off[t] = ((ci * sw + (kw * p.dw) % sw) * nr + kh * p.dh) * Wq + (kw * p.dw) / sw;
+      // grad_out rows of this task: in place when whole vectors, else zero-padded to nv V
+      const T* g0;
+      int64_t g_img, g_ch, g_row;
+      if (!tail) {
+        g0 = gp + (n0 * Cout) * HWo + oh0 * Wo;
+        g_img = Cout * HWo, g_ch = HWo, g_row = Wo;
+      } else {
+        g_row = nv * V, g_ch = rows * g_row, g_img = Cout * g_ch;
+        gbuf.assign(ni * g_img, T(0));
+        for (int64_t i = 0; i < ni; ++i)
+          for (int64_t oc = 0; oc < Cout; ++oc)
+            for (int64_t r = 0; r < rows; ++r) {
+              const T* src = gp + (((n0 + i) * Cout + oc) * Ho + oh0 + r) * Wo;
+              std::copy(src, src + Wo, gbuf.data() + i * g_img + oc * g_ch + r * g_row);
+            }
+        g0 = gbuf.data();
+      }
+      T* part = partial.data() + task * wsize;
+      for (int64_t oc0 = 0; oc0 < Cout; oc0 += OCB) {
+        const int ocb = static_cast<int>(std::min<int64_t>(OCB, Cout - oc0));
+        for (int64_t t0 = 0; t0 < ntaps; t0 += KB) {
+          const int kb = static_cast<int>(std::min<int64_t>(KB, ntaps - t0));
+          const T* gq = g0 + oc0 * g_ch;
+          T* o = part + oc0 * ntaps + t0;
+          const int64_t x_row = p.sh * Wq;
+          if (ocb == 3)
+            gw_nchw_pass_kb<T, 3>(kb, ni, rows, nfull, tail, gq, g_img, g_ch, g_row, xbuf.data(), x_img, x_row,
+                                  off.data() + t0, tmask, o, ntaps);
+          else if (ocb == 2)
+            gw_nchw_pass_kb<T, 2>(kb, ni, rows, nfull, tail, gq, g_img, g_ch, g_row, xbuf.data(), x_img, x_row,
+                                  off.data() + t0, tmask, o, ntaps);
+          else
+            gw_nchw_pass_kb<T, 1>(kb, ni, rows, nfull, tail, gq, g_img, g_ch, g_row, xbuf.data(), x_img, x_row,
+                                  off.data() + t0, tmask, o, ntaps);
+        }
+      }
+    }
+  });
+  T* gwp = gw.mutable_data_ptr<T>();  // (C_out, C_in, kH, kW) contiguous: element oc * ntaps + t
+  at::parallel_for(0, wsize, 256, [&](int64_t b, int64_t e) {
+    for (int64_t j = b; j < e; ++j) {
+      double s = 0;
+      for (int64_t task = 0; task < ntask; ++task) s += static_cast<double>(partial[task * wsize + j]);
+      gwp[j] = static_cast<T>(s);
+    }
+  });
+}
+
 void fwd(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias, const conv::Params& p, at::Tensor& y) {
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv2d_fwd_cpu", [&] { fwd_impl<scalar_t>(x, w, bias, p, y); });
 }
@@ -638,7 +851,12 @@ void bwd_weight(const at::Tensor& g, const at::Tensor& x, const conv::Params& p,
                              [&] { bwd_weight_impl<scalar_t>(g, x, p, gw, gb); });
 }
 
-const Conv2dKernels kTable{&fwd, &bwd_input, &bwd_weight, &fwd_nchw};
+void bwd_weight_nchw(const at::Tensor& g, const at::Tensor& x, const conv::Params& p, at::Tensor& gw, at::Tensor& gb) {
+  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "conv2d_bwd_weight_nchw_cpu",
+                             [&] { bwd_weight_nchw_impl<scalar_t>(g, x, p, gw, gb); });
+}
+
+const Conv2dKernels kTable{&fwd, &bwd_input, &bwd_weight, &fwd_nchw, &bwd_weight_nchw};
 
 }  // namespace
 }  // namespace CPU_CAPABILITY
