@@ -363,6 +363,153 @@ void fwd_nchw_small(const at::Tensor& x, const at::Tensor& w, const at::Tensor& 
   });
 }
 
+// ---- depthwise on NHWC, pixel-blocked ------------------------------------------------------------
+// Forward: per output row, R consecutive output pixels x one vector of channels in registers; per tap
+// one weight vector, shared by the R pixels. The pixels whose taps all lie inside the row (interior)
+// run unchecked in blocks of 8 and 4; the border pixels one at a time, tap by tap checked. Rows of
+// the kernel outside the input are skipped. Tasks: output rows.
+template <typename T>
+inline Vectorized<T> ld(const T* p, int64_t cnt) {
+  return cnt == Vectorized<T>::size() ? Vectorized<T>::loadu(p) : Vectorized<T>::loadu(p, cnt);
+}
+
+template <typename T, int R>
+inline void dw_fwd_block(const T* const* rows, const T* wt, const T* bias, int64_t C, int64_t kH, int64_t kW,
+                         int64_t sw, int64_t dw, int64_t iw0, T* y /* pixel 0 of the block */) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t V = Vec::size();
+  for (int64_t c = 0; c < C; c += V) {
+    const int64_t cnt = std::min<int64_t>(V, C - c);
+    Vec acc[R];
+    const Vec b = ld(bias + c, cnt);
+#pragma GCC unroll 8
+    for (int i = 0; i < R; ++i) acc[i] = b;
+    for (int64_t kh = 0; kh < kH; ++kh) {
+      if (!rows[kh]) continue;
+      const T* xr = rows[kh] + iw0 * C + c;
+      for (int64_t kw = 0; kw < kW; ++kw) {
+        const Vec wv = ld(wt + (kh * kW + kw) * C + c, cnt);
+        const T* xk = xr + kw * dw * C;
+#pragma GCC unroll 8
+        for (int i = 0; i < R; ++i) acc[i] = at::vec::fmadd(ld(xk + i * sw * C, cnt), wv, acc[i]);
+      }
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < R; ++i) acc[i].store(y + i * C + c, static_cast<int>(cnt));
+  }
+}
+
+template <typename T>
+void dw_fwd_nhwc(const T* xp, const T* w /* (C, 1, kH, kW) */, const T* bias_or_null, const conv::Params& p, T* yp) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t V = Vec::size();
+  const int64_t C = p.C_in, kH = p.kH, kW = p.kW, ntaps = kH * kW, Ho = p.H_out, Wo = p.W_out;
+  std::vector<T> wt(ntaps * C), bias(C, T(0));  // wt[t][c]
+  for (int64_t c = 0; c < C; ++c) {
+    if (bias_or_null) bias[c] = bias_or_null[c];
+    for (int64_t t = 0; t < ntaps; ++t) wt[t * C + c] = w[c * ntaps + t];
+  }
+  // interior output columns: 0 <= ow sw - pl and ow sw - pl + (kW - 1) dw <= W - 1
+  const int64_t ow_lo = std::min<int64_t>(Wo, ceil_div(p.pl, p.sw));
+  const int64_t ow_hi = std::max<int64_t>(ow_lo, std::min<int64_t>(Wo, floor_div(p.W - 1 + p.pl - (kW - 1) * p.dw, p.sw) + 1));
+  at::parallel_for(0, p.N * Ho, 1, [&](int64_t b, int64_t e) {
+    std::vector<const T*> rows(kH);
+    for (int64_t row = b; row < e; ++row) {
+      const int64_t n = row / Ho, oh = row % Ho;
+      for (int64_t kh = 0; kh < kH; ++kh) {
+        const int64_t ih = oh * p.sh - p.pt + kh * p.dh;
+        rows[kh] = ih >= 0 && ih < p.H ? xp + (n * p.H + ih) * p.W * C : nullptr;
+      }
+      T* yr = yp + row * Wo * C;
+      auto one = [&](int64_t ow) {
+        const int64_t iw0 = ow * p.sw - p.pl;
+        for (int64_t c = 0; c < C; c += V) {
+          const int64_t cnt = std::min<int64_t>(V, C - c);
+          Vec acc = ld(bias.data() + c, cnt);
+          for (int64_t kh = 0; kh < kH; ++kh) {
+            if (!rows[kh]) continue;
+            for (int64_t kw = 0; kw < kW; ++kw) {
+              const int64_t iw = iw0 + kw * p.dw;
+              if (iw < 0 || iw >= p.W) continue;
+              acc = at::vec::fmadd(ld(rows[kh] + iw * C + c, cnt), ld(wt.data() + (kh * kW + kw) * C + c, cnt), acc);
+            }
+          }
+          acc.store(yr + ow * C + c, static_cast<int>(cnt));
+        }
+      };
+      int64_t ow = 0;
+      for (; ow < ow_lo; ++ow) one(ow);
+      for (; ow + 8 <= ow_hi; ow += 8)
+        dw_fwd_block<T, 8>(rows.data(), wt.data(), bias.data(), C, kH, kW, p.sw, p.dw, ow * p.sw - p.pl, yr + ow * C);
+      for (; ow + 4 <= ow_hi; ow += 4)
+        dw_fwd_block<T, 4>(rows.data(), wt.data(), bias.data(), C, kH, kW, p.sw, p.dw, ow * p.sw - p.pl, yr + ow * C);
+      for (; ow < Wo; ++ow) one(ow);
+    }
+  });
+}
+
+// grad_weight of a 3x3 depthwise convolution on NHWC: per task (image, band of output rows) and per
+// vector of channels the 9 tap sums in registers over every pixel of the band (one grad_out load per
+// pixel, shared by the 9 taps); per-task partials summed in task order (float64) at the end.
+template <typename T>
+void dw_gw3x3_nhwc(const T* gp, const T* xp, const conv::Params& p, T* gwp) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t V = Vec::size();
+  const int64_t C = p.C_in, Ho = p.H_out, Wo = p.W_out;
+  const int64_t rb = std::max<int64_t>(1, 512 / Wo), nbands = ceil_div(Ho, rb), ntask = p.N * nbands;
+  const int64_t ncb = ceil_div(C, V);
+  const int64_t ow_lo = std::min<int64_t>(Wo, ceil_div(p.pl, p.sw));
+  const int64_t ow_hi = std::max<int64_t>(ow_lo, std::min<int64_t>(Wo, floor_div(p.W - 1 + p.pl - 2 * p.dw, p.sw) + 1));
+  std::vector<T> partial(ntask * ncb * 9 * V);
+  at::parallel_for(0, ntask, 1, [&](int64_t b, int64_t e) {
+    for (int64_t task = b; task < e; ++task) {
+      const int64_t n = task / nbands, oh0 = (task % nbands) * rb, oh1 = std::min(Ho, oh0 + rb);
+      for (int64_t cb = 0; cb < ncb; ++cb) {
+        const int64_t c = cb * V, cnt = std::min<int64_t>(V, C - c);
+        Vec acc[9];
+#pragma GCC unroll 9
+        for (int t = 0; t < 9; ++t) acc[t] = Vec(T(0));
+        for (int64_t oh = oh0; oh < oh1; ++oh) {
+          const T* rows[3];
+          for (int kh = 0; kh < 3; ++kh) {
+            const int64_t ih = oh * p.sh - p.pt + kh * p.dh;
+            rows[kh] = ih >= 0 && ih < p.H ? xp + (n * p.H + ih) * p.W * C + c : nullptr;
+          }
+          const T* gr = gp + ((n * Ho + oh) * Wo) * C + c;
+          for (int64_t ow = 0; ow < Wo; ++ow) {
+            const Vec gv = ld(gr + ow * C, cnt);
+            const int64_t iw0 = ow * p.sw - p.pl;
+            const bool inner = ow >= ow_lo && ow < ow_hi;
+#pragma GCC unroll 3
+            for (int kh = 0; kh < 3; ++kh) {
+              if (!rows[kh]) continue;
+#pragma GCC unroll 3
+              for (int kw = 0; kw < 3; ++kw) {
+                const int64_t iw = iw0 + kw * p.dw;
+                if (!inner && (iw < 0 || iw >= p.W)) continue;
+                acc[kh * 3 + kw] = at::vec::fmadd(ld(rows[kh] + iw * C, cnt), gv, acc[kh * 3 + kw]);
+              }
+            }
+          }
+        }
+        T* part = partial.data() + ((task * ncb + cb) * 9) * V;
+#pragma GCC unroll 9
+        for (int t = 0; t < 9; ++t) acc[t].store(part + t * V);
+      }
+    }
+  });
+  at::parallel_for(0, C, 16, [&](int64_t b, int64_t e) {
+    for (int64_t ch = b; ch < e; ++ch) {
+      const int64_t cb = ch / V, j = ch % V;
+      for (int64_t t = 0; t < 9; ++t) {
+        double s = 0;
+        for (int64_t task = 0; task < ntask; ++task) s += static_cast<double>(partial[((task * ncb + cb) * 9 + t) * V + j]);
+        gwp[ch * 9 + t] = static_cast<T>(s);
+      }
+    }
+  });
+}
+
 // Packs w (C_out, cin_g, kH, kW) for the gather GEMM: transpose = false (forward):
 // B[g][nb][t][ci][j] = w[g*cout_g + nb*NB + j][ci][t]; transpose = true (grad_input):
 // B[g][nb][t][oc][j] = w[g*cout_g + oc][nb*NB + j][t]. Zero past the last channel.
@@ -424,7 +571,7 @@ void fwd_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias, 
     return;
   }
   if (p.cin_g() == 1 && p.cout_g() == 1) {
-    depthwise<T>(p.N * HWo, p.C_out, p.kH * p.kW, w.const_data_ptr<T>(), bp.data(), a_fill, o_ptr);
+    dw_fwd_nhwc<T>(xp, w.const_data_ptr<T>(), bias.defined() ? bias.const_data_ptr<T>() : nullptr, p, yp);
     return;
   }
   gather_gemm<T>(p.N * HWo, p.groups, p.kH * p.kW, p.cin_g(), p.cout_g(), B.data(), bp.data(), a_fill, o_ptr, 1,
@@ -548,6 +695,10 @@ void bwd_weight_impl(const at::Tensor& g, const at::Tensor& x, const conv::Param
   }
   if (!gw.defined()) return;
   const T* xp = x.const_data_ptr<T>();
+  if (cin_g == 1 && cout_g == 1 && p.kH == 3 && p.kW == 3) {  // depthwise 3x3: the 9 taps in registers
+    dw_gw3x3_nhwc<T>(gsrc, xp, p, gw.mutable_data_ptr<T>());
+    return;
+  }
   if (cin_g == 1 && cout_g == 1) {  // depthwise: per block of 2 vectors of channels, all taps at once
     const int64_t C = p.C_in, ntaps = p.kH * p.kW, V = Vec::size();
     const T* g0 = g.const_data_ptr<T>();
@@ -742,7 +893,8 @@ void bwd_weight_nchw_impl(const at::Tensor& g, const at::Tensor& x, const conv::
   }
   if (!gw.defined()) return;
   const T* xp = x.const_data_ptr<T>();
-  const int64_t ntaps = Cin * p.kH * p.kW, sw = p.sw;
+  const int64_t cin_g = p.cin_g(), cout_g = p.cout_g();
+  const int64_t ntaps = cin_g * p.kH * p.kW, sw = p.sw;
   const int64_t nv = ceil_div(Wo, V), nfull = Wo / V;
   const bool tail = nv != nfull;
   const int64_t shift = ((p.kW - 1) * p.dw) / sw;
@@ -752,7 +904,7 @@ void bwd_weight_nchw_impl(const at::Tensor& g, const at::Tensor& x, const conv::
   if (HWo >= kGwPixels) rb = std::max<int64_t>(1, kGwPixels / Wo);
   else nimg = std::max<int64_t>(1, std::min<int64_t>(p.N, kGwPixels / HWo));
   const int64_t nib = ceil_div(p.N, nimg), nrb = ceil_div(Ho, rb), ntask = nib * nrb;
-  const int64_t wsize = Cout * ntaps;
+  const int64_t wsize = cout_g * ntaps;
   std::vector<T> partial(ntask * wsize);
   std::vector<T> mbits(V);
   {
@@ -763,6 +915,8 @@ void bwd_weight_nchw_impl(const at::Tensor& g, const at::Tensor& x, const conv::
     }
   }
   const Vec tmask = Vec::loadu(mbits.data());
+  T* gwp = gw.mutable_data_ptr<T>();  // (C_out, cin_g, kH, kW) contiguous: group gg's element oc * ntaps + t
+  for (int64_t gg = 0; gg < p.groups; ++gg) {  // groups one after the other (depthwise: every channel)
   at::parallel_for(0, ntask, 1, [&](int64_t b, int64_t e) {
     std::vector<T> xbuf, gbuf;
     std::vector<int64_t> off(ntaps);
@@ -770,22 +924,22 @@ void bwd_weight_nchw_impl(const at::Tensor& g, const at::Tensor& x, const conv::
       const int64_t n0 = (task / nrb) * nimg, ni = std::min(nimg, p.N - n0);
       const int64_t oh0 = (task % nrb) * rb, rows = std::min(rb, Ho - oh0);
       const int64_t r0 = oh0 * p.sh - p.pt, nr = (rows - 1) * p.sh + (p.kH - 1) * p.dh + 1;
-      const int64_t x_img = Cin * sw * nr * Wq;
+      const int64_t x_img = cin_g * sw * nr * Wq;
       xbuf.assign(ni * x_img, T(0));
       for (int64_t i = 0; i < ni; ++i)
-        for (int64_t ci = 0; ci < Cin; ++ci)
+        for (int64_t ci = 0; ci < cin_g; ++ci)
           for (int64_t ph = 0; ph < sw; ++ph)
             for (int64_t r = 0; r < nr; ++r) {
               const int64_t ih = r0 + r;
               if (ih < 0 || ih >= p.H) continue;
-              const T* src = xp + (((n0 + i) * Cin + ci) * p.H + ih) * p.W;
+              const T* src = xp + (((n0 + i) * Cin + gg * cin_g + ci) * p.H + ih) * p.W;
               T* dst = xbuf.data() + i * x_img + ((ci * sw + ph) * nr + r) * Wq;
               // column j holds input column j sw + ph - pl
               const int64_t j0 = std::max<int64_t>(0, ceil_div(p.pl - ph, sw));
               const int64_t j1 = std::min<int64_t>(Wq, floor_div(p.W - 1 + p.pl - ph, sw) + 1);
               for (int64_t j = j0; j < j1; ++j) dst[j] = src[j * sw + ph - p.pl];
             }
-      for (int64_t ci = 0, t = 0; ci < Cin; ++ci)
+      for (int64_t ci = 0, t = 0; ci < cin_g; ++ci)
         for (int64_t kh = 0; kh < p.kH; ++kh)
           for (int64_t kw = 0; kw < p.kW; ++kw, ++t)
             off[t] = ((ci * sw + (kw * p.dw) % sw) * nr + kh * p.dh) * Wq + (kw * p.dw) / sw;
@@ -793,22 +947,22 @@ void bwd_weight_nchw_impl(const at::Tensor& g, const at::Tensor& x, const conv::
       const T* g0;
       int64_t g_img, g_ch, g_row;
       if (!tail) {
-        g0 = gp + (n0 * Cout) * HWo + oh0 * Wo;
+        g0 = gp + (n0 * Cout + gg * cout_g) * HWo + oh0 * Wo;
         g_img = Cout * HWo, g_ch = HWo, g_row = Wo;
       } else {
-        g_row = nv * V, g_ch = rows * g_row, g_img = Cout * g_ch;
+        g_row = nv * V, g_ch = rows * g_row, g_img = cout_g * g_ch;
         gbuf.assign(ni * g_img, T(0));
         for (int64_t i = 0; i < ni; ++i)
-          for (int64_t oc = 0; oc < Cout; ++oc)
+          for (int64_t oc = 0; oc < cout_g; ++oc)
             for (int64_t r = 0; r < rows; ++r) {
-              const T* src = gp + (((n0 + i) * Cout + oc) * Ho + oh0 + r) * Wo;
+              const T* src = gp + (((n0 + i) * Cout + gg * cout_g + oc) * Ho + oh0 + r) * Wo;
               std::copy(src, src + Wo, gbuf.data() + i * g_img + oc * g_ch + r * g_row);
             }
         g0 = gbuf.data();
       }
       T* part = partial.data() + task * wsize;
-      for (int64_t oc0 = 0; oc0 < Cout; oc0 += OCB) {
-        const int ocb = static_cast<int>(std::min<int64_t>(OCB, Cout - oc0));
+      for (int64_t oc0 = 0; oc0 < cout_g; oc0 += OCB) {
+        const int ocb = static_cast<int>(std::min<int64_t>(OCB, cout_g - oc0));
         for (int64_t t0 = 0; t0 < ntaps; t0 += KB) {
           const int kb = static_cast<int>(std::min<int64_t>(KB, ntaps - t0));
           const T* gq = g0 + oc0 * g_ch;
@@ -827,14 +981,14 @@ void bwd_weight_nchw_impl(const at::Tensor& g, const at::Tensor& x, const conv::
       }
     }
   });
-  T* gwp = gw.mutable_data_ptr<T>();  // (C_out, C_in, kH, kW) contiguous: element oc * ntaps + t
   at::parallel_for(0, wsize, 256, [&](int64_t b, int64_t e) {
     for (int64_t j = b; j < e; ++j) {
       double s = 0;
       for (int64_t task = 0; task < ntask; ++task) s += static_cast<double>(partial[task * wsize + j]);
-      gwp[j] = static_cast<T>(s);
+      gwp[gg * wsize + j] = static_cast<T>(s);
     }
   });
+  }
 }
 
 void fwd(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias, const conv::Params& p, at::Tensor& y) {
