@@ -96,9 +96,13 @@ inline void ukernel(const T* const* ap, const unsigned char* on, int64_t ntaps, 
 // base (channel 0); ocs: the output's channel stride (1: NHWC; H * W: NCHW, written directly so that
 // an NCHW output needs no reorder). run: taps t .. t + run - 1 (t a multiple of run) of a pixel read
 // adjacent pixels when all are inside (the forward's kernel row with dw == 1 and one group: run = kW).
+// skip_absent: a tap that no pixel of the tile reads is skipped (grad_input: the grad_out pixels that
+// do not exist, stride 2: 3/4 of the taps). The forward passes false: its absent taps are the zero
+// padding, multiplied as zeros like the rest of the tile, so that a non-finite weight gives NaN there
+// for every pixel alike (0 * inf), whatever tile the pixel falls in.
 template <typename T, typename AFill, typename OPtr>
 void gather_gemm(int64_t M, int64_t G, int64_t ntaps, int64_t K, int64_t c_g, const T* B, const T* bias_pad,
-                 const AFill& a_fill, const OPtr& o_ptr, int64_t ocs = 1, int64_t run = 1) {
+                 const AFill& a_fill, const OPtr& o_ptr, int64_t ocs = 1, int64_t run = 1, bool skip_absent = true) {
   using Vec = Vectorized<T>;
   constexpr int64_t NB = nb_of<T>();
   const int64_t nblk = ceil_div(c_g, NB);
@@ -157,7 +161,7 @@ void gather_gemm(int64_t M, int64_t G, int64_t ntaps, int64_t K, int64_t c_g, co
               any = any || src;
               ptrs[t * MR + i] = src ? src + g * K : zeros.data();
             }
-            on[t] = any;
+            on[t] = any || !skip_absent;
           }
         }
         const int64_t nt = gather ? 1 : ntaps, kk = gather ? ntaps * K : K;
@@ -242,13 +246,14 @@ void depthwise(int64_t M, int64_t C, int64_t ntaps, const T* w, const T* bias_pa
   });
 }
 
-// ---- direct NCHW forward for few input channels (LeNet's C_in = 1 and 6) and depthwise, stride 1 along W --
+// ---- direct NCHW forward for few input channels (LeNet's C_in = 1 and 6, the stem), 1x1 downsamples and depthwise --
 // Vectorized along ow: an OCR x NV tile (OCR output channels x NV vectors of consecutive ow of one
 // output row) in registers; per (ci, kh, kw) NV unaligned loads of a zero-padded input row and OCR
 // weight broadcasts. Each task pads the input rows it reads (C_in x rows x Wp) once.
 template <typename T, int OCR, int NV>
 inline void nchw_tile(const T* const* rows /* [C_in * kH] padded rows, offset to ow0 */, int64_t cin, int64_t kH,
-                      int64_t kW, int64_t dw, const T* w /* oc0's weights, (OCR, cin, kH, kW) */, const T* bias,
+                      int64_t kW, const int64_t* koff /* [kW] offset of tap kw from the row */,
+                      const T* w /* oc0's weights, (OCR, cin, kH, kW) */, const T* bias,
                       T* const* out /* OCR output rows, offset to ow0 */, int64_t count) {
   using Vec = Vectorized<T>;
   constexpr int64_t V = Vec::size();
@@ -263,7 +268,7 @@ inline void nchw_tile(const T* const* rows /* [C_in * kH] padded rows, offset to
     for (int64_t kw = 0; kw < kW; ++kw) {
       Vec xv[NV];
 #pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) xv[v] = Vec::loadu(row + kw * dw + v * V);
+      for (int v = 0; v < NV; ++v) xv[v] = Vec::loadu(row + koff[kw] + v * V);
       const int64_t wi = r * kW + kw;
 #pragma GCC unroll 4
       for (int o = 0; o < OCR; ++o) {
@@ -284,13 +289,13 @@ inline void nchw_tile(const T* const* rows /* [C_in * kH] padded rows, offset to
 }
 
 template <typename T, int OCR>
-inline void nchw_tile_nv(int nv, const T* const* rows, int64_t cin, int64_t kH, int64_t kW, int64_t dw, const T* w,
+inline void nchw_tile_nv(int nv, const T* const* rows, int64_t cin, int64_t kH, int64_t kW, const int64_t* koff, const T* w,
                          const T* bias, T* const* out, int64_t count) {
   switch (nv) {
-    case 4: nchw_tile<T, OCR, 4>(rows, cin, kH, kW, dw, w, bias, out, count); break;
-    case 3: nchw_tile<T, OCR, 3>(rows, cin, kH, kW, dw, w, bias, out, count); break;
-    case 2: nchw_tile<T, OCR, 2>(rows, cin, kH, kW, dw, w, bias, out, count); break;
-    default: nchw_tile<T, OCR, 1>(rows, cin, kH, kW, dw, w, bias, out, count); break;
+    case 4: nchw_tile<T, OCR, 4>(rows, cin, kH, kW, koff, w, bias, out, count); break;
+    case 3: nchw_tile<T, OCR, 3>(rows, cin, kH, kW, koff, w, bias, out, count); break;
+    case 2: nchw_tile<T, OCR, 2>(rows, cin, kH, kW, koff, w, bias, out, count); break;
+    default: nchw_tile<T, OCR, 1>(rows, cin, kH, kW, koff, w, bias, out, count); break;
   }
 }
 
@@ -307,7 +312,11 @@ void fwd_nchw_small(const at::Tensor& x, const at::Tensor& w, const at::Tensor& 
   if (bias.defined())
     for (int64_t c = 0; c < p.C_out; ++c) b[c] = bias.const_data_ptr<T>()[c];
   const int64_t C = p.C_in, H = p.H, W = p.W, Ho = p.H_out, Wo = p.W_out;
-  const int64_t Wp = ceil_div(Wo, NVMAX * V) * NVMAX * V + (p.kW - 1) * p.dw;  // padded row width
+  // Stride along W (the stem, 1x1 downsamples): the padded rows are split by column phase (column j of
+  // phase ph holds padded column j sw + ph), so that tap kw of V consecutive outputs reads V adjacent
+  // columns: phase (kw dw) % sw, column ow + (kw dw) / sw.
+  const int64_t sw = p.sw;
+  const int64_t Wp = ceil_div(Wo, NVMAX * V) * NVMAX * V + ((p.kW - 1) * p.dw) / sw;  // padded row width
   const bool depthwise = p.groups > 1;  // the launcher sends groups == 1, or depthwise (C_in == C_out == groups)
   // tasks: (n, block of output rows)
   const int64_t hb = std::max<int64_t>(1, std::min<int64_t>(Ho, 8));
@@ -315,28 +324,33 @@ void fwd_nchw_small(const at::Tensor& x, const at::Tensor& w, const at::Tensor& 
   at::parallel_for(0, p.N * nhb, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> pad;
     std::vector<const T*> rows(C * p.kH);
+    std::vector<int64_t> koff(p.kW);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / nhb, oh0 = (task % nhb) * hb, oh1 = std::min(Ho, oh0 + hb);
       const int64_t r0 = oh0 * p.sh - p.pt, nr = ((oh1 - 1) * p.sh - p.pt + (p.kH - 1) * p.dh) - r0 + 1;  // rows r0..
-      pad.assign(C * nr * Wp, T(0));
+      pad.assign(C * sw * nr * Wp, T(0));
       for (int64_t c = 0; c < C; ++c)
-        for (int64_t r = 0; r < nr; ++r) {
-          const int64_t ih = r0 + r;
-          if (ih < 0 || ih >= H) continue;
-          const T* src = xp + ((n * C + c) * H + ih) * W;
-          T* dst = pad.data() + (c * nr + r) * Wp + p.pl;
-          const int64_t lo = std::max<int64_t>(0, -p.pl);
-          for (int64_t iw = lo; iw < W && p.pl + iw < Wp; ++iw) dst[iw] = src[iw];
-        }
+        for (int64_t ph = 0; ph < sw; ++ph)
+          for (int64_t r = 0; r < nr; ++r) {
+            const int64_t ih = r0 + r;
+            if (ih < 0 || ih >= H) continue;
+            const T* src = xp + ((n * C + c) * H + ih) * W;
+            T* dst = pad.data() + ((c * sw + ph) * nr + r) * Wp;
+            const int64_t j0 = std::max<int64_t>(0, ceil_div(p.pl - ph, sw));
+            const int64_t j1 = std::min<int64_t>(Wp, floor_div(W - 1 + p.pl - ph, sw) + 1);
+            if (sw == 1) std::copy(src + j0 - p.pl, src + j1 - p.pl, dst + j0);
+            else for (int64_t j = j0; j < j1; ++j) dst[j] = src[j * sw + ph - p.pl];
+          }
+      for (int64_t kw = 0; kw < p.kW; ++kw) koff[kw] = ((kw * p.dw) % sw) * nr * Wp + (kw * p.dw) / sw;
       if (depthwise) {  // output channel c reads input channel c only
         for (int64_t oh = oh0; oh < oh1; ++oh)
           for (int64_t c = 0; c < C; ++c)
             for (int64_t ow0 = 0; ow0 < Wo; ow0 += NVMAX * V) {
               const int64_t count = std::min<int64_t>(NVMAX * V, Wo - ow0);
               for (int64_t kh = 0; kh < p.kH; ++kh)
-                rows[kh] = pad.data() + (c * nr + (oh - oh0) * p.sh + kh * p.dh) * Wp + ow0;
+                rows[kh] = pad.data() + (c * sw * nr + (oh - oh0) * p.sh + kh * p.dh) * Wp + ow0;
               T* outs[1] = {yp + ((n * C + c) * Ho + oh) * Wo + ow0};
-              nchw_tile_nv<T, 1>(static_cast<int>(ceil_div(count, V)), rows.data(), 1, p.kH, p.kW, p.dw,
+              nchw_tile_nv<T, 1>(static_cast<int>(ceil_div(count, V)), rows.data(), 1, p.kH, p.kW, koff.data(),
                                  wp + c * p.kH * p.kW, b.data() + c, outs, count);
             }
         continue;
@@ -349,14 +363,14 @@ void fwd_nchw_small(const at::Tensor& x, const at::Tensor& w, const at::Tensor& 
             const int nv = static_cast<int>(ceil_div(count, V));
             for (int64_t c = 0; c < C; ++c)
               for (int64_t kh = 0; kh < p.kH; ++kh)
-                rows[c * p.kH + kh] = pad.data() + (c * nr + (oh - oh0) * p.sh + kh * p.dh) * Wp + ow0;
+                rows[c * p.kH + kh] = pad.data() + (c * sw * nr + (oh - oh0) * p.sh + kh * p.dh) * Wp + ow0;
             T* outs[OCR];
             for (int o = 0; o < OCR; ++o)
               outs[o] = yp + ((n * p.C_out + oc0 + std::min(o, ocr - 1)) * Ho + oh) * Wo + ow0;
             const T* wo = wp + oc0 * C * p.kH * p.kW;
-            if (ocr == 3) nchw_tile_nv<T, 3>(nv, rows.data(), C, p.kH, p.kW, p.dw, wo, b.data() + oc0, outs, count);
-            else if (ocr == 2) nchw_tile_nv<T, 2>(nv, rows.data(), C, p.kH, p.kW, p.dw, wo, b.data() + oc0, outs, count);
-            else nchw_tile_nv<T, 1>(nv, rows.data(), C, p.kH, p.kW, p.dw, wo, b.data() + oc0, outs, count);
+            if (ocr == 3) nchw_tile_nv<T, 3>(nv, rows.data(), C, p.kH, p.kW, koff.data(), wo, b.data() + oc0, outs, count);
+            else if (ocr == 2) nchw_tile_nv<T, 2>(nv, rows.data(), C, p.kH, p.kW, koff.data(), wo, b.data() + oc0, outs, count);
+            else nchw_tile_nv<T, 1>(nv, rows.data(), C, p.kH, p.kW, koff.data(), wo, b.data() + oc0, outs, count);
           }
         }
     }
@@ -567,7 +581,7 @@ void fwd_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias, 
   auto o_nchw = [&](int64_t m) -> T* { return yp + (m / HWo) * p.C_out * HWo + m % HWo; };
   if (nchw) {
     gather_gemm<T>(p.N * HWo, p.groups, p.kH * p.kW, p.cin_g(), p.cout_g(), B.data(), bp.data(), a_fill, o_nchw, HWo,
-                   run);
+                   run, false);
     return;
   }
   if (p.cin_g() == 1 && p.cout_g() == 1) {
@@ -575,7 +589,7 @@ void fwd_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias, 
     return;
   }
   gather_gemm<T>(p.N * HWo, p.groups, p.kH * p.kW, p.cin_g(), p.cout_g(), B.data(), bp.data(), a_fill, o_ptr, 1,
-                 run);
+                 run, false);
 }
 
 template <typename T>
