@@ -521,7 +521,7 @@ def test_grad_input_as_nchw_forward(c, dtype):
 #  * grad_input of a stride-1 depthwise as the forward of the flipped weight (both layouts), incl.
 #    an even kernel with asymmetric 'same' padding;
 #  * LeNet's second conv shape on NCHW (W_out < 16, C_in = 6): reordered, not the direct NCHW kernel;
-#  * the direct NCHW forward with stride 2 along W (phase-split rows): few channels, 1x1, depthwise.
+#  * the direct NCHW forward with stride 2 along W (phase-split rows): few channels, depthwise.
 NEW_PATH_CASES = [
     (3, 1, 28, 28, 6, 5, 1, 2, 1, 1),        # LeNet's first conv (rows of 28: a tail of 4)
     (1, 1, 11, 19, 4, 5, 1, 2, 1, 1),        # batch 1, rows of 19
@@ -539,7 +539,7 @@ NEW_PATH_CASES = [
     (2, 8, 9, 17, 8, 5, 1, 2, 1, 8),         # depthwise 5x5 (no 3x3 grad_weight kernel)
     (1, 9, 8, 13, 9, 4, 1, "same", 1, 9),    # depthwise, even kernel, asymmetric 'same'
     (2, 16, 1, 9, 16, 3, 1, 1, 1, 16),       # depthwise on a single row (kernel rows outside)
-    (2, 20, 9, 33, 12, 1, 2, 0, 1, 1),       # 1x1 stride 2 on NCHW: the direct kernel, phase-split rows
+    (2, 20, 9, 33, 12, 1, 2, 0, 1, 1),       # 1x1 stride 2 on NCHW (reordered, the gather GEMM)
     (1, 2, 6, 40, 5, 3, 2, 1, 1, 1),         # few channels, stride 2 on the direct NCHW forward
     (2, 12, 6, 40, 12, 3, 2, 1, 1, 12),      # depthwise stride 2 on the direct NCHW forward
 ]

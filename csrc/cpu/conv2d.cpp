@@ -25,11 +25,10 @@ at::Tensor to_input_format(const at::Tensor& nhwc, bool channels_last) {
 bool is_depthwise(const conv::Params& p) { return p.cin_g() == 1 && p.cout_g() == 1; }
 
 // ... and depthwise on NCHW input: one plane at a time, no reorder.
-// ... and 1x1 convolutions of stride 2+ on NCHW (ResNet's downsamples): the strided pixels read straight
-// from the phase-split rows, no reorder of the input and no scattered NCHW stores.
+// Any stride (phase-split rows: the stem). Not for 1x1 downsamples (C_in 64+): measured slower than the
+// reorder and the gather GEMM (0.36x vs 0.67x torch, one thread, 2026-12-01).
 bool use_nchw_direct(const conv::Params& p) {
   if (p.channels_last || p.W_out < 8) return false;
-  if (p.groups == 1 && p.kH == 1 && p.kW == 1 && p.sw >= 2 && p.W_out >= 16 && p.C_in <= 512) return true;
   // (rows shorter than 2 vectors waste most lanes: LeNet's second conv, W_out = 10, reorders instead)
   return (p.groups == 1 && p.C_in <= 8 && p.C_in * p.kH * p.kW <= 512 && (p.W_out >= 16 || p.C_in <= 2)) ||
          (p.groups > 1 && is_depthwise(p));
