@@ -507,3 +507,184 @@ def test_grad_input_as_nchw_forward(c, dtype):
     F.conv2d(xt, w, b, **kw).backward(gy)
     bound = max(2 * rel_err(xt.grad, xd.grad), 1e-12 if dtype == torch.float64 else 1e-6)
     assert xr.grad.is_contiguous() and rel_err(xr.grad, xd.grad) <= bound
+
+
+# ---- the few-channel, depthwise and stride paths of the CPU kernels (csrc/cpu/conv2d.cpp) -----------
+# Each case selects a path at its shape:
+#  * grad_weight / grad_bias on NCHW directly (use_nchw_bwd_weight: NCHW, C_in / groups <= 4): rows of
+#    whole vectors (grad_out read in place) and not (a tail), W_out < one vector, images grouped per
+#    task (small planes) and planes split in row bands (H_out W_out >= 2048), stride 2 (column phases),
+#    dilation, groups 2 and depthwise (one group after the other);
+#  * depthwise NHWC forward, pixel-blocked (channels_last, groups = C): interior blocks of 8 and 4 and
+#    border pixels, a channel tail (C = 13, 21), stride 2, dilation, kernel 5;
+#  * depthwise 3x3 grad_weight NHWC (the 9 tap sums in registers): stride 1 and 2, dilation 2, tails;
+#  * grad_input of a stride-1 depthwise as the forward of the flipped weight (both layouts), incl.
+#    an even kernel with asymmetric 'same' padding;
+#  * LeNet's second conv shape on NCHW (W_out < 16, C_in = 6): reordered, not the direct NCHW kernel;
+#  * the direct NCHW forward with stride 2 along W (phase-split rows): few channels, depthwise.
+NEW_PATH_CASES = [
+    (3, 1, 28, 28, 6, 5, 1, 2, 1, 1),        # LeNet's first conv (rows of 28: a tail of 4)
+    (1, 1, 11, 19, 4, 5, 1, 2, 1, 1),        # batch 1, rows of 19
+    (2, 2, 16, 16, 5, 3, 1, 1, 1, 1),        # rows of 16: grad_out in place
+    (2, 3, 5, 6, 7, 3, 1, 0, 1, 1),          # W_out = 4 < one vector
+    (1, 2, 50, 48, 5, 3, 1, 1, 1, 1),        # a plane of 2400 pixels: row bands
+    (1, 3, 100, 100, 4, 7, 2, 3, 1, 1),      # the stem's kernel on a large plane: stride 2, row bands
+    (2, 3, 17, 23, 8, 7, 2, 3, 1, 1),        # the stem: stride 2, odd sizes
+    (2, 4, 13, 17, 6, 3, 1, 2, 2, 1),        # dilation 2
+    (2, 4, 13, 11, 6, 3, 2, 1, 1, 2),        # groups 2, stride 2
+    (2, 6, 14, 14, 16, 5, 1, 0, 1, 1),       # LeNet's second conv
+    (2, 13, 9, 21, 13, 3, 1, 1, 1, 13),      # depthwise 3x3: channel tail, blocks of 8 and 4
+    (1, 21, 7, 30, 21, 3, 2, 1, 1, 21),      # depthwise 3x3 stride 2, batch 1
+    (2, 16, 11, 12, 16, 3, 1, 2, 2, 16),     # depthwise 3x3 dilation 2
+    (2, 8, 9, 17, 8, 5, 1, 2, 1, 8),         # depthwise 5x5 (no 3x3 grad_weight kernel)
+    (1, 9, 8, 13, 9, 4, 1, "same", 1, 9),    # depthwise, even kernel, asymmetric 'same'
+    (2, 16, 1, 9, 16, 3, 1, 1, 1, 16),       # depthwise on a single row (kernel rows outside)
+    (2, 20, 9, 33, 12, 1, 2, 0, 1, 1),       # 1x1 stride 2 on NCHW (reordered, the gather GEMM)
+    (1, 2, 6, 40, 5, 3, 2, 1, 1, 1),         # few channels, stride 2 on the direct NCHW forward
+    (2, 12, 6, 40, 12, 3, 2, 1, 1, 12),      # depthwise stride 2 on the direct NCHW forward
+]
+
+
+def _check_against_torch(backend, dtype, layout, c):
+    device = DEVICE[backend]
+    x, w, b, kw = make(c, dtype, device, layout)
+    leaves = [t.detach().clone().requires_grad_() for t in (x, w, b)]
+    y = run(backend, *leaves, **kw)
+    ref_leaves = [t.detach().double().cpu().requires_grad_() for t in (x, w, b)]
+    ref = F.conv2d(*ref_leaves, **kw)
+    assert y.shape == ref.shape and y.dtype == dtype
+    if layout == "channels_last" and c[1] > 1 and c[2] * c[3] > 1:
+        assert y.is_contiguous(memory_format=torch.channels_last), c
+    else:
+        assert y.is_contiguous(), c
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    y.backward(gy.to(dtype).to(device))
+    ref.backward(gy)
+    tl = [t.detach().clone().requires_grad_() for t in (x, w, b)]
+    yt = F.conv2d(*tl, **kw)
+    yt.backward(gy.to(dtype).to(device))
+    assert leaves[0].grad.stride() == tl[0].grad.stride() or layout == "strided", (c, layout)
+    for name, ours, theirs, r in (("output", y, yt, ref), ("grad_input", leaves[0].grad, tl[0].grad, ref_leaves[0].grad),
+                                  ("grad_weight", leaves[1].grad, tl[1].grad, ref_leaves[1].grad),
+                                  ("grad_bias", leaves[2].grad, tl[2].grad, ref_leaves[2].grad)):
+        bound = max(2 * rel_err(theirs, r), {torch.float64: 1e-12, torch.float32: 1e-6}.get(dtype, 1e-2))
+        err = rel_err(ours, r)
+        assert err <= bound, (c, layout, name, err, bound)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("c", NEW_PATH_CASES, ids=_id)
+def test_cpu_paths_match_torch(c, layout, dtype):
+    _check_against_torch("cpu", dtype, layout, c)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("c", [(1, 2, 7, 9, 3, 3, 2, 1, 1, 1), (1, 3, 6, 7, 4, 5, 1, 2, 2, 1),
+                               (1, 5, 6, 7, 5, 3, 1, 1, 1, 5), (2, 4, 5, 9, 4, 3, 2, 1, 2, 4),
+                               (1, 4, 6, 6, 4, 4, 1, "same", 1, 4), (1, 2, 5, 33, 3, 3, 2, 1, 1, 1),
+                               (1, 3, 3, 34, 2, 1, 2, 0, 1, 1)], ids=_id)
+def test_cpu_paths_gradcheck(c, layout):
+    x, w, b, kw = make(c, torch.float64, "cpu", layout)
+    args = tuple(t.detach().clone().requires_grad_() for t in (x, w, b))
+
+    def f(x, w, b):
+        with backends.use("cpu"):
+            return PF.conv2d(x, w, b, **kw)
+
+    assert torch.autograd.gradcheck(f, args)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("c", [NEW_PATH_CASES[0], NEW_PATH_CASES[4], NEW_PATH_CASES[6], NEW_PATH_CASES[10],
+                               NEW_PATH_CASES[12]], ids=_id)
+def test_cpu_paths_do_not_depend_on_thread_count(c, layout):
+    x, w, b, kw = make(c, torch.float32, "cpu", layout)
+    gy = torch.randn_like(F.conv2d(x, w, b, **kw))
+    outs = []
+    n = torch.get_num_threads()
+    try:
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            leaves = [u.detach().clone().requires_grad_() for u in (x, w, b)]
+            y = PF.conv2d(*leaves, **kw)
+            y.backward(gy)
+            outs.append([y.detach()] + [u.grad for u in leaves])
+    finally:
+        torch.set_num_threads(n)
+    for other in outs[1:]:
+        for a, b_ in zip(outs[0], other):
+            assert torch.equal(a, b_)
+
+
+def _nonfinite_pattern(t):
+    return torch.stack([torch.isnan(t), torch.isposinf(t), torch.isneginf(t)])
+
+
+# inf/NaN in the input or in the weight propagate into the output and the three gradients as in torch.
+# Where a weight element meets the zero padding, torch itself differs by dtype: float32 (oneDNN) skips
+# the padding (inf stays inf), float64 multiplies the zeros (0 * inf = NaN). There each element must
+# follow one of the two; everywhere else, both agree and so must we. Finite elements match torch's
+# float32 result. One known difference, not checked here (test_nonfinite_weight_grad_input_at_border):
+# grad_input with a non-finite weight, where our kernels multiply the zeros of grad_out pixels that do
+# not exist (the border taps) and torch, in both dtypes, does not.
+@pytest.mark.parametrize("case", [CASES[1], CASES[2], CASES[4], CASES[6], CASES[16], NEW_PATH_CASES[3],
+                                  NEW_PATH_CASES[9], NEW_PATH_CASES[10], NEW_PATH_CASES[11]], ids=_id)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("where", ["input", "weight"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_nonfinite_input_and_weight_propagate_like_torch(case, layout, where, value):
+    x, w, b, kw = make(case, torch.float32, "cpu", layout)
+    x, w = x.clone(), w.clone()
+    if where == "input":
+        N, C, H, W = x.shape
+        x[N - 1, C // 2, H // 2, 0] = value       # at the left border (a padding neighbour)
+        x[0, 0, H - 1, W // 2] = value
+    else:
+        w[0, 0, 0, 0] = value                     # a corner tap: meets the padding
+        w[-1, -1, w.shape[2] // 2, w.shape[3] // 2] = value
+    outs = {}
+    for name, dt, fn in (("ours", torch.float32, PF.conv2d), ("f32", torch.float32, F.conv2d),
+                         ("f64", torch.float64, F.conv2d)):
+        leaves = [t.detach().to(dt).clone().requires_grad_() for t in (x, w, b)]
+        y = fn(*leaves, **kw)
+        gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(3), dtype=dt)
+        y.backward(gy)
+        outs[name] = [y.detach()] + [t.grad for t in leaves]
+    some = False
+    for i, label in enumerate(("output", "grad_input", "grad_weight", "grad_bias")):
+        if label == "grad_input" and where == "weight":
+            continue
+        ours, t32, t64 = (outs[k][i] for k in ("ours", "f32", "f64"))
+        po, p32, p64 = _nonfinite_pattern(ours), _nonfinite_pattern(t32), _nonfinite_pattern(t64)
+        as32 = (po == p32).all(0)
+        as64 = (po == p64).all(0)
+        assert (as32 | as64).all(), (label, case, layout, where, value)
+        fin = torch.isfinite(ours) & torch.isfinite(t32)
+        torch.testing.assert_close(ours[fin], t32[fin], rtol=1e-4, atol=1e-4)
+        some = some or bool(po.any())
+    assert some  # the value reached at least one result
+
+
+# grad_input with an inf in the weight: torch (float32 and float64) adds only the products of grad_out
+# pixels that exist, so the border input pixels get inf. The NHWC depthwise path (taps checked, the
+# stride-1 grad_input as its forward) does the same; the gather GEMM and the direct NCHW kernels multiply
+# zero rows by the weight (0 * inf = NaN at the border): a known difference, kept strict so that the
+# day it is fixed the xfail turns into a failure and is removed.
+@pytest.mark.parametrize("case,layout", [
+    (NEW_PATH_CASES[10], "channels_last"),
+    pytest.param(CASES[1], "contiguous", marks=pytest.mark.xfail(strict=True, reason="gather GEMM: 0 * inf")),
+    pytest.param(NEW_PATH_CASES[9], "contiguous", marks=pytest.mark.xfail(strict=True, reason="direct NCHW: 0 * inf")),
+], ids=["depthwise-nhwc", "gather", "nchw-direct"])
+def test_nonfinite_weight_grad_input_at_border(case, layout):
+    x, w, b, kw = make(case, torch.float32, "cpu", layout)
+    w = w.clone()
+    w[0, 0, 0, 0] = float("inf")
+    grads = []
+    for fn in (PF.conv2d, F.conv2d):
+        xr = x.detach().clone().requires_grad_()
+        y = fn(xr, w, b, **kw)
+        y.backward(torch.ones_like(y))
+        grads.append(xr.grad)
+    assert torch.isinf(grads[1]).any()
+    assert torch.equal(_nonfinite_pattern(grads[0]), _nonfinite_pattern(grads[1]))

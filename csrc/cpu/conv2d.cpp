@@ -26,9 +26,13 @@ at::Tensor to_input_format(const at::Tensor& nhwc, bool channels_last) {
 bool is_depthwise(const conv::Params& p) { return p.cin_g() == 1 && p.cout_g() == 1; }
 
 // ... and depthwise on NCHW input: one plane at a time, no reorder.
+// Any stride (phase-split rows: the stem). Not for 1x1 downsamples (C_in 64+): measured slower than the
+// reorder and the gather GEMM (0.36x vs 0.67x torch, one thread, 2026-12-01).
 bool use_nchw_direct(const conv::Params& p) {
-  if (p.channels_last || p.sw != 1 || p.W_out < 8) return false;
-  return (p.groups == 1 && p.C_in <= 8 && p.C_in * p.kH * p.kW <= 512) || (p.groups > 1 && is_depthwise(p));
+  if (p.channels_last || p.W_out < 8) return false;
+  // (rows shorter than 2 vectors waste most lanes: LeNet's second conv, W_out = 10, reorders instead)
+  return (p.groups == 1 && p.C_in <= 8 && p.C_in * p.kH * p.kW <= 512 && (p.W_out >= 16 || p.C_in <= 2)) ||
+         (p.groups > 1 && is_depthwise(p));
 }
 
 // grad_input of a stride-1, one-group convolution on NCHW input with few output channels (LeNet's
@@ -38,6 +42,21 @@ bool use_nchw_direct(const conv::Params& p) {
 bool use_bwd_input_as_nchw_fwd(const conv::Params& p) {
   if (p.channels_last || p.groups != 1 || p.sh != 1 || p.sw != 1 || p.W < 8) return false;
   if (p.C_out > 16 || p.C_out * p.kH * p.kW > 512 || p.C_in > 64) return false;
+  return p.pt <= p.dh * (p.kH - 1) && p.pb <= p.dh * (p.kH - 1) && p.pl <= p.dw * (p.kW - 1) &&
+         p.pr <= p.dw * (p.kW - 1);
+}
+
+// grad_weight / grad_bias of a one-group convolution on NCHW input with few input channels (LeNet's
+// convolutions, the ResNet stem): the direct NCHW kernel (vectorized along the output row, a register
+// tile of output channels x taps) on grad_out and input as they are, no reorder to NHWC.
+// Also any grouped convolution with few input channels per group (depthwise: one group after the other).
+bool use_nchw_bwd_weight(const conv::Params& p) { return !p.channels_last && p.cin_g() <= 4; }
+
+// grad_input of a stride-1 depthwise convolution: the depthwise forward of grad_out by the flipped
+// weight, with padding dh (kH - 1) - top (...), on the forward's kernels of the layout (NCHW: the direct
+// kernel along the row; NHWC: the pixel-blocked one). No transpose: each channel is its own group.
+bool use_depthwise_bwd_input_as_fwd(const conv::Params& p) {
+  if (p.groups == 1 || !is_depthwise(p) || p.sh != 1 || p.sw != 1) return false;
   return p.pt <= p.dh * (p.kH - 1) && p.pb <= p.dh * (p.kH - 1) && p.pl <= p.dw * (p.kW - 1) &&
          p.pr <= p.dw * (p.kW - 1);
 }
@@ -75,8 +94,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_bwd_cpu(const at::Tensor& 
                                          {at::kFloat, at::kDouble}, "conv2d_bwd");
   const auto cl = at::MemoryFormat::ChannelsLast;
   at::Tensor gi, gw, gb;
-  const at::Tensor g = (output_mask[0] || output_mask[1] || output_mask[2]) ? grad_out.contiguous(cl) : at::Tensor();
-  if (output_mask[0]) {
+  const bool wb_nchw = (output_mask[1] || output_mask[2]) && use_nchw_bwd_weight(p);
+  const bool gi_dw = output_mask[0] && use_depthwise_bwd_input_as_fwd(p);
+  const at::Tensor g = ((output_mask[0] && !use_bwd_input_as_nchw_fwd(p) && !gi_dw) || ((output_mask[1] || output_mask[2]) && !wb_nchw))
+                           ? grad_out.contiguous(cl)
+                           : grad_out;  // (only its sizes are read on the direct NCHW paths)
+  if (gi_dw) {
+    const at::Tensor wf = weight.flip({2, 3}).contiguous();
+    const std::array<int64_t, 2> st = {1, 1}, dil = {p.dh, p.dw};
+    const std::array<int64_t, 4> pad = {p.dh * (p.kH - 1) - p.pt, p.dh * (p.kH - 1) - p.pb,
+                                        p.dw * (p.kW - 1) - p.pl, p.dw * (p.kW - 1) - p.pr};
+    const at::MemoryFormat fmt = p.channels_last ? cl : at::MemoryFormat::Contiguous;
+    gi = conv2d_fwd_cpu(grad_out.contiguous(fmt), wf, c10::nullopt, st, pad, dil, p.groups).contiguous(fmt);
+  } else if (output_mask[0]) {
     gi = at::empty({p.N, p.C_in, p.H, p.W},
                    input.options().memory_format(p.channels_last || is_depthwise(p) ? cl : at::MemoryFormat::Contiguous));
     if (gi.numel() > 0) {
@@ -102,6 +132,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_bwd_cpu(const at::Tensor& 
       if (gw.defined()) gw.zero_();
       if (gb.defined()) gb.zero_();
       if (gb.defined() && g.numel() > 0) gb.copy_(g.sum({0, 2, 3}));  // input empty, grad_out not: C_in = 0
+    } else if (wb_nchw) {
+      kernels()->bwd_weight_nchw(grad_out.contiguous(), input.contiguous(), p, gw, gb);
     } else {
       kernels()->bwd_weight(g, input.contiguous(cl), p, gw, gb);
     }

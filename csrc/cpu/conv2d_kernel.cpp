@@ -27,6 +27,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/conv2d_kernel.h"
@@ -94,9 +96,13 @@ inline void ukernel(const T* const* ap, const unsigned char* on, int64_t ntaps, 
 // base (channel 0); ocs: the output's channel stride (1: NHWC; H * W: NCHW, written directly so that
 // an NCHW output needs no reorder). run: taps t .. t + run - 1 (t a multiple of run) of a pixel read
 // adjacent pixels when all are inside (the forward's kernel row with dw == 1 and one group: run = kW).
+// skip_absent: a tap that no pixel of the tile reads is skipped (grad_input: the grad_out pixels that
+// do not exist, stride 2: 3/4 of the taps). The forward passes false: its absent taps are the zero
+// padding, multiplied as zeros like the rest of the tile, so that a non-finite weight gives NaN there
+// for every pixel alike (0 * inf), whatever tile the pixel falls in.
 template <typename T, typename AFill, typename OPtr>
 void gather_gemm(int64_t M, int64_t G, int64_t ntaps, int64_t K, int64_t c_g, const T* B, const T* bias_pad,
-                 const AFill& a_fill, const OPtr& o_ptr, int64_t ocs = 1, int64_t run = 1) {
+                 const AFill& a_fill, const OPtr& o_ptr, int64_t ocs = 1, int64_t run = 1, bool skip_absent = true) {
   using Vec = Vectorized<T>;
   constexpr int64_t NB = nb_of<T>();
   const int64_t nblk = ceil_div(c_g, NB);
@@ -155,7 +161,7 @@ void gather_gemm(int64_t M, int64_t G, int64_t ntaps, int64_t K, int64_t c_g, co
               any = any || src;
               ptrs[t * MR + i] = src ? src + g * K : zeros.data();
             }
-            on[t] = any;
+            on[t] = any || !skip_absent;
           }
         }
         const int64_t nt = gather ? 1 : ntaps, kk = gather ? ntaps * K : K;
@@ -240,13 +246,14 @@ void depthwise(int64_t M, int64_t C, int64_t ntaps, const T* w, const T* bias_pa
   });
 }
 
-// ---- direct NCHW forward for few input channels (LeNet's C_in = 1 and 6) and depthwise, stride 1 along W --
+// ---- direct NCHW forward for few input channels (LeNet's C_in = 1 and 6, the stem), 1x1 downsamples and depthwise --
 // Vectorized along ow: an OCR x NV tile (OCR output channels x NV vectors of consecutive ow of one
 // output row) in registers; per (ci, kh, kw) NV unaligned loads of a zero-padded input row and OCR
 // weight broadcasts. Each task pads the input rows it reads (C_in x rows x Wp) once.
 template <typename T, int OCR, int NV>
 inline void nchw_tile(const T* const* rows /* [C_in * kH] padded rows, offset to ow0 */, int64_t cin, int64_t kH,
-                      int64_t kW, int64_t dw, const T* w /* oc0's weights, (OCR, cin, kH, kW) */, const T* bias,
+                      int64_t kW, const int64_t* koff /* [kW] offset of tap kw from the row */,
+                      const T* w /* oc0's weights, (OCR, cin, kH, kW) */, const T* bias,
                       T* const* out /* OCR output rows, offset to ow0 */, int64_t count) {
   using Vec = Vectorized<T>;
   constexpr int64_t V = Vec::size();
@@ -261,7 +268,7 @@ inline void nchw_tile(const T* const* rows /* [C_in * kH] padded rows, offset to
     for (int64_t kw = 0; kw < kW; ++kw) {
       Vec xv[NV];
 #pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) xv[v] = Vec::loadu(row + kw * dw + v * V);
+      for (int v = 0; v < NV; ++v) xv[v] = Vec::loadu(row + koff[kw] + v * V);
       const int64_t wi = r * kW + kw;
 #pragma GCC unroll 4
       for (int o = 0; o < OCR; ++o) {
@@ -282,13 +289,13 @@ inline void nchw_tile(const T* const* rows /* [C_in * kH] padded rows, offset to
 }
 
 template <typename T, int OCR>
-inline void nchw_tile_nv(int nv, const T* const* rows, int64_t cin, int64_t kH, int64_t kW, int64_t dw, const T* w,
+inline void nchw_tile_nv(int nv, const T* const* rows, int64_t cin, int64_t kH, int64_t kW, const int64_t* koff, const T* w,
                          const T* bias, T* const* out, int64_t count) {
   switch (nv) {
-    case 4: nchw_tile<T, OCR, 4>(rows, cin, kH, kW, dw, w, bias, out, count); break;
-    case 3: nchw_tile<T, OCR, 3>(rows, cin, kH, kW, dw, w, bias, out, count); break;
-    case 2: nchw_tile<T, OCR, 2>(rows, cin, kH, kW, dw, w, bias, out, count); break;
-    default: nchw_tile<T, OCR, 1>(rows, cin, kH, kW, dw, w, bias, out, count); break;
+    case 4: nchw_tile<T, OCR, 4>(rows, cin, kH, kW, koff, w, bias, out, count); break;
+    case 3: nchw_tile<T, OCR, 3>(rows, cin, kH, kW, koff, w, bias, out, count); break;
+    case 2: nchw_tile<T, OCR, 2>(rows, cin, kH, kW, koff, w, bias, out, count); break;
+    default: nchw_tile<T, OCR, 1>(rows, cin, kH, kW, koff, w, bias, out, count); break;
   }
 }
 
@@ -305,7 +312,11 @@ void fwd_nchw_small(const at::Tensor& x, const at::Tensor& w, const at::Tensor& 
   if (bias.defined())
     for (int64_t c = 0; c < p.C_out; ++c) b[c] = bias.const_data_ptr<T>()[c];
   const int64_t C = p.C_in, H = p.H, W = p.W, Ho = p.H_out, Wo = p.W_out;
-  const int64_t Wp = ceil_div(Wo, NVMAX * V) * NVMAX * V + (p.kW - 1) * p.dw;  // padded row width
+  // Stride along W (the stem, 1x1 downsamples): the padded rows are split by column phase (column j of
+  // phase ph holds padded column j sw + ph), so that tap kw of V consecutive outputs reads V adjacent
+  // columns: phase (kw dw) % sw, column ow + (kw dw) / sw.
+  const int64_t sw = p.sw;
+  const int64_t Wp = ceil_div(Wo, NVMAX * V) * NVMAX * V + ((p.kW - 1) * p.dw) / sw;  // padded row width
   const bool depthwise = p.groups > 1;  // the launcher sends groups == 1, or depthwise (C_in == C_out == groups)
   // tasks: (n, block of output rows)
   const int64_t hb = std::max<int64_t>(1, std::min<int64_t>(Ho, 8));
@@ -313,28 +324,33 @@ void fwd_nchw_small(const at::Tensor& x, const at::Tensor& w, const at::Tensor& 
   at::parallel_for(0, p.N * nhb, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> pad;
     std::vector<const T*> rows(C * p.kH);
+    std::vector<int64_t> koff(p.kW);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / nhb, oh0 = (task % nhb) * hb, oh1 = std::min(Ho, oh0 + hb);
       const int64_t r0 = oh0 * p.sh - p.pt, nr = ((oh1 - 1) * p.sh - p.pt + (p.kH - 1) * p.dh) - r0 + 1;  // rows r0..
-      pad.assign(C * nr * Wp, T(0));
+      pad.assign(C * sw * nr * Wp, T(0));
       for (int64_t c = 0; c < C; ++c)
-        for (int64_t r = 0; r < nr; ++r) {
-          const int64_t ih = r0 + r;
-          if (ih < 0 || ih >= H) continue;
-          const T* src = xp + ((n * C + c) * H + ih) * W;
-          T* dst = pad.data() + (c * nr + r) * Wp + p.pl;
-          const int64_t lo = std::max<int64_t>(0, -p.pl);
-          for (int64_t iw = lo; iw < W && p.pl + iw < Wp; ++iw) dst[iw] = src[iw];
-        }
+        for (int64_t ph = 0; ph < sw; ++ph)
+          for (int64_t r = 0; r < nr; ++r) {
+            const int64_t ih = r0 + r;
+            if (ih < 0 || ih >= H) continue;
+            const T* src = xp + ((n * C + c) * H + ih) * W;
+            T* dst = pad.data() + ((c * sw + ph) * nr + r) * Wp;
+            const int64_t j0 = std::max<int64_t>(0, ceil_div(p.pl - ph, sw));
+            const int64_t j1 = std::min<int64_t>(Wp, floor_div(W - 1 + p.pl - ph, sw) + 1);
+            if (sw == 1) std::copy(src + j0 - p.pl, src + j1 - p.pl, dst + j0);
+            else for (int64_t j = j0; j < j1; ++j) dst[j] = src[j * sw + ph - p.pl];
+          }
+      for (int64_t kw = 0; kw < p.kW; ++kw) koff[kw] = ((kw * p.dw) % sw) * nr * Wp + (kw * p.dw) / sw;
       if (depthwise) {  // output channel c reads input channel c only
         for (int64_t oh = oh0; oh < oh1; ++oh)
           for (int64_t c = 0; c < C; ++c)
             for (int64_t ow0 = 0; ow0 < Wo; ow0 += NVMAX * V) {
               const int64_t count = std::min<int64_t>(NVMAX * V, Wo - ow0);
               for (int64_t kh = 0; kh < p.kH; ++kh)
-                rows[kh] = pad.data() + (c * nr + (oh - oh0) * p.sh + kh * p.dh) * Wp + ow0;
+                rows[kh] = pad.data() + (c * sw * nr + (oh - oh0) * p.sh + kh * p.dh) * Wp + ow0;
               T* outs[1] = {yp + ((n * C + c) * Ho + oh) * Wo + ow0};
-              nchw_tile_nv<T, 1>(static_cast<int>(ceil_div(count, V)), rows.data(), 1, p.kH, p.kW, p.dw,
+              nchw_tile_nv<T, 1>(static_cast<int>(ceil_div(count, V)), rows.data(), 1, p.kH, p.kW, koff.data(),
                                  wp + c * p.kH * p.kW, b.data() + c, outs, count);
             }
         continue;
@@ -347,16 +363,163 @@ void fwd_nchw_small(const at::Tensor& x, const at::Tensor& w, const at::Tensor& 
             const int nv = static_cast<int>(ceil_div(count, V));
             for (int64_t c = 0; c < C; ++c)
               for (int64_t kh = 0; kh < p.kH; ++kh)
-                rows[c * p.kH + kh] = pad.data() + (c * nr + (oh - oh0) * p.sh + kh * p.dh) * Wp + ow0;
+                rows[c * p.kH + kh] = pad.data() + (c * sw * nr + (oh - oh0) * p.sh + kh * p.dh) * Wp + ow0;
             T* outs[OCR];
             for (int o = 0; o < OCR; ++o)
               outs[o] = yp + ((n * p.C_out + oc0 + std::min(o, ocr - 1)) * Ho + oh) * Wo + ow0;
             const T* wo = wp + oc0 * C * p.kH * p.kW;
-            if (ocr == 3) nchw_tile_nv<T, 3>(nv, rows.data(), C, p.kH, p.kW, p.dw, wo, b.data() + oc0, outs, count);
-            else if (ocr == 2) nchw_tile_nv<T, 2>(nv, rows.data(), C, p.kH, p.kW, p.dw, wo, b.data() + oc0, outs, count);
-            else nchw_tile_nv<T, 1>(nv, rows.data(), C, p.kH, p.kW, p.dw, wo, b.data() + oc0, outs, count);
+            if (ocr == 3) nchw_tile_nv<T, 3>(nv, rows.data(), C, p.kH, p.kW, koff.data(), wo, b.data() + oc0, outs, count);
+            else if (ocr == 2) nchw_tile_nv<T, 2>(nv, rows.data(), C, p.kH, p.kW, koff.data(), wo, b.data() + oc0, outs, count);
+            else nchw_tile_nv<T, 1>(nv, rows.data(), C, p.kH, p.kW, koff.data(), wo, b.data() + oc0, outs, count);
           }
         }
+    }
+  });
+}
+
+// ---- depthwise on NHWC, pixel-blocked ------------------------------------------------------------
+// Forward: per output row, R consecutive output pixels x one vector of channels in registers; per tap
+// one weight vector, shared by the R pixels. The pixels whose taps all lie inside the row (interior)
+// run unchecked in blocks of 8 and 4; the border pixels one at a time, tap by tap checked. Rows of
+// the kernel outside the input are skipped. Tasks: output rows.
+template <typename T>
+inline Vectorized<T> ld(const T* p, int64_t cnt) {
+  return cnt == Vectorized<T>::size() ? Vectorized<T>::loadu(p) : Vectorized<T>::loadu(p, cnt);
+}
+
+template <typename T, int R>
+inline void dw_fwd_block(const T* const* rows, const T* wt, const T* bias, int64_t C, int64_t kH, int64_t kW,
+                         int64_t sw, int64_t dw, int64_t iw0, T* y /* pixel 0 of the block */) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t V = Vec::size();
+  for (int64_t c = 0; c < C; c += V) {
+    const int64_t cnt = std::min<int64_t>(V, C - c);
+    Vec acc[R];
+    const Vec b = ld(bias + c, cnt);
+#pragma GCC unroll 8
+    for (int i = 0; i < R; ++i) acc[i] = b;
+    for (int64_t kh = 0; kh < kH; ++kh) {
+      if (!rows[kh]) continue;
+      const T* xr = rows[kh] + iw0 * C + c;
+      for (int64_t kw = 0; kw < kW; ++kw) {
+        const Vec wv = ld(wt + (kh * kW + kw) * C + c, cnt);
+        const T* xk = xr + kw * dw * C;
+#pragma GCC unroll 8
+        for (int i = 0; i < R; ++i) acc[i] = at::vec::fmadd(ld(xk + i * sw * C, cnt), wv, acc[i]);
+      }
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < R; ++i) acc[i].store(y + i * C + c, static_cast<int>(cnt));
+  }
+}
+
+template <typename T>
+void dw_fwd_nhwc(const T* xp, const T* w /* (C, 1, kH, kW) */, const T* bias_or_null, const conv::Params& p, T* yp) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t V = Vec::size();
+  const int64_t C = p.C_in, kH = p.kH, kW = p.kW, ntaps = kH * kW, Ho = p.H_out, Wo = p.W_out;
+  std::vector<T> wt(ntaps * C), bias(C, T(0));  // wt[t][c]
+  for (int64_t c = 0; c < C; ++c) {
+    if (bias_or_null) bias[c] = bias_or_null[c];
+    for (int64_t t = 0; t < ntaps; ++t) wt[t * C + c] = w[c * ntaps + t];
+  }
+  // interior output columns: 0 <= ow sw - pl and ow sw - pl + (kW - 1) dw <= W - 1
+  const int64_t ow_lo = std::min<int64_t>(Wo, ceil_div(p.pl, p.sw));
+  const int64_t ow_hi = std::max<int64_t>(ow_lo, std::min<int64_t>(Wo, floor_div(p.W - 1 + p.pl - (kW - 1) * p.dw, p.sw) + 1));
+  at::parallel_for(0, p.N * Ho, 1, [&](int64_t b, int64_t e) {
+    std::vector<const T*> rows(kH);
+    for (int64_t row = b; row < e; ++row) {
+      const int64_t n = row / Ho, oh = row % Ho;
+      for (int64_t kh = 0; kh < kH; ++kh) {
+        const int64_t ih = oh * p.sh - p.pt + kh * p.dh;
+        rows[kh] = ih >= 0 && ih < p.H ? xp + (n * p.H + ih) * p.W * C : nullptr;
+      }
+      T* yr = yp + row * Wo * C;
+      auto one = [&](int64_t ow) {
+        const int64_t iw0 = ow * p.sw - p.pl;
+        for (int64_t c = 0; c < C; c += V) {
+          const int64_t cnt = std::min<int64_t>(V, C - c);
+          Vec acc = ld(bias.data() + c, cnt);
+          for (int64_t kh = 0; kh < kH; ++kh) {
+            if (!rows[kh]) continue;
+            for (int64_t kw = 0; kw < kW; ++kw) {
+              const int64_t iw = iw0 + kw * p.dw;
+              if (iw < 0 || iw >= p.W) continue;
+              acc = at::vec::fmadd(ld(rows[kh] + iw * C + c, cnt), ld(wt.data() + (kh * kW + kw) * C + c, cnt), acc);
+            }
+          }
+          acc.store(yr + ow * C + c, static_cast<int>(cnt));
+        }
+      };
+      int64_t ow = 0;
+      for (; ow < ow_lo; ++ow) one(ow);
+      for (; ow + 8 <= ow_hi; ow += 8)
+        dw_fwd_block<T, 8>(rows.data(), wt.data(), bias.data(), C, kH, kW, p.sw, p.dw, ow * p.sw - p.pl, yr + ow * C);
+      for (; ow + 4 <= ow_hi; ow += 4)
+        dw_fwd_block<T, 4>(rows.data(), wt.data(), bias.data(), C, kH, kW, p.sw, p.dw, ow * p.sw - p.pl, yr + ow * C);
+      for (; ow < Wo; ++ow) one(ow);
+    }
+  });
+}
+
+// grad_weight of a 3x3 depthwise convolution on NHWC: per task (image, band of output rows) and per
+// vector of channels the 9 tap sums in registers over every pixel of the band (one grad_out load per
+// pixel, shared by the 9 taps); per-task partials summed in task order (float64) at the end.
+template <typename T>
+void dw_gw3x3_nhwc(const T* gp, const T* xp, const conv::Params& p, T* gwp) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t V = Vec::size();
+  const int64_t C = p.C_in, Ho = p.H_out, Wo = p.W_out;
+  const int64_t rb = std::max<int64_t>(1, 512 / Wo), nbands = ceil_div(Ho, rb), ntask = p.N * nbands;
+  const int64_t ncb = ceil_div(C, V);
+  const int64_t ow_lo = std::min<int64_t>(Wo, ceil_div(p.pl, p.sw));
+  const int64_t ow_hi = std::max<int64_t>(ow_lo, std::min<int64_t>(Wo, floor_div(p.W - 1 + p.pl - 2 * p.dw, p.sw) + 1));
+  std::vector<T> partial(ntask * ncb * 9 * V);
+  at::parallel_for(0, ntask, 1, [&](int64_t b, int64_t e) {
+    for (int64_t task = b; task < e; ++task) {
+      const int64_t n = task / nbands, oh0 = (task % nbands) * rb, oh1 = std::min(Ho, oh0 + rb);
+      for (int64_t cb = 0; cb < ncb; ++cb) {
+        const int64_t c = cb * V, cnt = std::min<int64_t>(V, C - c);
+        Vec acc[9];
+#pragma GCC unroll 9
+        for (int t = 0; t < 9; ++t) acc[t] = Vec(T(0));
+        for (int64_t oh = oh0; oh < oh1; ++oh) {
+          const T* rows[3];
+          for (int kh = 0; kh < 3; ++kh) {
+            const int64_t ih = oh * p.sh - p.pt + kh * p.dh;
+            rows[kh] = ih >= 0 && ih < p.H ? xp + (n * p.H + ih) * p.W * C + c : nullptr;
+          }
+          const T* gr = gp + ((n * Ho + oh) * Wo) * C + c;
+          for (int64_t ow = 0; ow < Wo; ++ow) {
+            const Vec gv = ld(gr + ow * C, cnt);
+            const int64_t iw0 = ow * p.sw - p.pl;
+            const bool inner = ow >= ow_lo && ow < ow_hi;
+#pragma GCC unroll 3
+            for (int kh = 0; kh < 3; ++kh) {
+              if (!rows[kh]) continue;
+#pragma GCC unroll 3
+              for (int kw = 0; kw < 3; ++kw) {
+                const int64_t iw = iw0 + kw * p.dw;
+                if (!inner && (iw < 0 || iw >= p.W)) continue;
+                acc[kh * 3 + kw] = at::vec::fmadd(ld(rows[kh] + iw * C, cnt), gv, acc[kh * 3 + kw]);
+              }
+            }
+          }
+        }
+        T* part = partial.data() + ((task * ncb + cb) * 9) * V;
+#pragma GCC unroll 9
+        for (int t = 0; t < 9; ++t) acc[t].store(part + t * V);
+      }
+    }
+  });
+  at::parallel_for(0, C, 16, [&](int64_t b, int64_t e) {
+    for (int64_t ch = b; ch < e; ++ch) {
+      const int64_t cb = ch / V, j = ch % V;
+      for (int64_t t = 0; t < 9; ++t) {
+        double s = 0;
+        for (int64_t task = 0; task < ntask; ++task) s += static_cast<double>(partial[((task * ncb + cb) * 9 + t) * V + j]);
+        gwp[ch * 9 + t] = static_cast<T>(s);
+      }
     }
   });
 }
@@ -418,15 +581,15 @@ void fwd_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias, 
   auto o_nchw = [&](int64_t m) -> T* { return yp + (m / HWo) * p.C_out * HWo + m % HWo; };
   if (nchw) {
     gather_gemm<T>(p.N * HWo, p.groups, p.kH * p.kW, p.cin_g(), p.cout_g(), B.data(), bp.data(), a_fill, o_nchw, HWo,
-                   run);
+                   run, false);
     return;
   }
   if (p.cin_g() == 1 && p.cout_g() == 1) {
-    depthwise<T>(p.N * HWo, p.C_out, p.kH * p.kW, w.const_data_ptr<T>(), bp.data(), a_fill, o_ptr);
+    dw_fwd_nhwc<T>(xp, w.const_data_ptr<T>(), bias.defined() ? bias.const_data_ptr<T>() : nullptr, p, yp);
     return;
   }
   gather_gemm<T>(p.N * HWo, p.groups, p.kH * p.kW, p.cin_g(), p.cout_g(), B.data(), bp.data(), a_fill, o_ptr, 1,
-                 run);
+                 run, false);
 }
 
 template <typename T>
@@ -546,6 +709,10 @@ void bwd_weight_impl(const at::Tensor& g, const at::Tensor& x, const conv::Param
   }
   if (!gw.defined()) return;
   const T* xp = x.const_data_ptr<T>();
+  if (cin_g == 1 && cout_g == 1 && p.kH == 3 && p.kW == 3) {  // depthwise 3x3: the 9 taps in registers
+    dw_gw3x3_nhwc<T>(gsrc, xp, p, gw.mutable_data_ptr<T>());
+    return;
+  }
   if (cin_g == 1 && cout_g == 1) {  // depthwise: per block of 2 vectors of channels, all taps at once
     const int64_t C = p.C_in, ntaps = p.kH * p.kW, V = Vec::size();
     const T* g0 = g.const_data_ptr<T>();
@@ -624,6 +791,220 @@ void bwd_weight_impl(const at::Tensor& g, const at::Tensor& x, const conv::Param
   });
 }
 
+// ---- grad_weight and grad_bias on NCHW directly, for few input channels (LeNet, the stem) ----------
+// gw[oc][ci][kh][kw] = sum_{n, oh, ow} g[n][oc][oh][ow] * x[n][ci][oh sh - pt + kh dh][ow sw - pl + kw dw].
+// Vectorized along ow (V consecutive output pixels of a row): per step OCB grad_out vectors and, per
+// tap, one vector of the input row, OCB x KB accumulators in registers (KB taps of OCB output channels,
+// 12 on AVX2), summed over every output pixel of a task before one horizontal sum. The input rows a
+// task reads are copied once into a zero-padded buffer split by column phase (column j of phase ph
+// holds input column j sw + ph - pl), so that the V lanes of any tap are contiguous, whatever the
+// stride: tap (ci, kh, kw) of output row r reads phase (kw dw) % sw at row r sh + kh dh, column
+// ow + (kw dw) / sw. Rows of grad_out whose width is not a multiple of V are copied zero-padded; the
+// input lanes past the row's end are blended to zero (not multiplied by a zero: 0 * inf is NaN).
+// Tasks: fixed blocks of (image, output rows) of ~kGwPixels pixels, independent of the thread count;
+// each writes its own partial gradient, summed over the tasks in order (in float64) at the end.
+constexpr int64_t kGwPixels = 2048;
+
+template <typename T, int OCB, int KB>
+void gw_nchw_pass(int64_t nimg, int64_t rows, int64_t nfull, bool tail, const T* g0, int64_t g_img, int64_t g_ch,
+                  int64_t g_row, const T* x0, int64_t x_img, int64_t x_row, const int64_t* off,
+                  const Vectorized<T>& tmask, T* out, int64_t out_oc) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t V = Vec::size();
+  Vec acc[OCB][KB];
+#pragma GCC unroll 4
+  for (int o = 0; o < OCB; ++o)
+#pragma GCC unroll 8
+    for (int k = 0; k < KB; ++k) acc[o][k] = Vec(T(0));
+  const Vec zero(T(0));
+  for (int64_t i = 0; i < nimg; ++i)
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* gr = g0 + i * g_img + r * g_row;
+      const T* xr = x0 + i * x_img + r * x_row;
+      const T* xp[KB];
+#pragma GCC unroll 8
+      for (int k = 0; k < KB; ++k) xp[k] = xr + off[k];
+      int64_t ow = 0;
+      for (int64_t c = 0; c < nfull; ++c, ow += V) {
+        Vec gv[OCB];
+#pragma GCC unroll 4
+        for (int o = 0; o < OCB; ++o) gv[o] = Vec::loadu(gr + o * g_ch + ow);
+#pragma GCC unroll 8
+        for (int k = 0; k < KB; ++k) {
+          const Vec xv = Vec::loadu(xp[k] + ow);
+#pragma GCC unroll 4
+          for (int o = 0; o < OCB; ++o) acc[o][k] = at::vec::fmadd(gv[o], xv, acc[o][k]);
+        }
+      }
+      if (tail) {
+        Vec gv[OCB];
+#pragma GCC unroll 4
+        for (int o = 0; o < OCB; ++o) gv[o] = Vec::loadu(gr + o * g_ch + ow);
+#pragma GCC unroll 8
+        for (int k = 0; k < KB; ++k) {
+          const Vec xv = Vec::blendv(zero, Vec::loadu(xp[k] + ow), tmask);
+#pragma GCC unroll 4
+          for (int o = 0; o < OCB; ++o) acc[o][k] = at::vec::fmadd(gv[o], xv, acc[o][k]);
+        }
+      }
+    }
+  alignas(64) T buf[V];
+#pragma GCC unroll 4
+  for (int o = 0; o < OCB; ++o)
+#pragma GCC unroll 8
+    for (int k = 0; k < KB; ++k) {
+      acc[o][k].store(buf);
+      T s = T(0);
+      for (int64_t j = 0; j < V; ++j) s += buf[j];
+      out[o * out_oc + k] = s;
+    }
+}
+
+template <typename T, int OCB>
+void gw_nchw_pass_kb(int kb, int64_t nimg, int64_t rows, int64_t nfull, bool tail, const T* g0, int64_t g_img,
+                     int64_t g_ch, int64_t g_row, const T* x0, int64_t x_img, int64_t x_row, const int64_t* off,
+                     const Vectorized<T>& tmask, T* out, int64_t out_oc) {
+#define PYFASTDL_GW_PASS(KB) \
+  gw_nchw_pass<T, OCB, KB>(nimg, rows, nfull, tail, g0, g_img, g_ch, g_row, x0, x_img, x_row, off, tmask, out, out_oc)
+  switch (kb) {
+    case 4: PYFASTDL_GW_PASS(4); break;
+    case 3: PYFASTDL_GW_PASS(3); break;
+    case 2: PYFASTDL_GW_PASS(2); break;
+    default: PYFASTDL_GW_PASS(1); break;
+  }
+#undef PYFASTDL_GW_PASS
+}
+
+template <typename T>
+void bwd_weight_nchw_impl(const at::Tensor& g, const at::Tensor& x, const conv::Params& p, at::Tensor& gw,
+                          at::Tensor& gb) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t V = Vec::size();
+  constexpr int OCB = 3, KB = 4;
+  const int64_t Ho = p.H_out, Wo = p.W_out, HWo = Ho * Wo, Cout = p.C_out, Cin = p.C_in;
+  const T* gp = g.const_data_ptr<T>();
+  if (gb.defined()) {  // grad_bias: per channel, per image a vector sum of the plane, images summed in float64
+    T* gbp = gb.mutable_data_ptr<T>();
+    at::parallel_for(0, Cout, 1, [&](int64_t b, int64_t e) {
+      for (int64_t oc = b; oc < e; ++oc) {
+        double tot = 0;
+        for (int64_t n = 0; n < p.N; ++n) {
+          const T* s = gp + (n * Cout + oc) * HWo;
+          Vec a0(T(0)), a1(T(0));
+          int64_t j = 0;
+          for (; j + 2 * V <= HWo; j += 2 * V) {
+            a0 = a0 + Vec::loadu(s + j);
+            a1 = a1 + Vec::loadu(s + j + V);
+          }
+          for (; j < HWo; j += V) a0 = a0 + Vec::loadu(s + j, std::min<int64_t>(V, HWo - j));
+          alignas(64) T buf[V];
+          (a0 + a1).store(buf);
+          for (int64_t l = 0; l < V; ++l) tot += static_cast<double>(buf[l]);
+        }
+        gbp[oc] = static_cast<T>(tot);
+      }
+    });
+  }
+  if (!gw.defined()) return;
+  const T* xp = x.const_data_ptr<T>();
+  const int64_t cin_g = p.cin_g(), cout_g = p.cout_g();
+  const int64_t ntaps = cin_g * p.kH * p.kW, sw = p.sw;
+  const int64_t nv = ceil_div(Wo, V), nfull = Wo / V;
+  const bool tail = nv != nfull;
+  const int64_t shift = ((p.kW - 1) * p.dw) / sw;
+  const int64_t Wq = nv * V + shift;  // buffer row width
+  // tasks: images per task (small images) or output rows per task (large ones)
+  int64_t nimg = 1, rb = Ho;
+  if (HWo >= kGwPixels) rb = std::max<int64_t>(1, kGwPixels / Wo);
+  else nimg = std::max<int64_t>(1, std::min<int64_t>(p.N, kGwPixels / HWo));
+  const int64_t nib = ceil_div(p.N, nimg), nrb = ceil_div(Ho, rb), ntask = nib * nrb;
+  const int64_t wsize = cout_g * ntaps;
+  std::vector<T> partial(ntask * wsize);
+  std::vector<T> mbits(V);
+  {
+    using I = std::conditional_t<sizeof(T) == 8, int64_t, int32_t>;
+    for (int64_t j = 0; j < V; ++j) {
+      const I bits = j < Wo - nfull * V ? I(-1) : I(0);
+      std::memcpy(&mbits[j], &bits, sizeof(T));
+    }
+  }
+  const Vec tmask = Vec::loadu(mbits.data());
+  T* gwp = gw.mutable_data_ptr<T>();  // (C_out, cin_g, kH, kW) contiguous: group gg's element oc * ntaps + t
+  for (int64_t gg = 0; gg < p.groups; ++gg) {  // groups one after the other (depthwise: every channel)
+  at::parallel_for(0, ntask, 1, [&](int64_t b, int64_t e) {
+    std::vector<T> xbuf, gbuf;
+    std::vector<int64_t> off(ntaps);
+    for (int64_t task = b; task < e; ++task) {
+      const int64_t n0 = (task / nrb) * nimg, ni = std::min(nimg, p.N - n0);
+      const int64_t oh0 = (task % nrb) * rb, rows = std::min(rb, Ho - oh0);
+      const int64_t r0 = oh0 * p.sh - p.pt, nr = (rows - 1) * p.sh + (p.kH - 1) * p.dh + 1;
+      const int64_t x_img = cin_g * sw * nr * Wq;
+      xbuf.assign(ni * x_img, T(0));
+      for (int64_t i = 0; i < ni; ++i)
+        for (int64_t ci = 0; ci < cin_g; ++ci)
+          for (int64_t ph = 0; ph < sw; ++ph)
+            for (int64_t r = 0; r < nr; ++r) {
+              const int64_t ih = r0 + r;
+              if (ih < 0 || ih >= p.H) continue;
+              const T* src = xp + (((n0 + i) * Cin + gg * cin_g + ci) * p.H + ih) * p.W;
+              T* dst = xbuf.data() + i * x_img + ((ci * sw + ph) * nr + r) * Wq;
+              // column j holds input column j sw + ph - pl
+              const int64_t j0 = std::max<int64_t>(0, ceil_div(p.pl - ph, sw));
+              const int64_t j1 = std::min<int64_t>(Wq, floor_div(p.W - 1 + p.pl - ph, sw) + 1);
+              for (int64_t j = j0; j < j1; ++j) dst[j] = src[j * sw + ph - p.pl];
+            }
+      for (int64_t ci = 0, t = 0; ci < cin_g; ++ci)
+        for (int64_t kh = 0; kh < p.kH; ++kh)
+          for (int64_t kw = 0; kw < p.kW; ++kw, ++t)
+            off[t] = ((ci * sw + (kw * p.dw) % sw) * nr + kh * p.dh) * Wq + (kw * p.dw) / sw;
+      // grad_out rows of this task: in place when whole vectors, else zero-padded to nv V
+      const T* g0;
+      int64_t g_img, g_ch, g_row;
+      if (!tail) {
+        g0 = gp + (n0 * Cout + gg * cout_g) * HWo + oh0 * Wo;
+        g_img = Cout * HWo, g_ch = HWo, g_row = Wo;
+      } else {
+        g_row = nv * V, g_ch = rows * g_row, g_img = cout_g * g_ch;
+        gbuf.assign(ni * g_img, T(0));
+        for (int64_t i = 0; i < ni; ++i)
+          for (int64_t oc = 0; oc < cout_g; ++oc)
+            for (int64_t r = 0; r < rows; ++r) {
+              const T* src = gp + (((n0 + i) * Cout + gg * cout_g + oc) * Ho + oh0 + r) * Wo;
+              std::copy(src, src + Wo, gbuf.data() + i * g_img + oc * g_ch + r * g_row);
+            }
+        g0 = gbuf.data();
+      }
+      T* part = partial.data() + task * wsize;
+      for (int64_t oc0 = 0; oc0 < cout_g; oc0 += OCB) {
+        const int ocb = static_cast<int>(std::min<int64_t>(OCB, cout_g - oc0));
+        for (int64_t t0 = 0; t0 < ntaps; t0 += KB) {
+          const int kb = static_cast<int>(std::min<int64_t>(KB, ntaps - t0));
+          const T* gq = g0 + oc0 * g_ch;
+          T* o = part + oc0 * ntaps + t0;
+          const int64_t x_row = p.sh * Wq;
+          if (ocb == 3)
+            gw_nchw_pass_kb<T, 3>(kb, ni, rows, nfull, tail, gq, g_img, g_ch, g_row, xbuf.data(), x_img, x_row,
+                                  off.data() + t0, tmask, o, ntaps);
+          else if (ocb == 2)
+            gw_nchw_pass_kb<T, 2>(kb, ni, rows, nfull, tail, gq, g_img, g_ch, g_row, xbuf.data(), x_img, x_row,
+                                  off.data() + t0, tmask, o, ntaps);
+          else
+            gw_nchw_pass_kb<T, 1>(kb, ni, rows, nfull, tail, gq, g_img, g_ch, g_row, xbuf.data(), x_img, x_row,
+                                  off.data() + t0, tmask, o, ntaps);
+        }
+      }
+    }
+  });
+  at::parallel_for(0, wsize, 256, [&](int64_t b, int64_t e) {
+    for (int64_t j = b; j < e; ++j) {
+      double s = 0;
+      for (int64_t task = 0; task < ntask; ++task) s += static_cast<double>(partial[task * wsize + j]);
+      gwp[gg * wsize + j] = static_cast<T>(s);
+    }
+  });
+  }
+}
+
 void fwd(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias, const conv::Params& p, at::Tensor& y) {
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv2d_fwd_cpu", [&] { fwd_impl<scalar_t>(x, w, bias, p, y); });
 }
@@ -638,7 +1019,12 @@ void bwd_weight(const at::Tensor& g, const at::Tensor& x, const conv::Params& p,
                              [&] { bwd_weight_impl<scalar_t>(g, x, p, gw, gb); });
 }
 
-const Conv2dKernels kTable{&fwd, &bwd_input, &bwd_weight, &fwd_nchw};
+void bwd_weight_nchw(const at::Tensor& g, const at::Tensor& x, const conv::Params& p, at::Tensor& gw, at::Tensor& gb) {
+  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "conv2d_bwd_weight_nchw_cpu",
+                             [&] { bwd_weight_nchw_impl<scalar_t>(g, x, p, gw, gb); });
+}
+
+const Conv2dKernels kTable{&fwd, &bwd_input, &bwd_weight, &fwd_nchw, &bwd_weight_nchw};
 
 }  // namespace
 }  // namespace CPU_CAPABILITY

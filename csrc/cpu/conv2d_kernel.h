@@ -27,9 +27,14 @@ struct Conv2dKernels {
   void (*bwd_weight)(const at::Tensor& g, const at::Tensor& x, const conv::Params& p, at::Tensor& gw,
                      at::Tensor& gb);
   // The forward on NCHW directly, for few input channels and for depthwise (conv2d.cpp:
-  // use_nchw_direct): x, y contiguous NCHW; stride 1 along W; groups 1, or depthwise.
+  // use_nchw_direct): x, y contiguous NCHW; any stride; groups 1, or depthwise.
   void (*fwd_nchw)(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias, const conv::Params& p,
                    at::Tensor& y);
+  // grad_weight and/or grad_bias on NCHW directly, for few input channels (conv2d.cpp:
+  // use_nchw_bwd_weight): g, x contiguous NCHW; groups 1; any stride, padding, dilation. Deterministic:
+  // fixed tasks of output pixels, their partial sums added in order.
+  void (*bwd_weight_nchw)(const at::Tensor& g, const at::Tensor& x, const conv::Params& p, at::Tensor& gw,
+                          at::Tensor& gb);
 };
 
 PYFASTDL_CPU_KERNELS(Conv2dKernels, conv2d_kernels)
