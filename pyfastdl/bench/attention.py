@@ -9,6 +9,9 @@ scores, ``masked_softmax``, two bmm's; causal through 2-D valid_lens i + 1). Mod
 FLOPs counted (the matmul work; causal counts the half that is needed):
   fwd      4 B H L S E             (Q K^T and P V)
   fwd+bwd  14 B H L S E            (forward 4 + backward 10: Q K^T again, dO V^T, P^T dO, dS^T Q, dS K)
+varlen: (8, 12, 512, 64) with 1-D valid_lens drawn uniformly from [64, 512] (seed 0): pyfastdl's
+``valid_lens`` against torch with the equivalent boolean mask (keys past the length masked), and
+against torch on the sequences one by one (each cut to its length). FLOPs counted: the valid keys only.
 "other" shows, for the L = 4096 / 8192 forward cases, the peak memory of one call above what was in
 use before it (CPU: peak resident set, measured as in bench/optim.py).
 """
@@ -60,6 +63,46 @@ def _providers(shape, causal, mode, dtype, device, with_reference):
     return out
 
 
+VARLEN = (8, 12, 512, 64)
+
+
+def _varlen_lens(B, L):
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(64, L + 1, (B,), generator=g)
+
+
+def _varlen_providers(mode, dtype, device):
+    B, H, L, E = VARLEN
+    g = torch.Generator().manual_seed(0)
+    grad = mode == "fwd+bwd"
+    q, k, v = (torch.randn(B, H, L, E, generator=g).to(device=device, dtype=dtype).requires_grad_(grad)
+               for _ in range(3))
+    dout = torch.randn(B, H, L, E, generator=g).to(device=device, dtype=dtype)
+    lens = _varlen_lens(B, L).to(device)
+    keep = (torch.arange(L, device=device) < lens[:, None])[:, None, None, :]  # (B, 1, 1, L)
+
+    def step(fn):
+        if not grad:
+            def fwd():
+                with torch.no_grad():
+                    return fn()
+            return fwd
+        return lambda: torch.autograd.grad(fn(), (q, k, v), dout)
+
+    def one_by_one():
+        outs = []
+        for b, n in enumerate(lens.tolist()):
+            outs.append(F.scaled_dot_product_attention(q[b:b + 1], k[b:b + 1, :, :n], v[b:b + 1, :, :n]))
+        return torch.cat(outs)
+
+    import pyfastdl
+    out = pyfastdl_providers(device, step(lambda: pyfastdl.functional.scaled_dot_product_attention(
+        q, k, v, valid_lens=lens)))
+    out["torch"] = step(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=keep))
+    out["torch one by one"] = step(one_by_one)
+    return out
+
+
 def _memory_extra(device, name, fn):
     from .optim import peak_bytes
     return {"peak MB": peak_bytes(fn, device) / 2**20}
@@ -93,6 +136,15 @@ def cases(device: str, quick: bool) -> list[Case]:
                         make_providers=functools.partial(_providers, shape, causal, mode, dtype, device, reference),
                         flops=flops, bound="compute", formula=FORMULA, targets=targets,
                         extra=(functools.partial(_memory_extra, device) if mode == "fwd" and L >= 4096 else None)))
+        for mode in ("fwd", "fwd+bwd"):
+            B, H, L, E = VARLEN
+            valid = int(_varlen_lens(B, L).sum())
+            out.append(Case(
+                family=FAMILY, name="SDPA varlen", mode=mode, dtype=dtype,
+                params={"shape": VARLEN, "valid keys": f"{valid / (B * L):.0%}"},
+                make_providers=functools.partial(_varlen_providers, mode, dtype, device),
+                flops=(4 if mode == "fwd" else 14) * H * L * valid * E, bound="compute", formula=FORMULA,
+                targets=[Target("pyfastdl-cpu", "torch", 1.6)] if not on_cuda and dtype == torch.float32 else []))
         for mode in ("fwd", "fwd+bwd"):
             B, H, L, E = PER_CALL
             out.append(Case(
