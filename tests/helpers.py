@@ -78,3 +78,48 @@ def assert_schema_matches_cpp(triton_ops, op: str) -> None:
         return re.sub(r"\((\w+)!\)", "(!)", str(schema).split("::", 1)[1])
 
     assert strip(getattr(triton_ops, op).default._schema) == strip(getattr(torch.ops.pyfastdl, op).default._schema)
+
+
+# ---- processes on this machine (gloo) -----------------------------------------------------------------
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_worker(rank, port, tmp, world, scenarios):
+    import datetime
+    import traceback
+
+    import torch.distributed as dist
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    out = {}
+    try:
+        for name, scenario in scenarios:
+            try:
+                scenario(rank, out)
+            except Exception:  # recorded for the test that reads it; the other scenarios still run
+                out[f"{name}/exception"] = traceback.format_exc()
+            dist.barrier()
+    finally:
+        torch.save(out, os.path.join(tmp, f"rank{rank}.pt"))
+        dist.destroy_process_group()
+
+
+def run_in_ranks(tmp: str, world: int, scenarios) -> list:
+    """One spawn of ``world`` gloo processes on this machine (one thread each): every rank runs each
+    ``(name, fn)`` of ``scenarios`` in order as ``fn(rank, out)`` (module-level functions or partials:
+    they are pickled), a barrier after each; an exception is recorded as ``out[name + "/exception"]``
+    and the next scenario still runs. Returns each rank's ``out``."""
+    import torch.multiprocessing as mp
+    mp.spawn(_rank_worker, args=(_free_port(), tmp, world, scenarios), nprocs=world, join=True)
+    return [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False) for r in range(world)]
+
+
+def assert_no_exception(ranks: list, name: str) -> None:
+    for r, out in enumerate(ranks):
+        assert f"{name}/exception" not in out, f"rank {r}:\n{out[f'{name}/exception']}"

@@ -10,15 +10,12 @@ saves what each rank ends with; the tests then compare:
   against the same torch model under DDP: forward outputs, parameters and running statistics;
 - FSDP2 (``fully_shard``): a pyfastdl optimizer on the sharded (DTensor) params against torch's.
 """
-import datetime
-import os
-import socket
-import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from helpers import assert_no_exception, run_in_ranks
 
 WORLD = 2
 OPTIMS = [("SGD", dict(lr=0.1, momentum=0.9)), ("Adam", dict(lr=0.01, weight_decay=0.1)),
@@ -28,12 +25,6 @@ STEPS = 3
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="needs torch.distributed with gloo")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _mlp(seed):
@@ -166,33 +157,13 @@ def _fsdp2(rank, out):
     out["fsdp/state_is_dtensor"] = type(opt.state[next(iter(ours.parameters()))]["exp_avg"]).__name__
 
 
-def _worker(rank, port, tmp):
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60))
-    out = {}
-    try:
-        for scenario in (_ddp_optimizers, _ddp_step_in_backward, _ddp_layers, _fsdp2):
-            try:
-                scenario(rank, out)
-            except Exception:  # recorded for the test that reads it; the other scenarios still run
-                out[f"{scenario.__name__}/exception"] = traceback.format_exc()
-            dist.barrier()
-    finally:
-        torch.save(out, os.path.join(tmp, f"rank{rank}.pt"))
-        dist.destroy_process_group()
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    tmp = str(tmp_path_factory.mktemp("dist"))
-    mp.spawn(_worker, args=(_free_port(), tmp), nprocs=WORLD, join=True)
-    return [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
+    return run_in_ranks(str(tmp_path_factory.mktemp("dist")), WORLD,
+                        [(f.__name__, f) for f in (_ddp_optimizers, _ddp_step_in_backward, _ddp_layers, _fsdp2)])
 
 
-def _no_exception(ranks, scenario):
-    for r, out in enumerate(ranks):
-        assert f"{scenario}/exception" not in out, f"rank {r}:\n{out[f'{scenario}/exception']}"
+_no_exception = assert_no_exception
 
 
 def _equal_across_ranks(ranks, key):

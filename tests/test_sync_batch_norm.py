@@ -10,20 +10,16 @@ averaged over the ranks as DDP averages the gradients. One spawn runs every scen
 rank, eval mode without collectives, the model converted from torch.nn.SyncBatchNorm), saves what each
 rank ends with, and the tests compare.
 """
-import datetime
-import os
-import socket
-import traceback
+import functools
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import pyfastdl
 from pyfastdl import backends
 from pyfastdl.autograd.sync_batch_norm import sync_batch_norm
-from helpers import DEVICE, MARKS, TRITON_DEVICE, assert_rel, params
+from helpers import DEVICE, MARKS, TRITON_DEVICE, assert_no_exception, assert_rel, params, run_in_ranks
 
 WORLD = 2
 STEPS = 3
@@ -314,12 +310,6 @@ def test_convert_sync_batchnorm_classmethod():
 
 # ---- two gloo processes -------------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class _Net(torch.nn.Module):
     """conv -> BN2d -> ReLU -> flatten -> linear -> BN1d (momentum=None) -> ReLU -> linear, the batch
     norms from ``bn`` (a class: torch.nn.SyncBatchNorm, pyfastdl.nn.SyncBatchNorm, or torch's
@@ -423,40 +413,18 @@ def _torch_refuses_cpu(rank, out):
         out["torch_cpu/error"] = str(e)
 
 
-def _worker(rank, port, tmp):
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60))
-    out = {}
-    scenarios = [lambda r, o: _ddp_train(r, o, torch.float32, False),
-                 lambda r, o: _ddp_train(r, o, torch.float32, True),
-                 lambda r, o: _ddp_train(r, o, torch.float64, False),
-                 _empty_rank, _eval_without_collectives, _torch_refuses_cpu]
-    names = ["ddp32", "ddp32cl", "ddp64", "empty", "eval", "torch_cpu"]
-    try:
-        for name, scenario in zip(names, scenarios):
-            try:
-                scenario(rank, out)
-            except Exception:  # recorded for the test that reads it; the other scenarios still run
-                out[f"{name}/exception"] = traceback.format_exc()
-            dist.barrier()
-    finally:
-        torch.save(out, os.path.join(tmp, f"rank{rank}.pt"))
-        dist.destroy_process_group()
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     if not (dist.is_available() and dist.is_gloo_available()):
         pytest.skip("needs torch.distributed with gloo")
-    tmp = str(tmp_path_factory.mktemp("syncbn"))
-    mp.spawn(_worker, args=(_free_port(), tmp), nprocs=WORLD, join=True)
-    return [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
+    scenarios = [("ddp32", functools.partial(_ddp_train, dtype=torch.float32, channels_last=False)),
+                 ("ddp32cl", functools.partial(_ddp_train, dtype=torch.float32, channels_last=True)),
+                 ("ddp64", functools.partial(_ddp_train, dtype=torch.float64, channels_last=False)),
+                 ("empty", _empty_rank), ("eval", _eval_without_collectives), ("torch_cpu", _torch_refuses_cpu)]
+    return run_in_ranks(str(tmp_path_factory.mktemp("syncbn")), WORLD, scenarios)
 
 
-def _no_exception(ranks, name):
-    for r, out in enumerate(ranks):
-        assert f"{name}/exception" not in out, f"rank {r}:\n{out[f'{name}/exception']}"
+_no_exception = assert_no_exception
 
 
 def _reference_run(dtype):

@@ -34,6 +34,16 @@ PER_CALL = (1, 1, 1, 1)
 FORMULA = "flops = 4 B H L S E (fwd), 14 B H L S E (fwd+bwd); causal: half"
 
 
+def _step(fn, inputs, dout, grad):
+    """The timed call: fn(*inputs) under no_grad ("fwd"), or with autograd.grad of the inputs."""
+    if not grad:
+        def fwd():
+            with torch.no_grad():
+                return fn(*inputs)
+        return fwd
+    return lambda: torch.autograd.grad(fn(*inputs), inputs, dout)
+
+
 def _providers(shape, causal, mode, dtype, device, with_reference):
     B, H, L, E = shape
     g = torch.Generator().manual_seed(0)
@@ -43,12 +53,7 @@ def _providers(shape, causal, mode, dtype, device, with_reference):
     dout = torch.randn(B, H, L, E, generator=g).to(device=device, dtype=dtype)
 
     def step(fn, inputs=(q, k, v), d=dout):
-        if not grad:
-            def fwd():
-                with torch.no_grad():
-                    return fn(*inputs)
-            return fwd
-        return lambda: torch.autograd.grad(fn(*inputs), inputs, d)
+        return _step(fn, inputs, d, grad)
 
     import pyfastdl
     out = pyfastdl_providers(device, step(lambda a, b, c: pyfastdl.functional.scaled_dot_product_attention(
@@ -82,12 +87,7 @@ def _varlen_providers(mode, dtype, device):
     keep = (torch.arange(L, device=device) < lens[:, None])[:, None, None, :]  # (B, 1, 1, L)
 
     def step(fn):
-        if not grad:
-            def fwd():
-                with torch.no_grad():
-                    return fn()
-            return fwd
-        return lambda: torch.autograd.grad(fn(), (q, k, v), dout)
+        return _step(lambda a, b, c: fn(), (q, k, v), dout, grad)
 
     def one_by_one():
         outs = []
