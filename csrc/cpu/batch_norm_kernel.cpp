@@ -193,35 +193,45 @@ void reduce_ncs(const T* x, const T* g, const bn::Layout& L, const ConstPtrs<T, 
   }
 }
 
-// NCS, one task per channel: reduce channel c's N runs (same order as reduce_ncs), hand the sums
-// to on_sums(c, s1, s2) (which fills channel c's constants), then map the same runs while they are
-// still in L2/L3: DRAM sees the data once where the two-phase path reads it twice.
+// NCS, per block of channels: reduce each channel's N runs (same order as reduce_ncs), hand the
+// sums to on_sums(c, s1, s2) (which fills channel c's constants), then map the same runs while they
+// are still in L2: DRAM sees the data once where the two-phase path reads it twice. A block holds
+// as many channels as keep its inputs within kBlockBytes, so that for small planes (14x14) each
+// image's runs of the block are one contiguous stretch the hardware prefetcher can follow, not a
+// 784-byte run per page. Measured on the 2-core EPYC, float32 (32, 256, 14, 14) in a fwd+bwd loop:
+// one channel per task made forward 1.7 ms and backward 2.4 ms (0.45 / 1.55 ms when looped alone).
 template <typename T, int NKR, int NKM, typename RedOp, typename MapOp>
 void reduce_then_map_per_channel(const T* x, const T* g, const bn::Layout& L,
                                  const ConstPtrs<T, NKR>& kr, RedOp red, PerChannelFn on_sums,
                                  const ConstPtrs<T, NKM>& km, MapOp mp, T* out) {
+  constexpr int64_t kBlockBytes = 256 << 10;
   const int64_t C = L.C, S = L.S, N = L.N;
   const bool stream = N * C * S * static_cast<int64_t>(sizeof(T)) > stream_bytes();
+  constexpr int64_t kMaxBlock = 64;
+  const int64_t CB = std::clamp<int64_t>(kBlockBytes / std::max<int64_t>(N * S * sizeof(T), 1), 1, kMaxBlock);
   // At least kGrain elements a task: a small input runs inline, without a parallel region's fork and
-  // join (each channel is one task's whole, in the same order, whatever the split).
+  // join (each channel's sums are in the same order whatever the split).
   at::parallel_for(0, C, std::max<int64_t>(1, kGrain / std::max<int64_t>(N * S, 1)), [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      const Consts<T> k = kr.broadcast(c);
-      double s1 = 0, s2 = 0;
-      for (int64_t n = 0; n < N; ++n) {
-        const auto s = reduce_run(x + (n * C + c) * S, g + (n * C + c) * S, S, k, red);
-        s1 += s.first;
-        s2 += s.second;
-      }
-      on_sums(c, s1, s2);
-      const Consts<T> k2 = km.broadcast(c);
-      for (int64_t n = 0; n < N; ++n) {
-        const int64_t o = (n * C + c) * S;
-        if (stream)
-          map_run<true>(x + o, g + o, S, k2, mp, out + o);
-        else
-          map_run<false>(x + o, g + o, S, k2, mp, out + o);
-      }
+    double s1[kMaxBlock], s2[kMaxBlock];
+    for (int64_t cb = c0; cb < c1; cb += CB) {
+      const int64_t ce = std::min(c1, cb + CB);
+      std::fill(s1, s1 + (ce - cb), 0.0);
+      std::fill(s2, s2 + (ce - cb), 0.0);
+      for (int64_t n = 0; n < N; ++n)
+        for (int64_t c = cb; c < ce; ++c) {
+          const auto s = reduce_run(x + (n * C + c) * S, g + (n * C + c) * S, S, kr.broadcast(c), red);
+          s1[c - cb] += s.first;
+          s2[c - cb] += s.second;
+        }
+      for (int64_t c = cb; c < ce; ++c) on_sums(c, s1[c - cb], s2[c - cb]);
+      for (int64_t n = 0; n < N; ++n)
+        for (int64_t c = cb; c < ce; ++c) {
+          const int64_t o = (n * C + c) * S;
+          if (stream)
+            map_run<true>(x + o, g + o, S, km.broadcast(c), mp, out + o);
+          else
+            map_run<false>(x + o, g + o, S, km.broadcast(c), mp, out + o);
+        }
     }
     if (stream) stream_fence();
   });
