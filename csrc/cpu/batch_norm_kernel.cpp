@@ -251,6 +251,7 @@ void reduce_mc(const T* x, const T* g, const bn::Layout& L, const ConstPtrs<T, N
   const bool small = M * C * static_cast<int64_t>(sizeof(T)) <= (int64_t(1) << 20);
   at::parallel_for(0, nb, std::max<int64_t>(1, kGrain / (SB * C)), [&](int64_t b0, int64_t b1) {
     std::vector<T> acc(2 * C);
+    const ConstPtrs<T, NK> kl = kp;  // (the task's own copy: not reloaded after each store)
     for (int64_t b = b0; b < b1; ++b) {
       std::fill(acc.begin(), acc.end(), T(0));
       const int64_t end = std::min(M, (b + 1) * SB);
@@ -258,9 +259,22 @@ void reduce_mc(const T* x, const T* g, const bn::Layout& L, const ConstPtrs<T, N
       T* acc2 = acc1 + C;
       if (small) {
         // The block sits in L1/L2: one channel tile at a time down the rows, sums in registers.
+        // Full tiles: four rows at a time into four accumulator pairs (the adds of one row do not
+        // wait for the previous row's), combined in a fixed order.
         for (int64_t j = 0; j < C; j += W) {
           const int64_t n = std::min<int64_t>(W, C - j);
-          const Consts<T> k = kp.load(j, n);
+          const Consts<T> k = kl.load(j, n);
+          if (n == W) {
+            Vec a1[4] = {Vec(0), Vec(0), Vec(0), Vec(0)}, a2[4] = {Vec(0), Vec(0), Vec(0), Vec(0)};
+            int64_t m = b * SB;
+            for (; m + 4 <= end; m += 4)
+              for (int u = 0; u < 4; ++u)
+                op(Vec::loadu(x + (m + u) * C + j), Vec::loadu(g + (m + u) * C + j), k, a1[u], a2[u]);
+            for (; m < end; ++m) op(Vec::loadu(x + m * C + j), Vec::loadu(g + m * C + j), k, a1[0], a2[0]);
+            ((a1[0] + a1[1]) + (a1[2] + a1[3])).store(acc1 + j);
+            ((a2[0] + a2[1]) + (a2[2] + a2[3])).store(acc2 + j);
+            continue;
+          }
           Vec a1(0), a2(0);
           for (int64_t m = b * SB; m < end; ++m) {
             Vec t1(0), t2(0);
@@ -279,14 +293,14 @@ void reduce_mc(const T* x, const T* g, const bn::Layout& L, const ConstPtrs<T, N
           int64_t j = 0;
           for (; j + W <= C; j += W) {
             Vec a1 = Vec::loadu(acc1 + j), a2 = Vec::loadu(acc2 + j);
-            op(Vec::loadu(xr + j), Vec::loadu(gr + j), kp.load(j), a1, a2);
+            op(Vec::loadu(xr + j), Vec::loadu(gr + j), kl.load(j), a1, a2);
             a1.store(acc1 + j);
             a2.store(acc2 + j);
           }
           if (j < C) {
             const int64_t n = C - j;
             Vec t1(0), t2(0);
-            op(Vec::loadu(xr + j, n), Vec::loadu(gr + j, n), kp.load(j, n), t1, t2);
+            op(Vec::loadu(xr + j, n), Vec::loadu(gr + j, n), kl.load(j, n), t1, t2);
             (Vec::loadu(acc1 + j, n) + t1).store(acc1 + j, n);
             (Vec::loadu(acc2 + j, n) + t2).store(acc2 + j, n);
           }
@@ -338,16 +352,19 @@ void map(const T* x, const T* g, const bn::Layout& L, const ConstPtrs<T, NK>& kp
   } else {
     const int64_t M = L.N * L.S;
     at::parallel_for(0, M, std::max<int64_t>(1, kGrain / C), [&](int64_t m0, int64_t m1) {
-      // Row by row, contiguous: the hardware prefetcher streams; the constants come from L1.
+      // Row by row, contiguous: the hardware prefetcher streams; the constants come from L1. The
+      // constants' pointers are copied to the task's own frame: read through the caller's struct,
+      // they were reloaded after every store to out (which might alias it).
+      const ConstPtrs<T, NK> kl = kp;
       const int64_t Cv = C - C % W;
       for (int64_t m = m0; m < m1; ++m) {
         const T* xr = x + m * C;
         const T* gr = g + m * C;
         T* o = out + m * C;
-        for (int64_t j = 0; j < Cv; j += W) op(Vec::loadu(xr + j), Vec::loadu(gr + j), kp.load(j)).store(o + j);
+        for (int64_t j = 0; j < Cv; j += W) op(Vec::loadu(xr + j), Vec::loadu(gr + j), kl.load(j)).store(o + j);
         if (Cv < C) {
           const int64_t n = C - Cv;
-          op(Vec::loadu(xr + Cv, n), Vec::loadu(gr + Cv, n), kp.load(Cv, n)).store(o + Cv, n);
+          op(Vec::loadu(xr + Cv, n), Vec::loadu(gr + Cv, n), kl.load(Cv, n)).store(o + Cv, n);
         }
       }
     });
