@@ -425,7 +425,9 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     kH, kW); bias: (C_out,) or None. stride, dilation: int or (h, w); padding: int, (h, w), 'valid'
     or 'same' (stride 1 only; an odd total padding puts the extra row/column at the bottom/right,
     as torch, without a copy). Returns (N, C_out, H_out, W_out) ((C_out, H_out, W_out) unbatched)
-    in input's memory format, H_out = (H + 2 ph - dh (kH - 1) - 1) // sh + 1.
+    channels_last when input's or weight's strides suggest channels_last (torch's rule: a model
+    converted with .to(memory_format=torch.channels_last) runs channels_last from its first layer
+    on), contiguous otherwise; H_out = (H + 2 ph - dh (kH - 1) - 1) // sh + 1.
     Differentiable (grad_input, grad_weight, grad_bias, each only when needed) and twice
     differentiable (create_graph=True recomputes the forward with torch's math: recorded as
     conv2d_double_backward -> reference)."""

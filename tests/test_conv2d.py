@@ -68,6 +68,11 @@ def make(c, dtype, device, layout="contiguous", seed=0):
     return x, w, b, dict(stride=s, padding=p, dilation=d, groups=g)
 
 
+def _formats(t):
+    """(contiguous, channels_last): which memory formats t is in (both where C or H x W is 1)."""
+    return t.is_contiguous(), t.is_contiguous(memory_format=torch.channels_last)
+
+
 def run(backend, *args, **kwargs):
     with backends.use(backend):
         out = PF.conv2d(*args, **kwargs)
@@ -93,10 +98,7 @@ def test_forward_backward_match_torch(backend, dtype, layout):
         ref_leaves = [t.detach().double().cpu().requires_grad_() for t in (x, w, b)]
         ref = F.conv2d(*ref_leaves, **kw)
         assert y.shape == ref.shape and y.dtype == dtype
-        if layout == "channels_last" and c[1] > 1 and c[2] * c[3] > 1:
-            assert y.is_contiguous(memory_format=torch.channels_last), c
-        else:
-            assert y.is_contiguous(), c
+        assert _formats(y) == _formats(F.conv2d(x, w, b, **kw)), c  # torch's output memory format
         gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
         y.backward(gy.to(dtype).to(device))
         ref.backward(gy)
@@ -557,10 +559,7 @@ def _check_against_torch(backend, dtype, layout, c):
     ref_leaves = [t.detach().double().cpu().requires_grad_() for t in (x, w, b)]
     ref = F.conv2d(*ref_leaves, **kw)
     assert y.shape == ref.shape and y.dtype == dtype
-    if layout == "channels_last" and c[1] > 1 and c[2] * c[3] > 1:
-        assert y.is_contiguous(memory_format=torch.channels_last), c
-    else:
-        assert y.is_contiguous(), c
+    assert _formats(y) == _formats(F.conv2d(x, w, b, **kw)), c  # torch's output memory format
     gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     y.backward(gy.to(dtype).to(device))
     ref.backward(gy)

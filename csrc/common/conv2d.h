@@ -5,7 +5,7 @@
 // Entry points (signatures stable: csrc/cpu/conv2d.cpp and csrc/cuda/conv2d.cu both call them):
 //   conv::Params conv::check_fwd(input, weight, bias, stride, padding, dilation, groups, allowed, op)
 //   conv::Params conv::check_bwd(grad_out, input, weight, stride, padding, dilation, groups, allowed, op)
-//   bool         conv::is_channels_last(input)      -- the memory format the output is given
+//   bool         conv::is_channels_last(input, weight) -- the memory format the output is given
 //   at::Tensor   conv::to_layout(t, channels_last)  -- t itself or a copy in that format
 //   at::ScalarType conv::acc_dtype(dtype)           -- float64 for float64, float32 otherwise
 #pragma once
@@ -19,7 +19,8 @@ namespace conv {
 
 // One convolution problem, every size resolved. Input (N, C_in, H, W), weight (C_out, C_in / groups,
 // kH, kW), output (N, C_out, H_out, W_out); padding (top pt, bottom pb, left pl, right pr) of zeros.
-// channels_last: input and output are NHWC in memory (else NCHW contiguous).
+// channels_last: the output (and grad_input) is NHWC in memory, else NCHW contiguous; the input is
+// read in either (the launchers bring it into the kernels' layout).
 struct Params {
   int64_t N = 0, C_in = 0, H = 0, W = 0;
   int64_t C_out = 0, kH = 0, kW = 0;
@@ -39,10 +40,15 @@ struct Params {
 // The accumulation ("opmath") dtype: float64 for float64 input, float32 otherwise.
 inline at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
-// channels_last when input is channels_last and not also contiguous (C == 1 or H == W == 1 are both:
-// then NCHW) -- the rule of pyfastdl/autograd/conv2d.py's _memory_format.
-inline bool is_channels_last(const at::Tensor& input) {
-  return input.dim() == 4 && !input.is_contiguous() && input.is_contiguous(at::MemoryFormat::ChannelsLast);
+// The output's memory format, torch's rule for a CPU or cuDNN convolution: channels_last when the
+// input's or the weight's strides suggest channels_last (suggest_memory_format: a (N, 1, H, W)
+// input converted with .to(memory_format=torch.channels_last) does, a contiguous one does not), for
+// float64 too -- so a model converted to channels_last (weights channels_last, the first input NCHW)
+// stays channels_last from its first convolution on, as with torch. The rule of
+// pyfastdl/autograd/conv2d.py's _memory_format.
+inline bool is_channels_last(const at::Tensor& input, const at::Tensor& weight) {
+  return input.dim() == 4 && (input.suggest_memory_format() == at::MemoryFormat::ChannelsLast ||
+                              (weight.dim() == 4 && weight.suggest_memory_format() == at::MemoryFormat::ChannelsLast));
 }
 
 // `t` itself when it already is in the layout, else a copy in it.
@@ -115,7 +121,7 @@ inline Params check_common(const at::Tensor& input, const at::Tensor& weight, at
               " x ", pw, "; input of shape ", input.sizes(), ", padding ", padding, ")");
   p.H_out = (ph - eff_h) / p.sh + 1;
   p.W_out = (pw - eff_w) / p.sw + 1;
-  p.channels_last = is_channels_last(input);
+  p.channels_last = is_channels_last(input, weight);
   return p;
 }
 

@@ -13,26 +13,28 @@ def conv2d_out_size(H, W, kH, kW, stride, padding, dilation):
     return H_out, W_out
 
 
-def _memory_format(input):
-    """channels_last when input is channels_last and not also contiguous (C == 1 or H == W == 1 are
-    both: then contiguous)."""
-    if input.dim() == 4 and not input.is_contiguous() and input.is_contiguous(memory_format=torch.channels_last):
+def _memory_format(input, weight):
+    """The output's memory format, torch's rule for a CPU or cuDNN convolution: channels_last when
+    the input's or the weight's strides suggest it (csrc/common/conv2d.h, is_channels_last)."""
+    from torch._prims_common import suggest_memory_format
+    if input.dim() == 4 and (suggest_memory_format(input) == torch.channels_last or
+                             (weight.dim() == 4 and suggest_memory_format(weight) == torch.channels_last)):
         return torch.channels_last
     return torch.contiguous_format
 
 
 def conv2d_fwd_shapes(input, weight, stride, padding, dilation):
-    """The output conv2d_fwd allocates: (N, C_out, H_out, W_out) in input's memory format."""
+    """The output conv2d_fwd allocates: (N, C_out, H_out, W_out) in _memory_format(input, weight)."""
     N, _, H, W = input.shape
     H_out, W_out = conv2d_out_size(H, W, weight.shape[2], weight.shape[3], stride, padding, dilation)
     return torch.empty((N, weight.shape[0], H_out, W_out), dtype=input.dtype, device=input.device,
-                       memory_format=_memory_format(input))
+                       memory_format=_memory_format(input, weight))
 
 
 def conv2d_bwd_shapes(input, weight, output_mask):
-    """The outputs conv2d_bwd allocates: grad_input like input (its memory format), grad_weight like
+    """The outputs conv2d_bwd allocates: grad_input like input (in _memory_format(input, weight)), grad_weight like
     weight (contiguous), grad_bias (C_out,); None where output_mask is False."""
-    return (torch.empty_like(input, memory_format=_memory_format(input)) if output_mask[0] else None,
+    return (torch.empty_like(input, memory_format=_memory_format(input, weight)) if output_mask[0] else None,
             weight.new_empty(weight.shape) if output_mask[1] else None,
             weight.new_empty((weight.shape[0],)) if output_mask[2] else None)
 
