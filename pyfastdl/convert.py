@@ -14,6 +14,7 @@ import logging
 import torch
 
 from . import nn as pnn
+from .nn.batch_norm import fusable_pairs as _fusable_pairs
 from .reference.attention import DotProductAttention as _NotesDotProductAttention
 from .reference.batch_norm import BatchNorm as _NotesBatchNorm
 
@@ -92,7 +93,7 @@ def _qual(cls) -> str:
 
 
 def convert(model: torch.nn.Module, *, inplace: bool = True, summary: bool = False,
-            verbose: bool = False):
+            verbose: bool = False, fuse: bool = True):
     """Replaces every layer that has a pyfastdl twin by the twin, weights kept.
 
     Swapped (exact classes; a user's subclass is left alone, its forward may differ):
@@ -117,6 +118,10 @@ def convert(model: torch.nn.Module, *, inplace: bool = True, summary: bool = Fal
             ``model`` untouched.
         summary: also return a :class:`ConvertSummary` of what was swapped, left, and why.
         verbose: log the summary (logger ``pyfastdl.convert``, level INFO).
+        fuse: True (default) re-classes a ``torch.nn.Sequential`` holding a BatchNorm directly
+            followed by a ``torch.nn.ReLU`` as :class:`pyfastdl.nn.BatchNormReLUSequential`, which runs
+            each such pair as one kernel (same children, names and state_dict; each child alone
+            behaves as before; a hooked pair runs unfused). False leaves Sequentials as they are.
 
     Returns:
         the converted model (``model`` itself when inplace; a new object only when ``model`` is itself a
@@ -131,13 +136,13 @@ def convert(model: torch.nn.Module, *, inplace: bool = True, summary: bool = Fal
         model = copy.deepcopy(model)
     report = ConvertSummary()
     twins = frozenset(_SWAPS.values()) | frozenset(_TWIN_EXTRAS)
-    model = _convert(model, "", report, {}, twins)
+    model = _convert(model, "", report, {}, twins, fuse)
     if verbose:
         _log.info("%s", report)
     return (model, report) if summary else model
 
 
-def _convert(module, name, report, memo, twins):
+def _convert(module, name, report, memo, twins, fuse=True):
     if id(module) in memo:  # a module registered twice (shared weights): converted once
         return memo[id(module)]
     original = module
@@ -168,9 +173,15 @@ def _convert(module, name, report, memo, twins):
     for child_name, child in list(module._modules.items()):
         if child is None:
             continue
-        new = _convert(child, f"{name}.{child_name}" if name else child_name, report, memo, twins)
+        new = _convert(child, f"{name}.{child_name}" if name else child_name, report, memo, twins, fuse)
         if new is not child:
             setattr(module, child_name, new)
+    if type(module) is torch.nn.Sequential and fuse and _fusable_pairs(module):
+        # (pyfastdl BatchNorm, ReLU) pairs run as one kernel; the children stay as they are
+        n = _fusable_pairs(module)
+        module.__class__ = pnn.BatchNormReLUSequential
+        report.swapped.append(ConvertEntry(name, torch.nn.Sequential, pnn.BatchNormReLUSequential,
+                                           f"{n} BatchNorm + ReLU pair{'s' if n > 1 else ''} fused"))
     if type(module) is torch.nn.TransformerEncoder:
         # its eval-mode nested-tensor path packs the batch and hands it to torch's fused layer op;
         # switched off, every layer runs its own forward (and pyfastdl's attention)
@@ -223,7 +234,7 @@ def _all_sources():
 
 
 # pyfastdl classes that convert produces other than _SWAPS's values (recognized as converted already)
-_TWIN_EXTRAS = {pnn.DotProductAttention}
+_TWIN_EXTRAS = {pnn.DotProductAttention, pnn.BatchNormReLUSequential}
 
 
 # LSTM and GRU (family rnn). An LSTM with proj_size != 0 is left (pyfastdl.nn.LSTM supports

@@ -64,9 +64,10 @@ def batch_norm(input: torch.Tensor, running_mean: torch.Tensor | None, running_v
     # The common case, kept lean (per-call cost): the cpu/cuda op with its C++ derivative through its
     # direct entry (csrc/cpu/percall.cpp), which returns None for what it does not take (another
     # device, a non-floating or 1-D input, a non-Tensor argument): the full path below then runs.
-    if (activation is None and type(input) is torch.Tensor and not _is_compiling()
+    if ((activation is None or activation == "relu") and type(input) is torch.Tensor and not _is_compiling()
             and backends.picked("batch_norm", input.device, input.dtype) is not None):
-        out = _C.batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps, False)
+        out = _C.batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps,
+                            activation == "relu")
         if out is not None:
             return out
     if not isinstance(input, torch.Tensor):

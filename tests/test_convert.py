@@ -515,3 +515,68 @@ def test_converted_model_under_torch_compile(name, _fresh_dynamo):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-6, msg=n)
     for (n, a), (_, b) in zip(eager.named_buffers(), compiled_model.named_buffers()):
         torch.testing.assert_close(b, a, msg=n)
+
+
+# ---- BatchNorm + ReLU pairs of a Sequential fused (convert(fuse=True)) ------------------------------
+
+def _bn_relu_net():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3, padding=1), torch.nn.BatchNorm2d(6), torch.nn.ReLU(),
+                               torch.nn.Conv2d(6, 4, 1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(inplace=True),
+                               torch.nn.Flatten(), torch.nn.Linear(4 * 25, 8), torch.nn.BatchNorm1d(8),
+                               torch.nn.ReLU())
+
+
+def _relu_calls(monkeypatch):
+    calls = []
+    orig = torch.nn.ReLU.forward
+    monkeypatch.setattr(torch.nn.ReLU, "forward", lambda self, x: calls.append(1) or orig(self, x))
+    return calls
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_bn_relu_pairs_fused_match_torch(monkeypatch, train):
+    """A Sequential with (BatchNorm, ReLU) pairs becomes BatchNormReLUSequential: no ReLU module runs
+    (the kernel applies max(y, 0)), and outputs, every gradient and the running statistics are torch's;
+    the state_dict keys and children are the Sequential's."""
+    ref = _bn_relu_net().train(train)
+    net, summary = pyfastdl.convert(copy.deepcopy(ref), summary=True)
+    assert type(net) is pyfastdl.nn.BatchNormReLUSequential and isinstance(net, torch.nn.Sequential)
+    entry = next(e for e in summary.swapped if e.before is torch.nn.Sequential)
+    assert entry.name == "" and "3 BatchNorm + ReLU pairs fused" in entry.reason
+    assert list(net.state_dict()) == list(ref.state_dict())
+    assert [type(m) for m in net][2] is torch.nn.ReLU
+    calls = _relu_calls(monkeypatch)
+    x = torch.randn(5, 3, 5, 5)
+    xs = [x.clone().requires_grad_() for _ in range(2)]
+    y, yt = net(xs[0]), ref(xs[1])
+    assert calls == [1, 1, 1]  # torch's three ReLUs ran; pyfastdl's model ran none
+    assert (y >= 0).all()
+    assert_rel(y, yt, torch.float32, "gemm")
+    y.square().sum().backward()
+    yt.square().sum().backward()
+    assert_rel(xs[0].grad, xs[1].grad, torch.float32, "gemm", factor=10)
+    # (a bias in front of a training BatchNorm has a gradient of zero up to rounding: measured against
+    # the largest gradient's norm, not its own)
+    scale = max(pt.grad.norm().item() for pt in ref.parameters())
+    for (n, p), (_, pt) in zip(net.named_parameters(), ref.named_parameters()):
+        assert (p.grad - pt.grad).norm().item() <= 1e-5 * scale, n
+    for (n, b), (_, bt) in zip(net.named_buffers(), ref.named_buffers()):
+        assert torch.allclose(b.float(), bt.float(), rtol=1e-5, atol=1e-6), n
+    # each child alone behaves as before: the BatchNorm gives negative values, without a ReLU
+    assert (net[1](torch.randn(4, 6, 3, 3)) < 0).any()
+
+
+def test_bn_relu_fusion_hooks_idempotence_and_opt_out(monkeypatch):
+    net = pyfastdl.convert(_bn_relu_net())
+    again, summary = pyfastdl.convert(net, summary=True)
+    assert again is net and summary.swapped == []
+    assert any(e.name == "" and e.before is pyfastdl.nn.BatchNormReLUSequential for e in summary.already)
+    # a hooked ReLU runs unfused, so its hook sees the batch norm's output and its own
+    seen = []
+    net[2].register_forward_hook(lambda m, i, o: seen.append((i[0].min().item(), o.min().item())))
+    calls = _relu_calls(monkeypatch)
+    y = net(torch.randn(5, 3, 5, 5))
+    assert len(calls) == 1 and len(seen) == 1 and seen[0][0] < 0 and seen[0][1] >= 0 and (y >= 0).all()
+    kept = pyfastdl.convert(_bn_relu_net(), fuse=False)
+    assert type(kept) is torch.nn.Sequential
