@@ -115,6 +115,16 @@ bool all_finite(const T* x, int64_t n) {
   return s == T(0);
 }
 
+// exp of a vector of x - m <= 0 (or NaN, or -inf). float: ATen's polynomial exp_u20 (measured on the
+// EPYC: 1.9x faster than Sleef's expf u10, at most 1.6e-7 relative error on [-10, 0]; below
+// ln(FLT_MIN) it gives 0 where Sleef gives a denormal) with NaN put back (its clamping drops NaN);
+// double: Sleef.
+template <typename T>
+inline Vectorized<T> exp_nonpos(const Vectorized<T>& d) {
+  if constexpr (std::is_same_v<T, float>) return Vectorized<T>::blendv(d.exp_u20(), d, d.isnan());
+  else return d.exp();
+}
+
 // x = exp(x - m); returns the sum.
 template <typename T>
 T exp_sub_sum(T* x, int64_t n, T m) {
@@ -123,7 +133,7 @@ T exp_sub_sum(T* x, int64_t n, T m) {
   V acc(T(0));
   int64_t c = 0;
   for (; c + V::size() <= n; c += V::size()) {
-    const V e = (V::loadu(x + c) - vm).exp();
+    const V e = exp_nonpos(V::loadu(x + c) - vm);
     e.store(x + c);
     acc = acc + e;
   }
