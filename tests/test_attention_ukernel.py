@@ -159,12 +159,17 @@ def test_own_matches_blas_float64_and_torch(case):
 
 
 @needs_ukernel
-def test_own_is_the_default_for_float32_and_float64_keeps_blas():
-    case = CASES[2]
+def test_auto_is_the_measured_rule_and_float64_keeps_blas():
+    """auto: the own kernel for float32, except the backward at head dims > 64 (BLAS measured as fast
+    or faster there on the EPYC); float64 always BLAS."""
     with mode("auto"):
-        run_ops(case, torch.float32)
+        run_ops(CASES[2], torch.float32)  # E = Ev = 64
         assert gemm_mode("last") == "fwd=own;bwd=own"
-        run_ops(case, torch.float64)
+        run_ops(CASES[4], torch.float32)  # E = Ev = 128
+        assert gemm_mode("last") == "fwd=own;bwd=blas"
+        run_ops(CASES[8], torch.float32)  # E = 7, Ev = 16
+        assert gemm_mode("last") == "fwd=own;bwd=own"
+        run_ops(CASES[2], torch.float64)
         assert gemm_mode("last") == "fwd=blas;bwd=blas"
 
 

@@ -44,7 +44,7 @@ using at::vec::Vectorized;
 // larger BLAS calls; the scores of a block, 128 KB, stay in L2).
 constexpr int64_t kBq = 128;  // queries per block
 // The own micro-kernel keeps 256 keys (measured single-threaded, E = 64 and 128, causal and not: 128
-// keys ran fwd+bwd 4-26% slower, the backward's per-block work doubling).
+// keys ran fwd+bwd 4-26% slower).
 constexpr int64_t kBk = 256;  // keys per block
 
 // The BLAS gemm that libtorch_cpu carries (MKL or OpenBLAS, Fortran interface), looked up at run time:
@@ -444,12 +444,17 @@ namespace CPU_CAPABILITY {
 namespace {
 
 // Whether this call's float32 block products run on the own micro-kernel (PYFASTDL_ATTENTION_GEMM /
-// attention_cpu_gemm); float64 and the DEFAULT capability keep the BLAS.
+// attention_cpu_gemm); float64 and the DEFAULT capability keep the BLAS. "auto" is the faster one as
+// measured single-threaded on the 2-core EPYC (AVX2), own / BLAS time: the own kernel everywhere except
+// the backward at head dims > 64, where MKL's sgemm was as fast or faster (fwd+bwd at (1, 4, 1024, 128):
+// 0.91-1.01x non-causal, 0.87-0.95x causal, against 1.00-1.12x at head dim 64 and 0.99-1.08x for the
+// forward at 128).
 template <typename T>
-bool use_own_gemm(bool backward) {
+bool use_own_gemm(bool backward, const AttnArgs& a) {
   bool own = false;
 #if PYFASTDL_ATTN_UKERNEL
-  own = std::is_same_v<T, float> && attention_gemm_mode() != 2;
+  const int mode = attention_gemm_mode();
+  own = std::is_same_v<T, float> && (mode == 1 || (mode == 0 && !(backward && std::max(a.E, a.Ev) > 64)));
 #endif
   attention_gemm_note(backward, own);
   return own;
@@ -487,7 +492,7 @@ void fwd(const AttnArgs& a) {
     });
   }
   // The own product: K^T (keys as columns) and V in panels, once per key/value head.
-  const bool own = use_own_gemm<T>(false);
+  const bool own = use_own_gemm<T>(false, a);
   const int64_t kt_size = panels_size(a.E, a.S), v_size = panels_size(a.S, a.Ev);
   std::unique_ptr<Scratch<T>> kt_pack, v_pack;
   if (own) {
@@ -577,7 +582,7 @@ int64_t bwd_parts(const AttnArgs& a, int64_t nkb) {
 
 template <typename T>
 void bwd(const AttnArgs& a) {
-  const bool own = use_own_gemm<T>(true);
+  const bool own = use_own_gemm<T>(true, a);
   const int64_t nkb = (a.S + kBk - 1) / kBk, group = a.Hq / a.Hk;
   const T* q = static_cast<const T*>(a.q);
   const T* k = static_cast<const T*>(a.k);
