@@ -3,8 +3,10 @@
 //
 // Forward (FlashAttention-2): one task per (b, h, block of kBq queries); the key blocks of kBk keys
 // stream past with a running row max and sum; scores S = scale Q K^T and the update O += P V are
-// small GEMMs (the BLAS of libtorch_cpu, single-threaded in every task), the masking, exp and row
-// sums SIMD. Only O(kBq x kBk) scores exist at a time. Backward: one task per (b, key/value head,
+// small GEMMs -- float32 on AVX2 / AVX-512: the own register-blocked micro-kernel below on K^T / V
+// panels packed once per call; otherwise (float64, DEFAULT, PYFASTDL_ATTENTION_GEMM=blas, and by
+// measurement the float32 backward at head dims > 64) the BLAS of libtorch_cpu, single-threaded in
+// every task --, the masking, exp and row sums SIMD. Only O(kBq x kBk) scores exist at a time. Backward: one task per (b, key/value head,
 // partition of its key blocks): for every key block of the partition and every query block of the
 // heads that read those keys, P is recomputed from the saved log-sum-exp, dV += P^T dO,
 // dS = P (dO V^T - delta), dK += dS^T Q, dQ += dS K into the partition's dQ buffer, and dS itself is
