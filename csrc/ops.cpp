@@ -280,3 +280,17 @@ TORCH_LIBRARY_FRAGMENT(pyfastdl, m) {
   // "" returns the mode; "last" returns "fwd=<algo>;bwd_input=<algo>" of the last CPU conv2d calls.
   m.def("conv2d_cpu_algo(str mode) -> str", &pyfastdl::cpu::conv2d_cpu_algo);
 }
+
+// ---- attention CPU block-product switch (tests, benchmark): csrc/cpu/attention_gemm.cpp ------------
+namespace pyfastdl {
+namespace cpu {
+std::string attention_cpu_gemm(c10::string_view mode);
+}  // namespace cpu
+}  // namespace pyfastdl
+
+TORCH_LIBRARY_FRAGMENT(pyfastdl, m) {
+  // mode "auto" | "own" | "blas" sets the float32 block product of the CPU flash attention (own SIMD
+  // micro-kernel or one BLAS sgemm per block) and returns the previous mode; "" returns the mode;
+  // "last" returns "fwd=<own|blas>;bwd=<own|blas>" of the last CPU attention calls.
+  m.def("attention_cpu_gemm(str mode) -> str", &pyfastdl::cpu::attention_cpu_gemm);
+}

@@ -3,8 +3,10 @@
 //
 // Forward (FlashAttention-2): one task per (b, h, block of kBq queries); the key blocks of kBk keys
 // stream past with a running row max and sum; scores S = scale Q K^T and the update O += P V are
-// small GEMMs (the BLAS of libtorch_cpu, single-threaded in every task), the masking, exp and row
-// sums SIMD. Only O(kBq x kBk) scores exist at a time. Backward: one task per (b, key/value head,
+// small GEMMs -- float32 on AVX2 / AVX-512: the own register-blocked micro-kernel below on K^T / V
+// panels packed once per call; otherwise (float64, DEFAULT, PYFASTDL_ATTENTION_GEMM=blas, and by
+// measurement the float32 backward at head dims > 64) the BLAS of libtorch_cpu, single-threaded in
+// every task --, the masking, exp and row sums SIMD. Only O(kBq x kBk) scores exist at a time. Backward: one task per (b, key/value head,
 // partition of its key blocks): for every key block of the partition and every query block of the
 // heads that read those keys, P is recomputed from the saved log-sum-exp, dV += P^T dO,
 // dS = P (dO V^T - delta), dK += dS^T Q, dQ += dS K into the partition's dQ buffer, and dS itself is
@@ -19,12 +21,16 @@
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/ATen.h>
 #include <dlfcn.h>
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <limits>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/attention_kernel.h"
@@ -39,6 +45,8 @@ using at::vec::Vectorized;
 // 128 / 139 GFLOP/s, 128 x 256 at 147 / 155, 256 x 256 at 153 / 158, 128 x 512 at 151 / 155 (fewer,
 // larger BLAS calls; the scores of a block, 128 KB, stay in L2).
 constexpr int64_t kBq = 128;  // queries per block
+// The own micro-kernel keeps 256 keys (measured single-threaded, E = 64 and 128, causal and not: 128
+// keys ran fwd+bwd 4-26% slower).
 constexpr int64_t kBk = 256;  // keys per block
 
 // The BLAS gemm that libtorch_cpu carries (MKL or OpenBLAS, Fortran interface), looked up at run time:
@@ -111,6 +119,16 @@ bool all_finite(const T* x, int64_t n) {
   return s == T(0);
 }
 
+// exp of a vector of x - m <= 0 (or NaN, or -inf). float: ATen's polynomial exp_u20 (measured on the
+// EPYC: 1.9x faster than Sleef's expf u10, at most 1.6e-7 relative error on [-10, 0]; below
+// ln(FLT_MIN) it gives 0 where Sleef gives a denormal) with NaN put back (its clamping drops NaN);
+// double: Sleef.
+template <typename T>
+inline Vectorized<T> exp_nonpos(const Vectorized<T>& d) {
+  if constexpr (std::is_same_v<T, float>) return Vectorized<T>::blendv(d.exp_u20(), d, d.isnan());
+  else return d.exp();
+}
+
 // x = exp(x - m); returns the sum.
 template <typename T>
 T exp_sub_sum(T* x, int64_t n, T m) {
@@ -119,7 +137,7 @@ T exp_sub_sum(T* x, int64_t n, T m) {
   V acc(T(0));
   int64_t c = 0;
   for (; c + V::size() <= n; c += V::size()) {
-    const V e = (V::loadu(x + c) - vm).exp();
+    const V e = exp_nonpos(V::loadu(x + c) - vm);
     e.store(x + c);
     acc = acc + e;
   }
@@ -249,10 +267,10 @@ class BlasSingleThread {
 template <typename T>
 class Scratch {
  public:
-  explicit Scratch(int64_t n)
+  explicit Scratch(int64_t n, bool zero = true)
       : p_(static_cast<T*>(std::aligned_alloc(64, (std::max<int64_t>(n, 1) * sizeof(T) + 63) / 64 * 64))), n_(n) {
     TORCH_CHECK(p_ != nullptr, "attention: out of memory for ", n, " scratch elements");
-    std::fill(p_, p_ + n_, T(0));
+    if (zero) std::fill(p_, p_ + n_, T(0));
   }
   ~Scratch() { std::free(p_); }
   Scratch(const Scratch&) = delete;
@@ -266,6 +284,196 @@ class Scratch {
   T* p_;
   int64_t n_;
 };
+
+// ---- the own block product (float32, AVX2 / AVX-512) ------------------------------------------------
+// C[M x N] = alpha A B + beta C with A read in place through strides (A(i, k) = A[i rsa + k csa], so a
+// row-major block and a transposed one alike) and B packed: panels of kNR columns, panel p at
+// Bp + p * panel_stride, its row k the kNR floats at k * kNR (zero past the last column). K^T and V
+// (and in the backward K, V^T, Q, dO) are packed once per call into these panels, for every head, and
+// every query block reads them in place: no packing and no BLAS call per block. The micro-kernel keeps
+// a kMR x kNR tile of C in registers (AVX2: 6 x 16, 12 ymm accumulators; AVX-512: 12 x 32, 24 zmm)
+// and runs the k loop with two vector loads of B and kMR broadcasts of A per step. Each element of C
+// is one sequential FMA chain over k: its bits depend on neither the thread count nor the blocking.
+#if defined(CPU_CAPABILITY_AVX512)
+#define PYFASTDL_ATTN_UKERNEL 1
+using VReg = __m512;
+constexpr int kW = 16;
+constexpr int kMR = 12;
+inline VReg vzero() { return _mm512_setzero_ps(); }
+inline VReg vload(const float* p) { return _mm512_loadu_ps(p); }
+inline VReg vbcast(const float* p) { return _mm512_set1_ps(*p); }
+inline VReg vset(float x) { return _mm512_set1_ps(x); }
+inline VReg vfma(VReg a, VReg b, VReg c) { return _mm512_fmadd_ps(a, b, c); }
+inline VReg vmul(VReg a, VReg b) { return _mm512_mul_ps(a, b); }
+inline void vstore(float* p, VReg v) { _mm512_storeu_ps(p, v); }
+#elif defined(CPU_CAPABILITY_AVX2)
+#define PYFASTDL_ATTN_UKERNEL 1
+using VReg = __m256;
+constexpr int kW = 8;
+constexpr int kMR = 6;
+inline VReg vzero() { return _mm256_setzero_ps(); }
+inline VReg vload(const float* p) { return _mm256_loadu_ps(p); }
+inline VReg vbcast(const float* p) { return _mm256_broadcast_ss(p); }
+inline VReg vset(float x) { return _mm256_set1_ps(x); }
+inline VReg vfma(VReg a, VReg b, VReg c) { return _mm256_fmadd_ps(a, b, c); }
+inline VReg vmul(VReg a, VReg b) { return _mm256_mul_ps(a, b); }
+inline void vstore(float* p, VReg v) { _mm256_storeu_ps(p, v); }
+#else
+#define PYFASTDL_ATTN_UKERNEL 0
+constexpr int kW = 8;  // the panel width of the (unused) packing helpers below
+#endif
+constexpr int64_t kNR = 2 * kW;  // columns of a packed panel and of the register tile
+
+// Packs X(k, c) = X[k sk + c sc] (k < K, c < N) into panels of kNR columns: panel p at dst + p K kNR,
+// row k of it at + k kNR, zero past column N. dst holds ceil(N / kNR) K kNR floats.
+template <typename T>
+void pack_panels(const T* X, int64_t sk, int64_t sc, int64_t K, int64_t N, T* dst) {
+  for (int64_t c0 = 0; c0 < N; c0 += kNR) {
+    T* panel = dst + (c0 / kNR) * K * kNR;
+    const int64_t n = std::min<int64_t>(kNR, N - c0);
+    if (sc == 1) {
+      for (int64_t k = 0; k < K; ++k) {
+        const T* src = X + k * sk + c0;
+        T* row = panel + k * kNR;
+        for (int64_t c = 0; c < n; ++c) row[c] = src[c];
+        for (int64_t c = n; c < kNR; ++c) row[c] = T(0);
+      }
+    } else {
+      for (int64_t c = 0; c < kNR; ++c) {
+        if (c < n) {
+          const T* src = X + (c0 + c) * sc;
+          for (int64_t k = 0; k < K; ++k) panel[k * kNR + c] = src[k * sk];
+        } else {
+          for (int64_t k = 0; k < K; ++k) panel[k * kNR + c] = T(0);
+        }
+      }
+    }
+  }
+}
+
+// Floats of the panels of an N-column, K-row operand.
+inline int64_t panels_size(int64_t K, int64_t N) { return (N + kNR - 1) / kNR * kNR * K; }
+
+#if PYFASTDL_ATTN_UKERNEL
+// C[m x n] (m = MR, n <= kNR) = alpha A B + beta C on one panel Bp; beta is 0 (C not read) or 1.
+template <int MR>
+inline void ukernel(int64_t K, const float* A, int64_t rsa, int64_t csa, const float* Bp, float alpha, float beta,
+                    float* C, int64_t ldc, int64_t n) {
+  VReg c0[MR], c1[MR];
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i) c0[i] = c1[i] = vzero();
+  int64_t off[MR];
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i) off[i] = i * rsa;
+  const float* a = A;
+  for (int64_t k = 0; k < K; ++k) {
+    const VReg b0 = vload(Bp), b1 = vload(Bp + kW);
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i) {
+      const VReg ai = vbcast(a + off[i]);
+      c0[i] = vfma(ai, b0, c0[i]);
+      c1[i] = vfma(ai, b1, c1[i]);
+    }
+    a += csa;
+    Bp += kNR;
+  }
+  const VReg va = vset(alpha);
+  if (n == kNR) {
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i) {
+      float* c = C + i * ldc;
+      if (beta == 0.f) {
+        vstore(c, vmul(va, c0[i]));
+        vstore(c + kW, vmul(va, c1[i]));
+      } else {
+        vstore(c, vfma(va, c0[i], vload(c)));
+        vstore(c + kW, vfma(va, c1[i], vload(c + kW)));
+      }
+    }
+    return;
+  }
+  // A partial panel: through a tile on the stack. Every access to c0 / c1 is in an unrolled loop, so
+  // the accumulators stay in registers (a loop with a run-time index would put them in memory, with a
+  // store per FMA in the k loop: measured 2.5x slower).
+  alignas(64) float tile[MR][kNR];
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i) {
+    vstore(tile[i], vmul(va, c0[i]));
+    vstore(tile[i] + kW, vmul(va, c1[i]));
+  }
+  for (int i = 0; i < MR; ++i) {
+    float* c = C + i * ldc;
+    if (beta == 0.f) {
+      for (int64_t j = 0; j < n; ++j) c[j] = tile[i][j];
+    } else {
+      for (int64_t j = 0; j < n; ++j) c[j] += tile[i][j];
+    }
+  }
+}
+
+template <int R>
+inline void ukernel_rows(int64_t m, int64_t K, const float* A, int64_t rsa, int64_t csa, const float* Bp, float alpha,
+                         float beta, float* C, int64_t ldc, int64_t n) {
+  if constexpr (R > 0) {
+    if (m == R) ukernel<R>(K, A, rsa, csa, Bp, alpha, beta, C, ldc, n);
+    else ukernel_rows<R - 1>(m, K, A, rsa, csa, Bp, alpha, beta, C, ldc, n);
+  }
+}
+
+// C[M x N] = alpha A B + beta C (beta 0 or 1), B in panels (pack_panels) of panel_stride floats apart,
+// already offset to its row 0. The B panel (at most 256 x kNR floats here) stays in L1 while the
+// kMR-row strips of A pass.
+void gemm_panels(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t rsa, int64_t csa,
+                 const float* Bp, int64_t panel_stride, float beta, float* C, int64_t ldc) {
+  for (int64_t j = 0; j < N; j += kNR) {
+    const float* bp = Bp + (j / kNR) * panel_stride;
+    const int64_t n = std::min<int64_t>(kNR, N - j);
+    int64_t i = 0;
+    for (; i + kMR <= M; i += kMR) ukernel<kMR>(K, A + i * rsa, rsa, csa, bp, alpha, beta, C + i * ldc + j, ldc, n);
+    if (i < M) ukernel_rows<kMR - 1>(M - i, K, A + i * rsa, rsa, csa, bp, alpha, beta, C + i * ldc + j, ldc, n);
+  }
+}
+#endif
+
+}  // namespace (reopened below after the mode's declarations)
+}  // namespace CPU_CAPABILITY
+
+// csrc/cpu/attention_gemm.cpp: 0 auto, 1 own, 2 blas; which product the last call used.
+int attention_gemm_mode();
+void attention_gemm_note(bool backward, bool own);
+
+namespace CPU_CAPABILITY {
+namespace {
+
+// Whether this call's float32 block products run on the own micro-kernel (PYFASTDL_ATTENTION_GEMM /
+// attention_cpu_gemm); float64 and the DEFAULT capability keep the BLAS. "auto" is the faster one as
+// measured single-threaded on the 2-core EPYC (AVX2), own / BLAS time: the own kernel everywhere except
+// the backward at head dims > 64, where MKL's sgemm was as fast or faster (fwd+bwd at (1, 4, 1024, 128):
+// 0.91-1.01x non-causal, 0.87-0.95x causal, against 1.00-1.12x at head dim 64 and 0.99-1.08x for the
+// forward at 128).
+template <typename T>
+bool use_own_gemm(bool backward, const AttnArgs& a) {
+  bool own = false;
+#if PYFASTDL_ATTN_UKERNEL
+  const int mode = attention_gemm_mode();
+  own = std::is_same_v<T, float> && (mode == 1 || (mode == 0 && !(backward && std::max(a.E, a.Ev) > 64)));
+#endif
+  attention_gemm_note(backward, own);
+  return own;
+}
+
+// The own product on packed B (T = float where the micro-kernel exists; never reached otherwise).
+template <typename T>
+void own_mm(int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t rsa, int64_t csa, const T* Bp,
+            int64_t panel_stride, T beta, T* C, int64_t ldc) {
+#if PYFASTDL_ATTN_UKERNEL
+  if constexpr (std::is_same_v<T, float>) {
+    gemm_panels(M, N, K, alpha, A, rsa, csa, Bp, panel_stride, beta, C, ldc);
+    return;
+  }
+#endif
+  TORCH_INTERNAL_ASSERT(false, "attention: the own block product is float32 on AVX2 / AVX-512 only");
+}
 
 template <typename T>
 void fwd(const AttnArgs& a) {
@@ -283,6 +491,20 @@ void fwd(const AttnArgs& a) {
     at::parallel_for(0, a.B * a.Hk, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t)
         kv_bad[t] = !all_finite(k + t * a.S * a.E, a.S * a.E) || !all_finite(v + t * a.S * a.Ev, a.S * a.Ev);
+    });
+  }
+  // The own product: K^T (keys as columns) and V in panels, once per key/value head.
+  const bool own = use_own_gemm<T>(false, a);
+  const int64_t kt_size = panels_size(a.E, a.S), v_size = panels_size(a.S, a.Ev);
+  std::unique_ptr<Scratch<T>> kt_pack, v_pack;
+  if (own) {
+    kt_pack = std::make_unique<Scratch<T>>(a.B * a.Hk * kt_size, false);
+    v_pack = std::make_unique<Scratch<T>>(a.B * a.Hk * v_size, false);
+    at::parallel_for(0, a.B * a.Hk, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        pack_panels(k + t * a.S * a.E, 1, a.E, a.E, a.S, kt_pack->data() + t * kt_size);
+        pack_panels(v + t * a.S * a.Ev, a.Ev, 1, a.S, a.Ev, v_pack->data() + t * v_size);
+      }
     });
   }
   at::parallel_for(0, a.B * a.Hq * nqb, 1, [&](int64_t t0, int64_t t1) {
@@ -309,7 +531,12 @@ void fwd(const AttnArgs& a) {
       // padded to 512 costs 300 keys, not 512.
       for (int64_t j0 = 0; j0 < jend; j0 += kBk) {
         const int64_t bk = std::min(kBk, jend - j0);
-        scores(a, Q, K + j0 * a.E, bq, bk, S.data());
+        const int64_t hk_index = b * a.Hk + h / group;
+        if (own && a.E > 0)
+          own_mm<T>(bq, bk, a.E, static_cast<T>(a.scale), Q, a.E, 1,
+                    kt_pack->data() + hk_index * kt_size + j0 / kNR * a.E * kNR, a.E * kNR, T(0), S.data(), bk);
+        else
+          scores(a, Q, K + j0 * a.E, bq, bk, S.data());
         apply_masks(a, S.data(), bk, b, h, i0, bq, j0, bk);
         for (int64_t r = 0; r < bq; ++r) {
           T* row = S.data() + r * bk;
@@ -324,7 +551,11 @@ void fwd(const AttnArgs& a) {
           m[r] = m_new;
         }
         if (a.dropout_p > 0) apply_dropout(a, S.data(), bk, b, h, i0, bq, j0, bk);
-        mm<T>(false, false, bq, a.Ev, bk, T(1), S.data(), bk, Vv + j0 * a.Ev, a.Ev, T(1), O.data(), a.Ev);
+        if (own)
+          own_mm<T>(bq, a.Ev, bk, T(1), S.data(), bk, 1, v_pack->data() + hk_index * v_size + j0 * kNR, a.S * kNR,
+                    T(1), O.data(), a.Ev);
+        else
+          mm<T>(false, false, bq, a.Ev, bk, T(1), S.data(), bk, Vv + j0 * a.Ev, a.Ev, T(1), O.data(), a.Ev);
       }
       for (int64_t r = 0; r < bq; ++r) {
         T* dst = out + (bh * a.L + i0 + r) * a.Ev;
@@ -353,6 +584,7 @@ int64_t bwd_parts(const AttnArgs& a, int64_t nkb) {
 
 template <typename T>
 void bwd(const AttnArgs& a) {
+  const bool own = use_own_gemm<T>(true, a);
   const int64_t nkb = (a.S + kBk - 1) / kBk, group = a.Hq / a.Hk;
   const T* q = static_cast<const T*>(a.q);
   const T* k = static_cast<const T*>(a.k);
@@ -397,6 +629,32 @@ void bwd(const AttnArgs& a) {
   std::vector<std::unique_ptr<Scratch<T>>> dq_part(dq != nullptr ? parts - 1 : 0);
   for (auto& part : dq_part) part = std::make_unique<Scratch<T>>(rows * a.E);
   const T ninf = -std::numeric_limits<T>::infinity();
+  // The own product: per key/value head K^T (for the scores), K (dQ += dS K), V^T (dP = dO V^T); per
+  // query head Q (dK += dS^T Q) and dO (dV += P^T dO), each packed once into panels.
+  const int64_t kt_size = panels_size(a.E, a.S), kr_size = panels_size(a.S, a.E), vt_size = panels_size(a.Ev, a.S);
+  const int64_t qr_size = panels_size(a.L, a.E), dor_size = panels_size(a.L, a.Ev);
+  std::unique_ptr<Scratch<T>> kt_pack, kr_pack, vt_pack, qr_pack, dor_pack;
+  if (own) {
+    kt_pack = std::make_unique<Scratch<T>>(a.B * a.Hk * kt_size, false);
+    if (dq != nullptr) kr_pack = std::make_unique<Scratch<T>>(a.B * a.Hk * kr_size, false);
+    if (need_ds) vt_pack = std::make_unique<Scratch<T>>(a.B * a.Hk * vt_size, false);
+    if (dk != nullptr) qr_pack = std::make_unique<Scratch<T>>(a.B * a.Hq * qr_size, false);
+    if (dv != nullptr) dor_pack = std::make_unique<Scratch<T>>(a.B * a.Hq * dor_size, false);
+    at::parallel_for(0, a.B * a.Hk, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        pack_panels(k + t * a.S * a.E, 1, a.E, a.E, a.S, kt_pack->data() + t * kt_size);
+        if (kr_pack) pack_panels(k + t * a.S * a.E, a.E, 1, a.S, a.E, kr_pack->data() + t * kr_size);
+        if (vt_pack) pack_panels(v + t * a.S * a.Ev, 1, a.Ev, a.Ev, a.S, vt_pack->data() + t * vt_size);
+      }
+    });
+    if (qr_pack || dor_pack)
+      at::parallel_for(0, a.B * a.Hq, 1, [&](int64_t t0, int64_t t1) {
+        for (int64_t t = t0; t < t1; ++t) {
+          if (qr_pack) pack_panels(q + t * a.L * a.E, a.E, 1, a.L, a.E, qr_pack->data() + t * qr_size);
+          if (dor_pack) pack_panels(dout + t * a.L * a.Ev, a.Ev, 1, a.L, a.Ev, dor_pack->data() + t * dor_size);
+        }
+      });
+  }
   at::parallel_for(0, a.B * a.Hk * parts, 1, [&](int64_t t0, int64_t t1) {
     BlasSingleThread blas1;
     // Sized to the blocks that occur; Pd only with dropout, dP only when dS is needed
@@ -427,7 +685,11 @@ void bwd(const AttnArgs& a) {
             if (bk <= 0) continue;
             const T* Q = q + (bh * a.L + i0) * a.E;
             const T* dO = dout + (bh * a.L + i0) * a.Ev;
-            scores(a, Q, K, bq, bk, P.data());
+            if (own && a.E > 0)
+              own_mm<T>(bq, bk, a.E, static_cast<T>(a.scale), Q, a.E, 1,
+                        kt_pack->data() + bhk * kt_size + j0 / kNR * a.E * kNR, a.E * kNR, T(0), P.data(), bk);
+            else
+              scores(a, Q, K, bq, bk, P.data());
             apply_masks(a, P.data(), bk, b, h, i0, bq, j0, bk);
             for (int64_t r = 0; r < bq; ++r) {
               const T lse = lse_all[bh * a.L + i0 + r];
@@ -441,10 +703,19 @@ void bwd(const AttnArgs& a) {
               apply_dropout(a, Pd.data(), bk, b, h, i0, bq, j0, bk);
               Pv = Pd.data();
             }
-            if (dv != nullptr)
-              mm<T>(true, false, bk, a.Ev, bq, T(1), Pv, bk, dO, a.Ev, T(1), dV.data(), a.Ev);  // dV += Pd^T dO
+            if (dv != nullptr) {  // dV += Pd^T dO
+              if (own)
+                own_mm<T>(bk, a.Ev, bq, T(1), Pv, 1, bk, dor_pack->data() + bh * dor_size + i0 * kNR, a.L * kNR, T(1),
+                          dV.data(), a.Ev);
+              else
+                mm<T>(true, false, bk, a.Ev, bq, T(1), Pv, bk, dO, a.Ev, T(1), dV.data(), a.Ev);
+            }
             if (!need_ds) continue;
-            mm<T>(false, true, bq, bk, a.Ev, T(1), dO, a.Ev, Vv, a.Ev, T(0), dP.data(), bk);  // dPd = dO V^T
+            if (own)  // dPd = dO V^T
+              own_mm<T>(bq, bk, a.Ev, T(1), dO, a.Ev, 1, vt_pack->data() + bhk * vt_size + j0 / kNR * a.Ev * kNR,
+                        a.Ev * kNR, T(0), dP.data(), bk);
+            else
+              mm<T>(false, true, bq, bk, a.Ev, T(1), dO, a.Ev, Vv, a.Ev, T(0), dP.data(), bk);
             if (a.dropout_p > 0) apply_dropout(a, dP.data(), bk, b, h, i0, bq, j0, bk);
             for (int64_t r = 0; r < bq; ++r) {  // dS = P (dP - delta), in place in dP
               const T d = delta[bh * a.L + i0 + r];
@@ -457,11 +728,21 @@ void bwd(const AttnArgs& a) {
                 std::fill(ds, ds + bk, T(0));
             }
             if (a.E == 0) continue;
-            if (dk != nullptr)
-              mm<T>(true, false, bk, a.E, bq, static_cast<T>(a.scale), dP.data(), bk, Q, a.E, T(1), dK.data(), a.E);
-            if (dqp != nullptr)
-              mm<T>(false, false, bq, a.E, bk, static_cast<T>(a.scale), dP.data(), bk, K, a.E, T(1),
-                    dqp + (bh * a.L + i0) * a.E, a.E);
+            const T sc = static_cast<T>(a.scale);
+            if (dk != nullptr) {  // dK += scale dS^T Q
+              if (own)
+                own_mm<T>(bk, a.E, bq, sc, dP.data(), 1, bk, qr_pack->data() + bh * qr_size + i0 * kNR, a.L * kNR, T(1),
+                          dK.data(), a.E);
+              else
+                mm<T>(true, false, bk, a.E, bq, sc, dP.data(), bk, Q, a.E, T(1), dK.data(), a.E);
+            }
+            if (dqp != nullptr) {  // dQ += scale dS K
+              if (own)
+                own_mm<T>(bq, a.E, bk, sc, dP.data(), bk, 1, kr_pack->data() + bhk * kr_size + j0 * kNR, a.S * kNR, T(1),
+                          dqp + (bh * a.L + i0) * a.E, a.E);
+              else
+                mm<T>(false, false, bq, a.E, bk, sc, dP.data(), bk, K, a.E, T(1), dqp + (bh * a.L + i0) * a.E, a.E);
+            }
           }
         }
         if (dk != nullptr) std::copy(dK.begin(), dK.begin() + bk_all * a.E, dk + (bhk * a.S + j0) * a.E);

@@ -28,6 +28,9 @@ __all__ = ["cases"]
 
 FAMILY = "attention"
 SHAPES = [(4, 8, 512, 64), (1, 8, 2048, 64), (2, 12, 1024, 64), (1, 8, 4096, 128)]
+# The sweep of issue 12 (full mode): L = 512 .. 4096 at head dims 64 and 128, causal and not, fwd and
+# fwd+bwd, each with its % of the measured matmul peak; (1, 8, 4096, 128) is in SHAPES already.
+SWEEP = [(1, 8, L, E) for L in (512, 1024, 2048, 4096) for E in (64, 128)]
 # The per-call row: the smallest valid input, whose time is the call's overhead (Python, dispatch,
 # autograd); the target, on the CPU: no slower than torch's own call.
 PER_CALL = (1, 1, 1, 1)
@@ -109,12 +112,12 @@ def _memory_extra(device, name, fn):
 
 
 def cases(device: str, quick: bool) -> list[Case]:
-    """Full: every shape x causal x mode, float32 (GPU: also bfloat16), the notes' reference up to
-    L = 2048, and the forward at L = 8192 for memory. Quick: (1, 8, 2048, 64) and (2, 12, 1024, 64),
+    """Full: every shape (SHAPES, then the L sweep SWEEP) x causal x mode, float32 (GPU: also
+    bfloat16), the notes' reference up to L = 2048, and the forward at L = 8192 for memory. Quick: (1, 8, 2048, 64) and (2, 12, 1024, 64),
     fwd+bwd, the reference only at L = 2048 causal."""
     on_cuda = str(device).startswith("cuda")
     dtypes = [torch.float32, torch.bfloat16] if on_cuda else [torch.float32]
-    shapes = SHAPES if not quick else [(1, 8, 2048, 64), (2, 12, 1024, 64)]
+    shapes = SHAPES + [s for s in SWEEP if s not in SHAPES] if not quick else [(1, 8, 2048, 64), (2, 12, 1024, 64)]
     modes = ["fwd", "fwd+bwd"] if not quick else ["fwd+bwd"]
     out = []
     for dtype in dtypes:
