@@ -6,8 +6,11 @@
 #include <torch/library.h>
 
 #include <array>
+#include <cstdlib>
+#include <cstring>
 
 #include "common/conv2d.h"
+#include "cpu/conv2d_1x1_kernel.h"
 #include "cpu/conv2d_kernel.h"
 #include "cpu/conv2d_winograd_kernel.h"
 
@@ -15,6 +18,7 @@ namespace pyfastdl {
 namespace {
 
 constexpr auto kernels = &cpu::conv2d_kernels;  // the table of the CPU's capability (cpu/capability.h)
+constexpr auto kernels_1x1 = &cpu::conv2d_1x1_kernels;
 
 // Output of the op in the input's memory format, from the NHWC result of the kernel.
 at::Tensor to_input_format(const at::Tensor& nhwc, bool channels_last) {
@@ -61,6 +65,18 @@ bool use_depthwise_bwd_input_as_fwd(const conv::Params& p) {
          p.pr <= p.dw * (p.kW - 1);
 }
 
+// 1x1, one group, on NCHW input (ResNet's downsamples): the pixel GEMM of conv2d_1x1_kernel.cpp, its
+// strided input panel packed per tile straight from the NCHW planes and the output written in NCHW,
+// for the forward and both gradients; no reorder to NHWC and back.
+// PYFASTDL_CONV2D_1X1=0 (read once) turns it off (benchmarks of the old path).
+bool use_nchw_1x1(const conv::Params& p) {
+  static const bool enabled = [] {
+    const char* e = std::getenv("PYFASTDL_CONV2D_1X1");
+    return !(e && std::strcmp(e, "0") == 0);
+  }();
+  return enabled && !p.channels_last && p.groups == 1 && p.kH == 1 && p.kW == 1;
+}
+
 }  // namespace
 
 at::Tensor conv2d_fwd_cpu(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
@@ -70,6 +86,11 @@ at::Tensor conv2d_fwd_cpu(const at::Tensor& input, const at::Tensor& weight, con
   const at::Tensor w = weight.contiguous();
   const at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
   if (cpu::winograd_selected(p, input.scalar_type(), false)) return cpu::conv2d_winograd_fwd(input, w, b, p);  // 3x3/1
+  if (use_nchw_1x1(p)) {
+    at::Tensor y = at::empty({p.N, p.C_out, p.H_out, p.W_out}, input.options());
+    if (y.numel() > 0) kernels_1x1()->fwd_nchw(input.contiguous(), w, b, p, y);
+    return y;
+  }
   if (use_nchw_direct(p)) {
     at::Tensor y = at::empty({p.N, p.C_out, p.H_out, p.W_out}, input.options());
     if (y.numel() > 0) kernels()->fwd_nchw(input.contiguous(), w, b, p, y);
@@ -94,6 +115,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_bwd_cpu(const at::Tensor& 
                                          {at::kFloat, at::kDouble}, "conv2d_bwd");
   const auto cl = at::MemoryFormat::ChannelsLast;
   at::Tensor gi, gw, gb;
+  if (use_nchw_1x1(p)) {  // grad_out, input and grad_input in NCHW as they are
+    const at::Tensor go = grad_out.contiguous();
+    if (output_mask[0]) {
+      gi = at::empty({p.N, p.C_in, p.H, p.W}, input.options().memory_format(at::MemoryFormat::Contiguous));
+      if (gi.numel() > 0) {
+        if (go.numel() == 0 || weight.numel() == 0) gi.zero_();
+        else kernels_1x1()->bwd_input_nchw(go, weight.contiguous(), p, gi);
+      }
+    }
+    if (output_mask[1]) gw = at::empty(weight.sizes(), weight.options().memory_format(at::MemoryFormat::Contiguous));
+    if (output_mask[2]) gb = at::empty({p.C_out}, weight.options());
+    if (output_mask[1] || output_mask[2]) {
+      if (go.numel() == 0 || input.numel() == 0) {
+        if (gw.defined()) gw.zero_();
+        if (gb.defined()) gb.zero_();
+        if (gb.defined() && go.numel() > 0) gb.copy_(go.sum({0, 2, 3}));  // input empty, grad_out not: C_in = 0
+      } else {
+        kernels_1x1()->bwd_weight_nchw(go, input.contiguous(), p, gw, gb);
+      }
+    }
+    return {gi, gw, gb};
+  }
   const bool wb_nchw = (output_mask[1] || output_mask[2]) && use_nchw_bwd_weight(p);
   const bool gi_dw = output_mask[0] && use_depthwise_bwd_input_as_fwd(p);
   const at::Tensor g = ((output_mask[0] && !use_bwd_input_as_nchw_fwd(p) && !gi_dw) || ((output_mask[1] || output_mask[2]) && !wb_nchw))
