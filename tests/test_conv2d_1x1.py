@@ -25,6 +25,8 @@ CASES_1X1 = [
     (1, 8, 7, 7, 6, 1, 3, (1, 2), 1, 1),        # stride 3, padding (1, 2)
     (2, 1, 9, 9, 4, 1, 2, 0, 1, 1),             # one input channel
     (1, 40, 28, 28, 1, 1, 1, 0, 1, 1),          # one output channel, a plane of 784
+    (2, 7, 13, 13, 9, 1, 2, (1, 0), 1, 1),      # stride 2, top padding only: grad_input row by row
+    (1, 5, 9, 40, 7, 1, (3, 2), 0, 1, 1),       # stride (3, 2): rows no output row hits, a row of 20
 ]
 LAYOUTS = ["contiguous", "channels_last", "strided"]
 
@@ -98,7 +100,8 @@ def test_1x1_output_mask(c, mask):
 
 @pytest.mark.parametrize("layout", ["contiguous", "strided"])
 @pytest.mark.parametrize("c", [(1, 3, 5, 7, 4, 1, 2, 1, 1, 1), (2, 7, 6, 5, 8, 1, 1, 0, 1, 1),
-                               (1, 2, 7, 3, 3, 1, (1, 2), (2, 0), 1, 1)], ids=_id)
+                               (1, 2, 7, 3, 3, 1, (1, 2), (2, 0), 1, 1),
+                               (1, 3, 7, 5, 2, 1, 2, (1, 0), 1, 1)], ids=_id)
 def test_1x1_gradcheck(c, layout):
     x, w, b, kw = make(c, torch.float64, "cpu", layout)
     args = tuple(t.detach().clone().requires_grad_() for t in (x, w, b))

@@ -153,7 +153,8 @@ void fwd_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias, 
 
 template <typename T>
 void bwd_input_impl(const at::Tensor& g, const at::Tensor& w, const conv::Params& p, at::Tensor& gi) {
-  constexpr int64_t NB = nb_of<T>();
+  using Vec = Vectorized<T>;
+  constexpr int64_t V = Vec::size(), NB = nb_of<T>();
   const int64_t Cin = p.C_in, Cout = p.C_out, H = p.H, W = p.W, HW = H * W, Ho = p.H_out, Wo = p.W_out, P = Ho * Wo;
   const T* gp = g.const_data_ptr<T>();
   const T* wp = w.const_data_ptr<T>();
@@ -162,6 +163,10 @@ void bwd_input_impl(const at::Tensor& g, const at::Tensor& w, const conv::Params
   const int64_t ncb = ceil_div(Cin, MR);
   const std::vector<T> zero(MR, T(0));
   const bool plain = p.sh == 1 && p.sw == 1 && p.pt == 0 && p.pl == 0 && Ho == H && Wo == W;
+  // stride 2 along W, no left padding (the downsamples): per output row, tiles along the row, each
+  // written to input row oh sh - pt interleaved with zeros (columns 2 ow and 2 ow + 1): whole vectors,
+  // no scatter; the input rows no output row hits are zeroed
+  const bool s2 = p.sw == 2 && p.pl == 0 && 2 * Wo >= W;
   // tasks: (image, band of rb output rows); the task writes the input rows [lo(band), lo(band + 1)):
   // zeros, then the pixels its output rows hit (input row oh sh - pt of output row oh)
   const int64_t rb = std::max<int64_t>(1, std::min<int64_t>(Ho, kGiBandPixels / std::max<int64_t>(1, Wo)));
@@ -173,19 +178,63 @@ void bwd_input_impl(const at::Tensor& g, const at::Tensor& w, const conv::Params
   };
   const int64_t tpc = tiles_per_chunk<T>(Cout), PT = tpc * NB;
   at::parallel_for(0, p.N * nband, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> panel(tpc * Cout * NB);
+    std::vector<T> panel(std::max(tpc, s2 ? ceil_div(Wo, NB) : 0) * Cout * NB);
     std::vector<int64_t> dst(PT);
     alignas(64) T tile[MR * NB];
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / nband, band = task % nband;
       const int64_t oh0 = band * rb, oh1 = std::min(Ho, oh0 + rb);
       T* on = op + n * Cin * HW;
+      const T* gn = gp + n * Cout * P;
+      if (s2) {
+        // rows of the band no output row hits: zeros; the others written whole below
+        for (int64_t ih = lo_row(band); ih < lo_row(band + 1); ++ih) {
+          const int64_t q = ih + p.pt;
+          if (q % p.sh == 0 && q / p.sh >= oh0 && q / p.sh < oh1) continue;
+          for (int64_t ci = 0; ci < Cin; ++ci) std::memset(on + ci * HW + ih * W, 0, W * sizeof(T));
+        }
+        for (int64_t oh = oh0; oh < oh1; ++oh) {
+          const int64_t ih = oh * p.sh - p.pt;
+          if (ih < 0 || ih >= H) continue;
+          const int64_t nt = ceil_div(Wo, NB);
+          for (int64_t t = 0; t < nt; ++t) {
+            const int64_t cnt = std::min<int64_t>(NB, Wo - t * NB);
+            T* pan = panel.data() + t * Cout * NB;
+            for (int64_t oc = 0; oc < Cout; ++oc) {
+              std::memcpy(pan + oc * NB, gn + oc * P + oh * Wo + t * NB, cnt * sizeof(T));
+              if (cnt < NB) std::fill(pan + oc * NB + cnt, pan + (oc + 1) * NB, T(0));
+            }
+          }
+          for (int64_t cb = 0; cb < ncb; ++cb) {
+            const int r = static_cast<int>(std::min<int64_t>(MR, Cin - cb * MR));
+            T* row0 = on + cb * MR * HW + ih * W;
+            for (int64_t t = 0; t < nt; ++t) {
+              ukernel<T>(A.data() + cb * Cout * MR, panel.data() + t * Cout * NB, Cout, zero.data(), tile, NB, r, NB);
+              // input columns 2 ow: the tile's pixels interleaved with zeros (the odd columns)
+              const int64_t c0 = 2 * t * NB, n2 = std::min<int64_t>(2 * NB, W - c0);
+              for (int i = 0; i < r; ++i)
+                for (int64_t v = 0; v < 2; ++v) {
+                  const auto lh = at::vec::interleave2<T>(Vec::loadu(tile + i * NB + v * V), Vec(T(0)));
+                  T* d = row0 + i * HW + c0 + 2 * v * V;
+                  const int64_t m = n2 - 2 * v * V;
+                  if (m >= 2 * V) {
+                    lh.first.store(d);
+                    lh.second.store(d + V);
+                  } else if (m > 0) {
+                    lh.first.store(d, static_cast<int>(std::min<int64_t>(V, m)));
+                    if (m > V) lh.second.store(d + V, static_cast<int>(m - V));
+                  }
+                }
+            }
+          }
+        }
+        continue;
+      }
       if (!plain) {
         const int64_t lo = lo_row(band), hi = lo_row(band + 1);
         if (hi > lo)
           for (int64_t ci = 0; ci < Cin; ++ci) std::memset(on + ci * HW + lo * W, 0, (hi - lo) * W * sizeof(T));
       }
-      const T* gn = gp + n * Cout * P;
       for (int64_t c0 = oh0 * Wo; c0 < oh1 * Wo; c0 += PT) {
         const int64_t pc = std::min(PT, oh1 * Wo - c0), nt = ceil_div(pc, NB);
         for (int64_t t = 0; t < nt; ++t) {
