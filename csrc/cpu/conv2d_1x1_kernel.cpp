@@ -13,7 +13,7 @@
 // sw-th column: the stride is paid once per element here, not by a reorder of the whole tensor), and
 // the output rows are stored to NCHW planes directly (vectors along the pixels).
 // grad_weight: gw (C_out x C_in) = sum_n g_n X_s,n^T, vectorized along the pixels: a register tile of
-// 4 output x 3 input channels of vectors, summed over the pixels of a task before one horizontal sum.
+// 3 output x 4 input channels of vectors, summed over the pixels of a task before one horizontal sum.
 // Every output element is computed by one task in a fixed order, or (grad_weight, grad_bias) from
 // per-task partials added in task order: results do not depend on the thread count.
 #include <ATen/ATen.h>
@@ -323,7 +323,7 @@ template <typename T>
 void bwd_weight_impl(const at::Tensor& g, const at::Tensor& x, const conv::Params& p, at::Tensor& gw, at::Tensor& gb) {
   using Vec = Vectorized<T>;
   constexpr int64_t V = Vec::size();
-  constexpr int OCB = 4, KB = 3;
+  constexpr int OCB = 3, KB = 4;  // 12 accumulators, 3 grad_out vectors, 1 input vector: 16 registers
   const int64_t Cin = p.C_in, Cout = p.C_out, HW = p.H * p.W, Ho = p.H_out, Wo = p.W_out, P = Ho * Wo;
   const T* gp = g.const_data_ptr<T>();
   if (gb.defined()) {  // per channel, per image a vector sum of the plane; images summed in float64
