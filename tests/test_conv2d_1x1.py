@@ -1,7 +1,8 @@
 """conv2d 1x1 on NCHW input, the pixel-GEMM path of csrc/cpu/conv2d_1x1_kernel.cpp (conv2d.cpp:
 use_nchw_1x1: every one-group 1x1 convolution on NCHW input, forward, grad_input, grad_weight and
-grad_bias): against torch.nn.functional.conv2d and a float64 reference, every output_mask, gradcheck,
-thread-count independence, non-finite values. Channels_last input (the NHWC gather GEMM) alongside."""
+grad_bias; use_nhwc_1x1_bwd_input: grad_input on channels_last input): against torch.nn.functional.conv2d and a float64 reference, every output_mask, gradcheck,
+thread-count independence, non-finite values. Channels_last input (the NHWC gather GEMM forward and
+grad_weight, this file's grad_input) alongside."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -108,8 +109,8 @@ def test_1x1_gradcheck(c, layout):
     assert torch.autograd.gradcheck(lambda x, w, b: PF.conv2d(x, w, b, **kw), args)
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "strided"])
-@pytest.mark.parametrize("c", [CASES_1X1[0], CASES_1X1[2], CASES_1X1[4], CASES_1X1[7]], ids=_id)
+@pytest.mark.parametrize("layout", ["contiguous", "strided", "channels_last"])
+@pytest.mark.parametrize("c", [CASES_1X1[0], CASES_1X1[2], CASES_1X1[4], CASES_1X1[7], CASES_1X1[13]], ids=_id)
 def test_1x1_does_not_depend_on_thread_count(c, layout):
     _assert_same_bits_with_1_2_3_threads(c, layout)
 
@@ -122,10 +123,11 @@ def _pattern(t):
 # Where a weight element meets the zero padding (padding 1), float32 torch (oneDNN) skips the padding and
 # float64 torch multiplies the zeros: each element follows one of the two; finite elements match.
 @pytest.mark.parametrize("c", [CASES_1X1[1], CASES_1X1[2], CASES_1X1[4]], ids=_id)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("where", ["input_read", "input_skipped", "weight", "grad_out"])
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
-def test_1x1_nonfinite_like_torch(c, where, value):
-    x, w, b, kw = make(c, torch.float32, "cpu")
+def test_1x1_nonfinite_like_torch(c, layout, where, value):
+    x, w, b, kw = make(c, torch.float32, "cpu", layout)
     x, w = x.clone(), w.clone()
     N, C, H, W = x.shape
     y0 = F.conv2d(x, w, b, **kw)
@@ -146,14 +148,36 @@ def test_1x1_nonfinite_like_torch(c, where, value):
                          ("f64", torch.float64, F.conv2d)):
         leaves = [t.detach().to(dt).clone().requires_grad_() for t in (x, w, b)]
         y = fn(*leaves, **kw)
-        y.backward(gy.to(dt))
+        y.backward(gy.to(dt).contiguous(memory_format=torch.channels_last) if layout == "channels_last"
+                   else gy.to(dt))
         outs[name] = [y.detach()] + [t.grad for t in leaves]
+    padded = c[7] != 0
     for i, label in enumerate(("output", "grad_input", "grad_weight", "grad_bias")):
+        if label == "grad_weight" and layout == "channels_last" and where == "grad_out" and padded:
+            continue  # a known difference of the NHWC grad_weight: test_1x1_nhwc_grad_weight_skips_padding
         ours, t32, t64 = (outs[k][i] for k in ("ours", "f32", "f64"))
         po, p32, p64 = _pattern(ours), _pattern(t32), _pattern(t64)
         assert ((po == p32).all(0) | (po == p64).all(0)).all(), (label, c, where, value)
         fin = torch.isfinite(ours) & torch.isfinite(t32)
         torch.testing.assert_close(ours[fin], t32[fin], rtol=1e-4, atol=1e-4)
+
+
+# grad_out NaN at an output pixel that reads only the padding: torch on channels_last (float32 and
+# float64) multiplies the padding's zeros (NaN * 0 = NaN in grad_weight); the NHWC gather GEMM's
+# grad_weight (conv2d_kernel.cpp, not this file's kernels) skips the padding and stays finite. Kept strict
+# so that the xfail turns into a failure the day it changes.
+@pytest.mark.xfail(strict=True, reason="NHWC grad_weight skips the padding: NaN * 0 not formed")
+def test_1x1_nhwc_grad_weight_skips_padding():
+    x, w, b, kw = make(CASES_1X1[2], torch.float32, "cpu", "channels_last")
+    gy = torch.randn(F.conv2d(x, w, b, **kw).shape).contiguous(memory_format=torch.channels_last)
+    gy[0, 0, 0, 0] = float("nan")
+    grads = []
+    for fn in (PF.conv2d, F.conv2d):
+        wr = w.clone().requires_grad_()
+        fn(x, wr, b, **kw).backward(gy)
+        grads.append(wr.grad)
+    assert torch.isnan(grads[1]).any()
+    assert torch.equal(torch.isnan(grads[0]), torch.isnan(grads[1]))
 
 
 def test_1x1_resnet_downsample_shape():

@@ -65,17 +65,28 @@ bool use_depthwise_bwd_input_as_fwd(const conv::Params& p) {
          p.pr <= p.dw * (p.kW - 1);
 }
 
-// 1x1, one group, on NCHW input (ResNet's downsamples): the pixel GEMM of conv2d_1x1_kernel.cpp, its
-// strided input panel packed per tile straight from the NCHW planes and the output written in NCHW,
-// for the forward and both gradients; no reorder to NHWC and back.
-// PYFASTDL_CONV2D_1X1=0 (read once) turns it off (benchmarks of the old path).
-bool use_nchw_1x1(const conv::Params& p) {
+// 1x1, one group (ResNet's downsamples): the kernels of conv2d_1x1_kernel.cpp.
+// PYFASTDL_CONV2D_1X1=0 (read once) turns them off (benchmarks of the old paths).
+bool use_1x1(const conv::Params& p) {
   static const bool enabled = [] {
     const char* e = std::getenv("PYFASTDL_CONV2D_1X1");
     return !(e && std::strcmp(e, "0") == 0);
   }();
-  return enabled && !p.channels_last && p.groups == 1 && p.kH == 1 && p.kW == 1;
+  return enabled && p.groups == 1 && p.kH == 1 && p.kW == 1;
 }
+
+// On NCHW input: the pixel GEMM, its strided input panel packed per tile straight from the NCHW planes
+// and the output written in NCHW, for the forward and both gradients; no reorder to NHWC and back.
+// Measured on the 2-core AMD EPYC (AVX2), 2026-12-01, one thread (the machine shared, load 2.3-3), the
+// ResNet-18 downsample 8x64x56x56 -> 128, stride 2: forward 4.3-9.4 -> 2.0-3.4 ms (torch 2.6-4.7 ms),
+// grad_input 6.3 -> 2.6-3.3 ms, grad_weight 7.0 -> 2.3-2.6 ms (minimums of 15).
+bool use_nchw_1x1(const conv::Params& p) { return use_1x1(p) && !p.channels_last; }
+
+// grad_input on channels_last input: per output pixel the C_in channels of W^T g (K = C_out contiguous),
+// written to the input pixel it read; the rest zeroed row by row. The gather GEMM over the input pixels
+// spent a tile on every input pixel, 3/4 of them without a grad_out pixel at stride 2: 4.1 -> 2.1-2.3 ms
+// on the same layer (same machine, one thread, load 3.1).
+bool use_nhwc_1x1_bwd_input(const conv::Params& p) { return use_1x1(p) && p.channels_last; }
 
 }  // namespace
 
@@ -154,6 +165,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_bwd_cpu(const at::Tensor& 
                    input.options().memory_format(p.channels_last || is_depthwise(p) ? cl : at::MemoryFormat::Contiguous));
     if (gi.numel() > 0) {
       if (g.numel() == 0 || weight.numel() == 0) gi.zero_();
+      else if (use_nhwc_1x1_bwd_input(p)) kernels_1x1()->bwd_input_nhwc(g, weight.contiguous(), p, gi);
       else if (cpu::winograd_selected(p, input.scalar_type(), true)) cpu::conv2d_winograd_bwd_input(g, weight, p, gi);
       else if (use_bwd_input_as_nchw_fwd(p)) {
         const at::Tensor wt = weight.flip({2, 3}).transpose(0, 1).contiguous();

@@ -273,6 +273,111 @@ void bwd_input_impl(const at::Tensor& g, const at::Tensor& w, const conv::Params
   });
 }
 
+// NHWC: out[i][0..nv) = sum_k a[i][k] * B[k * NB + 0..nv),  i < r (a[i] for i >= r: any valid row).
+template <typename T>
+inline void ukernel_rows(const T* const* a, int r, const T* B, int64_t K, T* const* out, int64_t nv) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t V = Vec::size(), NB = 2 * V;
+  Vec c0[MR], c1[MR];
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i) {
+    c0[i] = Vec(T(0));
+    c1[i] = c0[i];
+  }
+  for (int64_t k = 0; k < K; ++k, B += NB) {
+    const Vec b0 = Vec::loadu(B), b1 = Vec::loadu(B + V);
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      const Vec av(a[i][k]);
+      c0[i] = at::vec::fmadd(av, b0, c0[i]);
+      c1[i] = at::vec::fmadd(av, b1, c1[i]);
+    }
+  }
+  const int n0 = static_cast<int>(std::min<int64_t>(V, nv)), n1 = static_cast<int>(nv - n0);
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+    if (i < r) {
+      if (nv == NB) {
+        c0[i].store(out[i]);
+        c1[i].store(out[i] + V);
+      } else {
+        c0[i].store(out[i], n0);
+        if (n1 > 0) c1[i].store(out[i] + V, n1);
+      }
+    }
+}
+
+// grad_input on channels_last: tasks (image, band of output rows) as on NCHW; the band's input rows
+// zeroed where no output pixel lands, then per tile of MR output pixels (one output row) the C_in
+// channels of each in blocks of NB, K = C_out contiguous in the grad_out pixel.
+template <typename T>
+void bwd_input_nhwc_impl(const at::Tensor& g, const at::Tensor& w, const conv::Params& p, at::Tensor& gi) {
+  constexpr int64_t NB = nb_of<T>();
+  const int64_t Cin = p.C_in, Cout = p.C_out, H = p.H, W = p.W, Ho = p.H_out, Wo = p.W_out;
+  const T* gp = g.const_data_ptr<T>();
+  const T* wp = w.const_data_ptr<T>();
+  T* op = gi.mutable_data_ptr<T>();
+  const int64_t nblk = ceil_div(Cin, NB);
+  std::vector<T> B(nblk * Cout * NB, T(0));  // B[nb][oc][j] = w[oc][nb NB + j]
+  for (int64_t oc = 0; oc < Cout; ++oc)
+    for (int64_t ci = 0; ci < Cin; ++ci) B[((ci / NB) * Cout + oc) * NB + ci % NB] = wp[oc * Cin + ci];
+  const int64_t rb = std::max<int64_t>(1, std::min<int64_t>(Ho, kGiBandPixels / std::max<int64_t>(1, Wo)));
+  const int64_t nband = ceil_div(Ho, rb);
+  auto lo_row = [&](int64_t band) -> int64_t {
+    if (band == 0) return 0;
+    if (band >= nband) return H;
+    return std::min<int64_t>(H, std::max<int64_t>(0, band * rb * p.sh - p.pt));
+  };
+  // input columns an output pixel lands on
+  std::vector<unsigned char> col_hit(W, 0);
+  for (int64_t ow = 0; ow < Wo; ++ow) {
+    const int64_t iw = ow * p.sw - p.pl;
+    if (iw >= 0 && iw < W) col_hit[iw] = 1;
+  }
+  at::parallel_for(0, p.N * nband, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> ows;
+    ows.reserve(Wo);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / nband, band = task % nband;
+      const int64_t oh0 = band * rb, oh1 = std::min(Ho, oh0 + rb);
+      for (int64_t ih = lo_row(band); ih < lo_row(band + 1); ++ih) {
+        const int64_t q = ih + p.pt;
+        T* row = op + (n * H + ih) * W * Cin;
+        if (!(q % p.sh == 0 && q / p.sh >= oh0 && q / p.sh < oh1)) {
+          std::memset(row, 0, W * Cin * sizeof(T));
+          continue;
+        }
+        for (int64_t iw = 0; iw < W; ++iw)
+          if (!col_hit[iw]) std::memset(row + iw * Cin, 0, Cin * sizeof(T));
+      }
+      for (int64_t oh = oh0; oh < oh1; ++oh) {
+        const int64_t ih = oh * p.sh - p.pt;
+        if (ih < 0 || ih >= H) continue;
+        ows.clear();
+        for (int64_t ow = 0; ow < Wo; ++ow) {
+          const int64_t iw = ow * p.sw - p.pl;
+          if (iw >= 0 && iw < W) ows.push_back(ow);
+        }
+        for (size_t t0 = 0; t0 < ows.size(); t0 += MR) {
+          const int r = static_cast<int>(std::min<size_t>(MR, ows.size() - t0));
+          const T* a[MR];
+          T* o[MR];
+          for (int i = 0; i < MR; ++i) {
+            const int64_t ow = ows[t0 + std::min(i, r - 1)];
+            a[i] = gp + ((n * Ho + oh) * Wo + ow) * Cout;
+            o[i] = op + ((n * H + ih) * W + ow * p.sw - p.pl) * Cin;
+          }
+          for (int64_t nb = 0; nb < nblk; ++nb) {
+            T* oo[MR];
+            for (int i = 0; i < MR; ++i) oo[i] = o[i] + nb * NB;
+            ukernel_rows<T>(a, r, B.data() + nb * Cout * NB, Cout, oo, std::min<int64_t>(NB, Cin - nb * NB));
+          }
+        }
+      }
+    }
+  });
+}
+
 // acc[o][k] += g[o][0..n) * x[k][0..n) over the pixels of a task, OCB x KB vectors; out[o * ldo + k] =
 // the horizontal sums. g rows: g[o * gs + j]; x rows: x[k * xs + j], zero-padded to whole vectors.
 template <typename T, int OCB, int KB>
@@ -415,12 +520,16 @@ void bwd_input_nchw(const at::Tensor& g, const at::Tensor& w, const conv::Params
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "conv2d_1x1_bwd_input_nchw_cpu",
                              [&] { bwd_input_impl<scalar_t>(g, w, p, gi); });
 }
+void bwd_input_nhwc(const at::Tensor& g, const at::Tensor& w, const conv::Params& p, at::Tensor& gi) {
+  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "conv2d_1x1_bwd_input_nhwc_cpu",
+                             [&] { bwd_input_nhwc_impl<scalar_t>(g, w, p, gi); });
+}
 void bwd_weight_nchw(const at::Tensor& g, const at::Tensor& x, const conv::Params& p, at::Tensor& gw, at::Tensor& gb) {
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "conv2d_1x1_bwd_weight_nchw_cpu",
                              [&] { bwd_weight_impl<scalar_t>(g, x, p, gw, gb); });
 }
 
-const Conv2d1x1Kernels kTable{&fwd_nchw, &bwd_input_nchw, &bwd_weight_nchw};
+const Conv2d1x1Kernels kTable{&fwd_nchw, &bwd_input_nchw, &bwd_input_nhwc, &bwd_weight_nchw};
 
 }  // namespace
 }  // namespace CPU_CAPABILITY

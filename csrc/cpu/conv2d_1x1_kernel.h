@@ -24,6 +24,10 @@ struct Conv2d1x1Kernels {
   // grad_input = W^T g scattered to the pixels the forward read (zeros elsewhere).  g: (N, C_out,
   // H_out, W_out) contiguous NCHW; w as above; gi: (N, C_in, H, W) contiguous NCHW, written.
   void (*bwd_input_nchw)(const at::Tensor& g, const at::Tensor& w, const conv::Params& p, at::Tensor& gi);
+  // grad_input on channels_last: per output pixel (a row of C_out contiguous channels) the C_in
+  // channels W^T g, written to the input pixel it read; every other input pixel zero.  g: (N, C_out,
+  // H_out, W_out) channels_last; w as above; gi: (N, C_in, H, W) channels_last, written.
+  void (*bwd_input_nhwc)(const at::Tensor& g, const at::Tensor& w, const conv::Params& p, at::Tensor& gi);
   // grad_weight = sum_n g_n X_s,n^T and/or grad_bias (either may be undefined = not asked).  g, x
   // contiguous NCHW; gw: (C_out, C_in, 1, 1) contiguous; gb: (C_out,). Deterministic: fixed tasks of
   // (image, band of output rows), their partial sums added in task order (float64) at the end.
