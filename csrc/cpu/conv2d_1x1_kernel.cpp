@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "cpu/conv2d_1x1_kernel.h"
+#include "cpu/conv2d_simd.h"
 
 namespace pyfastdl {
 namespace cpu {
@@ -431,28 +432,7 @@ void bwd_weight_impl(const at::Tensor& g, const at::Tensor& x, const conv::Param
   constexpr int OCB = 3, KB = 4;  // 12 accumulators, 3 grad_out vectors, 1 input vector: 16 registers
   const int64_t Cin = p.C_in, Cout = p.C_out, HW = p.H * p.W, Ho = p.H_out, Wo = p.W_out, P = Ho * Wo;
   const T* gp = g.const_data_ptr<T>();
-  if (gb.defined()) {  // per channel, per image a vector sum of the plane; images summed in float64
-    T* gbp = gb.mutable_data_ptr<T>();
-    at::parallel_for(0, Cout, 1, [&](int64_t b, int64_t e) {
-      for (int64_t oc = b; oc < e; ++oc) {
-        double tot = 0;
-        for (int64_t n = 0; n < p.N; ++n) {
-          const T* s = gp + (n * Cout + oc) * P;
-          Vec a0(T(0)), a1(T(0));
-          int64_t j = 0;
-          for (; j + 2 * V <= P; j += 2 * V) {
-            a0 = a0 + Vec::loadu(s + j);
-            a1 = a1 + Vec::loadu(s + j + V);
-          }
-          for (; j < P; j += V) a0 = a0 + Vec::loadu(s + j, static_cast<int>(std::min<int64_t>(V, P - j)));
-          alignas(64) T buf[V];
-          (a0 + a1).store(buf);
-          for (int64_t l = 0; l < V; ++l) tot += static_cast<double>(buf[l]);
-        }
-        gbp[oc] = static_cast<T>(tot);
-      }
-    });
-  }
+  if (gb.defined()) conv_simd::grad_bias_nchw<T>(gp, p.N, Cout, P, gb.mutable_data_ptr<T>());
   if (!gw.defined()) return;
   const T* xp = x.const_data_ptr<T>();
   const int64_t rb = std::max<int64_t>(1, std::min<int64_t>(Ho, kGwBandPixels / std::max<int64_t>(1, Wo)));

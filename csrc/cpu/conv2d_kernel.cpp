@@ -32,6 +32,7 @@
 #include <vector>
 
 #include "cpu/conv2d_kernel.h"
+#include "cpu/conv2d_simd.h"
 
 namespace pyfastdl {
 namespace cpu {
@@ -887,28 +888,7 @@ void bwd_weight_nchw_impl(const at::Tensor& g, const at::Tensor& x, const conv::
   constexpr int OCB = 3, KB = 4;
   const int64_t Ho = p.H_out, Wo = p.W_out, HWo = Ho * Wo, Cout = p.C_out, Cin = p.C_in;
   const T* gp = g.const_data_ptr<T>();
-  if (gb.defined()) {  // grad_bias: per channel, per image a vector sum of the plane, images summed in float64
-    T* gbp = gb.mutable_data_ptr<T>();
-    at::parallel_for(0, Cout, 1, [&](int64_t b, int64_t e) {
-      for (int64_t oc = b; oc < e; ++oc) {
-        double tot = 0;
-        for (int64_t n = 0; n < p.N; ++n) {
-          const T* s = gp + (n * Cout + oc) * HWo;
-          Vec a0(T(0)), a1(T(0));
-          int64_t j = 0;
-          for (; j + 2 * V <= HWo; j += 2 * V) {
-            a0 = a0 + Vec::loadu(s + j);
-            a1 = a1 + Vec::loadu(s + j + V);
-          }
-          for (; j < HWo; j += V) a0 = a0 + Vec::loadu(s + j, std::min<int64_t>(V, HWo - j));
-          alignas(64) T buf[V];
-          (a0 + a1).store(buf);
-          for (int64_t l = 0; l < V; ++l) tot += static_cast<double>(buf[l]);
-        }
-        gbp[oc] = static_cast<T>(tot);
-      }
-    });
-  }
+  if (gb.defined()) conv_simd::grad_bias_nchw<T>(gp, p.N, Cout, HWo, gb.mutable_data_ptr<T>());
   if (!gw.defined()) return;
   const T* xp = x.const_data_ptr<T>();
   const int64_t cin_g = p.cin_g(), cout_g = p.cout_g();
