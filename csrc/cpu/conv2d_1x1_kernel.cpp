@@ -46,6 +46,21 @@ constexpr int64_t nb_of() { return 2 * Vectorized<T>::size(); }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// grad_input's tasks: bands of rb output rows (about kGiBandPixels pixels) per image; band b owns the
+// input rows [lo_row(b), lo_row(b + 1)): those from the first row its output rows read on (row
+// oh sh - pt of output row oh), so every input row belongs to exactly one band.
+struct GiBands {
+  int64_t rb, n, H, sh, pt;
+  explicit GiBands(const conv::Params& p)
+      : rb(std::max<int64_t>(1, std::min<int64_t>(p.H_out, kGiBandPixels / std::max<int64_t>(1, p.W_out)))),
+        n(ceil_div(p.H_out, rb)), H(p.H), sh(p.sh), pt(p.pt) {}
+  int64_t lo_row(int64_t band) const {
+    if (band == 0) return 0;
+    if (band >= n) return H;
+    return std::min<int64_t>(H, std::max<int64_t>(0, band * rb * sh - pt));
+  }
+};
+
 // out[i * ldo + 0..count) = init[i] + sum_k A[k * MR + i] * Bp[k * NB + 0..count),  i < r.
 template <typename T>
 inline void ukernel(const T* A, const T* Bp, int64_t K, const T* init, T* out, int64_t ldo, int r, int64_t count) {
@@ -170,13 +185,9 @@ void bwd_input_impl(const at::Tensor& g, const at::Tensor& w, const conv::Params
   const bool s2 = p.sw == 2 && p.pl == 0 && 2 * Wo >= W;
   // tasks: (image, band of rb output rows); the task writes the input rows [lo(band), lo(band + 1)):
   // zeros, then the pixels its output rows hit (input row oh sh - pt of output row oh)
-  const int64_t rb = std::max<int64_t>(1, std::min<int64_t>(Ho, kGiBandPixels / std::max<int64_t>(1, Wo)));
-  const int64_t nband = ceil_div(Ho, rb);
-  auto lo_row = [&](int64_t band) -> int64_t {
-    if (band == 0) return 0;
-    if (band >= nband) return H;
-    return std::min<int64_t>(H, std::max<int64_t>(0, band * rb * p.sh - p.pt));
-  };
+  const GiBands bands(p);
+  const int64_t nband = bands.n, rb = bands.rb;
+  auto lo_row = [&](int64_t band) { return bands.lo_row(band); };
   const int64_t tpc = tiles_per_chunk<T>(Cout), PT = tpc * NB;
   at::parallel_for(0, p.N * nband, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> panel(std::max(tpc, s2 ? ceil_div(Wo, NB) : 0) * Cout * NB);
@@ -322,13 +333,9 @@ void bwd_input_nhwc_impl(const at::Tensor& g, const at::Tensor& w, const conv::P
   std::vector<T> B(nblk * Cout * NB, T(0));  // B[nb][oc][j] = w[oc][nb NB + j]
   for (int64_t oc = 0; oc < Cout; ++oc)
     for (int64_t ci = 0; ci < Cin; ++ci) B[((ci / NB) * Cout + oc) * NB + ci % NB] = wp[oc * Cin + ci];
-  const int64_t rb = std::max<int64_t>(1, std::min<int64_t>(Ho, kGiBandPixels / std::max<int64_t>(1, Wo)));
-  const int64_t nband = ceil_div(Ho, rb);
-  auto lo_row = [&](int64_t band) -> int64_t {
-    if (band == 0) return 0;
-    if (band >= nband) return H;
-    return std::min<int64_t>(H, std::max<int64_t>(0, band * rb * p.sh - p.pt));
-  };
+  const GiBands bands(p);
+  const int64_t nband = bands.n, rb = bands.rb;
+  auto lo_row = [&](int64_t band) { return bands.lo_row(band); };
   // input columns an output pixel lands on
   std::vector<unsigned char> col_hit(W, 0);
   for (int64_t ow = 0; ow < Wo; ++ow) {
