@@ -13,35 +13,37 @@ TORCH_LIBRARY(pyfastdl, m) {
   // weight, bias: (C,) or None (None = 1 and 0). running_mean, running_var: (C,) or None, updated in
   // place when training: r = (1 - momentum) * r + momentum * batch_stat, the variance unbiased
   // (n / (n - 1)), n = numel / C. Eval (training=false) normalizes with the running statistics.
-  // relu=true applies max(y, 0) in the epilogue.
+  // activation, applied in the epilogue: 0 none, 1 ReLU max(y, 0), 2 sigmoid 1 / (1 + exp(-y)) (the
+  // layers the notes put after a batch norm); anything else is refused.
   // Returns (output [input's shape and memory format], save_mean (C,), save_invstd (C,)); the saved
   // statistics are in the accumulation dtype (float32, or float64 for float64 input): the batch mean
   // and 1/sqrt(biased var + eps) in training, the running ones in eval.
   m.def(
       "batch_norm_fwd(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
-      "Tensor(b!)? running_var, bool training, float momentum, float eps, bool relu) "
+      "Tensor(b!)? running_var, bool training, float momentum, float eps, int activation) "
       "-> (Tensor, Tensor, Tensor)");
-  // Backward of batch_norm_fwd. With relu=true the ReLU mask is recomputed from input with the
+  // Backward of batch_norm_fwd. With an activation, its input y is recomputed from input with the
   // forward's formula, y = (input - save_mean) * weight * save_invstd + bias, and grad_out is zeroed
-  // where y <= 0. (Each backend's forward centres x on the batch mean held to twice the
-  // accumulation precision -- save_mean plus its rounding error --, so that a channel with
-  // |mean| >> std normalizes accurately; the backward, which has only save_mean, may differ from the
-  // forward's mask only where |y| is below that rounding error times the scale.)
+  // where y <= 0 (ReLU) or multiplied by s (1 - s), s = sigmoid(y) (sigmoid). (Each backend's
+  // forward centres x on the batch mean held to twice the accumulation precision -- save_mean plus
+  // its rounding error --, so that a channel with |mean| >> std normalizes accurately; the backward,
+  // which has only save_mean, may differ from the forward's ReLU mask only where |y| is below that
+  // rounding error times the scale, and in its sigmoid by that rounding error.)
   // output_mask = which of (grad_input, grad_weight, grad_bias) to compute (ctx.needs_input_grad);
   // an output not asked for is not computed and is returned undefined (None in Python). In eval,
-  // grad_input = grad_out * weight * save_invstd (x only enters the ReLU mask): finite for a
-  // non-finite x, as torch.
+  // grad_input = grad_out * weight * save_invstd (x only enters the activation's derivative): finite
+  // for a non-finite x, as torch, except a NaN x through the sigmoid (NaN, as torch's sigmoid).
   // Returns (grad_input [input's shape and memory format], grad_weight (C,), grad_bias (C,)), the
   // last two in the accumulation dtype.
   m.def(
       "batch_norm_bwd(Tensor grad_out, Tensor input, Tensor? weight, Tensor? bias, Tensor save_mean, "
-      "Tensor save_invstd, bool training, bool relu, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+      "Tensor save_invstd, bool training, int activation, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
   // batch_norm_fwd's output, differentiable: its derivative (batch_norm_bwd) is registered in C++
   // under the Autograd key (csrc/cpu/batch_norm_autograd.cpp), so the C++ backends run a
   // forward+backward without Python. Arguments and output as batch_norm_fwd.
   m.def(
       "batch_norm(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
-      "Tensor(b!)? running_var, bool training, float momentum, float eps, bool relu) -> Tensor");
+      "Tensor(b!)? running_var, bool training, float momentum, float eps, int activation) -> Tensor");
   // batch_norm_bwd's results as differentiable functions of (grad_out, input, weight, bias), for
   // backward(create_graph=True) through pyfastdl::batch_norm (double backward, gradient penalties):
   // implemented in Python as CompositeImplicitAutograd (pyfastdl/autograd/batch_norm.py: the
@@ -49,7 +51,7 @@ TORCH_LIBRARY(pyfastdl, m) {
   // returned empty (0,).
   m.def(
       "batch_norm_bwd_graph(Tensor grad_out, Tensor input, Tensor? weight, Tensor? bias, Tensor save_mean, "
-      "Tensor save_invstd, bool training, float eps, bool relu, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+      "Tensor save_invstd, bool training, float eps, int activation, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
 
   // ---- fused optimizers (one multi-tensor step per call) ---------------------------------------
   // Each op applies one step of torch.optim.<X>(foreach=False)'s update rule to every tensor of the

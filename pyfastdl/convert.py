@@ -119,8 +119,8 @@ def convert(model: torch.nn.Module, *, inplace: bool = True, summary: bool = Fal
         summary: also return a :class:`ConvertSummary` of what was swapped, left, and why.
         verbose: log the summary (logger ``pyfastdl.convert``, level INFO).
         fuse: True (default) re-classes a ``torch.nn.Sequential`` holding a BatchNorm directly
-            followed by a ``torch.nn.ReLU`` as :class:`pyfastdl.nn.BatchNormReLUSequential`, which runs
-            each such pair as one kernel (same children, names and state_dict; each child alone
+            followed by a ``torch.nn.ReLU`` or ``torch.nn.Sigmoid`` as
+            :class:`pyfastdl.nn.BatchNormActivationSequential`, which runs each such pair as one kernel (same children, names and state_dict; each child alone
             behaves as before; a hooked pair runs unfused). False leaves Sequentials as they are.
 
     Returns:
@@ -177,11 +177,11 @@ def _convert(module, name, report, memo, twins, fuse=True):
         if new is not child:
             setattr(module, child_name, new)
     if type(module) is torch.nn.Sequential and fuse and _fusable_pairs(module):
-        # (pyfastdl BatchNorm, ReLU) pairs run as one kernel; the children stay as they are
+        # (pyfastdl BatchNorm, ReLU or Sigmoid) pairs run as one kernel; the children stay as they are
         n = _fusable_pairs(module)
-        module.__class__ = pnn.BatchNormReLUSequential
-        report.swapped.append(ConvertEntry(name, torch.nn.Sequential, pnn.BatchNormReLUSequential,
-                                           f"{n} BatchNorm + ReLU pair{'s' if n > 1 else ''} fused"))
+        module.__class__ = pnn.BatchNormActivationSequential
+        report.swapped.append(ConvertEntry(name, torch.nn.Sequential, pnn.BatchNormActivationSequential,
+                                           f"{n} BatchNorm + activation pair{'s' if n > 1 else ''} fused"))
     if type(module) is torch.nn.TransformerEncoder:
         # its eval-mode nested-tensor path packs the batch and hands it to torch's fused layer op;
         # switched off, every layer runs its own forward (and pyfastdl's attention)
@@ -234,7 +234,7 @@ def _all_sources():
 
 
 # pyfastdl classes that convert produces other than _SWAPS's values (recognized as converted already)
-_TWIN_EXTRAS = {pnn.DotProductAttention, pnn.BatchNormReLUSequential}
+_TWIN_EXTRAS = {pnn.DotProductAttention, pnn.BatchNormActivationSequential}
 
 
 # LSTM and GRU (family rnn). An LSTM with proj_size != 0 is left (pyfastdl.nn.LSTM supports

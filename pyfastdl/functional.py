@@ -20,7 +20,8 @@ _BATCH_NORM_DTYPES = {
     "cuda": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
     "triton": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
 }
-_ACTIVATIONS = (None, "relu")
+# activation -> the ops' code (pyfastdl.autograd.batch_norm.ACTIVATIONS: None 0, "relu" 1, "sigmoid" 2)
+_ACTIVATIONS = {"relu": 1, "sigmoid": 2}
 # batch_norm_fwd with its autograd formula in C++ (csrc/cpu/batch_norm_autograd.cpp); the overload
 # resolved once
 _BATCH_NORM_OP = torch.ops.pyfastdl.batch_norm.default
@@ -53,7 +54,8 @@ def batch_norm(input: torch.Tensor, running_mean: torch.Tensor | None, running_v
     eps > 0 when training, eps >= 0 in eval (ValueError otherwise, as torch).
     running_mean, running_var: (C,) or None, updated in place when training (torch's rule: unbiased
     variance, ``momentum`` weights the new statistic). weight, bias: (C,) or None.
-    activation: None, or "relu" to fuse max(y, 0) into the kernel (pyfastdl's own argument).
+    activation: None, "relu" or "sigmoid": fused into the kernel's epilogue, forward and backward
+    (pyfastdl's own argument; the notes put a sigmoid or a ReLU after every batch norm).
     Returns y of input's shape, dtype and memory format. Ioffe & Szegedy 2015; notes section 28.
     Differentiable twice: backward(create_graph=True) recomputes the forward with the reference
     math to give gradients with a graph (recorded as batch_norm_double_backward -> reference).
@@ -64,20 +66,19 @@ def batch_norm(input: torch.Tensor, running_mean: torch.Tensor | None, running_v
     # The common case, kept lean (per-call cost): the cpu/cuda op with its C++ derivative through its
     # direct entry (csrc/cpu/percall.cpp), which returns None for what it does not take (another
     # device, a non-floating or 1-D input, a non-Tensor argument): the full path below then runs.
-    if ((activation is None or activation == "relu") and type(input) is torch.Tensor and not _is_compiling()
+    act = 0 if activation is None else _ACTIVATIONS.get(activation, -1) if type(activation) is str else -1
+    if (act >= 0 and type(input) is torch.Tensor and not _is_compiling()
             and backends.picked("batch_norm", input.device, input.dtype) is not None):
-        out = _C.batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps,
-                            activation == "relu")
+        out = _C.batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps, act)
         if out is not None:
             return out
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"batch_norm: expected input to be a Tensor, got {type(input).__name__}")
-    if activation not in _ACTIVATIONS:
-        raise ValueError(f"batch_norm: expected activation in {_ACTIVATIONS}, got {activation!r}")
+    if act < 0:
+        raise ValueError(f"batch_norm: expected activation in (None, 'relu', 'sigmoid'), got {activation!r}")
     _check_same_device("batch_norm", input, _BN_TENSOR_ARGS, (weight, bias, running_mean, running_var))
     if not input.is_floating_point():
         raise RuntimeError(f"batch_norm: expected a floating-point input, got input of dtype {input.dtype}")
-    relu = activation == "relu"
     if input.dim() == 1 and input.numel() == 0:
         # torch returns an empty result for a 1-D empty input (an OpInfo sample); there is nothing
         # for a kernel to do. Its running statistics must be empty too, as torch checks.
@@ -90,7 +91,7 @@ def batch_norm(input: torch.Tensor, running_mean: torch.Tensor | None, running_v
     backend = backends.pick("batch_norm", input.device, input.dtype, _BATCH_NORM_DTYPES)
     if backend == "torch":
         y = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
-        return F.relu(y) if relu else y
+        return F.relu(y) if act == 1 else torch.sigmoid(y) if act == 2 else y
     if backend == "reference":
         if training and math.prod(input.shape[:1] + input.shape[2:]) == 1:  # torch's rule
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.size()}")
@@ -98,15 +99,15 @@ def batch_norm(input: torch.Tensor, running_mean: torch.Tensor | None, running_v
                                      momentum, eps, activation)
     if backend != "triton":  # cpu, cuda: the op's derivative is registered in C++, no Python per backward
         return _BATCH_NORM_OP(input, weight, bias, running_mean, running_var, bool(training), float(momentum),
-                              float(eps), relu)
+                              float(eps), act)
     ops = backends.ops(backend, "batch_norm")
     if not (torch.is_grad_enabled() and (input.requires_grad or (weight is not None and weight.requires_grad)
                                          or (bias is not None and bias.requires_grad))):
         # Nothing to differentiate: the op alone, without the autograd Function's bookkeeping.
         return ops.batch_norm_fwd(input, weight, bias, running_mean, running_var, bool(training),
-                                  float(momentum), float(eps), relu)[0]
+                                  float(momentum), float(eps), act)[0]
     return BatchNormFunction.apply(input, weight, bias, running_mean, running_var, bool(training),
-                                   float(momentum), float(eps), relu, ops)
+                                   float(momentum), float(eps), act, ops)
 
 
 # ---- attention ---------------------------------------------------------------------------------------

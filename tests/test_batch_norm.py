@@ -64,9 +64,10 @@ def run_pyfastdl(backend, *args, **kwargs):
 
 @pytest.mark.parametrize("backend,dtype", params(DTYPES))
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("affine,relu", [(True, False), (False, False), (True, True)],
-                         ids=["affine", "noaffine", "affine-relu"])
-def test_forward_backward_match_torch(backend, dtype, training, affine, relu):
+@pytest.mark.parametrize("affine,activation", [(True, None), (False, None), (True, "relu"), (True, "sigmoid"),
+                                               (False, "sigmoid")],
+                         ids=["affine", "noaffine", "affine-relu", "affine-sigmoid", "noaffine-sigmoid"])
+def test_forward_backward_match_torch(backend, dtype, training, affine, activation):
     device = DEVICE[backend]
     for shape, layout in cases(backend):
         C = shape[1]
@@ -82,14 +83,13 @@ def test_forward_backward_match_torch(backend, dtype, training, affine, relu):
         br = b.detach().double().requires_grad_() if affine else None
         rmr, rvr = rm.double().clone(), rv.double().clone()
         ref = F.batch_norm(xr, rmr, rvr, wr, br, training, 0.1, 1e-5)
-        if relu:
-            ref = F.relu(ref)
+        if activation is not None:
+            ref = getattr(torch, activation)(ref)
 
         xt = x.detach().requires_grad_()
         wt = w.detach().requires_grad_() if affine else None
         bt = b.detach().requires_grad_() if affine else None
-        out = run_pyfastdl(backend, xt, rm, rv, wt, bt, training, 0.1, 1e-5,
-                           activation="relu" if relu else None)
+        out = run_pyfastdl(backend, xt, rm, rv, wt, bt, training, 0.1, 1e-5, activation=activation)
         tol = TOL[dtype]
         assert out.shape == x.shape and out.dtype == x.dtype and out.device == x.device
         assert rel_err(out, ref) <= tol, (shape, layout)
@@ -121,8 +121,8 @@ def test_numerically_stable_statistics(backend, dtype):
 @pytest.mark.parametrize("backend,dtype", params({"cpu": [torch.float64], "reference": [torch.float64],
                                                   "cuda": [torch.float64], "triton": [torch.float64]}))
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("relu", [False, True], ids=["plain", "relu"])
-def test_gradcheck(backend, dtype, training, relu):
+@pytest.mark.parametrize("activation", [None, "relu", "sigmoid"], ids=["plain", "relu", "sigmoid"])
+def test_gradcheck(backend, dtype, training, activation):
     device = DEVICE[backend]
     for shape, layout in [((3, 4, 3, 2), "contiguous"), ((3, 4, 3, 2), "channels_last"), ((5, 3), "contiguous")]:
         x = make_input(shape, dtype, device, layout).requires_grad_()
@@ -132,8 +132,7 @@ def test_gradcheck(backend, dtype, training, relu):
 
         def f(x, w, b):
             with backends.use(backend):
-                return PF.batch_norm(x, rm.clone(), rv.clone(), w, b, training,
-                                     activation="relu" if relu else None)
+                return PF.batch_norm(x, rm.clone(), rv.clone(), w, b, training, activation=activation)
 
         assert torch.autograd.gradcheck(f, (x, w, b))
 
@@ -148,8 +147,8 @@ def test_opcheck(backend):
         for training in (True, False):
             torch.library.opcheck(ops.batch_norm_fwd, (x, w, b, rm, rv, training, 0.1, 1e-5, True))
             torch.library.opcheck(ops.batch_norm_fwd, (x, None, None, None if training else rm,
-                                                       None if training else rv, training, 0.1, 1e-5, False))
-            _, mean, invstd = ops.batch_norm_fwd(x, w, b, rm.clone(), rv.clone(), training, 0.1, 1e-5, False)
+                                                       None if training else rv, training, 0.1, 1e-5, 0))
+            _, mean, invstd = ops.batch_norm_fwd(x, w, b, rm.clone(), rv.clone(), training, 0.1, 1e-5, 0)
             g = torch.randn_like(x)
             torch.library.opcheck(ops.batch_norm_bwd, (g, x, w, b, mean, invstd, training, True, [True, True, True]))
 
@@ -293,8 +292,19 @@ def test_bad_input_raises_clearly_and_touches_nothing(backend):
 
 def test_bad_activation_and_backend_choice():
     x = torch.randn(4, 3, 5, 5)
-    with pytest.raises(ValueError, match="activation"):
-        PF.batch_norm(x, None, None, training=True, activation="gelu")
+    for bad in ("gelu", "Sigmoid", 1, ["relu"]):
+        with pytest.raises(ValueError, match="activation"):
+            PF.batch_norm(x, None, None, training=True, activation=bad)
+    # the ops refuse a code they do not know, on every kernel backend (before writing anything)
+    rm, rv = torch.zeros(3), torch.ones(3)
+    for name in ("cpu", "triton"):
+        ops = backends.ops(name, "batch_norm")
+        for code in (-1, 3):
+            with pytest.raises(ValueError, match="activation"):
+                ops.batch_norm_fwd(x, None, None, rm, rv, True, 0.1, 1e-5, code)
+            with pytest.raises(ValueError, match="activation"):
+                ops.batch_norm_bwd(x, x, None, None, rm, rv, True, code, [True, False, False])
+        assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3))
     with pytest.raises(ValueError, match="unknown backend"):
         backends.use("tpu")
     with backends.use("cuda"), pytest.raises(backends.BackendError, match="cuda"):
@@ -335,16 +345,17 @@ for shape in [(3, 5, 17, 17), (4, 6, 8, 8), (2, 3, 5, 7, 3)]:
         w = torch.randn(shape[1], dtype=dtype, requires_grad=True)
         b = torch.randn(shape[1], dtype=dtype, requires_grad=True)
         g = torch.randn(shape, dtype=dtype)
-        for training in (True, False):
+        for training, act in ((True, "relu"), (False, "relu"), (True, "sigmoid"), (False, "sigmoid")):
             rm, rv = torch.zeros(shape[1], dtype=dtype), torch.ones(shape[1], dtype=dtype)
-            y = PF.batch_norm(x, rm.clone(), rv.clone(), w, b, training, activation="relu")
+            y = PF.batch_norm(x, rm.clone(), rv.clone(), w, b, training, activation=act)
             assert backends.last_dispatch().backend == "cpu"
-            r = F.relu(F.batch_norm(x.double(), rm.double(), rv.double(), w.double(), b.double(), training))
+            r = getattr(torch, act)(F.batch_norm(x.double(), rm.double(), rv.double(), w.double(), b.double(),
+                                                 training))
             gy = torch.autograd.grad(y, (x, w, b), g)
             gr = torch.autograd.grad(r, (x, w, b), g.double())
             for a, e in [(y, r)] + list(zip(gy, gr)):
                 err = ((a.double() - e).norm() / e.norm()).item()
-                assert err < 1e-4, (shape, dtype, training, err)
+                assert err < 1e-4, (shape, dtype, training, act, err)
 print("ok")
 """
 

@@ -223,17 +223,19 @@ def _gradgrad_cases():
         marks = backend.marks if hasattr(backend, "marks") else ()
         for training in (True, False):
             for affine in (True, False):
-                for relu in (False, True):
-                    if name != "cpu" and (affine is False or relu is training):
+                for act in (None, "relu", "sigmoid"):
+                    if name != "cpu" and (affine is False or (act is not None) is training):
                         continue
-                    cases.append(pytest.param(name, training, affine, relu, marks=marks,
+                    if act == "sigmoid" and not affine:
+                        continue
+                    cases.append(pytest.param(name, training, affine, act, marks=marks,
                                               id=f"{name}-{'train' if training else 'eval'}-"
-                                                 f"{'affine' if affine else 'no-affine'}-{'relu' if relu else 'plain'}"))
+                                                 f"{'affine' if affine else 'no-affine'}-{act or 'plain'}"))
     return cases
 
 
-@pytest.mark.parametrize("backend,training,affine,relu", _gradgrad_cases())
-def test_gradgradcheck(backend, training, affine, relu):
+@pytest.mark.parametrize("backend,training,affine,activation", _gradgrad_cases())
+def test_gradgradcheck(backend, training, affine, activation):
     """Before: backward was once_differentiable and create_graph was silently dropped."""
     dev = DEVICE[backend]
     g = torch.Generator().manual_seed(0)
@@ -247,7 +249,7 @@ def test_gradgradcheck(backend, training, affine, relu):
     def f(*args):
         with backends.use(backend):
             return PF.batch_norm(args[0], rm.clone(), rv.clone(), *args[1:], training=training,
-                                 activation="relu" if relu else None)
+                                 activation=activation)
     inputs = (x, w, b) if affine else (x,)
     assert torch.autograd.gradgradcheck(f, inputs)
 
@@ -305,12 +307,12 @@ def test_bwd_output_mask_computes_only_what_is_asked(backend, training, layout):
         x = x.contiguous(memory_format=torch.channels_last)
     w, b = torch.rand(3, device=dev) + 0.5, torch.randn(3, device=dev)
     rm, rv = torch.randn(3, device=dev), torch.rand(3, device=dev) + 0.5
-    _, mean, invstd = ops.batch_norm_fwd(x, w, b, rm.clone(), rv.clone(), training, 0.1, 1e-5, False)
+    _, mean, invstd = ops.batch_norm_fwd(x, w, b, rm.clone(), rv.clone(), training, 0.1, 1e-5, 0)
     dy = torch.randn_like(x)
-    full = ops.batch_norm_bwd(dy, x, w, b, mean, invstd, training, False, [True, True, True])
+    full = ops.batch_norm_bwd(dy, x, w, b, mean, invstd, training, 0, [True, True, True])
     for mask in ([True, False, False], [False, True, False], [False, False, True], [False, True, True],
                  [False, False, False]):
-        out = ops.batch_norm_bwd(dy, x, w, b, mean, invstd, training, False, mask)
+        out = ops.batch_norm_bwd(dy, x, w, b, mean, invstd, training, 0, mask)
         for want, o, f in zip(mask, out, full):
             if want:
                 assert torch.equal(o, f)
@@ -336,7 +338,7 @@ def test_function_passes_needs_input_grad_as_mask():
     x = torch.randn(4, 3, 5)
     w = torch.rand(3, requires_grad=True)
     b = torch.rand(3)
-    BatchNormFunction.apply(x, w, b, None, None, True, 0.1, 1e-5, False, Spy).sum().backward()
+    BatchNormFunction.apply(x, w, b, None, None, True, 0.1, 1e-5, 0, Spy).sum().backward()
     assert seen == [[False, True, False]]
 
 

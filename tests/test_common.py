@@ -91,13 +91,13 @@ def test_device_guard_is_a_no_op_off_the_gpu(common):
 # Every Triton launcher enters the shared guard with its input (a spy in place of the guard).
 def _bn_fwd(ops, dev):
     x = torch.randn(4, 3, 5, device=dev)
-    return x, lambda: ops.batch_norm_fwd(x, None, None, None, None, True, 0.1, 1e-5, False)
+    return x, lambda: ops.batch_norm_fwd(x, None, None, None, None, True, 0.1, 1e-5, 0)
 
 
 def _bn_bwd(ops, dev):
     x = torch.randn(4, 3, 5, device=dev)
-    _, m, s = ops.batch_norm_fwd(x, None, None, None, None, True, 0.1, 1e-5, False)
-    return x, lambda: ops.batch_norm_bwd(torch.randn_like(x), x, None, None, m, s, True, False, [True, True, True])
+    _, m, s = ops.batch_norm_fwd(x, None, None, None, None, True, 0.1, 1e-5, 0)
+    return x, lambda: ops.batch_norm_bwd(torch.randn_like(x), x, None, None, m, s, True, 0, [True, True, True])
 
 
 def _attn_fwd(ops, dev):

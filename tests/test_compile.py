@@ -66,15 +66,14 @@ def _assert_same(eager, compiled):
 
 
 @pytest.mark.parametrize("backend", BACKENDS + [pytest.param("inductor", marks=pytest.mark.slow)])
-@pytest.mark.parametrize("training,relu", [(True, False), (False, False), (True, True)])
-def test_batch_norm_functional(backend, training, relu):
+@pytest.mark.parametrize("training,activation", [(True, None), (False, None), (True, "relu"), (True, "sigmoid")])
+def test_batch_norm_functional(backend, training, activation):
     def make():
         return (torch.randn(6, 5, 7, 3, requires_grad=True), torch.rand(5).add_(0.5).requires_grad_(),
                 torch.randn(5, requires_grad=True), torch.randn(5), torch.rand(5).add_(0.5))
 
     def fn(x, w, b, rm, rv):
-        y = PF.batch_norm(x, rm, rv, w, b, training=training, momentum=0.2, eps=1e-4,
-                          activation="relu" if relu else None)
+        y = PF.batch_norm(x, rm, rv, w, b, training=training, momentum=0.2, eps=1e-4, activation=activation)
         return (y * y.detach().sin()).sum()
 
     _assert_same(*_run_both(fn, make, backend))

@@ -517,7 +517,7 @@ def test_converted_model_under_torch_compile(name, _fresh_dynamo):
         torch.testing.assert_close(b, a, msg=n)
 
 
-# ---- BatchNorm + ReLU pairs of a Sequential fused (convert(fuse=True)) ------------------------------
+# ---- BatchNorm + ReLU / Sigmoid pairs of a Sequential fused (convert(fuse=True)) -------------------
 
 def _bn_relu_net():
     torch.manual_seed(0)
@@ -536,14 +536,14 @@ def _relu_calls(monkeypatch):
 
 @pytest.mark.parametrize("train", [True, False])
 def test_bn_relu_pairs_fused_match_torch(monkeypatch, train):
-    """A Sequential with (BatchNorm, ReLU) pairs becomes BatchNormReLUSequential: no ReLU module runs
+    """A Sequential with (BatchNorm, ReLU) pairs becomes BatchNormActivationSequential: no ReLU module runs
     (the kernel applies max(y, 0)), and outputs, every gradient and the running statistics are torch's;
     the state_dict keys and children are the Sequential's."""
     ref = _bn_relu_net().train(train)
     net, summary = pyfastdl.convert(copy.deepcopy(ref), summary=True)
-    assert type(net) is pyfastdl.nn.BatchNormReLUSequential and isinstance(net, torch.nn.Sequential)
+    assert type(net) is pyfastdl.nn.BatchNormActivationSequential and isinstance(net, torch.nn.Sequential)
     entry = next(e for e in summary.swapped if e.before is torch.nn.Sequential)
-    assert entry.name == "" and "3 BatchNorm + ReLU pairs fused" in entry.reason
+    assert entry.name == "" and "3 BatchNorm + activation pairs fused" in entry.reason
     assert list(net.state_dict()) == list(ref.state_dict())
     assert [type(m) for m in net][2] is torch.nn.ReLU
     calls = _relu_calls(monkeypatch)
@@ -567,11 +567,41 @@ def test_bn_relu_pairs_fused_match_torch(monkeypatch, train):
     assert (net[1](torch.randn(4, 6, 3, 3)) < 0).any()
 
 
+@pytest.mark.parametrize("train", [True, False])
+def test_bn_sigmoid_pairs_fused_match_torch(monkeypatch, train):
+    """The notes' LeNet with batch norm (every batch norm feeds a Sigmoid): its four pairs run as one
+    kernel each (no Sigmoid module runs), with torch's outputs, gradients and running statistics."""
+    from pyfastdl.reference.models import lenet_batch_norm
+    torch.manual_seed(0)
+    ref = lenet_batch_norm(scratch=False).train(train)
+    net, summary = pyfastdl.convert(copy.deepcopy(ref), summary=True)
+    assert type(net) is pyfastdl.nn.BatchNormActivationSequential
+    assert any("4 BatchNorm + activation pairs fused" in e.reason for e in summary.swapped)
+    calls = []
+    orig = torch.nn.Sigmoid.forward
+    monkeypatch.setattr(torch.nn.Sigmoid, "forward", lambda self, x: calls.append(1) or orig(self, x))
+    x = torch.randn(6, 1, 28, 28)
+    xs = [x.clone().requires_grad_() for _ in range(2)]
+    y = net(xs[0])
+    assert calls == []
+    yt = ref(xs[1])
+    assert len(calls) == 4
+    assert_rel(y, yt, torch.float32, "gemm")
+    y.square().sum().backward()
+    yt.square().sum().backward()
+    assert_rel(xs[0].grad, xs[1].grad, torch.float32, "gemm", factor=10)
+    scale = max(pt.grad.norm().item() for pt in ref.parameters())
+    for (n, p), (_, pt) in zip(net.named_parameters(), ref.named_parameters()):
+        assert (p.grad - pt.grad).norm().item() <= 1e-5 * scale, n
+    for (n, b), (_, bt) in zip(net.named_buffers(), ref.named_buffers()):
+        assert torch.allclose(b.float(), bt.float(), rtol=1e-5, atol=1e-6), n
+
+
 def test_bn_relu_fusion_hooks_idempotence_and_opt_out(monkeypatch):
     net = pyfastdl.convert(_bn_relu_net())
     again, summary = pyfastdl.convert(net, summary=True)
     assert again is net and summary.swapped == []
-    assert any(e.name == "" and e.before is pyfastdl.nn.BatchNormReLUSequential for e in summary.already)
+    assert any(e.name == "" and e.before is pyfastdl.nn.BatchNormActivationSequential for e in summary.already)
     # a hooked ReLU runs unfused, so its hook sees the batch norm's output and its own
     seen = []
     net[2].register_forward_hook(lambda m, i, o: seen.append((i[0].min().item(), o.min().item())))

@@ -102,14 +102,15 @@ def test_only_the_asked_gradients():
     assert w.grad is not None and x.grad is None
 
 
-def test_relu_epilogue_gradient():
+@pytest.mark.parametrize("activation", ["relu", "sigmoid"])
+def test_activation_epilogue_gradient(activation):
     x, w, b, rm, rv, dy = _inputs((9, 5, 3), False, torch.float64, "cpu")
     leaves = [t.requires_grad_(True) for t in (x, w, b)]
-    y = PF.batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5, activation="relu")
+    y = PF.batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5, activation=activation)
     assert y.grad_fn.name() == NODE
     got = torch.autograd.grad(y, leaves, dy)
     ref = [t.detach().clone().requires_grad_(True) for t in (x, w, b)]
-    y_t = F.relu(F.batch_norm(ref[0], None, None, ref[1], ref[2], True, 0.1, 1e-5))
+    y_t = getattr(torch, activation)(F.batch_norm(ref[0], None, None, ref[1], ref[2], True, 0.1, 1e-5))
     want = torch.autograd.grad(y_t, ref, dy)
     assert rel_err(y, y_t) < 1e-10
     for g, g_t in zip(got, want):
@@ -160,14 +161,14 @@ def test_inference_mode_and_no_grad():
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("relu", [False, True], ids=["plain", "relu"])
-def test_gradcheck(training, relu):
+@pytest.mark.parametrize("activation", [0, 1, 2], ids=["plain", "relu", "sigmoid"])
+def test_gradcheck(training, activation):
     x, w, b, rm, rv, _ = _inputs((5, 3, 4), False, torch.float64, "cpu")
     # away from the ReLU kink, where the finite difference is not the derivative
     x = x + 0.0
     leaves = [t.requires_grad_(True) for t in (x, w, b)]
-    torch.autograd.gradcheck(lambda x, w, b: OP(x, w, b, rm.clone(), rv.clone(), training, 0.1, 1e-5, relu),
-                             leaves, atol=1e-6 if relu else 1e-5)
+    torch.autograd.gradcheck(lambda x, w, b: OP(x, w, b, rm.clone(), rv.clone(), training, 0.1, 1e-5, activation),
+                             leaves, atol=1e-6 if activation == 1 else 1e-5)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -177,9 +178,10 @@ def test_opcheck(device):
         for training in (True, False):
             for t in (x, w, b):
                 t.requires_grad_(True)
-            torch.library.opcheck(OP, (x, w, b, rm, rv, training, 0.1, 1e-5, False))
+            torch.library.opcheck(OP, (x, w, b, rm, rv, training, 0.1, 1e-5, 0))
             torch.library.opcheck(OP, (x.detach(), None, None, None if training else rm,
-                                       None if training else rv, training, 0.1, 1e-5, True))
+                                       None if training else rv, training, 0.1, 1e-5, 1))
+            torch.library.opcheck(OP, (x, w, b, rm, rv, training, 0.1, 1e-5, 2))
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
@@ -374,22 +376,22 @@ def test_direct_entries_step_aside_where_torch_ops_would_do_more():
     x, w, b, rm, rv, _ = _inputs((6, 4), False, torch.float64, "cpu")
     # what the entries take: they run the registered op
     assert torch.equal(_C.attention(q, k, v, False, None), ATTN_OP(q, k, v, None, None, False, 1.0 / 2 ** 0.5, 0.0, 0))
-    assert torch.equal(_C.batch_norm(x, w, b, None, None, True, 0.1, 1e-5, False),
-                       OP(x, w, b, None, None, True, 0.1, 1e-5, False))
+    assert torch.equal(_C.batch_norm(x, w, b, None, None, True, 0.1, 1e-5, 0),
+                       OP(x, w, b, None, None, True, 0.1, 1e-5, 0))
     # what they do not: None, nothing run
     assert _C.attention(q.as_subclass(_Sub), k, v, False, None) is None
     assert _C.attention(q[0], k[0], v[0], False, None) is None  # 3-D: the full path broadcasts
     assert _C.attention(q, k[:, :, :0, :1], v, False, None) is None
     assert _C.attention(q.float(), k, v, False, None) is None
     assert _C.attention(q, k, v, 1, None) is None
-    assert _C.batch_norm(x.as_subclass(_Sub), w, b, None, None, True, 0.1, 1e-5, False) is None
-    assert _C.batch_norm(x, w.as_subclass(_Sub), b, None, None, True, 0.1, 1e-5, False) is None
-    assert _C.batch_norm(x, [1.0] * 4, b, None, None, True, 0.1, 1e-5, False) is None
-    assert _C.batch_norm(x[:, 0], None, None, None, None, True, 0.1, 1e-5, False) is None
-    assert _C.batch_norm(x.long(), None, None, None, None, True, 0.1, 1e-5, False) is None
+    assert _C.batch_norm(x.as_subclass(_Sub), w, b, None, None, True, 0.1, 1e-5, 0) is None
+    assert _C.batch_norm(x, w.as_subclass(_Sub), b, None, None, True, 0.1, 1e-5, 0) is None
+    assert _C.batch_norm(x, [1.0] * 4, b, None, None, True, 0.1, 1e-5, 0) is None
+    assert _C.batch_norm(x[:, 0], None, None, None, None, True, 0.1, 1e-5, 0) is None
+    assert _C.batch_norm(x.long(), None, None, None, None, True, 0.1, 1e-5, 0) is None
     with torch.overrides.TorchFunctionMode():
         assert _C.attention(q, k, v, False, None) is None
-        assert _C.batch_norm(x, w, b, None, None, True, 0.1, 1e-5, False) is None
+        assert _C.batch_norm(x, w, b, None, None, True, 0.1, 1e-5, 0) is None
     # and the functional then runs the full path: the subclass's __torch_function__ sees the op
     _Sub.seen = 0
     y = PF.scaled_dot_product_attention(q.as_subclass(_Sub), k, v)
@@ -402,7 +404,7 @@ def test_direct_entries_step_aside_where_torch_ops_would_do_more():
 def test_direct_entries_errors_are_torch_ops_errors():
     """Bad input the entry does take reaches the op's launcher check: the same error as torch.ops."""
     x, w, b, rm, rv, _ = _inputs((6, 4), False, torch.float32, "cpu")
-    for call in (lambda: PF.batch_norm(x, rm[:3], rv, w, b, True), lambda: OP(x, w, b, rm[:3], rv, True, 0.1, 1e-5, False)):
+    for call in (lambda: PF.batch_norm(x, rm[:3], rv, w, b, True), lambda: OP(x, w, b, rm[:3], rv, True, 0.1, 1e-5, 0)):
         with pytest.raises(RuntimeError, match="running_mean"):
             call()
     q, k, v, _ = _qkv(1, 1, 3, 4, 2, torch.float32, grad=False)

@@ -1,11 +1,11 @@
-"""Batch normalization with an optional fused ReLU, forward and backward, in Triton.
+"""Batch normalization with an optional fused activation (ReLU or sigmoid), forward and backward, in Triton.
 
 Registers two ops with the schemas of ``csrc/ops.cpp`` in the namespace ``pyfastdl_triton``::
 
     pyfastdl_triton::batch_norm_fwd(input, weight?, bias?, running_mean(a!)?, running_var(b!)?,
-                                    training, momentum, eps, relu) -> (output, save_mean, save_invstd)
+                                    training, momentum, eps, activation) -> (output, save_mean, save_invstd)
     pyfastdl_triton::batch_norm_bwd(grad_out, input, weight?, bias?, save_mean, save_invstd,
-                                    training, relu) -> (grad_input, grad_weight, grad_bias)
+                                    training, activation) -> (grad_input, grad_weight, grad_bias)
 
 The math (Ioffe & Szegedy 2015, "Batch Normalization"; PyTorch's conventions for the running
 statistics), per channel c, over the n = numel / C elements of that channel::
@@ -14,11 +14,11 @@ statistics), per channel c, over the n = numel / C elements of that channel::
                = running_mean, running_var              eval
     invstd     = 1 / sqrt(var + eps)
     scale      = weight * invstd                                    (weight = 1, bias = 0 if None)
-    y          = ((x - mean) - mean_lo) * scale + bias;  y = max(y, 0) if relu
+    y          = act(((x - mean) - mean_lo) * scale + bias)   act: none, max(y, 0) or sigmoid
                  (mean + mean_lo: the batch mean to twice ACC's precision, see _affine)
     running_*  = (1 - momentum) * running_* + momentum * (mean, var * n / (n - 1))   (training)
 
-    backward:  g' = g, zeroed where y <= 0 if relu (y recomputed with the same formula)
+    backward:  g' = g * act'(y) (y recomputed with the same formula): the ReLU mask, or s (1 - s)
                xhat = (x - mean) * invstd
                grad_bias = sum g',  grad_weight = sum g' * xhat
                grad_input = scale * (g' - grad_bias / n - xhat * grad_weight / n)   training
@@ -134,6 +134,27 @@ def _affine(x, mean, mean_lo, scale, bias):
     bias - mean * scale is then large and rounded)."""
     xc = (x - mean[None, :, None]) - mean_lo[None, :, None]
     return xc * scale[None, :, None] + bias[None, :, None]
+
+
+@triton.jit
+def _activate(y, ACT: tl.constexpr):
+    """act(y) (csrc/common/batch_norm.h's Activation): 0 none, 1 max(y, 0), 2 sigmoid. NaN stays NaN."""
+    if ACT == 1:
+        y = tl.where(y < 0.0, 0.0, y)
+    elif ACT == 2:
+        y = 1.0 / (1.0 + tl.exp(-y))
+    return y
+
+
+@triton.jit
+def _act_grad(g, y, ACT: tl.constexpr):
+    """g * act'(y): g zeroed where y <= 0 (ReLU), or g * s (1 - s), s = sigmoid(y)."""
+    if ACT == 1:
+        g = tl.where(y <= 0.0, 0.0, g)
+    elif ACT == 2:
+        s = 1.0 / (1.0 + tl.exp(-y))
+        g = g * (s - s * s)
+    return g
 
 
 @triton.jit
@@ -343,7 +364,7 @@ def _batch_norm_fwd_kernel(
     w_ptr, b_ptr,  # (C,) or dummies (HAS_WEIGHT / HAS_BIAS false)
     N, C, S, stride_n, stride_c,
     num_c_blocks, num_s_blocks,
-    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
     ACC: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
     INDEX_64: tl.constexpr,
@@ -367,9 +388,7 @@ def _batch_norm_fwd_kernel(
     mask = (rn < N)[:, None, None] & c_mask[None, :, None] & (rs < S)[None, None, :]
     offs = _tile_offsets(rn, rc, rs, stride_n, stride_c, INDEX_64)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
-    y = _affine(x, mean, mean_lo, scale, bias)
-    if RELU:
-        y = tl.where(y < 0.0, 0.0, y)  # max(y, 0); NaN stays NaN
+    y = _activate(_affine(x, mean, mean_lo, scale, bias), ACT)
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -384,12 +403,12 @@ def _batch_norm_bwd_reduce_kernel(
     g_ptr,  # grad_out, same view as the input
     x_ptr,  # input view (N, C, S)
     mean_ptr, invstd_ptr,  # (C,) ACC: save_mean, save_invstd
-    w_ptr, b_ptr,  # (C,) or dummies; only read for the ReLU mask
+    w_ptr, b_ptr,  # (C,) or dummies; only read for the activation's derivative
     part_ptr,  # (2, P, C) float64, out: sum g', sum g' * (x - mean)
     N, C, S, stride_n, stride_c,
     rows_per_prog, cols_per_prog,
     num_c_blocks, num_p_s, P,
-    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
     ACC: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
     INDEX_64: tl.constexpr,
@@ -410,7 +429,7 @@ def _batch_norm_bwd_reduce_kernel(
     c_mask = rc < C
     mean = tl.load(mean_ptr + rc, mask=c_mask, other=0.0)
     invstd = tl.load(invstd_ptr + rc, mask=c_mask, other=0.0)
-    if RELU:
+    if ACT != 0:
         scale, bias = _scale_bias(invstd, w_ptr, b_ptr, rc, c_mask, HAS_WEIGHT, HAS_BIAS, ACC)
         mean_lo = tl.zeros_like(mean)
 
@@ -424,8 +443,8 @@ def _batch_norm_bwd_reduce_kernel(
             offs = _tile_offsets(rn, rc, rs, stride_n, stride_c, INDEX_64)
             x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
             g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(ACC)
-            if RELU:
-                g = tl.where(_affine(x, mean, mean_lo, scale, bias) <= 0.0, 0.0, g)
+            if ACT != 0:
+                g = _act_grad(g, _affine(x, mean, mean_lo, scale, bias), ACT)
             sum_g += g
             sum_gx += g * (x - mean[None, :, None])
 
@@ -465,7 +484,7 @@ def _batch_norm_bwd_finalize_kernel(
 # Backward, pass 3: grad_input
 # =============================================================================================
 # training: dx = scale * (g' - grad_bias / n - xhat * grad_weight / n),  xhat = (x - mean) * invstd
-# eval:     dx = scale * g'    (x is read only for the ReLU mask)
+# eval:     dx = scale * g'    (x is read only for the activation's derivative)
 @triton.jit
 def _batch_norm_bwd_kernel(
     g_ptr,  # grad_out, same view as the input
@@ -477,7 +496,7 @@ def _batch_norm_bwd_kernel(
     N, C, S, stride_n, stride_c,
     n_total,  # N * S of the original input: elements per channel
     num_c_blocks, num_s_blocks,
-    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
     TRAINING: tl.constexpr, ACC: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
     INDEX_64: tl.constexpr,
@@ -500,10 +519,10 @@ def _batch_norm_bwd_kernel(
     mask = (rn < N)[:, None, None] & c_mask[None, :, None] & (rs < S)[None, None, :]
     offs = _tile_offsets(rn, rc, rs, stride_n, stride_c, INDEX_64)
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(ACC)
-    if RELU or TRAINING:
+    if ACT != 0 or TRAINING:
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
-    if RELU:
-        g = tl.where(_affine(x, mean, tl.zeros_like(mean), scale, bias) <= 0.0, 0.0, g)
+    if ACT != 0:
+        g = _act_grad(g, _affine(x, mean, tl.zeros_like(mean), scale, bias), ACT)
     if TRAINING:
         n = tl.zeros([BLOCK_C], ACC) + n_total
         mean_g = tl.load(grad_bias_ptr + rc, mask=c_mask, other=0.0) / n
@@ -586,6 +605,13 @@ def _check_fwd(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
         raise ValueError(
             f"Expected more than 1 value per channel when training, got input size "
             f"{list(input.shape)}")
+
+
+def _check_activation(activation: int, op: str) -> None:
+    """The fused activation: 0 none, 1 ReLU, 2 sigmoid (mirrors check_activation in
+    csrc/common/batch_norm.h)."""
+    if activation not in (0, 1, 2):
+        raise ValueError(f"{op}: expected activation 0 (none), 1 (relu) or 2 (sigmoid), got {activation}")
 
 
 def _check_bwd(grad_out: Tensor, input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
@@ -740,12 +766,13 @@ def _on_device_of(index: int, name: str):
 @_on_device_of(0, "input")
 def batch_norm_fwd(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                    running_mean: Optional[Tensor], running_var: Optional[Tensor], training: bool,
-                   momentum: float, eps: float, relu: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    """Batch-norm forward (+ ReLU). input (N, C, *) of rank >= 2, float32/64, float16, bfloat16,
+                   momentum: float, eps: float, activation: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """Batch-norm forward (+ activation: 0 none, 1 ReLU, 2 sigmoid). input (N, C, *) of rank >= 2, float32/64, float16, bfloat16,
     contiguous or channels-last; weight, bias, running_mean, running_var (C,) or None.
     Returns (output: input's shape, dtype and memory format; save_mean, save_invstd: (C,) in the
     accumulation dtype). Updates running_mean / running_var in place when training."""
     _check_fwd(input, weight, bias, running_mean, running_var, training, momentum, eps)
+    _check_activation(activation, "batch_norm")
     _check_launchable(input)
     x, _, channels_last = _to_kernel_layout(input)
     C = x.size(1)
@@ -787,31 +814,33 @@ def batch_norm_fwd(input: Tensor, weight: Optional[Tensor], bias: Optional[Tenso
         x, out, save_mean, save_invstd, mean_lo,
         weight if weight is not None else dummy, bias if bias is not None else dummy,
         v.N, C, v.S, v.stride_n, v.stride_c,
-        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, RELU=relu, ACC=ACC,
+        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, ACT=activation, ACC=ACC,
         INDEX_64=v.index_64, num_warps=_APPLY_WARPS, **blocks)
     return out, save_mean, save_invstd
 
 
 @batch_norm_fwd.register_fake
 def _batch_norm_fwd_fake(input, weight, bias, running_mean, running_var, training, momentum, eps,
-                         relu):
+                         activation):
     _check_fwd(input, weight, bias, running_mean, running_var, training, momentum, eps)
+    _check_activation(activation, "batch_norm")
     return batch_norm_fwd_shapes(input)  # one shape rule for the C++ and the Triton op
 
 
 @torch.library.custom_op(
     "pyfastdl_triton::batch_norm_bwd", mutates_args=(),
     schema="(Tensor grad_out, Tensor input, Tensor? weight, Tensor? bias, Tensor save_mean, "
-           "Tensor save_invstd, bool training, bool relu, bool[3] output_mask) -> (Tensor, Tensor, Tensor)")
+           "Tensor save_invstd, bool training, int activation, bool[3] output_mask) -> (Tensor, Tensor, Tensor)")
 @_on_device_of(1, "input")
 def batch_norm_bwd(grad_out: Tensor, input: Tensor, weight: Optional[Tensor],
                    bias: Optional[Tensor], save_mean: Tensor, save_invstd: Tensor, training: bool,
-                   relu: bool, output_mask: List[bool]):
+                   activation: int, output_mask: List[bool]):
     """Backward of batch_norm_fwd. grad_out: input's shape and dtype; save_mean, save_invstd: the
     forward's (C,) outputs; output_mask: which of the three gradients to compute (the others are
     None and cost nothing). Returns (grad_input: input's shape, dtype and memory format;
     grad_weight, grad_bias: (C,) in the accumulation dtype)."""
     _check_bwd(grad_out, input, weight, bias, save_mean, save_invstd)
+    _check_activation(activation, "batch_norm_bwd")
     _check_launchable(input)
     x, fmt, channels_last = _to_kernel_layout(input)
     g = grad_out.contiguous(memory_format=fmt)
@@ -832,7 +861,7 @@ def batch_norm_bwd(grad_out: Tensor, input: Tensor, weight: Optional[Tensor],
     mean, invstd = save_mean.contiguous(), save_invstd.contiguous()
     w = weight if weight is not None else dummy
     b = bias if bias is not None else dummy
-    flags = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, RELU=relu, ACC=ACC)
+    flags = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, ACT=activation, ACC=ACC)
 
     if need_sums or training:  # grad_weight / grad_bias, which training's grad_input also needs
         r = _reduce_grid(v, x.device)
@@ -857,9 +886,10 @@ def batch_norm_bwd(grad_out: Tensor, input: Tensor, weight: Optional[Tensor],
 
 
 @batch_norm_bwd.register_fake
-def _batch_norm_bwd_fake(grad_out, input, weight, bias, save_mean, save_invstd, training, relu,
+def _batch_norm_bwd_fake(grad_out, input, weight, bias, save_mean, save_invstd, training, activation,
                          output_mask):
     _check_bwd(grad_out, input, weight, bias, save_mean, save_invstd)
+    _check_activation(activation, "batch_norm_bwd")
     return batch_norm_bwd_shapes(input, output_mask)  # one shape rule for the C++ and the Triton op
 
 

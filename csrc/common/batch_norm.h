@@ -17,6 +17,15 @@ struct Layout {
   int64_t reduce_size() const { return N * S; }  // elements per channel
 };
 
+// The activation fused into the epilogue (the schemas' `int activation`, csrc/ops.cpp).
+enum Activation : int { kActNone = 0, kActRelu = 1, kActSigmoid = 2 };
+
+inline int check_activation(int64_t activation, const char* op) {
+  TORCH_CHECK_VALUE(activation >= kActNone && activation <= kActSigmoid, op,
+                    ": expected activation 0 (none), 1 (relu) or 2 (sigmoid), got ", activation);
+  return static_cast<int>(activation);
+}
+
 // Returns `input` itself when it is in one of the two layouts, a contiguous copy otherwise.
 inline at::Tensor to_kernel_layout(const at::Tensor& input, Layout& layout) {
   layout.N = input.size(0);

@@ -70,7 +70,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd_cpu(
     const at::Tensor& input, const c10::optional<at::Tensor>& weight,
     const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
     const c10::optional<at::Tensor>& running_var, bool training, double momentum, double eps,
-    bool relu) {
+    int64_t activation) {
+  const int act = bn::check_activation(activation, "batch_norm");
   bn::check_fwd(input, weight, bias, running_mean, running_var, training, momentum, eps,
                 {at::kFloat, at::kDouble});
   bn::Layout L;
@@ -107,12 +108,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd_cpu(
         }
       };
       if (use_fused(L)) {
-        kernels()->train_fwd_fused(x, L, on_stats, k.k, relu, y);
+        kernels()->train_fwd_fused(x, L, on_stats, k.k, act, y);
       } else {
         std::vector<double> mean(C), var(C);
         kernels()->stats(x, L, mean.data(), var.data());
         for (int64_t c = 0; c < C; ++c) on_stats(c, mean[c], var[c]);
-        kernels()->apply(x, L, k.k, relu, y);
+        kernels()->apply(x, L, k.k, act, y);
       }
     } else {
       auto rm = running_mean->accessor<scalar_t, 1>();
@@ -122,7 +123,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd_cpu(
         si[c] = static_cast<scalar_t>(1.0 / std::sqrt(static_cast<double>(rv[c]) + eps));
         k.set(c, si[c], nullptr);
       }
-      kernels()->apply(x, L, k.k, relu, y);
+      kernels()->apply(x, L, k.k, act, y);
     }
   });
   return {y, save_mean, save_invstd};
@@ -131,7 +132,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd_cpu(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd_cpu(
     const at::Tensor& grad_out, const at::Tensor& input, const c10::optional<at::Tensor>& weight,
     const c10::optional<at::Tensor>& bias, const at::Tensor& save_mean,
-    const at::Tensor& save_invstd, bool training, bool relu, std::array<bool, 3> output_mask) {
+    const at::Tensor& save_invstd, bool training, int64_t activation, std::array<bool, 3> output_mask) {
+  const int act = bn::check_activation(activation, "batch_norm_bwd");
   TORCH_CHECK(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble,
               "batch_norm_bwd: input dtype ", input.scalar_type(), " is not supported on cpu");
   bn::check_bwd(grad_out, input, save_mean, save_invstd);
@@ -178,15 +180,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd_cpu(
       }
     };
     if (training && need_gi && use_fused(L)) {
-      kernels()->bwd_fused(g, x, L, k.k, on_sums, a, b, d, relu, grad_input);
+      kernels()->bwd_fused(g, x, L, k.k, on_sums, a, b, d, act, grad_input);
     } else {
       // The sums: for grad_weight / grad_bias, and for grad_input when training.
       if (need_sums || training) {
         std::vector<double> sum_g(C), sum_gx(C);
-        kernels()->bwd_reduce(g, x, L, k.k, relu, sum_g.data(), sum_gx.data());
+        kernels()->bwd_reduce(g, x, L, k.k, act, sum_g.data(), sum_gx.data());
         for (int64_t c = 0; c < C; ++c) on_sums(c, sum_g[c], sum_gx[c]);
       }
-      if (need_gi) kernels()->bwd_apply(g, x, L, k.k, a, b, d, relu, training, grad_input);
+      if (need_gi) kernels()->bwd_apply(g, x, L, k.k, a, b, d, act, training, grad_input);
     }
   });
   return {grad_input, grad_weight, grad_bias};

@@ -28,46 +28,46 @@ using Tensor3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 Tensor3 call_fwd(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
                  const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
                  const c10::optional<at::Tensor>& running_var, bool training, double momentum, double eps,
-                 bool relu) {
+                 int64_t activation) {
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("pyfastdl::batch_norm_fwd", "")
           .typed<Tensor3(const at::Tensor&, const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
                          const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&, bool, double,
-                         double, bool)>();
-  return op.call(input, weight, bias, running_mean, running_var, training, momentum, eps, relu);
+                         double, int64_t)>();
+  return op.call(input, weight, bias, running_mean, running_var, training, momentum, eps, activation);
 }
 
 // The one call of batch_norm_bwd: `mask` says which of (grad_input, grad_weight, grad_bias) the
 // graph needs; the others are not computed (returned undefined).
 Tensor3 call_bwd(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& weight,
                  const at::Tensor& bias, const at::Tensor& save_mean, const at::Tensor& save_invstd,
-                 bool training, bool relu, std::array<bool, 3> mask) {
+                 bool training, int64_t activation, std::array<bool, 3> mask) {
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("pyfastdl::batch_norm_bwd", "")
           .typed<Tensor3(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
-                         const c10::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, bool, bool,
+                         const c10::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, bool, int64_t,
                          std::array<bool, 3>)>();
   return op.call(grad_out, input, weight.defined() ? c10::optional<at::Tensor>(weight) : c10::nullopt,
                  bias.defined() ? c10::optional<at::Tensor>(bias) : c10::nullopt, save_mean, save_invstd,
-                 training, relu, mask);
+                 training, activation, mask);
 }
 
 // create_graph=True: the same gradients as differentiable functions of their inputs (the op is
 // implemented in Python, pyfastdl/autograd/batch_norm.py, with the reference math).
 Tensor3 call_bwd_graph(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& weight,
                        const at::Tensor& bias, const at::Tensor& save_mean, const at::Tensor& save_invstd,
-                       bool training, double eps, bool relu, std::array<bool, 3> mask) {
+                       bool training, double eps, int64_t activation, std::array<bool, 3> mask) {
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("pyfastdl::batch_norm_bwd_graph", "")
           .typed<Tensor3(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
-                         const c10::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, bool, double, bool,
+                         const c10::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, bool, double, int64_t,
                          std::array<bool, 3>)>();
   return op.call(grad_out, input, weight.defined() ? c10::optional<at::Tensor>(weight) : c10::nullopt,
                  bias.defined() ? c10::optional<at::Tensor>(bias) : c10::nullopt, save_mean, save_invstd,
-                 training, eps, relu, mask);
+                 training, eps, activation, mask);
 }
 
 at::Tensor defined_or_undefined(const c10::optional<at::Tensor>& t) {
@@ -79,7 +79,8 @@ at::Tensor defined_or_undefined(const c10::optional<at::Tensor>& t) {
 // (task_should_compute_output: the Python Function's ctx.needs_input_grad).
 struct BatchNormBackward final : torch::autograd::Node {
   SavedVariable input_, weight_, bias_, save_mean_, save_invstd_;
-  bool training_ = true, relu_ = false;
+  bool training_ = true;
+  int64_t activation_ = 0;
   double eps_ = 1e-5;
 
   std::string name() const override { return "pyfastdl::BatchNormBackward"; }
@@ -107,13 +108,13 @@ struct BatchNormBackward final : torch::autograd::Node {
       // Gradients that carry their own graph (never silently graph-less): the differentiable
       // formula, run with grad mode on.
       g = call_bwd_graph(grad_out, input, weight, bias, save_mean_.unpack(), save_invstd_.unpack(), training_, eps_,
-                         relu_, mask);
+                         activation_, mask);
     } else {
       // Below autograd: the kernel op has no autograd formula of its own (it would otherwise go through
       // autograd's boxed not-implemented fallback, and its inner narrow()s through VariableType).
       at::AutoGradMode no_grad(false);
       at::AutoDispatchBelowADInplaceOrView below_autograd;
-      g = call_bwd(grad_out, input, weight, bias, save_mean_.unpack(), save_invstd_.unpack(), training_, relu_,
+      g = call_bwd(grad_out, input, weight, bias, save_mean_.unpack(), save_invstd_.unpack(), training_, activation_,
                    mask);
     }
     if (mask[0]) out[0] = std::move(std::get<0>(g));
@@ -134,7 +135,7 @@ at::Tensor batch_norm_autograd(const at::Tensor& input, const c10::optional<at::
                                const c10::optional<at::Tensor>& bias,
                                const c10::optional<at::Tensor>& running_mean,
                                const c10::optional<at::Tensor>& running_var, bool training, double momentum,
-                               double eps, bool relu) {
+                               double eps, int64_t activation) {
   const bool need_grad = torch::autograd::compute_requires_grad(input, weight, bias);
   TORCH_CHECK(!torch::autograd::isFwGradDefined(input) && !torch::autograd::isFwGradDefined(weight) &&
                   !torch::autograd::isFwGradDefined(bias),
@@ -142,7 +143,7 @@ at::Tensor batch_norm_autograd(const at::Tensor& input, const c10::optional<at::
   Tensor3 r;
   {
     at::AutoDispatchBelowADInplaceOrView guard;
-    r = call_fwd(input, weight, bias, running_mean, running_var, training, momentum, eps, relu);
+    r = call_fwd(input, weight, bias, running_mean, running_var, training, momentum, eps, activation);
   }
   at::Tensor& out = std::get<0>(r);
   if (!need_grad) return out;
@@ -155,7 +156,7 @@ at::Tensor batch_norm_autograd(const at::Tensor& input, const c10::optional<at::
   node->save_mean_ = SavedVariable(std::get<1>(r), false);
   node->save_invstd_ = SavedVariable(std::get<2>(r), false);
   node->training_ = training;
-  node->relu_ = relu;
+  node->activation_ = activation;
   node->eps_ = eps;
   torch::autograd::set_history(out, node);
   return out;
@@ -166,8 +167,8 @@ at::Tensor batch_norm_no_grad(const at::Tensor& input, const c10::optional<at::T
                               const c10::optional<at::Tensor>& bias,
                               const c10::optional<at::Tensor>& running_mean,
                               const c10::optional<at::Tensor>& running_var, bool training, double momentum,
-                              double eps, bool relu) {
-  return std::get<0>(call_fwd(input, weight, bias, running_mean, running_var, training, momentum, eps, relu));
+                              double eps, int64_t activation) {
+  return std::get<0>(call_fwd(input, weight, bias, running_mean, running_var, training, momentum, eps, activation));
 }
 
 }  // namespace

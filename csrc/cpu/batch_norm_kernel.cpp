@@ -385,12 +385,43 @@ inline Vectorized<T> centered(const Vectorized<T>& xv, const Consts<T>& k) {
   return (xv - k.v[kM1]) - k.v[kM2];
 }
 
-// The ReLU-masked gradient: g where the forward's output xc * scale + bias > 0, else 0.
-template <typename T, bool Relu>
+// sigmoid(y) = 1 / (1 + exp(-y)). float: ATen's polynomial exp_u20 (error ~1e-6 relative; -y
+// clamped to [-88, 88], where exp is finite: sigmoid(y) for y < -88 is below 1e-38), NaN put back
+// (the polynomial does not keep it); float64: Sleef's exp.
+template <typename T>
+inline Vectorized<T> sigmoid(const Vectorized<T>& yv) {
+  const Vectorized<T> one(1);
+  if constexpr (std::is_same_v<T, float>) {
+    const Vectorized<T> e = at::vec::clamp(yv.neg(), Vectorized<T>(-88.f), Vectorized<T>(88.f)).exp_u20();
+    return Vectorized<T>::blendv(one / (one + e), yv, yv.isnan());
+  } else {
+    return one / (one + yv.neg().exp());
+  }
+}
+
+// y -> act(y) (bn::Activation).
+template <typename T, int Act>
+inline Vectorized<T> activate(const Vectorized<T>& yv) {
+  if constexpr (Act == bn::kActRelu) return at::vec::maximum(yv, Vectorized<T>(0));
+  else if constexpr (Act == bn::kActSigmoid) return sigmoid(yv);
+  else return yv;
+}
+
+// The gradient through the activation: g * act'(y), y = xc * scale + bias recomputed (the ReLU mask
+// y > 0, or s (1 - s), s = sigmoid(y)).
+template <typename T, int Act>
 inline Vectorized<T> masked_grad(const Vectorized<T>& xc, const Vectorized<T>& gv, const Consts<T>& k) {
-  if (!Relu) return gv;
-  const Vectorized<T> yv = at::vec::fmadd(xc, k.v[kScale], k.v[kBias]);
-  return Vectorized<T>::blendv(Vectorized<T>(0), gv, yv > Vectorized<T>(0));
+  if constexpr (Act == bn::kActNone) {
+    return gv;
+  } else {
+    const Vectorized<T> yv = at::vec::fmadd(xc, k.v[kScale], k.v[kBias]);
+    if constexpr (Act == bn::kActRelu) {
+      return Vectorized<T>::blendv(Vectorized<T>(0), gv, yv > Vectorized<T>(0));
+    } else {
+      const Vectorized<T> sv = sigmoid(yv);
+      return gv * (sv - sv * sv);
+    }
+  }
 }
 
 // Shifted sums for the statistics: sum (x - k0), sum (x - k0)^2, k0 = the channel's first element.
@@ -403,40 +434,40 @@ struct StatsOp {
   }
 };
 
-template <typename T, bool Relu>
+template <typename T, int Act>
 struct ApplyOp {
   Vectorized<T> operator()(Vectorized<T> xv, Vectorized<T>, const Consts<T>& k) const {
     const Vectorized<T> yv = at::vec::fmadd(centered(xv, k), k.v[kScale], k.v[kBias]);
-    return Relu ? at::vec::maximum(yv, Vectorized<T>(0)) : yv;
+    return activate<T, Act>(yv);
   }
 };
 
-template <typename T, bool Relu>
+template <typename T, int Act>
 struct BwdReduceOp {
   void operator()(Vectorized<T> xv, Vectorized<T> gv, const Consts<T>& k, Vectorized<T>& a1, Vectorized<T>& a2) const {
     const Vectorized<T> xc = centered(xv, k);
-    const Vectorized<T> gp = masked_grad<T, Relu>(xc, gv, k);
+    const Vectorized<T> gp = masked_grad<T, Act>(xc, gv, k);
     a1 = a1 + gp;
     a2 = at::vec::fmadd(gp, xc, a2);
   }
 };
 
-template <typename T, bool Relu>
+template <typename T, int Act>
 struct BwdApplyOp {
   Vectorized<T> operator()(Vectorized<T> xv, Vectorized<T> gv, const Consts<T>& k) const {
     const Vectorized<T> xc = centered(xv, k);
-    const Vectorized<T> gp = masked_grad<T, Relu>(xc, gv, k);
+    const Vectorized<T> gp = masked_grad<T, Act>(xc, gv, k);
     return at::vec::fmadd(k.v[kA], gp, at::vec::fmadd(k.v[kB], xc, k.v[kD]));
   }
 };
 
 // Eval: grad_input = a * g' (a = weight * invstd). x enters only through the ReLU mask, so a NaN or
 // Inf in x leaves its grad_input finite (training's b * xc + d would give 0 * Inf = NaN), as torch.
-template <typename T, bool Relu>
+template <typename T, int Act>
 struct BwdApplyEvalOp {
   Vectorized<T> operator()(Vectorized<T> xv, Vectorized<T> gv, const Consts<T>& k) const {
-    if (!Relu) return k.v[kA] * gv;
-    return k.v[kA] * masked_grad<T, Relu>(centered(xv, k), gv, k);
+    if constexpr (Act == bn::kActNone) return k.v[kA] * gv;
+    return k.v[kA] * masked_grad<T, Act>(centered(xv, k), gv, k);
   }
 };
 
@@ -479,32 +510,32 @@ void stats_impl(const at::Tensor& x_, const bn::Layout& L, double* mean, double*
   }
 }
 
-template <typename T, bool Relu>
+template <typename T, int Act>
 void apply_impl(const at::Tensor& x, const bn::Layout& L, const NormConsts& nc, at::Tensor& y) {
   const T* xp = x.const_data_ptr<T>();
-  map<T, 4>(xp, xp, L, norm_ptrs<T>(nc), ApplyOp<T, Relu>{}, y.mutable_data_ptr<T>());
+  map<T, 4>(xp, xp, L, norm_ptrs<T>(nc), ApplyOp<T, Act>{}, y.mutable_data_ptr<T>());
 }
 
-template <typename T, bool Relu>
+template <typename T, int Act>
 void bwd_reduce_impl(const at::Tensor& g, const at::Tensor& x, const bn::Layout& L,
                      const NormConsts& nc, double* sum_g, double* sum_gx) {
-  reduce<T, 4>(x.const_data_ptr<T>(), g.const_data_ptr<T>(), L, norm_ptrs<T>(nc), BwdReduceOp<T, Relu>{},
+  reduce<T, 4>(x.const_data_ptr<T>(), g.const_data_ptr<T>(), L, norm_ptrs<T>(nc), BwdReduceOp<T, Act>{},
                sum_g, sum_gx);
 }
 
-template <typename T, bool Relu>
+template <typename T, int Act>
 void bwd_apply_impl(const at::Tensor& g, const at::Tensor& x, const bn::Layout& L,
                     const NormConsts& nc, const at::Tensor& a, const at::Tensor& b,
                     const at::Tensor& d, bool training, at::Tensor& gi) {
   if (training)
-    map<T, 7>(x.const_data_ptr<T>(), g.const_data_ptr<T>(), L, bwd_ptrs<T>(nc, a, b, d), BwdApplyOp<T, Relu>{},
+    map<T, 7>(x.const_data_ptr<T>(), g.const_data_ptr<T>(), L, bwd_ptrs<T>(nc, a, b, d), BwdApplyOp<T, Act>{},
               gi.mutable_data_ptr<T>());
   else
     map<T, 7>(x.const_data_ptr<T>(), g.const_data_ptr<T>(), L, bwd_ptrs<T>(nc, a, b, d),
-              BwdApplyEvalOp<T, Relu>{}, gi.mutable_data_ptr<T>());
+              BwdApplyEvalOp<T, Act>{}, gi.mutable_data_ptr<T>());
 }
 
-template <typename T, bool Relu>
+template <typename T, int Act>
 void train_fwd_fused_impl(const at::Tensor& x_, const bn::Layout& L, PerChannelFn on_stats,
                           const NormConsts& nc, at::Tensor& y) {
   const T* x = x_.const_data_ptr<T>();
@@ -516,30 +547,31 @@ void train_fwd_fused_impl(const at::Tensor& x_, const bn::Layout& L, PerChannelF
         const double m = s1 / n;
         on_stats(c, static_cast<double>(shift[c]) + m, std::max(s2 / n - m * m, 0.0));
       },
-      norm_ptrs<T>(nc), ApplyOp<T, Relu>{}, y.mutable_data_ptr<T>());
+      norm_ptrs<T>(nc), ApplyOp<T, Act>{}, y.mutable_data_ptr<T>());
 }
 
-template <typename T, bool Relu>
+template <typename T, int Act>
 void bwd_fused_impl(const at::Tensor& g, const at::Tensor& x, const bn::Layout& L, const NormConsts& nc,
                     PerChannelFn on_sums, const at::Tensor& a, const at::Tensor& b, const at::Tensor& d,
                     at::Tensor& gi) {
   reduce_then_map_per_channel<T, 4, 7>(x.const_data_ptr<T>(), g.const_data_ptr<T>(), L, norm_ptrs<T>(nc),
-                                       BwdReduceOp<T, Relu>{}, on_sums, bwd_ptrs<T>(nc, a, b, d),
-                                       BwdApplyOp<T, Relu>{}, gi.mutable_data_ptr<T>());
+                                       BwdReduceOp<T, Act>{}, on_sums, bwd_ptrs<T>(nc, a, b, d),
+                                       BwdApplyOp<T, Act>{}, gi.mutable_data_ptr<T>());
 }
 
 // ---- type/flag dispatch into the table ----------------------------------------------------------
 
-// Calls F<T, Relu>::run(args...) for the input's dtype (float32/float64) and the relu flag.
-#define PYFASTDL_BN_DISPATCH(dtype, relu, FN, ...)                   \
-  do {                                                              \
-    if ((dtype) == at::kDouble) {                                   \
-      if (relu) FN<double, true>(__VA_ARGS__);                      \
-      else FN<double, false>(__VA_ARGS__);                          \
-    } else {                                                        \
-      if (relu) FN<float, true>(__VA_ARGS__);                       \
-      else FN<float, false>(__VA_ARGS__);                           \
-    }                                                               \
+// Calls FN<T, Act>(args...) for the input's dtype (float32/float64) and the activation.
+#define PYFASTDL_BN_DISPATCH_T(T, act, FN, ...)                                            \
+  do {                                                                                    \
+    if ((act) == bn::kActRelu) FN<T, bn::kActRelu>(__VA_ARGS__);                          \
+    else if ((act) == bn::kActSigmoid) FN<T, bn::kActSigmoid>(__VA_ARGS__);               \
+    else FN<T, bn::kActNone>(__VA_ARGS__);                                                \
+  } while (0)
+#define PYFASTDL_BN_DISPATCH(dtype, act, FN, ...)                                           \
+  do {                                                                                    \
+    if ((dtype) == at::kDouble) PYFASTDL_BN_DISPATCH_T(double, act, FN, __VA_ARGS__);     \
+    else PYFASTDL_BN_DISPATCH_T(float, act, FN, __VA_ARGS__);                             \
   } while (0)
 
 void stats(const at::Tensor& x, const bn::Layout& L, double* mean, double* var) {
@@ -549,30 +581,30 @@ void stats(const at::Tensor& x, const bn::Layout& L, double* mean, double* var) 
     stats_impl<float>(x, L, mean, var);
 }
 
-void apply(const at::Tensor& x, const bn::Layout& L, const NormConsts& nc, bool relu, at::Tensor& y) {
-  PYFASTDL_BN_DISPATCH(x.scalar_type(), relu, apply_impl, x, L, nc, y);
+void apply(const at::Tensor& x, const bn::Layout& L, const NormConsts& nc, int act, at::Tensor& y) {
+  PYFASTDL_BN_DISPATCH(x.scalar_type(), act, apply_impl, x, L, nc, y);
 }
 
 void bwd_reduce(const at::Tensor& g, const at::Tensor& x, const bn::Layout& L, const NormConsts& nc,
-                bool relu, double* sum_g, double* sum_gx) {
-  PYFASTDL_BN_DISPATCH(x.scalar_type(), relu, bwd_reduce_impl, g, x, L, nc, sum_g, sum_gx);
+                int act, double* sum_g, double* sum_gx) {
+  PYFASTDL_BN_DISPATCH(x.scalar_type(), act, bwd_reduce_impl, g, x, L, nc, sum_g, sum_gx);
 }
 
 void bwd_apply(const at::Tensor& g, const at::Tensor& x, const bn::Layout& L, const NormConsts& nc,
-               const at::Tensor& a, const at::Tensor& b, const at::Tensor& d, bool relu, bool training,
+               const at::Tensor& a, const at::Tensor& b, const at::Tensor& d, int act, bool training,
                at::Tensor& gi) {
-  PYFASTDL_BN_DISPATCH(x.scalar_type(), relu, bwd_apply_impl, g, x, L, nc, a, b, d, training, gi);
+  PYFASTDL_BN_DISPATCH(x.scalar_type(), act, bwd_apply_impl, g, x, L, nc, a, b, d, training, gi);
 }
 
 void train_fwd_fused(const at::Tensor& x, const bn::Layout& L, PerChannelFn on_stats, const NormConsts& nc,
-                     bool relu, at::Tensor& y) {
-  PYFASTDL_BN_DISPATCH(x.scalar_type(), relu, train_fwd_fused_impl, x, L, on_stats, nc, y);
+                     int act, at::Tensor& y) {
+  PYFASTDL_BN_DISPATCH(x.scalar_type(), act, train_fwd_fused_impl, x, L, on_stats, nc, y);
 }
 
 void bwd_fused(const at::Tensor& g, const at::Tensor& x, const bn::Layout& L, const NormConsts& nc,
                PerChannelFn on_sums, const at::Tensor& a, const at::Tensor& b, const at::Tensor& d,
-               bool relu, at::Tensor& gi) {
-  PYFASTDL_BN_DISPATCH(x.scalar_type(), relu, bwd_fused_impl, g, x, L, nc, on_sums, a, b, d, gi);
+               int act, at::Tensor& gi) {
+  PYFASTDL_BN_DISPATCH(x.scalar_type(), act, bwd_fused_impl, g, x, L, nc, on_sums, a, b, d, gi);
 }
 
 const BatchNormKernels kTable{&stats, &apply, &bwd_reduce, &bwd_apply, &train_fwd_fused, &bwd_fused};

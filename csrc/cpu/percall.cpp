@@ -95,7 +95,7 @@ PyObject* attention_entry(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
 }
 
 // batch_norm(input, weight, bias, running_mean, running_var, training: bool, momentum: float,
-// eps: float, relu: bool) -> Tensor | None. None as well for what functional's full path treats
+// eps: float, activation: int) -> Tensor | None. None as well for what functional's full path treats
 // itself: a tensor on another device than input, a non-floating input, a 1-D input.
 PyObject* batch_norm_entry(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
@@ -103,7 +103,12 @@ PyObject* batch_norm_entry(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   std::array<OptT, 4> opt;
   for (int i = 0; i < 4; ++i)
     if (!optional_tensor(args[1 + i], opt[i])) return not_taken();
-  if (!PyBool_Check(args[5]) || !PyBool_Check(args[8])) return not_taken();
+  if (!PyBool_Check(args[5]) || !PyLong_CheckExact(args[8])) return not_taken();
+  const long activation = PyLong_AsLong(args[8]);
+  if (activation == -1 && PyErr_Occurred()) {
+    PyErr_Clear();
+    return not_taken();
+  }
   double momentum, eps;
   if (!as_double(args[6], momentum) || !as_double(args[7], eps)) return not_taken();
   const at::Tensor& input = THPVariable_Unpack(args[0]);
@@ -115,11 +120,11 @@ PyObject* batch_norm_entry(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("pyfastdl::batch_norm", "")
           .typed<at::Tensor(const at::Tensor&, const OptT&, const OptT&, const OptT&, const OptT&, bool, double,
-                            double, bool)>();
+                            double, int64_t)>();
   at::Tensor out;
   {
     pybind11::gil_scoped_release no_gil;
-    out = op.call(input, opt[0], opt[1], opt[2], opt[3], args[5] == Py_True, momentum, eps, args[8] == Py_True);
+    out = op.call(input, opt[0], opt[1], opt[2], opt[3], args[5] == Py_True, momentum, eps, activation);
   }
   return THPVariable_Wrap(std::move(out));
   END_HANDLE_TH_ERRORS
@@ -199,7 +204,7 @@ PyMethodDef pyfastdl_percall_methods[] = {
      METH_FASTCALL, "pyfastdl::attention(q, k, v, None, None, is_causal, scale, 0.0, 0), or None (not taken)"},
     {"batch_norm", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&pyfastdl::batch_norm_entry)),
      METH_FASTCALL,
-     "pyfastdl::batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps, relu), or None "
+     "pyfastdl::batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps, activation), or None "
      "(not taken)"},
     {"conv2d", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&pyfastdl::conv2d_entry)), METH_FASTCALL,
      "pyfastdl::conv2d(input, weight, bias, stride, padding (ph, ph, pw, pw), dilation, groups), or None (not taken)"},

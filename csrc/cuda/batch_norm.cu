@@ -169,6 +169,28 @@ __device__ __forceinline__ acc_t relu_acc(acc_t y) {
   return y < acc_t(0) ? acc_t(0) : y;  // max(y, 0); NaN propagates
 }
 
+template <typename acc_t>
+__device__ __forceinline__ acc_t sigmoid_acc(acc_t y) {
+  if constexpr (std::is_same_v<acc_t, double>) return 1.0 / (1.0 + exp(-y));
+  else return 1.f / (1.f + expf(-y));  // NaN propagates; exp overflow gives 0
+}
+
+// act(y), act a bn::Activation: none, ReLU or sigmoid.
+template <typename acc_t>
+__device__ __forceinline__ acc_t activate(acc_t y, int act) {
+  if (act == bn::kActRelu) return relu_acc(y);
+  if (act == bn::kActSigmoid) return sigmoid_acc(y);
+  return y;
+}
+
+// g * act'(y) for act != none: the ReLU mask (y > 0), or s (1 - s), s = sigmoid(y).
+template <typename acc_t>
+__device__ __forceinline__ acc_t act_grad(acc_t g, acc_t y, int act) {
+  if (act == bn::kActRelu) return y > acc_t(0) ? g : acc_t(0);
+  const acc_t sv = sigmoid_acc(y);
+  return g * (sv - sv * sv);
+}
+
 using ChannelDivider = at::cuda::detail::IntDivider<unsigned int>;
 
 // Channel of NCS row r = n * C + c (a multiply-shift division while r fits 32 bits).
@@ -190,12 +212,12 @@ __device__ __forceinline__ BwdCoef<acc_t> load_bwd_coef(const acc_t* __restrict_
   return {coef[c], coef[C + c], coef[2 * C + c], coef[3 * C + c], mean[c]};
 }
 
-// grad_input of one element: g' = g masked by the ReLU; training: scale * (g' - k1 - (x - mean) * k2),
+// grad_input of one element: g' = g * act'(y); training: scale * (g' - k1 - (x - mean) * k2),
 // eval: g' * scale.
 template <typename acc_t>
 __device__ __forceinline__ acc_t bwd_elem(const BwdCoef<acc_t>& k, acc_t x, acc_t g, bool training,
-                                          bool relu) {
-  if (relu && !(affine(x, k.mean, k.scale, k.shift) > acc_t(0))) g = acc_t(0);
+                                          int act) {
+  if (act != bn::kActNone) g = act_grad(g, affine(x, k.mean, k.scale, k.shift), act);
   return training ? k.scale * (g - k.k1 - (x - k.mean) * k.k2) : g * k.scale;
 }
 
@@ -387,7 +409,7 @@ __global__ void __launch_bounds__(kThreads) _batch_norm_fwd_ncs_kernel(
     int64_t R,  // rows, N * C
     int64_t C, int64_t S,  // channels, elements a row
     ChannelDivider cdiv,  // divides by C
-    bool relu) {
+    int act) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t r_begin = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
   const int64_t r_step = static_cast<int64_t>(gridDim.x) * blockDim.y;
@@ -399,7 +421,7 @@ __global__ void __launch_bounds__(kThreads) _batch_norm_fwd_ncs_kernel(
                  [&](int64_t r, acc_t x) {
                    const int64_t c = row_channel(r, C, cdiv);
                    acc_t y = affine(x, coef[2 * C + c], coef[c], coef[C + c]);
-                   if (relu) y = relu_acc(y);
+                   y = activate(y, act);
                    output[r * S + s_begin] = static_cast<scalar_t>(y);
                  });
   } else {
@@ -411,7 +433,7 @@ __global__ void __launch_bounds__(kThreads) _batch_norm_fwd_ncs_kernel(
       for_unrolled(s_begin, S, s_step, [&](int64_t s) { return static_cast<acc_t>(in_row[s]); },
                    [&](int64_t s, acc_t x) {
                      acc_t y = affine(x, mean, scale, shift);
-                     if (relu) y = relu_acc(y);
+                     y = activate(y, act);
                      out_row[s] = static_cast<scalar_t>(y);
                    });
     }
@@ -426,7 +448,7 @@ __global__ void __launch_bounds__(kThreads) _batch_norm_fwd_mc_kernel(
     const at::opmath_type<scalar_t>* __restrict__ coef,  // (3, C): scale, shift, mean
     scalar_t* __restrict__ output,                      // (M, C) contiguous, C innermost
     int64_t M, int64_t C,  // sizes of the (M, C) view
-    bool relu) {
+    int act) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= C) return;
@@ -436,14 +458,14 @@ __global__ void __launch_bounds__(kThreads) _batch_norm_fwd_mc_kernel(
                [&](int64_t m) { return static_cast<acc_t>(input[m * C + c]); },
                [&](int64_t m, acc_t x) {
                  acc_t y = affine(x, mean, scale, shift);
-                 if (relu) y = relu_acc(y);
+                 y = activate(y, act);
                  output[m * C + c] = static_cast<scalar_t>(y);
                });
 }
 
 // ---- backward: reductions ---------------------------------------------------------------------------
 // Partial buffer layout: [0, C*P) sums of g', [C*P, 2*C*P) sums of g' * (x - mean); partial p of
-// channel c at c * P + p. g' = grad_out, zeroed where relu and affine(x) <= 0.
+// channel c at c * P + p. g' = grad_out * act'(affine(x)).
 
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) _batch_norm_bwd_reduce_ncs_kernel(
@@ -457,7 +479,7 @@ __global__ void __launch_bounds__(kThreads) _batch_norm_bwd_reduce_ncs_kernel(
     int64_t N, int64_t C, int64_t S,  // sizes of the (N, C, S) view
     int64_t rows_per,  // rows n of one block: [blockIdx.y * rows_per, + rows_per)
     int64_t s_per,     // elements s of one block: [blockIdx.z * s_per, + s_per)
-    bool relu) {
+    int act) {
   using acc_t = at::opmath_type<scalar_t>;
   using Op = Sum2Op<acc_t>;
   using DOp = Sum2Op<double>;  // the block's sum and its partial in double (precision)
@@ -476,7 +498,7 @@ __global__ void __launch_bounds__(kThreads) _batch_norm_bwd_reduce_ncs_kernel(
         return Pair<acc_t>{static_cast<acc_t>(input[i]), static_cast<acc_t>(grad_out[i])};
       },
       [&](const Pair<acc_t>& v) {
-        const acc_t g = (relu && !(affine(v.x, mu, scale, shift) > acc_t(0))) ? acc_t(0) : v.g;
+        const acc_t g = act == bn::kActNone ? v.g : act_grad(v.g, affine(v.x, mu, scale, shift), act);
         acc.g += g;
         acc.gx += g * (v.x - mu);
       });
@@ -500,7 +522,7 @@ __global__ void __launch_bounds__(kThreads) _batch_norm_bwd_reduce_mc_kernel(
     double* __restrict__ part,                             // (2 * C * P,), P = gridDim.y
     int64_t M, int64_t C,  // sizes of the (M, C) view
     int64_t rows_per,  // rows m of one block: [blockIdx.y * rows_per, + rows_per)
-    bool relu) {
+    int act) {
   using acc_t = at::opmath_type<scalar_t>;
   using Op = Sum2Op<acc_t>;
   using DOp = Sum2Op<double>;  // the block's sum and its partial in double (precision)
@@ -518,7 +540,7 @@ __global__ void __launch_bounds__(kThreads) _batch_norm_bwd_reduce_mc_kernel(
           return Pair<acc_t>{static_cast<acc_t>(input[m * C + c]), static_cast<acc_t>(grad_out[m * C + c])};
         },
         [&](int64_t, const Pair<acc_t>& v) {
-          const acc_t g = (relu && !(affine(v.x, mu, scale, shift) > acc_t(0))) ? acc_t(0) : v.g;
+          const acc_t g = act == bn::kActNone ? v.g : act_grad(v.g, affine(v.x, mu, scale, shift), act);
           acc.g += g;
           acc.gx += g * (v.x - mu);
         });
@@ -584,7 +606,7 @@ __global__ void __launch_bounds__(kThreads) _batch_norm_bwd_ncs_kernel(
     int64_t R,  // rows, N * C
     int64_t C, int64_t S,  // channels, elements a row
     ChannelDivider cdiv,  // divides by C
-    bool training, bool relu) {
+    bool training, int act) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t r_begin = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
   const int64_t r_step = static_cast<int64_t>(gridDim.x) * blockDim.y;
@@ -600,7 +622,7 @@ __global__ void __launch_bounds__(kThreads) _batch_norm_bwd_ncs_kernel(
         },
         [&](int64_t r, const Pair<acc_t>& v) {
           const BwdCoef<acc_t> k = load_bwd_coef(coef, mean, C, row_channel(r, C, cdiv));
-          grad_input[r * S + s_begin] = static_cast<scalar_t>(bwd_elem(k, v.x, v.g, training, relu));
+          grad_input[r * S + s_begin] = static_cast<scalar_t>(bwd_elem(k, v.x, v.g, training, act));
         });
   } else {
     for (int64_t r = r_begin; r < R; r += r_step) {
@@ -612,7 +634,7 @@ __global__ void __launch_bounds__(kThreads) _batch_norm_bwd_ncs_kernel(
             return Pair<acc_t>{static_cast<acc_t>(input[base + s]), static_cast<acc_t>(grad_out[base + s])};
           },
           [&](int64_t s, const Pair<acc_t>& v) {
-            grad_input[base + s] = static_cast<scalar_t>(bwd_elem(k, v.x, v.g, training, relu));
+            grad_input[base + s] = static_cast<scalar_t>(bwd_elem(k, v.x, v.g, training, act));
           });
     }
   }
@@ -626,7 +648,7 @@ __global__ void __launch_bounds__(kThreads) _batch_norm_bwd_mc_kernel(
     const at::opmath_type<scalar_t>* __restrict__ coef,     // (4, C): scale, shift, k1, k2
     scalar_t* __restrict__ grad_input,                     // (M, C) contiguous, C innermost
     int64_t M, int64_t C,  // sizes of the (M, C) view
-    bool training, bool relu) {
+    bool training, int act) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= C) return;
@@ -638,7 +660,7 @@ __global__ void __launch_bounds__(kThreads) _batch_norm_bwd_mc_kernel(
         return Pair<acc_t>{static_cast<acc_t>(input[m * C + c]), static_cast<acc_t>(grad_out[m * C + c])};
       },
       [&](int64_t m, const Pair<acc_t>& v) {
-        grad_input[m * C + c] = static_cast<scalar_t>(bwd_elem(k, v.x, v.g, training, relu));
+        grad_input[m * C + c] = static_cast<scalar_t>(bwd_elem(k, v.x, v.g, training, act));
       });
 }
 
@@ -777,7 +799,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd_cuda(
     const at::Tensor& input, const c10::optional<at::Tensor>& weight,
     const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
     const c10::optional<at::Tensor>& running_var, bool training, double momentum, double eps,
-    bool relu) {
+    int64_t activation) {
+  const int act = bn::check_activation(activation, "batch_norm");
   bn::check_fwd(input, weight, bias, running_mean, running_var, training, momentum, eps,
                 {at::kFloat, at::kDouble, at::kHalf, at::kBFloat16});
   check_cuda_and_size(input, "batch_norm");
@@ -836,11 +859,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd_cuda(
     elementwise_grid(k, grid, block);
     if (k.mc) {
       _batch_norm_fwd_mc_kernel<scalar_t><<<grid, block, 0, stream>>>(
-          xp, coef.const_data_ptr<acc_t>(), output.mutable_data_ptr<scalar_t>(), k.M, C, relu);
+          xp, coef.const_data_ptr<acc_t>(), output.mutable_data_ptr<scalar_t>(), k.M, C, act);
     } else {
       _batch_norm_fwd_ncs_kernel<scalar_t><<<grid, block, 0, stream>>>(
           xp, coef.const_data_ptr<acc_t>(), output.mutable_data_ptr<scalar_t>(), k.N * C, C, k.S,
-          ChannelDivider(static_cast<unsigned int>(C)), relu);
+          ChannelDivider(static_cast<unsigned int>(C)), act);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -860,7 +883,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd_cuda(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd_cuda(
     const at::Tensor& grad_out, const at::Tensor& input, const c10::optional<at::Tensor>& weight,
     const c10::optional<at::Tensor>& bias, const at::Tensor& save_mean,
-    const at::Tensor& save_invstd, bool training, bool relu, std::array<bool, 3> output_mask) {
+    const at::Tensor& save_invstd, bool training, int64_t activation, std::array<bool, 3> output_mask) {
+  const int act = bn::check_activation(activation, "batch_norm_bwd");
   TORCH_CHECK(input.dim() >= 2,
               "batch_norm_bwd: expected input of rank >= 2, (N, C, *), got input of rank ",
               input.dim(), " and shape ", input.sizes());
@@ -921,11 +945,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd_cuda(
     if (reduce) {
       if (k.mc) {
         _batch_norm_bwd_reduce_mc_kernel<scalar_t><<<rg.grid, rg.block, 0, stream>>>(
-            gp, xp, mp, ip, wp, bp, part.mutable_data_ptr<double>(), k.M, C, rg.rows_per, relu);
+            gp, xp, mp, ip, wp, bp, part.mutable_data_ptr<double>(), k.M, C, rg.rows_per, act);
       } else {
         _batch_norm_bwd_reduce_ncs_kernel<scalar_t><<<rg.grid, rg.block, 0, stream>>>(
             gp, xp, mp, ip, wp, bp, part.mutable_data_ptr<double>(), k.N, C, k.S, rg.rows_per,
-            rg.s_per, relu);
+            rg.s_per, act);
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
@@ -942,11 +966,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd_cuda(
     if (k.mc) {
       _batch_norm_bwd_mc_kernel<scalar_t><<<grid, block, 0, stream>>>(
           gp, xp, mp, coef.const_data_ptr<acc_t>(), grad_input.mutable_data_ptr<scalar_t>(), k.M, C,
-          training, relu);
+          training, act);
     } else {
       _batch_norm_bwd_ncs_kernel<scalar_t><<<grid, block, 0, stream>>>(
           gp, xp, mp, coef.const_data_ptr<acc_t>(), grad_input.mutable_data_ptr<scalar_t>(),
-          k.N * C, C, k.S, ChannelDivider(static_cast<unsigned int>(C)), training, relu);
+          k.N * C, C, k.S, ChannelDivider(static_cast<unsigned int>(C)), training, act);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

@@ -6,7 +6,27 @@ import torch
 from .. import backends
 from ..reference.batch_norm import batch_norm_like_torch
 
-__all__ = ["BatchNormFunction"]
+__all__ = ["BatchNormFunction", "ACTIVATIONS"]
+
+# The activations fused into the batch-norm kernels, by the code the ops take (the schemas' `int
+# activation`, csrc/ops.cpp; csrc/common/batch_norm.h's Activation).
+ACTIVATIONS = {None: 0, "relu": 1, "sigmoid": 2}
+_ACTIVATION_NAMES = {code: name for name, code in ACTIVATIONS.items()}
+
+
+def _check_activation(activation: int, op: str) -> None:
+    """The fakes refuse what the kernels refuse (csrc/common/batch_norm.h, check_activation)."""
+    if activation not in _ACTIVATION_NAMES:
+        raise ValueError(f"{op}: expected activation 0 (none), 1 (relu) or 2 (sigmoid), got {activation}")
+
+
+def _activate(y, activation: int):
+    """y -> act(y) with torch's ops (activation: the op's code)."""
+    if activation == 1:
+        return torch.relu(y)
+    if activation == 2:
+        return torch.sigmoid(y)
+    return y
 
 
 def _acc_dtype(dtype):
@@ -25,7 +45,8 @@ def _like_kernel_layout(input):
 
 
 @torch.library.register_fake("pyfastdl::batch_norm_fwd")
-def _batch_norm_fwd_fake(input, weight, bias, running_mean, running_var, training, momentum, eps, relu):
+def _batch_norm_fwd_fake(input, weight, bias, running_mean, running_var, training, momentum, eps, activation):
+    _check_activation(activation, "batch_norm")
     return batch_norm_fwd_shapes(input)
 
 
@@ -39,7 +60,8 @@ def batch_norm_fwd_shapes(input):
 
 
 @torch.library.register_fake("pyfastdl::batch_norm_bwd")
-def _batch_norm_bwd_fake(grad_out, input, weight, bias, save_mean, save_invstd, training, relu, output_mask):
+def _batch_norm_bwd_fake(grad_out, input, weight, bias, save_mean, save_invstd, training, activation, output_mask):
+    _check_activation(activation, "batch_norm_bwd")
     return batch_norm_bwd_shapes(input, output_mask)
 
 
@@ -55,22 +77,24 @@ def batch_norm_bwd_shapes(input, output_mask):
 
 
 @torch.library.register_fake("pyfastdl::batch_norm")
-def _batch_norm_fake(input, weight, bias, running_mean, running_var, training, momentum, eps, relu):
+def _batch_norm_fake(input, weight, bias, running_mean, running_var, training, momentum, eps, activation):
+    _check_activation(activation, "batch_norm")
     return _like_kernel_layout(input)
 
 
 class BatchNormFunction(torch.autograd.Function):
-    """y = relu?((x - mean) * invstd * weight + bias), statistics per channel (dim 1).
+    """y = act((x - mean) * invstd * weight + bias), statistics per channel (dim 1).
     forward(input (N, C, *), weight (C,)|None, bias (C,)|None, running_mean (C,)|None,
-            running_var (C,)|None, training, momentum, eps, relu, ops) -> output like input.
+            running_var (C,)|None, training, momentum, eps, activation (code: ACTIVATIONS), ops)
+    -> output like input.
     ``ops`` is the op namespace of the backend (pyfastdl.backends.ops)."""
 
     @staticmethod
-    def forward(ctx, input, weight, bias, running_mean, running_var, training, momentum, eps, relu, ops):
+    def forward(ctx, input, weight, bias, running_mean, running_var, training, momentum, eps, activation, ops):
         out, save_mean, save_invstd = ops.batch_norm_fwd(
-            input, weight, bias, running_mean, running_var, training, momentum, eps, relu)
+            input, weight, bias, running_mean, running_var, training, momentum, eps, activation)
         ctx.save_for_backward(input, weight, bias, save_mean, save_invstd)
-        ctx.training, ctx.relu, ctx.ops, ctx.eps = training, relu, ops, eps
+        ctx.training, ctx.activation, ctx.ops, ctx.eps = training, activation, ops, eps
         return out
 
     @staticmethod
@@ -80,15 +104,15 @@ class BatchNormFunction(torch.autograd.Function):
         mask = [bool(need[0]), bool(need[1] and weight is not None), bool(need[2] and bias is not None)]
         if torch.is_grad_enabled():  # create_graph=True: the gradients must carry their own graph
             return differentiable_grads(grad_out, input, weight, bias, save_mean, save_invstd, ctx.training,
-                                        ctx.eps, ctx.relu, mask) + (None,) * 7
+                                        ctx.eps, ctx.activation, mask) + (None,) * 7
         grad_input, grad_weight, grad_bias = ctx.ops.batch_norm_bwd(
-            grad_out, input, weight, bias, save_mean, save_invstd, ctx.training, ctx.relu, mask)
+            grad_out, input, weight, bias, save_mean, save_invstd, ctx.training, ctx.activation, mask)
         grad_weight = grad_weight.to(weight.dtype) if mask[1] else None
         grad_bias = grad_bias.to(bias.dtype) if mask[2] else None
         return (grad_input if mask[0] else None, grad_weight, grad_bias) + (None,) * 7
 
 
-def differentiable_grads(grad_out, input, weight, bias, save_mean, save_invstd, training, eps, relu, mask):
+def differentiable_grads(grad_out, input, weight, bias, save_mean, save_invstd, training, eps, activation, mask):
     """The first-order gradients as differentiable functions of (input, weight, bias, grad_out), for
     backward(create_graph=True) (a gradient penalty, gradgradcheck); None where mask is False. The
     kernels' backward is not itself differentiable, so the forward is recomputed with the reference
@@ -104,7 +128,7 @@ def differentiable_grads(grad_out, input, weight, bias, save_mean, save_invstd, 
         return (None, None, None)
     with torch.enable_grad():
         if training:
-            y = batch_norm_like_torch(input, None, None, weight, bias, True, 0.0, eps, "relu" if relu else None)
+            y = batch_norm_like_torch(input, None, None, weight, bias, True, 0.0, eps, _ACTIVATION_NAMES[activation])
         else:
             shape = [1, input.shape[1]] + [1] * (input.dim() - 2)
             y = (input - save_mean.view(shape).to(input.dtype)) * save_invstd.view(shape).to(input.dtype)
@@ -112,15 +136,15 @@ def differentiable_grads(grad_out, input, weight, bias, save_mean, save_invstd, 
                 y = y * weight.view(shape)
             if bias is not None:
                 y = y + bias.view(shape)
-            if relu:
-                y = torch.relu(y)
+            y = _activate(y, activation)
         grads = iter(torch.autograd.grad(y, wanted, grad_out, create_graph=True, allow_unused=True))
     out = [next(grads) if m else None for m in mask]
     return tuple(torch.zeros_like(t) if m and g is None else g for t, m, g in zip((input, weight, bias), mask, out))
 
 
 @torch.library.impl("pyfastdl::batch_norm_bwd_graph", "CompositeImplicitAutograd")
-def _batch_norm_bwd_graph(grad_out, input, weight, bias, save_mean, save_invstd, training, eps, relu, output_mask):
-    g = differentiable_grads(grad_out, input, weight, bias, save_mean, save_invstd, training, eps, relu,
+def _batch_norm_bwd_graph(grad_out, input, weight, bias, save_mean, save_invstd, training, eps, activation,
+                          output_mask):
+    g = differentiable_grads(grad_out, input, weight, bias, save_mean, save_invstd, training, eps, activation,
                              [bool(m) for m in output_mask])
     return tuple(t if t is not None else input.new_empty((0,)) for t in g)

@@ -65,8 +65,8 @@ class _ReferenceOps:
         return mean, ((x - mean.view(shape)) ** 2).sum(dim=dims)
 
     @staticmethod
-    def batch_norm_fwd(input, weight, bias, mean, var, training, momentum, eps, relu):
-        assert not training and not relu
+    def batch_norm_fwd(input, weight, bias, mean, var, training, momentum, eps, activation):
+        assert not training and not activation
         shape = [1, -1] + [1] * (input.dim() - 2)
         acc = _acc_dtype(input.dtype)
         invstd = torch.rsqrt(var.to(torch.float64) + eps).to(acc)
@@ -78,7 +78,7 @@ class _ReferenceOps:
         return y.to(input.dtype), mean.to(acc), invstd
 
     @staticmethod
-    def batch_norm_bwd(grad_out, input, weight, bias, mean, invstd, training, relu, output_mask):
+    def batch_norm_bwd(grad_out, input, weight, bias, mean, invstd, training, activation, output_mask):
         dims = [0] + list(range(2, input.dim()))
         shape = [1, -1] + [1] * (input.dim() - 2)
         acc = mean.dtype
@@ -152,7 +152,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
                 running_var.copy_(running_var.double() * (1 - momentum) + momentum * g_m2 / (total - 1))
         acc = _acc_dtype(input.dtype)
         y, save_mean, save_invstd = ops.batch_norm_fwd(input, weight, bias, g_mean.to(acc), g_var.to(acc), False,
-                                                       0.0, eps, False)
+                                                       0.0, eps, 0)
         ctx.save_for_backward(input, weight, save_mean, save_invstd)
         ctx.group, ctx.world_size, ctx.count, ctx.ops = group, world_size, int(total), ops
         ctx.has_bias = bias is not None
@@ -167,7 +167,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
         C = input.shape[1]
         if input.numel() > 0:
             _, sum_dy_xhat, sum_dy = ctx.ops.batch_norm_bwd(grad_out, input, weight, None, save_mean, save_invstd,
-                                                            False, False, [False, True, True])
+                                                            False, 0, [False, True, True])
         else:
             sum_dy_xhat = sum_dy = save_mean.new_zeros((C,))
         grad_input = None

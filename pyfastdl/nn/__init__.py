@@ -1,9 +1,9 @@
 """Drop-in modules for torch.nn (same constructor arguments, parameter and buffer names) and for the
 notes' modules."""
 from .attention import DotProductAttention, MultiheadAttention, TransformerEncoderLayer
-from .batch_norm import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormReLUSequential
+from .batch_norm import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormActivationSequential
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormReLUSequential", "DotProductAttention", "MultiheadAttention",
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormActivationSequential", "DotProductAttention", "MultiheadAttention",
            "TransformerEncoderLayer"]
 from .rnn import GRU, LSTM, GRUCell, LSTMCell  # noqa: E402
 

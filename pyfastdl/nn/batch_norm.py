@@ -5,7 +5,7 @@ import torch
 
 from .. import functional as PF
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormReLUSequential"]
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormActivationSequential"]
 
 
 class _PyfastdlBatchNormMixin:
@@ -13,8 +13,8 @@ class _PyfastdlBatchNormMixin:
         return self._forward(input, None)
 
     def _forward(self, input: torch.Tensor, activation) -> torch.Tensor:
-        """The forward with pyfastdl's ``activation`` fused in (None, or "relu": what
-        BatchNormReLUSequential calls for a BatchNorm followed by a ReLU)."""
+        """The forward with pyfastdl's ``activation`` fused in (None, "relu" or "sigmoid": what
+        BatchNormActivationSequential calls for a BatchNorm followed by a ReLU or a Sigmoid)."""
         self._check_input_dim(input)
         factor = 0.0 if self.momentum is None else self.momentum
         count = self.training and self.track_running_stats and self.num_batches_tracked is not None
@@ -57,13 +57,21 @@ def _global_hooks() -> bool:
                                              "_global_backward_hooks", "_global_backward_pre_hooks"))
 
 
-class BatchNormReLUSequential(torch.nn.Sequential):
+# The activation modules fused into the batch norm before them: their exact classes (a subclass may
+# change the forward) and the kernel's activation. ReLU(inplace=True) too: the fused kernel writes a
+# new tensor, and nothing else held the batch norm's output.
+_ACTIVATION_OF = {torch.nn.ReLU: "relu", torch.nn.Sigmoid: "sigmoid"}
+
+
+class BatchNormActivationSequential(torch.nn.Sequential):
     """A ``torch.nn.Sequential`` that runs each pyfastdl BatchNorm1d/2d/3d directly followed by a
-    ``torch.nn.ReLU`` as one kernel (batch norm with max(y, 0) in its epilogue, forward and backward:
-    one pass over the activations less each way). What ``pyfastdl.convert`` makes of such a Sequential
-    (the notes' DenseNet ``conv_block`` and ``transition_block``, ResNet stems). Same children, names,
-    parameters, buffers and state_dict as the Sequential; each child called alone behaves as before.
-    A pair runs unfused while either module (or the process) has hooks, so hooks see what they saw."""
+    ``torch.nn.ReLU`` or a ``torch.nn.Sigmoid`` as one kernel (batch norm with max(y, 0) or
+    1 / (1 + exp(-y)) in its epilogue, forward and backward: one pass over the activations less each
+    way). What ``pyfastdl.convert`` makes of such a Sequential (the notes' LeNet with batch norm, whose
+    every batch norm feeds a sigmoid; DenseNet's ``conv_block`` and ``transition_block``; ResNet stems).
+    Same children, names, parameters, buffers and state_dict as the Sequential; each child called alone
+    behaves as before. A pair runs unfused while either module (or the process) has hooks, so hooks
+    see what they saw."""
 
     def forward(self, input):
         mods = list(self._modules.values())
@@ -71,9 +79,9 @@ class BatchNormReLUSequential(torch.nn.Sequential):
         i, n = 0, len(mods)
         while i < n:
             m = mods[i]
-            if (fuse and i + 1 < n and type(m) in _FUSABLE and type(mods[i + 1]) is torch.nn.ReLU
-                    and not _hooked(m) and not _hooked(mods[i + 1])):
-                input = m._forward(input, "relu")
+            act = _ACTIVATION_OF.get(type(mods[i + 1])) if fuse and i + 1 < n and type(m) in _FUSABLE else None
+            if act is not None and not _hooked(m) and not _hooked(mods[i + 1]):
+                input = m._forward(input, act)
                 i += 2
             else:
                 input = m(input)
@@ -82,6 +90,6 @@ class BatchNormReLUSequential(torch.nn.Sequential):
 
 
 def fusable_pairs(seq: torch.nn.Sequential) -> int:
-    """How many (pyfastdl BatchNorm, torch.nn.ReLU) adjacent pairs ``seq`` holds."""
+    """How many (pyfastdl BatchNorm, torch.nn.ReLU or torch.nn.Sigmoid) adjacent pairs ``seq`` holds."""
     mods = list(seq._modules.values())
-    return sum(1 for a, b in zip(mods, mods[1:]) if type(a) in _FUSABLE and type(b) is torch.nn.ReLU)
+    return sum(1 for a, b in zip(mods, mods[1:]) if type(a) in _FUSABLE and type(b) in _ACTIVATION_OF)

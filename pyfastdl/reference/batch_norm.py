@@ -75,7 +75,7 @@ def batch_norm_like_torch(input, running_mean, running_var, weight=None, bias=No
                           momentum=0.1, eps=1e-5, activation=None):
     """The notes' math with torch.nn.functional.batch_norm's signature and conventions.
     input: (N, C, *); running_*, weight, bias: (C,) or None. Running statistics are updated in place
-    (unbiased variance). activation: None or "relu"."""
+    (unbiased variance). activation: None, "relu" or "sigmoid"."""
     C = input.shape[1]
     dims = [0] + list(range(2, input.dim()))
     shape = [1, C] + [1] * (input.dim() - 2)
@@ -96,4 +96,6 @@ def batch_norm_like_torch(input, running_mean, running_var, weight=None, bias=No
         y = y + bias.view(shape)
     if activation == "relu":
         y = torch.relu(y)
+    elif activation == "sigmoid":
+        y = torch.sigmoid(y)
     return y
