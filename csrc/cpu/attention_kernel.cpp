@@ -18,6 +18,7 @@
 // skip (causal, 1-D valid_lens) is skipped only when no non-finite value could reach the result; the
 // skipping is per key, not per block: a block ends at the last key its queries can see.
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/ATen.h>
 #include <dlfcn.h>
@@ -87,18 +88,19 @@ inline T nan_max(T a, T b) {
   return (a > b || a != a) ? a : b;
 }
 
+// The row helpers below take the row's tail (n not a multiple of the vector) as one partial vector,
+// not element by element: attention rows are often short (a 16-token sequence, a valid length of 7),
+// and there the scalar tails and lane-by-lane reductions cost more than the block products (perf, 2026-12-02).
 template <typename T>
 T row_max(const T* x, int64_t n) {
   using V = Vectorized<T>;
-  V acc(-std::numeric_limits<T>::infinity());
+  const V ninf(-std::numeric_limits<T>::infinity());
+  V acc = ninf;
   int64_t c = 0;
   for (; c + V::size() <= n; c += V::size()) acc = at::vec::maximum(acc, V::loadu(x + c));
-  T lanes[V::size()];
-  acc.store(lanes);
-  T m = lanes[0];
-  for (int64_t c2 = 1; c2 < V::size(); ++c2) m = nan_max(m, lanes[c2]);
-  for (; c < n; ++c) m = nan_max(m, x[c]);
-  return m;
+  if (c < n) acc = at::vec::maximum(acc, V::set(ninf, V::loadu(x + c, n - c), n - c));
+  // maximum propagates NaN
+  return at::vec::vec_reduce_all<T>([](V& a, V& b) { return at::vec::maximum(a, b); }, acc);
 }
 
 // True when x[0, n) holds no NaN and no +-inf (x - x is 0 exactly for finite x, NaN otherwise).
@@ -141,24 +143,27 @@ T exp_sub_sum(T* x, int64_t n, T m) {
     e.store(x + c);
     acc = acc + e;
   }
-  T lanes[V::size()];
-  acc.store(lanes);
-  T s = 0;
-  for (int64_t c2 = 0; c2 < V::size(); ++c2) s += lanes[c2];
-  for (; c < n; ++c) {
-    x[c] = std::exp(x[c] - m);
-    s += x[c];
+  if (c < n) {
+    const V e = V::set(V(T(0)), exp_nonpos(V::loadu(x + c, n - c) - vm), n - c);
+    e.store(x + c, n - c);
+    acc = acc + e;
   }
-  return s;
+  return at::vec::vec_reduce_all<T>([](V& a, V& b) { return a + b; }, acc);
+}
+
+// dst[0, n) = x[0, n) * s (dst may be x).
+template <typename T>
+void scale_row(const T* x, int64_t n, T s, T* dst) {
+  using V = Vectorized<T>;
+  const V vs(s);
+  int64_t c = 0;
+  for (; c + V::size() <= n; c += V::size()) (V::loadu(x + c) * vs).store(dst + c);
+  if (c < n) (V::loadu(x + c, n - c) * vs).store(dst + c, n - c);
 }
 
 template <typename T>
 void scale_row(T* x, int64_t n, T s) {
-  using V = Vectorized<T>;
-  const V vs(s);
-  int64_t c = 0;
-  for (; c + V::size() <= n; c += V::size()) (V::loadu(x + c) * vs).store(x + c);
-  for (; c < n; ++c) x[c] *= s;
+  scale_row(x, n, s, x);
 }
 
 inline int64_t valid_len(const AttnArgs& a, int64_t b, int64_t i) {
@@ -545,9 +550,13 @@ void fwd(const AttnArgs& a) {
             std::fill(row, row + bk, T(0));
             continue;
           }
-          const T alpha = std::exp(m[r] - m_new);  // 0 when m[r] = -inf
-          l[r] = l[r] * alpha + exp_sub_sum(row, bk, m_new);
-          if (alpha != T(1)) scale_row(O.data() + r * a.Ev, a.Ev, alpha);
+          if (m[r] == ninf) {  // the row's first keys: O and l are still 0, nothing to rescale
+            l[r] = exp_sub_sum(row, bk, m_new);
+          } else {
+            const T alpha = std::exp(m[r] - m_new);
+            l[r] = l[r] * alpha + exp_sub_sum(row, bk, m_new);
+            if (alpha != T(1)) scale_row(O.data() + r * a.Ev, a.Ev, alpha);
+          }
           m[r] = m_new;
         }
         if (a.dropout_p > 0) apply_dropout(a, S.data(), bk, b, h, i0, bq, j0, bk);
@@ -564,8 +573,7 @@ void fwd(const AttnArgs& a) {
           std::copy(O.begin() + r * a.Ev, O.begin() + (r + 1) * a.Ev, dst);
           *lse = ninf;
         } else {
-          const T inv = T(1) / l[r];
-          for (int64_t c = 0; c < a.Ev; ++c) dst[c] = O[r * a.Ev + c] * inv;
+          scale_row(O.data() + r * a.Ev, a.Ev, T(1) / l[r], dst);
           *lse = m[r] + std::log(l[r]);
         }
       }
