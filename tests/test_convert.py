@@ -534,6 +534,22 @@ def _relu_calls(monkeypatch):
     return calls
 
 
+def _assert_same_training(net, ref, xs, y, yt):
+    """The fused model's output, input gradient, parameter gradients (after a square-sum loss) and
+    buffers are the torch model's."""
+    assert_rel(y, yt, torch.float32, "gemm")
+    y.square().sum().backward()
+    yt.square().sum().backward()
+    assert_rel(xs[0].grad, xs[1].grad, torch.float32, "gemm", factor=10)
+    # (a bias in front of a training BatchNorm has a gradient of zero up to rounding: measured against
+    # the largest gradient's norm, not its own)
+    scale = max(pt.grad.norm().item() for pt in ref.parameters())
+    for (n, p), (_, pt) in zip(net.named_parameters(), ref.named_parameters()):
+        assert (p.grad - pt.grad).norm().item() <= 1e-5 * scale, n
+    for (n, b), (_, bt) in zip(net.named_buffers(), ref.named_buffers()):
+        assert torch.allclose(b.float(), bt.float(), rtol=1e-5, atol=1e-6), n
+
+
 @pytest.mark.parametrize("train", [True, False])
 def test_bn_relu_pairs_fused_match_torch(monkeypatch, train):
     """A Sequential with (BatchNorm, ReLU) pairs becomes BatchNormActivationSequential: no ReLU module runs
@@ -552,17 +568,7 @@ def test_bn_relu_pairs_fused_match_torch(monkeypatch, train):
     y, yt = net(xs[0]), ref(xs[1])
     assert calls == [1, 1, 1]  # torch's three ReLUs ran; pyfastdl's model ran none
     assert (y >= 0).all()
-    assert_rel(y, yt, torch.float32, "gemm")
-    y.square().sum().backward()
-    yt.square().sum().backward()
-    assert_rel(xs[0].grad, xs[1].grad, torch.float32, "gemm", factor=10)
-    # (a bias in front of a training BatchNorm has a gradient of zero up to rounding: measured against
-    # the largest gradient's norm, not its own)
-    scale = max(pt.grad.norm().item() for pt in ref.parameters())
-    for (n, p), (_, pt) in zip(net.named_parameters(), ref.named_parameters()):
-        assert (p.grad - pt.grad).norm().item() <= 1e-5 * scale, n
-    for (n, b), (_, bt) in zip(net.named_buffers(), ref.named_buffers()):
-        assert torch.allclose(b.float(), bt.float(), rtol=1e-5, atol=1e-6), n
+    _assert_same_training(net, ref, xs, y, yt)
     # each child alone behaves as before: the BatchNorm gives negative values, without a ReLU
     assert (net[1](torch.randn(4, 6, 3, 3)) < 0).any()
 
@@ -586,15 +592,7 @@ def test_bn_sigmoid_pairs_fused_match_torch(monkeypatch, train):
     assert calls == []
     yt = ref(xs[1])
     assert len(calls) == 4
-    assert_rel(y, yt, torch.float32, "gemm")
-    y.square().sum().backward()
-    yt.square().sum().backward()
-    assert_rel(xs[0].grad, xs[1].grad, torch.float32, "gemm", factor=10)
-    scale = max(pt.grad.norm().item() for pt in ref.parameters())
-    for (n, p), (_, pt) in zip(net.named_parameters(), ref.named_parameters()):
-        assert (p.grad - pt.grad).norm().item() <= 1e-5 * scale, n
-    for (n, b), (_, bt) in zip(net.named_buffers(), ref.named_buffers()):
-        assert torch.allclose(b.float(), bt.float(), rtol=1e-5, atol=1e-6), n
+    _assert_same_training(net, ref, xs, y, yt)
 
 
 def test_bn_relu_fusion_hooks_idempotence_and_opt_out(monkeypatch):
