@@ -495,9 +495,11 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
 from .autograd.pool2d import AvgPool2dFunction, MaxPool2dFunction  # noqa: E402
 from .reference.pool2d import avg_pool2d_like_torch, max_pool2d_like_torch  # noqa: E402
 
-# Input dtypes each kernel backend covers. No CUDA or Triton pooling kernel yet: on those backends
-# the call falls back to torch's op visibly (last_dispatch() says so), and raises when strict.
-_POOL2D_DTYPES = {"cpu": (torch.float32, torch.float64)}
+# Input dtypes each kernel backend covers. No CUDA C++ pooling kernel yet: on the cuda backend the
+# call falls back to torch's op visibly (last_dispatch() says so), and raises when strict; the triton
+# backend (pyfastdl/triton_kernels/pool2d.py) runs CUDA tensors.
+_POOL2D_DTYPES = {"cpu": (torch.float32, torch.float64),
+                  "triton": (torch.float32, torch.float64, torch.float16, torch.bfloat16)}
 __all__ += ["max_pool2d", "avg_pool2d"]
 
 
@@ -512,7 +514,7 @@ def _pool2d_covers(dtype):
 
 
 def _pool2d_backend(op: str, x: torch.Tensor) -> str:
-    if x.device.type == "cpu":  # the common case: one dictionary lookup (backends.pick)
+    if x.device.type == "cpu" and backends.current() is None:  # the common case: one dict lookup
         return backends.pick(op, x.device, x.dtype, _POOL2D_DTYPES)
     backend, fallback = backends.resolve(op, x.device, _pool2d_covers(x.dtype))
     backends.record(op, backend, fallback)

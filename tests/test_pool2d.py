@@ -264,18 +264,62 @@ def test_other_dtypes_fall_back_visibly_and_strict_refuses():
         assert d.backend == "torch" and "bfloat16" in d.fallback
 
 
-@pytest.mark.parametrize("fn", [lambda x: PF.max_pool2d(x, 2), lambda x: PF.avg_pool2d(x, 2)])
-def test_no_triton_kernel_raises_when_strict(fn):
-    """No Triton/CUDA pooling kernel yet: choosing that backend never runs torch's op silently."""
-    pytest.importorskip("triton")
-    x = torch.randn(1, 2, 6, 6)
+TRITON_CASES = [  # TINY: the interpreter runs them on the CPU
+    ((2, 3, 9, 11), 3, 2, 1, 1, True),
+    ((1, 2, 6, 7), 2, 2, 0, 1, False),
+    ((1, 2, 7, 9), (2, 3), (1, 2), (1, 1), (2, 1), False),
+]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
+@pytest.mark.parametrize("case", TRITON_CASES, ids=[str(i) for i in range(len(TRITON_CASES))])
+@pytest.mark.parametrize("ties", [False, True], ids=["random", "ties"])
+@pytest.mark.triton
+@pytest.mark.skipif(not __import__("helpers").TRITON_RUNS, reason="needs triton and a GPU or TRITON_INTERPRET=1")
+def test_triton_against_torch(case, dtype, layout, ties):
+    device = __import__("helpers").TRITON_DEVICE
+    shape, k, s, p, d, ceil = case
+    x = _input(shape, dtype, layout, ties=ties).to(device)
+    x[0, 0, 1, 1] = float("nan")
+    x = x.requires_grad_()
     with backends.use("triton"):
-        try:
-            fn(x)
-        except backends.BackendError as e:
-            assert "pool2d" in str(e) or "does not run" in str(e)
-        else:
-            raise AssertionError("a pooling call on the triton backend did not raise under strict mode")
+        y, idx = PF.max_pool2d(x, k, s, p, d, ceil, return_indices=True)
+        assert backends.last_dispatch().backend == "triton"
+        a = PF.avg_pool2d(x, k, s, p, ceil, bool(ties), 5 if ties else None)
+        assert backends.last_dispatch().backend == "triton"
+        go, goa = _grad_out(y).to(device), _grad_out(a, 2).to(device)
+        gi = torch.autograd.grad(y, x, go)[0]
+        gia = torch.autograd.grad(a, x, goa)[0]
+    yt, idxt = F.max_pool2d(x, k, s, p, d, ceil, return_indices=True)
+    at = F.avg_pool2d(x, k, s, p, ceil, bool(ties), 5 if ties else None)
+    assert y.is_contiguous(memory_format=_fmt(layout)) and gi.is_contiguous(memory_format=_fmt(layout))
+    torch.testing.assert_close(y, yt, equal_nan=True, rtol=0, atol=0)
+    assert torch.equal(idx, idxt)
+    tol = dict(rtol=2e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(gi, torch.autograd.grad(yt, x, go)[0], **tol)
+    torch.testing.assert_close(a, at, equal_nan=True, **tol)
+    torch.testing.assert_close(gia, torch.autograd.grad(at, x, goa)[0], equal_nan=True, **tol)
+
+
+@pytest.mark.triton
+@pytest.mark.skipif(not __import__("helpers").TRITON_RUNS, reason="needs triton and a GPU or TRITON_INTERPRET=1")
+def test_triton_opcheck_and_schemas():
+    from helpers import TRITON_DEVICE, assert_schema_matches_cpp
+    with backends.use("triton"):
+        ops = backends.ops("triton", "pool2d")
+    for name in ("max_pool2d_fwd", "max_pool2d_bwd", "avg_pool2d_fwd", "avg_pool2d_bwd"):
+        assert_schema_matches_cpp(ops, name)
+    utils = ("test_schema", "test_faketensor")
+    x = torch.randn(1, 2, 5, 6, device=TRITON_DEVICE)
+    y, idx = ops.max_pool2d_fwd(x, [3, 3], [2, 2], [1, 1], [1, 1], True, True)
+    torch.library.opcheck(ops.max_pool2d_fwd, (x, [3, 3], [2, 2], [1, 1], [1, 1], True, True), test_utils=utils)
+    torch.library.opcheck(ops.max_pool2d_bwd, (torch.randn_like(y), x, idx, [3, 3], [2, 2], [1, 1], [1, 1], True),
+                          test_utils=utils)
+    torch.library.opcheck(ops.avg_pool2d_fwd, (x, [2, 2], [1, 1], [1, 1], False, True, None), test_utils=utils)
+    a = ops.avg_pool2d_fwd(x, [2, 2], [1, 1], [1, 1], False, True, None)
+    torch.library.opcheck(ops.avg_pool2d_bwd, (torch.randn_like(a), x, [2, 2], [1, 1], [1, 1], False, True, None),
+                          test_utils=utils)
 
 
 def test_reference_backend():
