@@ -138,10 +138,9 @@ void max_fwd_nchw(const at::Tensor& x, const Params& p, at::Tensor& y, at::Tenso
           for (int64_t kw = kw_lo; kw < kw_hi; ++kw) {
             const int64_t j = ih * W + iw0 + kw * p.dW;
             const T v = xpl[j];
-            if (mi < 0 || greater_or_nan(v, m)) {
-              m = v;
-              mi = j;
-            }
+            const bool take = (mi < 0) | (v > m) | (v != v);  // branchless: random data mispredicts
+            m = take ? v : m;
+            mi = take ? j : mi;
           }
         }
         yrow[ow] = m;
@@ -208,15 +207,15 @@ void max_fwd_nhwc(const at::Tensor& x, const Params& p, at::Tensor& y, at::Tenso
         }
         continue;
       }
-      for (int64_t c = 0; c < C; c += V) {
-        const int64_t cnt = std::min(V, C - c);
+      int64_t c = 0;
+      for (; c + V <= C; c += V) {
         Vectorized<T> m, mi;
         bool first = true;
         for (int64_t kh = kh_lo; kh < kh_hi; ++kh) {
           const int64_t ih = ih0 + kh * p.dH;
           for (int64_t kw = kw_lo; kw < kw_hi; ++kw) {
             const int64_t j = ih * W + iw0 + kw * p.dW;
-            const Vectorized<T> v = Vectorized<T>::loadu(xn + j * C + c, cnt);
+            const Vectorized<T> v = Vectorized<T>::loadu(xn + j * C + c);
             if (first) {
               m = v;
               if (IDX) mi = Vectorized<T>(static_cast<T>(j));
@@ -230,8 +229,24 @@ void max_fwd_nhwc(const at::Tensor& x, const Params& p, at::Tensor& y, at::Tenso
             }
           }
         }
-        m.store(yq + c, cnt);
-        if (IDX) store_index(mi, iq + c, cnt);
+        m.store(yq + c);
+        if (IDX) store_index(mi, iq + c);
+      }
+      for (; c < C; ++c) {  // the channels past the last whole vector (a partial load copies: slower)
+        T m = T(0);
+        int64_t mi = -1;
+        for (int64_t kh = kh_lo; kh < kh_hi; ++kh) {
+          const int64_t ih = ih0 + kh * p.dH;
+          for (int64_t kw = kw_lo; kw < kw_hi; ++kw) {
+            const int64_t j = ih * W + iw0 + kw * p.dW;
+            const T v = xn[j * C + c];
+            const bool take = (mi < 0) | (v > m) | (v != v);
+            m = take ? v : m;
+            mi = take ? j : mi;
+          }
+        }
+        yq[c] = m;
+        if (IDX) iq[c] = mi;
       }
     }
   });
@@ -319,7 +334,11 @@ void max_bwd_t(const at::Tensor& g, const at::Tensor& idx, const Params& p, at::
       T* o = op + n * HW * C;
       const T* gn = gp + n * HWo * C;
       const int64_t* in = ip + n * HWo * C;
-      for (int64_t j = 0; j < HW; ++j) std::fill(o + j * C + c0, o + j * C + c1, T(0));
+      if (c1 - c0 == C) {
+        std::fill_n(o, HW * C, T(0));
+      } else {
+        for (int64_t j = 0; j < HW; ++j) std::fill(o + j * C + c0, o + j * C + c1, T(0));
+      }
       for (int64_t q = 0; q < HWo; ++q)
         for (int64_t c = c0; c < c1; ++c) o[in[q * C + c] * C + c] += gn[q * C + c];
     }
@@ -414,12 +433,19 @@ void avg_fwd_nhwc(const at::Tensor& x, const Params& p, bool cip, int64_t ovr, a
         continue;
       }
       const Vectorized<T> div(static_cast<T>(divisor(ah, aw, cip, ovr)));
-      for (int64_t c = 0; c < C; c += V) {
-        const int64_t cnt = std::min(V, C - c);
+      int64_t c = 0;
+      for (; c + V <= C; c += V) {
         Vectorized<T> sum(T(0));
         for (int64_t ih = ah.i0; ih < ah.i1; ++ih)
-          for (int64_t iw = aw.i0; iw < aw.i1; ++iw) sum = sum + Vectorized<T>::loadu(xn + (ih * W + iw) * C + c, cnt);
-        (sum / div).store(yq + c, cnt);
+          for (int64_t iw = aw.i0; iw < aw.i1; ++iw) sum = sum + Vectorized<T>::loadu(xn + (ih * W + iw) * C + c);
+        (sum / div).store(yq + c);
+      }
+      const T dv = static_cast<T>(divisor(ah, aw, cip, ovr));
+      for (; c < C; ++c) {
+        T sum = T(0);
+        for (int64_t ih = ah.i0; ih < ah.i1; ++ih)
+          for (int64_t iw = aw.i0; iw < aw.i1; ++iw) sum += xn[(ih * W + iw) * C + c];
+        yq[c] = sum / dv;
       }
     }
   });
@@ -468,7 +494,11 @@ void avg_bwd_t(const at::Tensor& g, const Params& p, bool cip, int64_t ovr, at::
       const int64_t n = t / nblocks, c0 = (t % nblocks) * cb, c1 = std::min(C, c0 + cb);
       T* o = op + n * HW * C;
       const T* gn = gp + n * HWo * C;
-      for (int64_t j = 0; j < HW; ++j) std::fill(o + j * C + c0, o + j * C + c1, T(0));
+      if (c1 - c0 == C) {
+        std::fill_n(o, HW * C, T(0));
+      } else {
+        for (int64_t j = 0; j < HW; ++j) std::fill(o + j * C + c0, o + j * C + c1, T(0));
+      }
       for (int64_t oh = 0; oh < Ho; ++oh) {
         const Axis ah = axis(oh, p.sH, p.pH, p.kH, H);
         for (int64_t ow = 0; ow < Wo; ++ow) {
@@ -476,14 +506,20 @@ void avg_bwd_t(const at::Tensor& g, const Params& p, bool cip, int64_t ovr, at::
           if (ah.i0 >= ah.i1 || aw.i0 >= aw.i1) continue;
           const Vectorized<T> div(static_cast<T>(divisor(ah, aw, cip, ovr)));
           const T* gq = gn + (oh * Wo + ow) * C;
-          for (int64_t c = c0; c < c1; c += V) {
-            const int64_t cnt = std::min(V, c1 - c);
-            const Vectorized<T> delta = Vectorized<T>::loadu(gq + c, cnt) / div;
+          int64_t c = c0;
+          for (; c + V <= c1; c += V) {
+            const Vectorized<T> delta = Vectorized<T>::loadu(gq + c) / div;
             for (int64_t ih = ah.i0; ih < ah.i1; ++ih)
               for (int64_t iw = aw.i0; iw < aw.i1; ++iw) {
                 T* dst = o + (ih * W + iw) * C + c;
-                (Vectorized<T>::loadu(dst, cnt) + delta).store(dst, cnt);
+                (Vectorized<T>::loadu(dst) + delta).store(dst);
               }
+          }
+          const T dv = static_cast<T>(divisor(ah, aw, cip, ovr));
+          for (; c < c1; ++c) {
+            const T delta = gq[c] / dv;
+            for (int64_t ih = ah.i0; ih < ah.i1; ++ih)
+              for (int64_t iw = aw.i0; iw < aw.i1; ++iw) o[(ih * W + iw) * C + c] += delta;
           }
         }
       }
