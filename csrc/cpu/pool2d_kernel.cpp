@@ -131,20 +131,39 @@ void max_fwd_nchw(const at::Tensor& x, const Params& p, at::Tensor& y, at::Tenso
         const int64_t iw0 = ow * p.sW - p.pW;
         int64_t kw_lo, kw_hi;
         tap_range(iw0, p.dW, p.kW, W, kw_lo, kw_hi);
+        if (!IDX) {  // the value alone: a max instruction and a NaN flag, no branch
+          T m = -std::numeric_limits<T>::infinity();
+          bool nan = false;
+          for (int64_t kh = kh_lo; kh < kh_hi; ++kh) {
+            const T* row = xpl + (ih0 + kh * p.dH) * W + iw0;
+            for (int64_t kw = kw_lo; kw < kw_hi; ++kw) {
+              const T v = row[kw * p.dW];
+              m = v > m ? v : m;
+              nan |= v != v;
+            }
+          }
+          yrow[ow] = nan ? std::numeric_limits<T>::quiet_NaN() : m;
+          return;
+        }
+        // Branchless (random data mispredicts every compare): m = the max of the non-NaN values
+        // (a max instruction), the index updated arithmetically; torch's result: the first max,
+        // or the last NaN once one is seen.
         T m = -std::numeric_limits<T>::infinity();
-        int64_t mi = -1;
+        int64_t mi = -1, nan = 0;
         for (int64_t kh = kh_lo; kh < kh_hi; ++kh) {
           const int64_t ih = ih0 + kh * p.dH;
           for (int64_t kw = kw_lo; kw < kw_hi; ++kw) {
             const int64_t j = ih * W + iw0 + kw * p.dW;
             const T v = xpl[j];
-            const bool take = (mi < 0) | (v > m) | (v != v);  // branchless: random data mispredicts
-            m = take ? v : m;
-            mi = take ? j : mi;
+            const int64_t isnan_v = v != v;
+            const int64_t upd = isnan_v | ((1 - nan) & ((v > m) | (mi < 0)));
+            mi += (j - mi) * upd;
+            nan |= isnan_v;
+            m = v > m ? v : m;
           }
         }
-        yrow[ow] = m;
-        if (IDX) irow[ow] = mi < 0 ? 0 : mi;
+        yrow[ow] = nan ? std::numeric_limits<T>::quiet_NaN() : m;
+        irow[ow] = mi < 0 ? 0 : mi;
       };
       auto vector = [&](int64_t ow0) {
         const int64_t iw0 = ow0 * p.sW - p.pW;
@@ -232,21 +251,36 @@ void max_fwd_nhwc(const at::Tensor& x, const Params& p, at::Tensor& y, at::Tenso
         m.store(yq + c);
         if (IDX) store_index(mi, iq + c);
       }
-      for (; c < C; ++c) {  // the channels past the last whole vector (a partial load copies: slower)
-        T m = T(0);
-        int64_t mi = -1;
+      for (; !IDX && c < C; ++c) {  // the channels past the last whole vector, value alone
+        T m = -std::numeric_limits<T>::infinity();
+        bool nan = false;
+        for (int64_t kh = kh_lo; kh < kh_hi; ++kh) {
+          const T* row = xn + ((ih0 + kh * p.dH) * W + iw0) * C + c;
+          for (int64_t kw = kw_lo; kw < kw_hi; ++kw) {
+            const T v = row[kw * p.dW * C];
+            m = v > m ? v : m;
+            nan |= v != v;
+          }
+        }
+        yq[c] = nan ? std::numeric_limits<T>::quiet_NaN() : m;
+      }
+      for (; c < C; ++c) {  // with indices: branchless as max_fwd_nchw's scalar loop
+        T m = -std::numeric_limits<T>::infinity();
+        int64_t mi = -1, nan = 0;
         for (int64_t kh = kh_lo; kh < kh_hi; ++kh) {
           const int64_t ih = ih0 + kh * p.dH;
           for (int64_t kw = kw_lo; kw < kw_hi; ++kw) {
             const int64_t j = ih * W + iw0 + kw * p.dW;
             const T v = xn[j * C + c];
-            const bool take = (mi < 0) | (v > m) | (v != v);
-            m = take ? v : m;
-            mi = take ? j : mi;
+            const int64_t isnan_v = v != v;
+            const int64_t upd = isnan_v | ((1 - nan) & ((v > m) | (mi < 0)));
+            mi += (j - mi) * upd;
+            nan |= isnan_v;
+            m = v > m ? v : m;
           }
         }
-        yq[c] = m;
-        if (IDX) iq[c] = mi;
+        yq[c] = nan ? std::numeric_limits<T>::quiet_NaN() : m;
+        iq[c] = mi;
       }
     }
   });
