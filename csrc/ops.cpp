@@ -296,3 +296,41 @@ TORCH_LIBRARY_FRAGMENT(pyfastdl, m) {
   // "last" returns "fwd=<own|blas>;bwd=<own|blas>" of the last CPU attention calls.
   m.def("attention_cpu_gemm(str mode) -> str", &pyfastdl::cpu::attention_cpu_gemm);
 }
+
+// ---- 2-D pooling (family "pool2d") -------------------------------------------------------------------
+// input (N, C, H, W): N >= 0, C, H, W >= 1 (the functional takes unbatched (C, H, W) and adds N = 1);
+// float32/float64 on the CPU; contiguous (NCHW) or channels_last (other strides are copied into
+// input.suggest_memory_format()). Outputs are in that memory format (torch's rule), input's dtype.
+// kernel_size (kH, kW) >= 1, stride (sH, sW) >= 1 (the functional's default: kernel_size),
+// padding (pH, pW) >= 0 on both sides, pH <= kH / 2 and <= half the dilated kernel (likewise pW),
+// dilation (dH, dW) >= 1. H_out = floor((H + 2 pH - dH (kH - 1) - 1 + (ceil_mode ? sH - 1 : 0)) / sH) + 1,
+// minus 1 when ceil_mode and (H_out - 1) sH >= H + pH (the last window starts in the input or its left
+// padding); likewise W_out; both >= 1. torch's semantics throughout (errors name the argument).
+TORCH_LIBRARY_FRAGMENT(pyfastdl, m) {
+  // Max over each window; padding never wins (it is -inf). A NaN in a window gives NaN. Returns
+  // (output (N, C, H_out, W_out), indices (N, C, H_out, W_out) int64 or undefined when !need_indices):
+  // index = ih * W + iw within the (H, W) plane of the first maximum in window order (kh outer, kw inner),
+  // the last NaN when the window holds NaN -- torch's index and tie rule.
+  m.def(
+      "max_pool2d_fwd(Tensor input, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, "
+      "bool ceil_mode, bool need_indices) -> (Tensor, Tensor)");
+  // Backward of max_pool2d_fwd: grad_input (input's shape, the forward output's memory format), zero
+  // except grad_input[n, c].flat[indices[n, c, i]] += grad_out[n, c, i], added in output order.
+  // input is read for its shape and memory format only.
+  m.def(
+      "max_pool2d_bwd(Tensor grad_out, Tensor input, Tensor indices, int[2] kernel_size, int[2] stride, "
+      "int[2] padding, int[2] dilation, bool ceil_mode) -> Tensor");
+  // Mean over each window: the sum of the window's elements inside the input (row-major order, as
+  // torch) divided by divisor_override when given (!= 0), else by the window's size clipped to the
+  // padded input (count_include_pad) or to the input. A window with no element in the input gives 0.
+  // Returns (N, C, H_out, W_out). (No dilation: torch's avg_pool2d has none.)
+  m.def(
+      "avg_pool2d_fwd(Tensor input, int[2] kernel_size, int[2] stride, int[2] padding, bool ceil_mode, "
+      "bool count_include_pad, int? divisor_override) -> Tensor");
+  // Backward of avg_pool2d_fwd: grad_input (input's shape and the output's memory format),
+  // grad_input[window of o] += grad_out[o] / divisor(o) for each output o in order. input is read for
+  // its shape and memory format only.
+  m.def(
+      "avg_pool2d_bwd(Tensor grad_out, Tensor input, int[2] kernel_size, int[2] stride, int[2] padding, "
+      "bool ceil_mode, bool count_include_pad, int? divisor_override) -> Tensor");
+}

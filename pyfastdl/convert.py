@@ -51,7 +51,7 @@ class ConvertSummary:
     already: modules that were pyfastdl's already (a second convert changes nothing);
     left: modules kept as they were, with the reason: a user subclass of a layer pyfastdl has a twin
     for (its forward may differ), a configuration the twin refuses (an LSTM with ``proj_size``), or a
-    leaf layer pyfastdl has no kernel for (``nn.Linear``, activations, pooling: torch's own op runs).
+    leaf layer pyfastdl has no kernel for (``nn.Linear``, activations, adaptive pooling: torch's own op runs).
     Containers (``Sequential``, user blocks) are walked, not listed.
     ``str(summary)`` is a short table; ``summary.counts()`` counts the swaps per class."""
     swapped: list = dataclasses.field(default_factory=list)
@@ -98,7 +98,7 @@ def convert(model: torch.nn.Module, *, inplace: bool = True, summary: bool = Fal
 
     Swapped (exact classes; a user's subclass is left alone, its forward may differ):
 
-    - ``torch.nn`` BatchNorm1d/2d/3d, SyncBatchNorm, Conv2d, LSTM, GRU, LSTMCell, GRUCell,
+    - ``torch.nn`` BatchNorm1d/2d/3d, SyncBatchNorm, Conv2d, MaxPool2d, AvgPool2d, LSTM, GRU, LSTMCell, GRUCell,
       MultiheadAttention (also inside torch's Transformer layers, which call ``self.self_attn``) and
       TransformerEncoderLayer (whose eval-mode fast path would bypass its attention; a
       TransformerEncoder's nested-tensor path is switched off for the same reason): re-classed in
@@ -250,3 +250,7 @@ _SWAPS[torch.nn.Conv2d] = pnn.Conv2d
 # SyncBatchNorm and the notes' from-scratch BatchNorm (issue 13)
 _SWAPS[torch.nn.SyncBatchNorm] = pnn.SyncBatchNorm
 _SWAPS[_NotesBatchNorm] = pnn.BatchNorm
+
+# 2-D pooling (family pool2d): no state, re-classed like the others
+_SWAPS[torch.nn.MaxPool2d] = pnn.MaxPool2d
+_SWAPS[torch.nn.AvgPool2d] = pnn.AvgPool2d

@@ -489,3 +489,131 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
         else:  # nothing to differentiate: the op alone
             out = ops.conv2d_fwd(x, weight, bias, stride, pad4, dilation, groups)
     return out.squeeze(0) if unbatched else out
+
+
+# ---- 2-D pooling (family pool2d) ------------------------------------------------------------------
+
+from .autograd.pool2d import AvgPool2dFunction, MaxPool2dFunction  # noqa: E402
+from .reference.pool2d import avg_pool2d_like_torch, max_pool2d_like_torch  # noqa: E402
+
+# Input dtypes each kernel backend covers. No CUDA C++ pooling kernel yet: on the cuda backend the
+# call falls back to torch's op visibly (last_dispatch() says so), and raises when strict; the triton
+# backend (pyfastdl/triton_kernels/pool2d.py) runs CUDA tensors.
+_POOL2D_DTYPES = {"cpu": (torch.float32, torch.float64),
+                  "triton": (torch.float32, torch.float64, torch.float16, torch.bfloat16)}
+__all__ += ["max_pool2d", "avg_pool2d"]
+
+
+def _pool2d_covers(dtype):
+    def covers(backend):
+        if backend == "reference":
+            return None
+        if backend not in _POOL2D_DTYPES:
+            return f"pyfastdl has no {backend} pool2d kernel yet"
+        return None if dtype in _POOL2D_DTYPES[backend] else f"dtype {dtype}"
+    return covers
+
+
+def _pool2d_backend(op: str, x: torch.Tensor) -> str:
+    if x.device.type == "cpu" and backends.current() is None:  # the common case: one dict lookup
+        return backends.pick(op, x.device, x.dtype, _POOL2D_DTYPES)
+    backend, fallback = backends.resolve(op, x.device, _pool2d_covers(x.dtype))
+    backends.record(op, backend, fallback)
+    return backend
+
+
+def _pool2d_pair(op: str, name: str, v, default=None) -> list:
+    """int or 1/2-sequence of ints -> [a, b] (torch's rule); None or () -> default (stride)."""
+    if (v is None or (isinstance(v, (tuple, list)) and len(v) == 0)) and default is not None:
+        return list(default)
+    if isinstance(v, bool):
+        raise TypeError(f"{op}: expected {name} to be an int or a tuple of 2 ints, got {v!r}")
+    if isinstance(v, int):
+        return [v, v]
+    try:
+        t = [int(e) for e in v]
+    except TypeError:
+        raise TypeError(f"{op}: expected {name} to be an int or a tuple of 2 ints, got {v!r}") from None
+    if len(t) == 1:
+        return [t[0], t[0]]
+    if len(t) != 2:
+        raise RuntimeError(f"{op}: expected {name} to be an int or a tuple of 2 ints, got {name} = {v!r}")
+    return t
+
+
+def _pool2d_input(op: str, input) -> torch.Tensor:
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"{op}: expected input to be a Tensor, got {type(input).__name__}")
+    if input.dim() not in (3, 4) or any(s == 0 for s in input.shape[-3:]):
+        raise RuntimeError(f"{op}: expected input of rank 3 (C, H, W) or 4 (N, C, H, W) with C, H, W > 0 "
+                           f"(N may be 0), got input of shape {tuple(input.shape)}")
+    return input.unsqueeze(0) if input.dim() == 3 else input
+
+
+def max_pool2d(input: torch.Tensor, kernel_size, stride=None, padding=0, dilation=1, ceil_mode: bool = False,
+               return_indices: bool = False):
+    """2-D max pooling, drop-in for ``torch.nn.functional.max_pool2d`` (notes section 7.5, "Pooling").
+
+    input: (N, C, H, W) or unbatched (C, H, W), N may be 0; float32/float64 on the CPU (other dtypes
+    and devices fall back to torch's op visibly; strict mode raises); NCHW or channels_last (the output
+    keeps input's memory format, as torch). kernel_size, stride (default kernel_size), padding
+    (<= kernel_size / 2), dilation: int or (h, w). Returns (N, C, H_out, W_out), and with
+    return_indices the int64 flat indices ih * W + iw of each maximum in its (H, W) plane (torch's
+    convention: the first maximum in window order; a NaN in a window wins). Differentiable (the
+    gradient goes to the index) and twice differentiable (the backward is linear in grad_out)."""
+    op = "max_pool2d"
+    x = _pool2d_input(op, input)
+    k = _pool2d_pair(op, "kernel_size", kernel_size)
+    s = _pool2d_pair(op, "stride", stride, default=k)
+    p = _pool2d_pair(op, "padding", padding)
+    d = _pool2d_pair(op, "dilation", dilation)
+    backend = _pool2d_backend(op, x)
+    if backend == "torch":
+        res = F.max_pool2d(x, k, s, p, d, ceil_mode, True)
+    elif backend == "reference":
+        res = max_pool2d_like_torch(x, k, s, p, d, ceil_mode, True)
+    else:
+        ops = backends.ops(backend, "pool2d")
+        if torch.is_grad_enabled() and x.requires_grad:
+            res = MaxPool2dFunction.apply(x, k, s, p, d, bool(ceil_mode), ops)
+        else:
+            res = ops.max_pool2d_fwd(x, k, s, p, d, bool(ceil_mode), bool(return_indices))
+    out, idx = res
+    if input.dim() == 3:
+        out = out.squeeze(0)
+        idx = idx.squeeze(0) if idx is not None else None
+    return (out, idx) if return_indices else out
+
+
+def avg_pool2d(input: torch.Tensor, kernel_size, stride=None, padding=0, ceil_mode: bool = False,
+               count_include_pad: bool = True, divisor_override: int | None = None) -> torch.Tensor:
+    """2-D average pooling, drop-in for ``torch.nn.functional.avg_pool2d`` (notes section 7.5).
+
+    input: (N, C, H, W) or unbatched (C, H, W), N may be 0; float32/float64 on the CPU (others fall
+    back visibly); NCHW or channels_last (kept). kernel_size, stride (default kernel_size), padding
+    (<= kernel_size / 2): int or (h, w). Each output is the sum of its window's elements inside the
+    input divided by divisor_override (!= 0) when given, else by the window's size clipped to the
+    padded input (count_include_pad=True) or to the input. Differentiable, twice too."""
+    op = "avg_pool2d"
+    x = _pool2d_input(op, input)
+    k = _pool2d_pair(op, "kernel_size", kernel_size)
+    s = _pool2d_pair(op, "stride", stride, default=k)
+    p = _pool2d_pair(op, "padding", padding)
+    if divisor_override is not None:
+        if isinstance(divisor_override, bool) or not isinstance(divisor_override, int):
+            raise TypeError(f"{op}: expected divisor_override to be an int or None, got {divisor_override!r}")
+        if divisor_override == 0:
+            raise RuntimeError(f"{op}: expected divisor_override != 0 (or None), got 0")
+    backend = _pool2d_backend(op, x)
+    if backend == "torch":
+        out = F.avg_pool2d(x, k, s, p, ceil_mode, count_include_pad, divisor_override)
+    elif backend == "reference":
+        out = avg_pool2d_like_torch(x, k, s, p, ceil_mode, count_include_pad, divisor_override)
+    else:
+        ops = backends.ops(backend, "pool2d")
+        args = (k, s, p, bool(ceil_mode), bool(count_include_pad), divisor_override)
+        if torch.is_grad_enabled() and x.requires_grad:
+            out = AvgPool2dFunction.apply(x, *args, ops)
+        else:
+            out = ops.avg_pool2d_fwd(x, *args)
+    return out.squeeze(0) if input.dim() == 3 else out

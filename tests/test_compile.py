@@ -314,3 +314,24 @@ def test_triton_backend_under_compile_needs_no_import_while_tracing(monkeypatch)
         assert "conv2d" in backends._TRITON_FAMILIES
         y = f(x, w)
     torch.testing.assert_close(y, torch.nn.functional.conv2d(x, w, padding=1), rtol=1e-4, atol=1e-4)
+
+
+# ---- 2-D pooling (family pool2d) ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS + [pytest.param("inductor", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_pool2d_functional_and_modules(backend, layout):
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    pool = pyfastdl.nn.MaxPool2d(3, 2, 1, ceil_mode=True)
+
+    def make():
+        return (torch.randn(2, 3, 11, 9).contiguous(memory_format=fmt).requires_grad_(),)
+
+    def fn(x):
+        y, idx = PF.max_pool2d(x, 2, return_indices=True)
+        z = PF.avg_pool2d(x, 3, 2, 1, count_include_pad=False)
+        w = pool(x)
+        return (y * y.detach().sin()).sum() + (z * z.detach().cos()).sum() + w.square().sum() + idx.sum() * 0
+
+    _assert_same(*_run_both(fn, make, backend))
+    assert backends.last_dispatch().backend == "cpu"

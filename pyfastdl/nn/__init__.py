@@ -17,3 +17,7 @@ from .sync_batch_norm import SyncBatchNorm  # noqa: E402
 from .batch_norm_notes import BatchNorm  # noqa: E402  (the notes' from-scratch BatchNorm, on the kernel)
 
 __all__ += ["SyncBatchNorm", "BatchNorm"]
+
+from .pool import AvgPool2d, MaxPool2d  # noqa: E402
+
+__all__ += ["MaxPool2d", "AvgPool2d"]
