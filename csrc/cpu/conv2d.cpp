@@ -12,6 +12,7 @@
 #include "common/conv2d.h"
 #include "cpu/conv2d_1x1_kernel.h"
 #include "cpu/conv2d_kernel.h"
+#include "cpu/conv2d_panel_kernel.h"
 #include "cpu/conv2d_winograd_kernel.h"
 
 namespace pyfastdl {
@@ -19,6 +20,7 @@ namespace {
 
 constexpr auto kernels = &cpu::conv2d_kernels;  // the table of the CPU's capability (cpu/capability.h)
 constexpr auto kernels_1x1 = &cpu::conv2d_1x1_kernels;
+constexpr auto kernels_panel = &cpu::conv2d_panel_kernels;
 
 // Output of the op in the input's memory format, from the NHWC result of the kernel.
 at::Tensor to_input_format(const at::Tensor& nhwc, bool channels_last) {
@@ -88,6 +90,34 @@ bool use_nchw_1x1(const conv::Params& p) { return use_1x1(p) && !p.channels_last
 // on the same layer (same machine, one thread, load 3.1).
 bool use_nhwc_1x1_bwd_input(const conv::Params& p) { return use_1x1(p) && p.channels_last; }
 
+// The im2col-panel kernels (conv2d_panel_kernel.cpp) on NCHW input: one group, few input channels,
+// K = C_in kH kW <= 512, output rows shorter than two vectors (the direct kernel wastes their lanes).
+// PYFASTDL_CONV2D_PANEL=0 (read once) turns them off (A/B against the old paths); =all takes them for
+// every one-group NCHW convolution with K <= 512 (measurements).
+int panel_mode() {
+  static const int mode = [] {
+    const char* e = std::getenv("PYFASTDL_CONV2D_PANEL");
+    if (e && std::strcmp(e, "0") == 0) return 0;
+    if (e && std::strcmp(e, "all") == 0) return 2;
+    return 1;
+  }();
+  return mode;
+}
+bool panel_admits(const conv::Params& p) {
+  const int64_t K = p.C_in * p.kH * p.kW;
+  return !p.channels_last && p.groups == 1 && K > 0 && K <= 512 && p.kH * p.kW <= 64;
+}
+bool use_nchw_panel_fwd(const conv::Params& p) {
+  const int mode = panel_mode();
+  if (mode == 0 || !panel_admits(p)) return false;
+  return mode == 2 || (p.C_in <= 8 && p.W_out < 16);
+}
+bool use_nchw_panel_bwd_input(const conv::Params& p) {
+  const int mode = panel_mode();
+  if (mode == 0 || !panel_admits(p) || p.sw != 1) return false;
+  return mode == 2 || (p.C_in <= 8 && p.W_out < 16);
+}
+
 }  // namespace
 
 at::Tensor conv2d_fwd_cpu(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
@@ -100,6 +130,11 @@ at::Tensor conv2d_fwd_cpu(const at::Tensor& input, const at::Tensor& weight, con
   if (use_nchw_1x1(p)) {
     at::Tensor y = at::empty({p.N, p.C_out, p.H_out, p.W_out}, input.options());
     if (y.numel() > 0) kernels_1x1()->fwd_nchw(input.contiguous(), w, b, p, y);
+    return y;
+  }
+  if (use_nchw_panel_fwd(p)) {
+    at::Tensor y = at::empty({p.N, p.C_out, p.H_out, p.W_out}, input.options());
+    if (y.numel() > 0) kernels_panel()->fwd_nchw(input.contiguous(), w, b, p, y);
     return y;
   }
   if (use_nchw_direct(p)) {
@@ -150,7 +185,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_bwd_cpu(const at::Tensor& 
   }
   const bool wb_nchw = (output_mask[1] || output_mask[2]) && use_nchw_bwd_weight(p);
   const bool gi_dw = output_mask[0] && use_depthwise_bwd_input_as_fwd(p);
-  const at::Tensor g = ((output_mask[0] && !use_bwd_input_as_nchw_fwd(p) && !gi_dw) || ((output_mask[1] || output_mask[2]) && !wb_nchw))
+  const bool gi_panel = output_mask[0] && use_nchw_panel_bwd_input(p);
+  const at::Tensor g = ((output_mask[0] && !use_bwd_input_as_nchw_fwd(p) && !gi_dw && !gi_panel) || ((output_mask[1] || output_mask[2]) && !wb_nchw))
                            ? grad_out.contiguous(cl)
                            : grad_out;  // (only its sizes are read on the direct NCHW paths)
   if (gi_dw) {
@@ -162,10 +198,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_bwd_cpu(const at::Tensor& 
     gi = conv2d_fwd_cpu(grad_out.contiguous(fmt), wf, c10::nullopt, st, pad, dil, p.groups).contiguous(fmt);
   } else if (output_mask[0]) {
     gi = at::empty({p.N, p.C_in, p.H, p.W},
-                   input.options().memory_format(p.channels_last || is_depthwise(p) ? cl : at::MemoryFormat::Contiguous));
+                   input.options().memory_format(p.channels_last || (is_depthwise(p) && !gi_panel) ? cl : at::MemoryFormat::Contiguous));
     if (gi.numel() > 0) {
       if (g.numel() == 0 || weight.numel() == 0) gi.zero_();
       else if (use_nhwc_1x1_bwd_input(p)) kernels_1x1()->bwd_input_nhwc(g, weight.contiguous(), p, gi);
+      else if (gi_panel) kernels_panel()->bwd_input_nchw(grad_out.contiguous(), weight.contiguous(), p, gi);
       else if (cpu::winograd_selected(p, input.scalar_type(), true)) cpu::conv2d_winograd_bwd_input(g, weight, p, gi);
       else if (use_bwd_input_as_nchw_fwd(p)) {
         const at::Tensor wt = weight.flip({2, 3}).transpose(0, 1).contiguous();
