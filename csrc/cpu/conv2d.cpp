@@ -36,7 +36,8 @@ bool is_depthwise(const conv::Params& p) { return p.cin_g() == 1 && p.cout_g() =
 // reorder and the gather GEMM (0.36x vs 0.67x torch, one thread, 2026-12-01).
 bool use_nchw_direct(const conv::Params& p) {
   if (p.channels_last || p.W_out < 8) return false;
-  // (rows shorter than 2 vectors waste most lanes: LeNet's second conv, W_out = 10, reorders instead)
+  // (rows shorter than 2 vectors waste most lanes: LeNet's second conv, W_out = 10, takes the panel
+  // kernels before this: use_nchw_panel_fwd)
   return (p.groups == 1 && p.C_in <= 8 && p.C_in * p.kH * p.kW <= 512 && (p.W_out >= 16 || p.C_in <= 2)) ||
          (p.groups > 1 && is_depthwise(p));
 }
@@ -90,10 +91,16 @@ bool use_nchw_1x1(const conv::Params& p) { return use_1x1(p) && !p.channels_last
 // on the same layer (same machine, one thread, load 3.1).
 bool use_nhwc_1x1_bwd_input(const conv::Params& p) { return use_1x1(p) && p.channels_last; }
 
-// The im2col-panel kernels (conv2d_panel_kernel.cpp) on NCHW input: one group, few input channels,
-// K = C_in kH kW <= 512, output rows shorter than two vectors (the direct kernel wastes their lanes).
+// The im2col-panel kernels (conv2d_panel_kernel.cpp) on NCHW input: one group, few input channels
+// (C_in <= 8), K = C_in kH kW <= 512, output rows narrower than 16 (the direct kernel wastes most lanes
+// of their vectors; the NHWC gather GEMM reorders and gathers 24-byte pieces per tile). Taken before
+// use_nchw_direct and use_bwd_input_as_nchw_fwd. Measured on the 2-core AMD EPYC (AVX2), 2026-12-01,
+// one thread, LeNet's second conv 256x6x14x14 -> 16, 5x5 (the machine shared, load 4.5-5.3: thread
+// CPU time, min of 25-30, interleaved with torch): forward 5.0-5.4 -> 4.2-4.6 ms (torch 4.2-4.6),
+// grad_input 7.6 -> 3.1-3.7 ms (torch 3.6-5.2). grad_weight stays on the direct NCHW kernel.
 // PYFASTDL_CONV2D_PANEL=0 (read once) turns them off (A/B against the old paths); =all takes them for
-// every one-group NCHW convolution with K <= 512 (measurements).
+// every one-group NCHW convolution with 0 < K <= 512, kH kW <= 64 (measurements; grad_input: stride 1
+// along W).
 int panel_mode() {
   static const int mode = [] {
     const char* e = std::getenv("PYFASTDL_CONV2D_PANEL");
