@@ -12,6 +12,7 @@
 #include "common/conv2d.h"
 #include "cpu/conv2d_1x1_kernel.h"
 #include "cpu/conv2d_kernel.h"
+#include "cpu/conv2d_panel_kernel.h"
 #include "cpu/conv2d_winograd_kernel.h"
 
 namespace pyfastdl {
@@ -19,6 +20,7 @@ namespace {
 
 constexpr auto kernels = &cpu::conv2d_kernels;  // the table of the CPU's capability (cpu/capability.h)
 constexpr auto kernels_1x1 = &cpu::conv2d_1x1_kernels;
+constexpr auto kernels_panel = &cpu::conv2d_panel_kernels;
 
 // Output of the op in the input's memory format, from the NHWC result of the kernel.
 at::Tensor to_input_format(const at::Tensor& nhwc, bool channels_last) {
@@ -34,7 +36,8 @@ bool is_depthwise(const conv::Params& p) { return p.cin_g() == 1 && p.cout_g() =
 // reorder and the gather GEMM (0.36x vs 0.67x torch, one thread, 2026-12-01).
 bool use_nchw_direct(const conv::Params& p) {
   if (p.channels_last || p.W_out < 8) return false;
-  // (rows shorter than 2 vectors waste most lanes: LeNet's second conv, W_out = 10, reorders instead)
+  // (rows shorter than 2 vectors waste most lanes: LeNet's second conv, W_out = 10, takes the panel
+  // kernels before this: use_nchw_panel_fwd)
   return (p.groups == 1 && p.C_in <= 8 && p.C_in * p.kH * p.kW <= 512 && (p.W_out >= 16 || p.C_in <= 2)) ||
          (p.groups > 1 && is_depthwise(p));
 }
@@ -88,6 +91,40 @@ bool use_nchw_1x1(const conv::Params& p) { return use_1x1(p) && !p.channels_last
 // on the same layer (same machine, one thread, load 3.1).
 bool use_nhwc_1x1_bwd_input(const conv::Params& p) { return use_1x1(p) && p.channels_last; }
 
+// The im2col-panel kernels (conv2d_panel_kernel.cpp) on NCHW input: one group, few input channels
+// (C_in <= 8), K = C_in kH kW <= 512, output rows narrower than 16 (the direct kernel wastes most lanes
+// of their vectors; the NHWC gather GEMM reorders and gathers 24-byte pieces per tile). Taken before
+// use_nchw_direct and use_bwd_input_as_nchw_fwd. Measured on the 2-core AMD EPYC (AVX2), 2026-12-01,
+// one thread, LeNet's second conv 256x6x14x14 -> 16, 5x5 (the machine shared, load 4.5-5.3: thread
+// CPU time, min of 25-30, interleaved with torch): forward 5.0-5.4 -> 4.2-4.6 ms (torch 4.2-4.6),
+// grad_input 7.6 -> 3.1-3.7 ms (torch 3.6-5.2). grad_weight stays on the direct NCHW kernel.
+// PYFASTDL_CONV2D_PANEL=0 (read once) turns them off (A/B against the old paths); =all takes them for
+// every one-group NCHW convolution with 0 < K <= 512, kH kW <= 64 (measurements; grad_input: stride 1
+// along W).
+int panel_mode() {
+  static const int mode = [] {
+    const char* e = std::getenv("PYFASTDL_CONV2D_PANEL");
+    if (e && std::strcmp(e, "0") == 0) return 0;
+    if (e && std::strcmp(e, "all") == 0) return 2;
+    return 1;
+  }();
+  return mode;
+}
+bool panel_admits(const conv::Params& p) {
+  const int64_t K = p.C_in * p.kH * p.kW;
+  return !p.channels_last && p.groups == 1 && K > 0 && K <= 512 && p.kH * p.kW <= 64;
+}
+bool use_nchw_panel_fwd(const conv::Params& p) {
+  const int mode = panel_mode();
+  if (mode == 0 || !panel_admits(p)) return false;
+  return mode == 2 || (p.C_in <= 8 && p.W_out < 16);
+}
+bool use_nchw_panel_bwd_input(const conv::Params& p) {
+  const int mode = panel_mode();
+  if (mode == 0 || !panel_admits(p) || p.sw != 1) return false;
+  return mode == 2 || (p.C_in <= 8 && p.W_out < 16);
+}
+
 }  // namespace
 
 at::Tensor conv2d_fwd_cpu(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
@@ -100,6 +137,11 @@ at::Tensor conv2d_fwd_cpu(const at::Tensor& input, const at::Tensor& weight, con
   if (use_nchw_1x1(p)) {
     at::Tensor y = at::empty({p.N, p.C_out, p.H_out, p.W_out}, input.options());
     if (y.numel() > 0) kernels_1x1()->fwd_nchw(input.contiguous(), w, b, p, y);
+    return y;
+  }
+  if (use_nchw_panel_fwd(p)) {
+    at::Tensor y = at::empty({p.N, p.C_out, p.H_out, p.W_out}, input.options());
+    if (y.numel() > 0) kernels_panel()->fwd_nchw(input.contiguous(), w, b, p, y);
     return y;
   }
   if (use_nchw_direct(p)) {
@@ -150,7 +192,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_bwd_cpu(const at::Tensor& 
   }
   const bool wb_nchw = (output_mask[1] || output_mask[2]) && use_nchw_bwd_weight(p);
   const bool gi_dw = output_mask[0] && use_depthwise_bwd_input_as_fwd(p);
-  const at::Tensor g = ((output_mask[0] && !use_bwd_input_as_nchw_fwd(p) && !gi_dw) || ((output_mask[1] || output_mask[2]) && !wb_nchw))
+  const bool gi_panel = output_mask[0] && use_nchw_panel_bwd_input(p);
+  const at::Tensor g = ((output_mask[0] && !use_bwd_input_as_nchw_fwd(p) && !gi_dw && !gi_panel) || ((output_mask[1] || output_mask[2]) && !wb_nchw))
                            ? grad_out.contiguous(cl)
                            : grad_out;  // (only its sizes are read on the direct NCHW paths)
   if (gi_dw) {
@@ -162,10 +205,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_bwd_cpu(const at::Tensor& 
     gi = conv2d_fwd_cpu(grad_out.contiguous(fmt), wf, c10::nullopt, st, pad, dil, p.groups).contiguous(fmt);
   } else if (output_mask[0]) {
     gi = at::empty({p.N, p.C_in, p.H, p.W},
-                   input.options().memory_format(p.channels_last || is_depthwise(p) ? cl : at::MemoryFormat::Contiguous));
+                   input.options().memory_format(p.channels_last || (is_depthwise(p) && !gi_panel) ? cl : at::MemoryFormat::Contiguous));
     if (gi.numel() > 0) {
       if (g.numel() == 0 || weight.numel() == 0) gi.zero_();
       else if (use_nhwc_1x1_bwd_input(p)) kernels_1x1()->bwd_input_nhwc(g, weight.contiguous(), p, gi);
+      else if (gi_panel) kernels_panel()->bwd_input_nchw(grad_out.contiguous(), weight.contiguous(), p, gi);
       else if (cpu::winograd_selected(p, input.scalar_type(), true)) cpu::conv2d_winograd_bwd_input(g, weight, p, gi);
       else if (use_bwd_input_as_nchw_fwd(p)) {
         const at::Tensor wt = weight.flip({2, 3}).transpose(0, 1).contiguous();
