@@ -16,6 +16,9 @@
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -101,6 +104,25 @@ inline Vectorized<T> iota(T step) {
 
 template <typename T>
 inline void store_index(const Vectorized<T>& mi, int64_t* dst, int64_t count = Vectorized<T>::size()) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  // float32: the indices (exact below 2^24) converted to int32 and widened to int64 in registers,
+  // not lane by lane through memory (a quarter of the channels_last forward's time with indices)
+  if constexpr (std::is_same_v<T, float>) {
+    if (count == Vectorized<T>::size()) {
+#if defined(CPU_CAPABILITY_AVX512)
+      const __m512i i32 = _mm512_cvttps_epi32(mi);
+      _mm512_storeu_si512(dst, _mm512_cvtepi32_epi64(_mm512_castsi512_si256(i32)));
+      _mm512_storeu_si512(dst + 8, _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(i32, 1)));
+#else
+      const __m256i i32 = _mm256_cvttps_epi32(mi);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm256_cvtepi32_epi64(_mm256_castsi256_si128(i32)));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 4),
+                          _mm256_cvtepi32_epi64(_mm256_extracti128_si256(i32, 1)));
+#endif
+      return;
+    }
+  }
+#endif
   alignas(64) T buf[Vectorized<T>::size()];
   mi.store(buf);
   for (int64_t i = 0; i < count; ++i) dst[i] = static_cast<int64_t>(buf[i]);
