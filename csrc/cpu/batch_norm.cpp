@@ -21,24 +21,26 @@ constexpr auto kernels = &cpu::batch_norm_kernels;  // the table of the CPU's ca
 
 // The kernels' per-channel constants (cpu/batch_norm_kernel.h): m1 = mean rounded to T, m2 = the
 // rest of the float64 mean (0 in the backward), scale = weight * invstd, bias (None: 0). Forward and
-// backward both fill them with set(), so the backward's ReLU mask is the forward's.
+// backward both fill them with set(), so the backward's activation input is the forward's.
 template <typename T>
 struct Consts {
   cpu::NormConsts k;
   const T* w;
   T *m1, *m2, *scale;
-  at::Tensor buf;  // m2, scale, bias, then `extra` more (C,) slots for the caller: one allocation
+  at::Tensor m1_keep;  // m1's tensor, held (the caller may pass a temporary)
+  at::Tensor buf;      // m2, scale, bias, then `extra` more (C,) slots for the caller: one allocation
   Consts(const c10::optional<at::Tensor>& bias, const at::Tensor& m1_tensor, const at::Tensor& w_contig,
          int64_t extra = 0) {
     const int64_t C = m1_tensor.numel();
     // one allocation (this runs on every call: small inputs feel it)
     buf = at::empty({(3 + extra) * C}, m1_tensor.options());
-    k = {m1_tensor, buf.narrow(0, 0, C), buf.narrow(0, C, C), buf.narrow(0, 2 * C, C)};
     w = w_contig.defined() ? w_contig.const_data_ptr<T>() : nullptr;
-    m1 = k.m1.mutable_data_ptr<T>();
-    m2 = k.m2.mutable_data_ptr<T>();
-    scale = k.scale.mutable_data_ptr<T>();
-    T* bp = k.bias.mutable_data_ptr<T>();
+    m1_keep = m1_tensor;
+    m1 = m1_keep.mutable_data_ptr<T>();
+    m2 = buf.mutable_data_ptr<T>();
+    scale = m2 + C;
+    T* bp = m2 + 2 * C;
+    k = {m1, m2, scale, bp};
     const at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
     const T* src = b.defined() ? b.const_data_ptr<T>() : nullptr;
     for (int64_t c = 0; c < C; ++c) {
@@ -160,15 +162,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd_cpu(
     for (int64_t c = 0; c < C; ++c) k.set(c, ip[c], nullptr);
     // grad_input = scale * (g' - sum_g / n - xhat * sum(g' * xhat) / n), xhat = (x - mean) * invstd
     //            = a * g' + b * (x - mean) + d,  a = scale (eval: a * g' alone, see bwd_apply)
-    const at::Tensor& a = k.k.scale;
+    const scalar_t* a = k.scale;
     // b, d: Consts' extra slots, zeroed (eval leaves them so)
-    const at::Tensor bd = k.buf.narrow(0, 3 * C, 2 * C);
-    std::fill_n(bd.mutable_data_ptr<scalar_t>(), 2 * C, scalar_t(0));
-    const at::Tensor b = bd.narrow(0, 0, C), d = bd.narrow(0, C, C);
+    scalar_t* bp = k.m2 + 3 * C;
+    scalar_t* dp = bp + C;
+    std::fill_n(bp, 2 * C, scalar_t(0));
     scalar_t* gw = output_mask[1] ? grad_weight.mutable_data_ptr<scalar_t>() : nullptr;
     scalar_t* gb = output_mask[2] ? grad_bias.mutable_data_ptr<scalar_t>() : nullptr;
-    scalar_t* bp = b.mutable_data_ptr<scalar_t>();
-    scalar_t* dp = d.mutable_data_ptr<scalar_t>();
     const double n = static_cast<double>(L.reduce_size());
     auto on_sums = [&](int64_t c, double sum_g, double sum_gx) {
       if (gb) gb[c] = static_cast<scalar_t>(sum_g);
@@ -180,7 +180,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd_cpu(
       }
     };
     if (training && need_gi && use_fused(L)) {
-      kernels()->bwd_fused(g, x, L, k.k, on_sums, a, b, d, act, grad_input);
+      kernels()->bwd_fused(g, x, L, k.k, on_sums, a, bp, dp, act, grad_input);
     } else {
       // The sums: for grad_weight / grad_bias, and for grad_input when training.
       if (need_sums || training) {
@@ -188,7 +188,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd_cpu(
         kernels()->bwd_reduce(g, x, L, k.k, act, sum_g.data(), sum_gx.data());
         for (int64_t c = 0; c < C; ++c) on_sums(c, sum_g[c], sum_gx[c]);
       }
-      if (need_gi) kernels()->bwd_apply(g, x, L, k.k, a, b, d, act, training, grad_input);
+      if (need_gi) kernels()->bwd_apply(g, x, L, k.k, a, bp, dp, act, training, grad_input);
     }
   });
   return {grad_input, grad_weight, grad_bias};

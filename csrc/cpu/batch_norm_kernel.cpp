@@ -473,14 +473,15 @@ struct BwdApplyEvalOp {
 
 template <typename T>
 ConstPtrs<T, 4> norm_ptrs(const NormConsts& nc) {
-  return {{nc.m1.const_data_ptr<T>(), nc.m2.const_data_ptr<T>(), nc.scale.const_data_ptr<T>(),
-           nc.bias.const_data_ptr<T>()}};
+  return {{static_cast<const T*>(nc.m1), static_cast<const T*>(nc.m2), static_cast<const T*>(nc.scale),
+           static_cast<const T*>(nc.bias)}};
 }
 
 template <typename T>
-ConstPtrs<T, 7> bwd_ptrs(const NormConsts& nc, const at::Tensor& a, const at::Tensor& b, const at::Tensor& d) {
-  return {{nc.m1.const_data_ptr<T>(), nc.m2.const_data_ptr<T>(), nc.scale.const_data_ptr<T>(),
-           nc.bias.const_data_ptr<T>(), a.const_data_ptr<T>(), b.const_data_ptr<T>(), d.const_data_ptr<T>()}};
+ConstPtrs<T, 7> bwd_ptrs(const NormConsts& nc, const void* a, const void* b, const void* d) {
+  return {{static_cast<const T*>(nc.m1), static_cast<const T*>(nc.m2), static_cast<const T*>(nc.scale),
+           static_cast<const T*>(nc.bias), static_cast<const T*>(a), static_cast<const T*>(b),
+           static_cast<const T*>(d)}};
 }
 
 // The shift of the statistics: each channel's first element, or 0 where that is not finite (an inf
@@ -525,8 +526,8 @@ void bwd_reduce_impl(const at::Tensor& g, const at::Tensor& x, const bn::Layout&
 
 template <typename T, int Act>
 void bwd_apply_impl(const at::Tensor& g, const at::Tensor& x, const bn::Layout& L,
-                    const NormConsts& nc, const at::Tensor& a, const at::Tensor& b,
-                    const at::Tensor& d, bool training, at::Tensor& gi) {
+                    const NormConsts& nc, const void* a, const void* b,
+                    const void* d, bool training, at::Tensor& gi) {
   if (training)
     map<T, 7>(x.const_data_ptr<T>(), g.const_data_ptr<T>(), L, bwd_ptrs<T>(nc, a, b, d), BwdApplyOp<T, Act>{},
               gi.mutable_data_ptr<T>());
@@ -552,7 +553,7 @@ void train_fwd_fused_impl(const at::Tensor& x_, const bn::Layout& L, PerChannelF
 
 template <typename T, int Act>
 void bwd_fused_impl(const at::Tensor& g, const at::Tensor& x, const bn::Layout& L, const NormConsts& nc,
-                    PerChannelFn on_sums, const at::Tensor& a, const at::Tensor& b, const at::Tensor& d,
+                    PerChannelFn on_sums, const void* a, const void* b, const void* d,
                     at::Tensor& gi) {
   reduce_then_map_per_channel<T, 4, 7>(x.const_data_ptr<T>(), g.const_data_ptr<T>(), L, norm_ptrs<T>(nc),
                                        BwdReduceOp<T, Act>{}, on_sums, bwd_ptrs<T>(nc, a, b, d),
@@ -591,7 +592,7 @@ void bwd_reduce(const at::Tensor& g, const at::Tensor& x, const bn::Layout& L, c
 }
 
 void bwd_apply(const at::Tensor& g, const at::Tensor& x, const bn::Layout& L, const NormConsts& nc,
-               const at::Tensor& a, const at::Tensor& b, const at::Tensor& d, int act, bool training,
+               const void* a, const void* b, const void* d, int act, bool training,
                at::Tensor& gi) {
   PYFASTDL_BN_DISPATCH(x.scalar_type(), act, bwd_apply_impl, g, x, L, nc, a, b, d, training, gi);
 }
@@ -602,7 +603,7 @@ void train_fwd_fused(const at::Tensor& x, const bn::Layout& L, PerChannelFn on_s
 }
 
 void bwd_fused(const at::Tensor& g, const at::Tensor& x, const bn::Layout& L, const NormConsts& nc,
-               PerChannelFn on_sums, const at::Tensor& a, const at::Tensor& b, const at::Tensor& d,
+               PerChannelFn on_sums, const void* a, const void* b, const void* d,
                int act, at::Tensor& gi) {
   PYFASTDL_BN_DISPATCH(x.scalar_type(), act, bwd_fused_impl, g, x, L, nc, on_sums, a, b, d, gi);
 }

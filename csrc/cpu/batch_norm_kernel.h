@@ -18,8 +18,9 @@ namespace cpu {
 //   xc = (x - m1) - m2      m1 + m2 = mean split in two parts, so x - mean keeps its precision
 //                           when |mean| >> std (m2 = 0 in the backward, which has the saved mean)
 //   y  = act(xc * scale + bias)  scale = weight * invstd; act (bn::Activation): none, max(y, 0) or sigmoid
+// Raw pointers into buffers the launcher owns (float or double, as x): no Tensor views per call.
 struct NormConsts {
-  at::Tensor m1, m2, scale, bias;
+  const void *m1, *m2, *scale, *bias;
 };
 
 // Called once per channel by the fused kernels, from worker threads (distinct c in parallel).
@@ -36,12 +37,12 @@ struct BatchNormKernels {
   // sum_g[c] = sum g', sum_gx[c] = sum g' * xc. sum_g, sum_gx: (C,) float64.
   void (*bwd_reduce)(const at::Tensor& g, const at::Tensor& x, const bn::Layout& layout,
                      const NormConsts& k, int act, double* sum_g, double* sum_gx);
-  // grad_input = a * g' + b * xc + d (g' as above) when training; a * g' in eval (x read only for
+  // grad_input = a * g' + b * xc + d (g' as above; a, b, d: (C,) in x's dtype) when training; a * g' in eval (x read only for
   // the activation's derivative, so a non-finite x gives a finite grad_input, as torch; NaN through
   // the sigmoid).   grad_input: like x
   void (*bwd_apply)(const at::Tensor& g, const at::Tensor& x, const bn::Layout& layout,
-                    const NormConsts& k, const at::Tensor& a, const at::Tensor& b,
-                    const at::Tensor& d, int act, bool training, at::Tensor& grad_input);
+                    const NormConsts& k, const void* a, const void* b,
+                    const void* d, int act, bool training, at::Tensor& grad_input);
   // NCS layout only, one task per channel (fused_ok): the channel's statistics, then
   // on_stats(c, mean, biased var) -- which must fill channel c of k --, then y for that channel while
   // its data is still in cache. Same results as stats + apply.
@@ -50,8 +51,8 @@ struct BatchNormKernels {
   // NCS layout only, per channel: bwd_reduce's sums, on_sums(c, sum_g, sum_gx) -- which must fill
   // channel c of a, b, d --, then bwd_apply for that channel.
   void (*bwd_fused)(const at::Tensor& g, const at::Tensor& x, const bn::Layout& layout,
-                    const NormConsts& k, PerChannelFn on_sums, const at::Tensor& a,
-                    const at::Tensor& b, const at::Tensor& d, int act, at::Tensor& grad_input);
+                    const NormConsts& k, PerChannelFn on_sums, const void* a,
+                    const void* b, const void* d, int act, at::Tensor& grad_input);
 };
 
 PYFASTDL_CPU_KERNELS(BatchNormKernels, batch_norm_kernels)
