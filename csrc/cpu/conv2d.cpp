@@ -192,7 +192,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_bwd_cpu(const at::Tensor& 
   }
   const bool wb_nchw = (output_mask[1] || output_mask[2]) && use_nchw_bwd_weight(p);
   const bool gi_dw = output_mask[0] && use_depthwise_bwd_input_as_fwd(p);
-  const bool gi_panel = output_mask[0] && use_nchw_panel_bwd_input(p);
+  // Winograd first when it is selected (forced, or measured faster): the panel is for shapes it skips
+  const bool gi_wino = output_mask[0] && cpu::winograd_selected(p, input.scalar_type(), true);
+  const bool gi_panel = output_mask[0] && !gi_wino && use_nchw_panel_bwd_input(p);
   const at::Tensor g = ((output_mask[0] && !use_bwd_input_as_nchw_fwd(p) && !gi_dw && !gi_panel) || ((output_mask[1] || output_mask[2]) && !wb_nchw))
                            ? grad_out.contiguous(cl)
                            : grad_out;  // (only its sizes are read on the direct NCHW paths)
@@ -210,7 +212,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_bwd_cpu(const at::Tensor& 
       if (g.numel() == 0 || weight.numel() == 0) gi.zero_();
       else if (use_nhwc_1x1_bwd_input(p)) kernels_1x1()->bwd_input_nhwc(g, weight.contiguous(), p, gi);
       else if (gi_panel) kernels_panel()->bwd_input_nchw(grad_out.contiguous(), weight.contiguous(), p, gi);
-      else if (cpu::winograd_selected(p, input.scalar_type(), true)) cpu::conv2d_winograd_bwd_input(g, weight, p, gi);
+      else if (gi_wino) cpu::conv2d_winograd_bwd_input(g, weight, p, gi);
       else if (use_bwd_input_as_nchw_fwd(p)) {
         const at::Tensor wt = weight.flip({2, 3}).transpose(0, 1).contiguous();
         const std::array<int64_t, 2> st = {1, 1}, dil = {p.dh, p.dw};

@@ -2,7 +2,7 @@
 autograd Functions over them. Schemas and shapes: csrc/ops.cpp ("2-D pooling")."""
 import torch
 
-from ..reference.pool2d import pool_out_size
+from ..reference.pooling import pool_out_size
 
 __all__ = ["pool2d_out_shape", "MaxPool2dFunction", "AvgPool2dFunction"]
 

@@ -88,7 +88,7 @@ def pool2d(X, pool_size, mode='max'):
     """Max or average pooling (section 22), stride 1, no padding: X (n_h, n_w), pool_size (p_h, p_w)
     -> (n_h - p_h + 1, n_w - p_w + 1); mode 'max' or 'avg'."""
     p_h, p_w = pool_size
-    Y = torch.zeros((X.shape[0] - p_h + 1, X.shape[1] - p_w + 1))
+    Y = torch.zeros((X.shape[0] - p_h + 1, X.shape[1] - p_w + 1), dtype=X.dtype)  # (X's dtype: float64 tests)
     for i in range(Y.shape[0]):
         for j in range(Y.shape[1]):
             if mode == 'max':

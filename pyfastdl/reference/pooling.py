@@ -6,20 +6,9 @@ torch ops: the test oracle (run in float64) and the ``reference`` backend. Diffe
 import torch
 import torch.nn.functional as F
 
+from .conv2d import pool2d  # the notes' own, kept in the section's module
+
 __all__ = ["pool2d", "pool_out_size", "max_pool2d_like_torch", "avg_pool2d_like_torch"]
-
-
-def pool2d(X, pool_size, mode="max"):
-    """The notes' from-scratch pooling of a 2-D tensor: stride 1, no padding."""
-    p_h, p_w = pool_size
-    Y = torch.zeros((X.shape[0] - p_h + 1, X.shape[1] - p_w + 1), dtype=X.dtype)
-    for i in range(Y.shape[0]):
-        for j in range(Y.shape[1]):
-            if mode == "max":
-                Y[i, j] = X[i: i + p_h, j: j + p_w].max()
-            elif mode == "avg":
-                Y[i, j] = X[i: i + p_h, j: j + p_w].mean()
-    return Y
 
 
 def pool_out_size(n, k, pad, stride, dilation, ceil_mode):
