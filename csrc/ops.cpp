@@ -333,4 +333,22 @@ TORCH_LIBRARY_FRAGMENT(pyfastdl, m) {
   m.def(
       "avg_pool2d_bwd(Tensor grad_out, Tensor input, int[2] kernel_size, int[2] stride, int[2] padding, "
       "bool ceil_mode, bool count_include_pad, int? divisor_override) -> Tensor");
+  // max_pool2d_fwd (the output only) and avg_pool2d_fwd with their derivatives registered in C++
+  // under the Autograd key (csrc/cpu/pool2d_autograd.cpp), for the per-call path of the cpu and cuda
+  // backends: a forward+backward runs no Python after the call. Same arguments and result as the
+  // forwards.
+  m.def(
+      "max_pool2d(Tensor input, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, "
+      "bool ceil_mode) -> Tensor");
+  m.def(
+      "avg_pool2d(Tensor input, int[2] kernel_size, int[2] stride, int[2] padding, bool ceil_mode, "
+      "bool count_include_pad, int? divisor_override) -> Tensor");
+  // The backwards as differentiable functions of grad_out, for backward(create_graph=True) through
+  // pyfastdl::max_pool2d / avg_pool2d: CompositeImplicitAutograd in Python (pyfastdl/autograd/pool2d.py).
+  m.def(
+      "max_pool2d_bwd_graph(Tensor grad_out, Tensor input, Tensor indices, int[2] kernel_size, int[2] stride, "
+      "int[2] padding, int[2] dilation, bool ceil_mode) -> Tensor");
+  m.def(
+      "avg_pool2d_bwd_graph(Tensor grad_out, Tensor input, int[2] kernel_size, int[2] stride, int[2] padding, "
+      "bool ceil_mode, bool count_include_pad, int? divisor_override) -> Tensor");
 }

@@ -561,6 +561,14 @@ def max_pool2d(input: torch.Tensor, kernel_size, stride=None, padding=0, dilatio
     return_indices the int64 flat indices ih * W + iw of each maximum in its (H, W) plane (torch's
     convention: the first maximum in window order; a NaN in a window wins). Differentiable (the
     gradient goes to the index) and twice differentiable (the backward is linear in grad_out)."""
+    # The common case, kept lean (per-call cost): pyfastdl::max_pool2d with its C++ derivative through
+    # its direct entry (csrc/cpu/percall.cpp), which returns None for what it does not take (unbatched
+    # input, other argument forms): the full path below then runs.
+    if (not return_indices and type(input) is torch.Tensor and not _is_compiling()
+            and backends.picked("max_pool2d", input.device, input.dtype) is not None):
+        out = _C.max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode)
+        if out is not None:
+            return out
     op = "max_pool2d"
     x = _pool2d_input(op, input)
     k = _pool2d_pair(op, "kernel_size", kernel_size)
@@ -594,6 +602,11 @@ def avg_pool2d(input: torch.Tensor, kernel_size, stride=None, padding=0, ceil_mo
     (<= kernel_size / 2): int or (h, w). Each output is the sum of its window's elements inside the
     input divided by divisor_override (!= 0) when given, else by the window's size clipped to the
     padded input (count_include_pad=True) or to the input. Differentiable, twice too."""
+    if (type(input) is torch.Tensor and not _is_compiling()  # the per-call path, as max_pool2d's
+            and backends.picked("avg_pool2d", input.device, input.dtype) is not None):
+        out = _C.avg_pool2d(input, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override)
+        if out is not None:
+            return out
     op = "avg_pool2d"
     x = _pool2d_input(op, input)
     k = _pool2d_pair(op, "kernel_size", kernel_size)

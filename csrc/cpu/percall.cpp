@@ -1,6 +1,6 @@
-// Direct Python entries (pyfastdl._C.attention, pyfastdl._C.batch_norm) for the per-call path of the
-// cpu and cuda backends: a METH_FASTCALL function that unpacks its positional arguments and calls the
-// registered op (pyfastdl::attention, pyfastdl::batch_norm) through the dispatcher -- the same op, its
+// Direct Python entries (pyfastdl._C.attention, .batch_norm, .conv2d, .max_pool2d, .avg_pool2d) for
+// the per-call path of the cpu and cuda backends: a METH_FASTCALL function that unpacks its positional
+// arguments and calls the registered op (pyfastdl::attention, ...) through the dispatcher -- the same op, its
 // C++ autograd node, every dispatch key (autograd, functorch, Python dispatch modes) as through
 // torch.ops, without torch.ops' schema-driven argument parsing (about 2 us a call on a 2-core AMD
 // EPYC; docs/architecture.md, "Per-call cost").
@@ -195,6 +195,72 @@ PyObject* conv2d_entry(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   END_HANDLE_TH_ERRORS
 }
 
+// A pooling call's leading arguments: a plain 4-D input with C, H, W >= 1, kernel_size, stride
+// (None: kernel_size) and padding each an int or 2 ints. False: not taken.
+inline bool pool_args(PyObject* const* args, std::array<int64_t, 2>& k, std::array<int64_t, 2>& s,
+                      std::array<int64_t, 2>& p) {
+  if (!plain_tensor(args[0]) || !no_mode()) return false;
+  const at::Tensor& input = THPVariable_Unpack(args[0]);
+  if (input.dim() != 4 || input.size(1) == 0 || input.size(2) == 0 || input.size(3) == 0) return false;
+  if (!int_or_pair(args[1], k) || !int_or_pair(args[3], p)) return false;
+  if (args[2] == Py_None) s = k;
+  else if (!int_or_pair(args[2], s)) return false;
+  return true;
+}
+
+// max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode: bool) -> Tensor | None:
+// pyfastdl::max_pool2d (the output; indices only inside its C++ node, csrc/cpu/pool2d_autograd.cpp).
+// functional calls it only when return_indices is False.
+PyObject* max_pool2d_entry(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  std::array<int64_t, 2> k, s, p, d;
+  if (nargs != 6 || !pool_args(args, k, s, p) || !int_or_pair(args[4], d) || !PyBool_Check(args[5]))
+    return not_taken();
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("pyfastdl::max_pool2d", "")
+                             .typed<at::Tensor(const at::Tensor&, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef,
+                                               at::IntArrayRef, bool)>();
+  const at::Tensor& input = THPVariable_Unpack(args[0]);
+  at::Tensor out;
+  {
+    pybind11::gil_scoped_release no_gil;
+    out = op.call(input, k, s, p, d, args[5] == Py_True);
+  }
+  return THPVariable_Wrap(std::move(out));
+  END_HANDLE_TH_ERRORS
+}
+
+// avg_pool2d(input, kernel_size, stride, padding, ceil_mode: bool, count_include_pad: bool,
+// divisor_override: int != 0 | None) -> Tensor | None: pyfastdl::avg_pool2d.
+PyObject* avg_pool2d_entry(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  std::array<int64_t, 2> k, s, p;
+  if (nargs != 7 || !pool_args(args, k, s, p) || !PyBool_Check(args[4]) || !PyBool_Check(args[5]))
+    return not_taken();
+  c10::optional<int64_t> divisor;
+  if (args[6] != Py_None) {
+    if (!PyLong_CheckExact(args[6])) return not_taken();
+    const long long v = PyLong_AsLongLong(args[6]);
+    if (v == 0 || (v == -1 && PyErr_Occurred())) {  // 0: functional's full path raises its error
+      PyErr_Clear();
+      return not_taken();
+    }
+    divisor = v;
+  }
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("pyfastdl::avg_pool2d", "")
+                             .typed<at::Tensor(const at::Tensor&, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef,
+                                               bool, bool, c10::optional<int64_t>)>();
+  const at::Tensor& input = THPVariable_Unpack(args[0]);
+  at::Tensor out;
+  {
+    pybind11::gil_scoped_release no_gil;
+    out = op.call(input, k, s, p, args[4] == Py_True, args[5] == Py_True, divisor);
+  }
+  return THPVariable_Wrap(std::move(out));
+  END_HANDLE_TH_ERRORS
+}
+
 }  // namespace
 }  // namespace pyfastdl
 
@@ -208,4 +274,12 @@ PyMethodDef pyfastdl_percall_methods[] = {
      "(not taken)"},
     {"conv2d", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&pyfastdl::conv2d_entry)), METH_FASTCALL,
      "pyfastdl::conv2d(input, weight, bias, stride, padding (ph, ph, pw, pw), dilation, groups), or None (not taken)"},
+    {"max_pool2d", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&pyfastdl::max_pool2d_entry)),
+     METH_FASTCALL,
+     "pyfastdl::max_pool2d(input, kernel_size, stride (None: kernel_size), padding, dilation, ceil_mode), or None "
+     "(not taken)"},
+    {"avg_pool2d", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&pyfastdl::avg_pool2d_entry)),
+     METH_FASTCALL,
+     "pyfastdl::avg_pool2d(input, kernel_size, stride (None: kernel_size), padding, ceil_mode, count_include_pad, "
+     "divisor_override), or None (not taken)"},
     {nullptr, nullptr, 0, nullptr}};

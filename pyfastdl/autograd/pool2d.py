@@ -136,3 +136,34 @@ class AvgPool2dBackward(torch.autograd.Function):
         else:
             gg = ctx.ops.avg_pool2d_fwd(ggi, *ctx.conf)
         return gg, None, None, None
+
+
+# ---- pyfastdl::max_pool2d / avg_pool2d (the C++ autograd ops of the cpu and cuda backends' per-call
+# path, csrc/cpu/pool2d_autograd.cpp) --------------------------------------------------------------------
+
+@torch.library.register_fake("pyfastdl::max_pool2d")
+def _max_pool2d_fake(input, kernel_size, stride, padding, dilation, ceil_mode):
+    return _empty(input, pool2d_out_shape(input, kernel_size, stride, padding, dilation, ceil_mode))
+
+
+@torch.library.register_fake("pyfastdl::avg_pool2d")
+def _avg_pool2d_fake(input, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override):
+    return _empty(input, pool2d_out_shape(input, kernel_size, stride, padding, (1, 1), ceil_mode))
+
+
+@torch.library.impl("pyfastdl::max_pool2d_bwd_graph", "CompositeImplicitAutograd")
+def _max_pool2d_bwd_graph(grad_out, input, indices, kernel_size, stride, padding, dilation, ceil_mode):
+    """The C++ node of ``pyfastdl::max_pool2d`` under backward(create_graph=True): grad_input as a
+    differentiable function of grad_out (MaxPool2dBackward: the same op, its adjoint a gather)."""
+    conf = (list(kernel_size), list(stride), list(padding), list(dilation), bool(ceil_mode))
+    return MaxPool2dBackward.apply(grad_out, input, indices, conf, torch.ops.pyfastdl)
+
+
+@torch.library.impl("pyfastdl::avg_pool2d_bwd_graph", "CompositeImplicitAutograd")
+def _avg_pool2d_bwd_graph(grad_out, input, kernel_size, stride, padding, ceil_mode, count_include_pad,
+                          divisor_override):
+    """The C++ node of ``pyfastdl::avg_pool2d`` under backward(create_graph=True) (AvgPool2dBackward:
+    its adjoint is avg_pool2d_fwd)."""
+    conf = (list(kernel_size), list(stride), list(padding), bool(ceil_mode), bool(count_include_pad),
+            divisor_override)
+    return AvgPool2dBackward.apply(grad_out, input, conf, torch.ops.pyfastdl)
