@@ -6,7 +6,8 @@
 //   (at::vec::deinterleave2), so 2x2/2 and 3x3/2 (any dilation) run on whole vectors. Outputs whose
 //   windows leave the row (padding, the ceil_mode tail) and other strides run the scalar loop; the
 //   last vector of a row is shifted back to end at W_out (it rewrites a few outputs, same values).
-// NHWC: one task = a run of output pixels; each window tap is a vector load along C.
+// NHWC: one task = a run of output pixels; each window tap is a vector load along C (the channels
+//   past the last whole vector: the last V channels again, or one partial vector when C < V).
 // Window order is torch's (kh outer, kw inner, ascending), so ties pick the first maximum, a NaN
 // wins (the last NaN of the window), sums are added in torch's order (the results are torch's
 // bit for bit for float32 and float64) and nothing depends on the thread count.
@@ -25,6 +26,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <vector>
 
 #include "cpu/pool2d_kernel.h"
 
@@ -128,6 +130,50 @@ inline void store_index(const Vectorized<T>& mi, int64_t* dst, int64_t count = V
   for (int64_t i = 0; i < count; ++i) dst[i] = static_cast<int64_t>(buf[i]);
 }
 
+// ---- channels_last helpers -------------------------------------------------------------------------
+
+// (n, oh, ow) of output pixel q = (n Ho + oh) Wo + ow, stepped without a division per pixel.
+struct PixelCursor {
+  int64_t n, oh, ow;
+  const int64_t Ho, Wo;
+  PixelCursor(int64_t q, int64_t Ho_, int64_t Wo_) : n(q / (Ho_ * Wo_)), oh((q / Wo_) % Ho_), ow(q % Wo_), Ho(Ho_), Wo(Wo_) {}
+  void next() {
+    if (++ow == Wo) {
+      ow = 0;
+      if (++oh == Ho) {
+        oh = 0;
+        ++n;
+      }
+    }
+  }
+};
+
+// Calls f(c, count) over the C channels of a pixel in vectors: whole vectors, then, when C is not a
+// multiple of V, the last V channels again (an overlapping whole vector: a forward writes the same
+// values twice) or, when C < V, one partial vector of count = C lanes. Pixel by pixel, torch's
+// per-channel results are unchanged (each lane computes one channel).
+template <typename T, typename F>
+inline void channel_blocks(int64_t C, F&& f) {
+  constexpr int64_t V = Vectorized<T>::size();
+  int64_t c = 0;
+  for (; c + V <= C; c += V) f(c, V);
+  if (c < C) {
+    if (C >= V) f(C - V, V);
+    else f(int64_t(0), C);
+  }
+}
+
+template <typename T>
+inline Vectorized<T> load_channels(const T* ptr, int64_t count) {
+  return count == Vectorized<T>::size() ? Vectorized<T>::loadu(ptr) : Vectorized<T>::loadu(ptr, count);
+}
+
+template <typename T>
+inline void store_channels(const Vectorized<T>& v, T* ptr, int64_t count) {
+  if (count == Vectorized<T>::size()) v.store(ptr);
+  else v.store(ptr, count);
+}
+
 // ---- max pool, forward -------------------------------------------------------------------------
 
 template <typename T, bool IDX>
@@ -224,20 +270,18 @@ void max_fwd_nchw(const at::Tensor& x, const Params& p, at::Tensor& y, at::Tenso
 
 template <typename T, bool IDX>
 void max_fwd_nhwc(const at::Tensor& x, const Params& p, at::Tensor& y, at::Tensor* idx) {
-  constexpr int64_t V = Vectorized<T>::size();
   const T* xp = x.const_data_ptr<T>();
   T* yp = y.mutable_data_ptr<T>();
   int64_t* ip = IDX ? idx->mutable_data_ptr<int64_t>() : nullptr;
   const int64_t H = p.H, W = p.W, C = p.C, Ho = p.H_out, Wo = p.W_out;
-  const int64_t pixels = p.N * Ho * Wo;
   const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(1, C * p.kH * p.kW));
-  at::parallel_for(0, pixels, grain, [&](int64_t q0, int64_t q1) {
-    for (int64_t q = q0; q < q1; ++q) {
-      const int64_t n = q / (Ho * Wo), oh = (q / Wo) % Ho, ow = q % Wo;
-      const T* xn = xp + n * H * W * C;
+  at::parallel_for(0, p.N * Ho * Wo, grain, [&](int64_t q0, int64_t q1) {
+    PixelCursor px(q0, Ho, Wo);
+    for (int64_t q = q0; q < q1; ++q, px.next()) {
+      const T* xn = xp + px.n * H * W * C;
       T* yq = yp + q * C;
       int64_t* iq = IDX ? ip + q * C : nullptr;
-      const int64_t ih0 = oh * p.sH - p.pH, iw0 = ow * p.sW - p.pW;
+      const int64_t ih0 = px.oh * p.sH - p.pH, iw0 = px.ow * p.sW - p.pW;
       int64_t kh_lo, kh_hi, kw_lo, kw_hi;
       tap_range(ih0, p.dH, p.kH, H, kh_lo, kh_hi);
       tap_range(iw0, p.dW, p.kW, W, kw_lo, kw_hi);
@@ -248,15 +292,14 @@ void max_fwd_nhwc(const at::Tensor& x, const Params& p, at::Tensor& y, at::Tenso
         }
         continue;
       }
-      int64_t c = 0;
-      for (; c + V <= C; c += V) {
+      channel_blocks<T>(C, [&](int64_t c, int64_t count) {
         Vectorized<T> m, mi;
         bool first = true;
         for (int64_t kh = kh_lo; kh < kh_hi; ++kh) {
           const int64_t ih = ih0 + kh * p.dH;
           for (int64_t kw = kw_lo; kw < kw_hi; ++kw) {
             const int64_t j = ih * W + iw0 + kw * p.dW;
-            const Vectorized<T> v = Vectorized<T>::loadu(xn + j * C + c);
+            const Vectorized<T> v = load_channels(xn + j * C + c, count);
             if (first) {
               m = v;
               if (IDX) mi = Vectorized<T>(static_cast<T>(j));
@@ -270,40 +313,9 @@ void max_fwd_nhwc(const at::Tensor& x, const Params& p, at::Tensor& y, at::Tenso
             }
           }
         }
-        m.store(yq + c);
-        if (IDX) store_index(mi, iq + c);
-      }
-      for (; !IDX && c < C; ++c) {  // the channels past the last whole vector, value alone
-        T m = -std::numeric_limits<T>::infinity();
-        bool nan = false;
-        for (int64_t kh = kh_lo; kh < kh_hi; ++kh) {
-          const T* row = xn + ((ih0 + kh * p.dH) * W + iw0) * C + c;
-          for (int64_t kw = kw_lo; kw < kw_hi; ++kw) {
-            const T v = row[kw * p.dW * C];
-            m = v > m ? v : m;
-            nan |= v != v;
-          }
-        }
-        yq[c] = nan ? std::numeric_limits<T>::quiet_NaN() : m;
-      }
-      for (; c < C; ++c) {  // with indices: branchless as max_fwd_nchw's scalar loop
-        T m = -std::numeric_limits<T>::infinity();
-        int64_t mi = -1, nan = 0;
-        for (int64_t kh = kh_lo; kh < kh_hi; ++kh) {
-          const int64_t ih = ih0 + kh * p.dH;
-          for (int64_t kw = kw_lo; kw < kw_hi; ++kw) {
-            const int64_t j = ih * W + iw0 + kw * p.dW;
-            const T v = xn[j * C + c];
-            const int64_t isnan_v = v != v;
-            const int64_t upd = isnan_v | ((1 - nan) & ((v > m) | (mi < 0)));
-            mi += (j - mi) * upd;
-            nan |= isnan_v;
-            m = v > m ? v : m;
-          }
-        }
-        yq[c] = nan ? std::numeric_limits<T>::quiet_NaN() : m;
-        iq[c] = mi;
-      }
+        store_channels(m, yq + c, count);
+        if (IDX) store_index(mi, iq + c, count);
+      });
     }
   });
 }
@@ -473,36 +485,27 @@ void avg_fwd_nchw(const at::Tensor& x, const Params& p, bool cip, int64_t ovr, a
 
 template <typename T>
 void avg_fwd_nhwc(const at::Tensor& x, const Params& p, bool cip, int64_t ovr, at::Tensor& y) {
-  constexpr int64_t V = Vectorized<T>::size();
   const T* xp = x.const_data_ptr<T>();
   T* yp = y.mutable_data_ptr<T>();
   const int64_t H = p.H, W = p.W, C = p.C, Ho = p.H_out, Wo = p.W_out;
   const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(1, C * p.kH * p.kW));
   at::parallel_for(0, p.N * Ho * Wo, grain, [&](int64_t q0, int64_t q1) {
-    for (int64_t q = q0; q < q1; ++q) {
-      const int64_t n = q / (Ho * Wo), oh = (q / Wo) % Ho, ow = q % Wo;
-      const T* xn = xp + n * H * W * C;
+    PixelCursor px(q0, Ho, Wo);
+    for (int64_t q = q0; q < q1; ++q, px.next()) {
+      const T* xn = xp + px.n * H * W * C;
       T* yq = yp + q * C;
-      const Axis ah = axis(oh, p.sH, p.pH, p.kH, H), aw = axis(ow, p.sW, p.pW, p.kW, W);
+      const Axis ah = axis(px.oh, p.sH, p.pH, p.kH, H), aw = axis(px.ow, p.sW, p.pW, p.kW, W);
       if (ah.i0 >= ah.i1 || aw.i0 >= aw.i1) {
         std::fill_n(yq, C, T(0));
         continue;
       }
       const Vectorized<T> div(static_cast<T>(divisor(ah, aw, cip, ovr)));
-      int64_t c = 0;
-      for (; c + V <= C; c += V) {
+      channel_blocks<T>(C, [&](int64_t c, int64_t count) {
         Vectorized<T> sum(T(0));
         for (int64_t ih = ah.i0; ih < ah.i1; ++ih)
-          for (int64_t iw = aw.i0; iw < aw.i1; ++iw) sum = sum + Vectorized<T>::loadu(xn + (ih * W + iw) * C + c);
-        (sum / div).store(yq + c);
-      }
-      const T dv = static_cast<T>(divisor(ah, aw, cip, ovr));
-      for (; c < C; ++c) {
-        T sum = T(0);
-        for (int64_t ih = ah.i0; ih < ah.i1; ++ih)
-          for (int64_t iw = aw.i0; iw < aw.i1; ++iw) sum += xn[(ih * W + iw) * C + c];
-        yq[c] = sum / dv;
-      }
+          for (int64_t iw = aw.i0; iw < aw.i1; ++iw) sum = sum + load_channels(xn + (ih * W + iw) * C + c, count);
+        store_channels(sum / div, yq + c, count);
+      });
     }
   });
 }
@@ -518,7 +521,6 @@ void avg_fwd(const at::Tensor& x, const Params& p, bool cip, int64_t ovr, at::Te
 
 template <typename T>
 void avg_bwd_t(const at::Tensor& g, const Params& p, bool cip, int64_t ovr, at::Tensor& gi) {
-  constexpr int64_t V = Vectorized<T>::size();
   const T* gp = g.const_data_ptr<T>();
   T* op = gi.mutable_data_ptr<T>();
   const int64_t H = p.H, W = p.W, C = p.C, Ho = p.H_out, Wo = p.W_out, HW = H * W, HWo = Ho * Wo;
@@ -543,42 +545,64 @@ void avg_bwd_t(const at::Tensor& g, const Params& p, bool cip, int64_t ovr, at::
     });
     return;
   }
-  const int64_t cb = C <= 256 ? C : 256;
-  const int64_t nblocks = (C + cb - 1) / cb;
-  at::parallel_for(0, p.N * nblocks, 1, [&](int64_t a, int64_t b) {
-    for (int64_t t = a; t < b; ++t) {
-      const int64_t n = t / nblocks, c0 = (t % nblocks) * cb, c1 = std::min(C, c0 + cb);
-      T* o = op + n * HW * C;
+  // NHWC: a gather. Each input pixel sums, over the outputs whose windows hold it in output order
+  // (oh outer, ow inner), grad_out / divisor: the additions of torch's scatter in the same order,
+  // so the same bits, with no zeroing pass and one store per element. One task = a run of input
+  // rows (n, ih); vectors along C. The quotients grad_out / divisor of the output rows a run reads
+  // are computed once per run, into a buffer of the task.
+  std::vector<Axis> ah(Ho), aw(Wo);
+  for (int64_t o = 0; o < Ho; ++o) ah[o] = axis(o, p.sH, p.pH, p.kH, H);
+  for (int64_t o = 0; o < Wo; ++o) aw[o] = axis(o, p.sW, p.pW, p.kW, W);
+  // the outputs along one axis whose (clipped) windows hold input i: [lo, hi)
+  auto covering = [](const std::vector<Axis>& ax, int64_t i, int64_t s, int64_t pad, int64_t k, int64_t& lo,
+                     int64_t& hi) {
+    const int64_t n_out = static_cast<int64_t>(ax.size());
+    const int64_t first = i + pad - k + 1;  // o * s >= first
+    lo = first <= 0 ? 0 : (first + s - 1) / s;
+    hi = std::min(n_out, (i + pad) / s + 1);
+    while (lo < hi && !(ax[lo].i0 <= i && i < ax[lo].i1)) ++lo;
+    while (hi > lo && !(ax[hi - 1].i0 <= i && i < ax[hi - 1].i1)) --hi;
+  };
+  std::vector<int64_t> ow_lo(W), ow_hi(W);
+  for (int64_t iw = 0; iw < W; ++iw) covering(aw, iw, p.sW, p.pW, p.kW, ow_lo[iw], ow_hi[iw]);
+  const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(1, W * C));
+  at::parallel_for(0, p.N * H, grain, [&](int64_t r0, int64_t r1) {
+    std::vector<T> delta;  // grad_out / divisor of the output rows this run of input rows reads
+    for (int64_t r = r0; r < r1;) {
+      const int64_t n = r / H, ih_a = r % H, ih_b = std::min(H, ih_a + (r1 - r));  // rows [ih_a, ih_b) of image n
+      int64_t oh_begin, oh_end, lo, hi;
+      covering(ah, ih_a, p.sH, p.pH, p.kH, oh_begin, hi);
+      covering(ah, ih_b - 1, p.sH, p.pH, p.kH, lo, oh_end);
+      oh_end = std::max(oh_end, oh_begin);
+      delta.resize(static_cast<size_t>((oh_end - oh_begin) * Wo * C));
       const T* gn = gp + n * HWo * C;
-      if (c1 - c0 == C) {
-        std::fill_n(o, HW * C, T(0));
-      } else {
-        for (int64_t j = 0; j < HW; ++j) std::fill(o + j * C + c0, o + j * C + c1, T(0));
-      }
-      for (int64_t oh = 0; oh < Ho; ++oh) {
-        const Axis ah = axis(oh, p.sH, p.pH, p.kH, H);
+      for (int64_t oh = oh_begin; oh < oh_end; ++oh)
         for (int64_t ow = 0; ow < Wo; ++ow) {
-          const Axis aw = axis(ow, p.sW, p.pW, p.kW, W);
-          if (ah.i0 >= ah.i1 || aw.i0 >= aw.i1) continue;
-          const Vectorized<T> div(static_cast<T>(divisor(ah, aw, cip, ovr)));
-          const T* gq = gn + (oh * Wo + ow) * C;
-          int64_t c = c0;
-          for (; c + V <= c1; c += V) {
-            const Vectorized<T> delta = Vectorized<T>::loadu(gq + c) / div;
-            for (int64_t ih = ah.i0; ih < ah.i1; ++ih)
-              for (int64_t iw = aw.i0; iw < aw.i1; ++iw) {
-                T* dst = o + (ih * W + iw) * C + c;
-                (Vectorized<T>::loadu(dst) + delta).store(dst);
-              }
-          }
-          const T dv = static_cast<T>(divisor(ah, aw, cip, ovr));
-          for (; c < c1; ++c) {
-            const T delta = gq[c] / dv;
-            for (int64_t ih = ah.i0; ih < ah.i1; ++ih)
-              for (int64_t iw = aw.i0; iw < aw.i1; ++iw) o[(ih * W + iw) * C + c] += delta;
-          }
+          const Vectorized<T> div(static_cast<T>(divisor(ah[oh], aw[ow], cip, ovr)));
+          const int64_t off = (oh * Wo + ow) * C;
+          T* d = delta.data() + (off - oh_begin * Wo * C);
+          channel_blocks<T>(C, [&](int64_t c, int64_t count) {
+            store_channels(load_channels(gn + off + c, count) / div, d + c, count);
+          });
+        }
+      for (int64_t ih = ih_a; ih < ih_b; ++ih) {
+        int64_t oh_lo, oh_hi;
+        covering(ah, ih, p.sH, p.pH, p.kH, oh_lo, oh_hi);
+        T* orow = op + (n * H + ih) * W * C;
+        for (int64_t iw = 0; iw < W; ++iw) {
+          T* dst = orow + iw * C;
+          const int64_t w_lo = ow_lo[iw], w_hi = ow_hi[iw];
+          channel_blocks<T>(C, [&](int64_t c, int64_t count) {
+            Vectorized<T> acc(T(0));
+            for (int64_t oh = oh_lo; oh < oh_hi; ++oh) {
+              const T* drow = delta.data() + (oh - oh_begin) * Wo * C + c;
+              for (int64_t ow = w_lo; ow < w_hi; ++ow) acc = acc + load_channels(drow + ow * C, count);
+            }
+            store_channels(acc, dst + c, count);
+          });
         }
       }
+      r += ih_b - ih_a;
     }
   });
 }
