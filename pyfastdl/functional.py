@@ -496,10 +496,11 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
 from .autograd.pool2d import AvgPool2dFunction, MaxPool2dFunction  # noqa: E402
 from .reference.pooling import avg_pool2d_like_torch, max_pool2d_like_torch  # noqa: E402
 
-# Input dtypes each kernel backend covers. No CUDA C++ pooling kernel yet: on the cuda backend the
-# call falls back to torch's op visibly (last_dispatch() says so), and raises when strict; the triton
-# backend (pyfastdl/triton_kernels/pool2d.py) runs CUDA tensors.
+# Input dtypes each kernel backend covers: cpu (csrc/cpu/pool2d.cpp), cuda (csrc/cuda/pool2d.cu) and
+# triton (pyfastdl/triton_kernels/pool2d.py). Other dtypes fall back to torch's op visibly
+# (last_dispatch() says so), and raise when strict.
 _POOL2D_DTYPES = {"cpu": (torch.float32, torch.float64),
+                  "cuda": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
                   "triton": (torch.float32, torch.float64, torch.float16, torch.bfloat16)}
 __all__ += ["max_pool2d", "avg_pool2d"]
 

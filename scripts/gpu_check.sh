@@ -109,7 +109,8 @@ if stage build bash -c "rm -f pyfastdl/_C*.so && \"\$0\" -m pip install --no-bui
     stage sanitizer compute-sanitizer --tool memcheck --error-exitcode 1 --target-processes all \
       "$PY" -m pytest -q -x -p no:cacheprovider -m cuda \
         tests/test_batch_norm.py tests/test_attention.py tests/test_optim.py tests/test_conv2d.py tests/test_rnn.py \
-        -k "(float32 and (affine-train or causal or Adam)) or (conv2d and output_mask_honoured) or (packed_uneven_lengths and seq_first-unsorted) or (cells_match_torch and 4-5-6)"
+        tests/test_pool2d.py \
+        -k "(float32 and (affine-train or causal or Adam)) or (conv2d and output_mask_honoured) or (packed_uneven_lengths and seq_first-unsorted) or (cells_match_torch and 4-5-6) or (cuda_max_pool2d and random-2-cuda-float32) or (cuda_avg_pool2d and 3-cuda-float16)"
   else
     skip sanitizer "compute-sanitizer not installed"
   fi

@@ -1,4 +1,5 @@
-// Argument checks and the problem description shared by the CPU (and future CUDA) pool2d launchers.
+// Argument checks, the problem description and the output allocation shared by the CPU
+// (csrc/cpu/pool2d.cpp) and CUDA (csrc/cuda/pool2d.cu) pool2d launchers.
 // Launchers validate, kernels trust (docs/adding-an-op-family.md, 2): every user-facing check is here,
 // each message naming the argument, all run before anything is allocated or written. The error
 // conditions are torch's (aten/src/ATen/native/Pool.h: pooling_output_shape, pool2d_shape_check).
@@ -7,6 +8,7 @@
 //   pool::Params pool::check_fwd(input, kernel_size, stride, padding, dilation, ceil_mode, allowed, op)
 //   pool::Params pool::check_bwd(grad_out, input, ..., op)      -- and grad_out of the output's shape
 //   int64_t      pool::out_size(in, k, pad, stride, dilation, ceil_mode)  -- torch's rule
+//   at::Tensor   pool::to_layout(t, channels_last), pool::empty_out(like, p, dtype), pool::empty_in(like, p)
 #pragma once
 
 #include <ATen/ATen.h>
@@ -42,7 +44,8 @@ inline int64_t out_size(int64_t in, int64_t k, int64_t pad, int64_t stride, int6
   return out;
 }
 
-// The memory format of the output: torch's rule for CPU pooling (input.suggest_memory_format()).
+// The memory format of the output: torch's rule for pooling on the CPU and on CUDA
+// (input.suggest_memory_format()).
 inline bool is_channels_last(const at::Tensor& input) {
   return input.dim() == 4 && input.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
 }
@@ -50,6 +53,21 @@ inline bool is_channels_last(const at::Tensor& input) {
 inline at::Tensor to_layout(const at::Tensor& t, bool channels_last) {
   return channels_last ? t.contiguous(at::MemoryFormat::ChannelsLast) : t.contiguous();
 }
+
+// (N, C, H_out, W_out) of `dtype` on like's device, in the layout p.channels_last says (the output, indices).
+inline at::Tensor empty_out(const at::Tensor& like, const Params& p, at::ScalarType dtype) {
+  return at::empty({p.N, p.C, p.H_out, p.W_out}, like.options().dtype(dtype),
+                   p.channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+}
+
+// (N, C, H, W) like `like` (dtype, device), in the layout p.channels_last says (grad_input).
+inline at::Tensor empty_in(const at::Tensor& like, const Params& p) {
+  return at::empty({p.N, p.C, p.H, p.W}, like.options(),
+                   p.channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+}
+
+// avg_pool2d's dilation for check_fwd / check_bwd: torch's avg_pool2d has none.
+inline constexpr int64_t kNoDilation[2] = {1, 1};
 
 inline Params check_fwd(const at::Tensor& input, at::IntArrayRef kernel_size, at::IntArrayRef stride,
                         at::IntArrayRef padding, at::IntArrayRef dilation, bool ceil_mode,

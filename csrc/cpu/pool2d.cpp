@@ -14,17 +14,9 @@ namespace {
 
 constexpr auto kernels = &cpu::pool2d_kernels;  // the table of the CPU's capability (cpu/capability.h)
 
-at::Tensor empty_out(const at::Tensor& like, const pool::Params& p, at::ScalarType dtype) {
-  return at::empty({p.N, p.C, p.H_out, p.W_out}, like.options().dtype(dtype),
-                   p.channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
-}
-
-at::Tensor empty_in(const at::Tensor& like, const pool::Params& p) {
-  return at::empty({p.N, p.C, p.H, p.W}, like.options(),
-                   p.channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
-}
-
-const int64_t kNoDilation[2] = {1, 1};
+using pool::empty_in;
+using pool::empty_out;
+using pool::kNoDilation;
 
 }  // namespace
 
