@@ -299,8 +299,9 @@ TORCH_LIBRARY_FRAGMENT(pyfastdl, m) {
 
 // ---- 2-D pooling (family "pool2d") -------------------------------------------------------------------
 // input (N, C, H, W): N >= 0, C, H, W >= 1 (the functional takes unbatched (C, H, W) and adds N = 1);
-// float32/float64 on the CPU; contiguous (NCHW) or channels_last (other strides are copied into
-// input.suggest_memory_format()). Outputs are in that memory format (torch's rule), input's dtype.
+// float32/float64 on the CPU, float32/float64/float16/bfloat16 on CUDA; contiguous (NCHW) or
+// channels_last (other strides are copied into input.suggest_memory_format()). Outputs are in that
+// memory format (torch's rule), input's dtype.
 // kernel_size (kH, kW) >= 1, stride (sH, sW) >= 1 (the functional's default: kernel_size),
 // padding (pH, pW) >= 0 on both sides, pH <= kH / 2 and <= half the dilated kernel (likewise pW),
 // dilation (dH, dW) >= 1. H_out = floor((H + 2 pH - dH (kH - 1) - 1 + (ceil_mode ? sH - 1 : 0)) / sH) + 1,
@@ -316,7 +317,9 @@ TORCH_LIBRARY_FRAGMENT(pyfastdl, m) {
       "bool ceil_mode, bool need_indices) -> (Tensor, Tensor)");
   // Backward of max_pool2d_fwd: grad_input (input's shape, the forward output's memory format), zero
   // except grad_input[n, c].flat[indices[n, c, i]] += grad_out[n, c, i], added in output order.
-  // input is read for its shape and memory format only.
+  // input is read for its shape and memory format only. indices as max_pool2d_fwd gives them: each in
+  // its output's window (the CUDA and Triton kernels gather over the windows, so an index outside its
+  // window would not be counted there).
   m.def(
       "max_pool2d_bwd(Tensor grad_out, Tensor input, Tensor indices, int[2] kernel_size, int[2] stride, "
       "int[2] padding, int[2] dilation, bool ceil_mode) -> Tensor");

@@ -555,8 +555,9 @@ def max_pool2d(input: torch.Tensor, kernel_size, stride=None, padding=0, dilatio
                return_indices: bool = False):
     """2-D max pooling, drop-in for ``torch.nn.functional.max_pool2d`` (notes section 7.5, "Pooling").
 
-    input: (N, C, H, W) or unbatched (C, H, W), N may be 0; float32/float64 on the CPU (other dtypes
-    and devices fall back to torch's op visibly; strict mode raises); NCHW or channels_last (the output
+    input: (N, C, H, W) or unbatched (C, H, W), N may be 0; float32/float64 on the CPU, also
+    float16/bfloat16 on CUDA (other dtypes fall back to torch's op visibly; strict mode raises); NCHW
+    or channels_last (the output
     keeps input's memory format, as torch). kernel_size, stride (default kernel_size), padding
     (<= kernel_size / 2), dilation: int or (h, w). Returns (N, C, H_out, W_out), and with
     return_indices the int64 flat indices ih * W + iw of each maximum in its (H, W) plane (torch's
@@ -598,8 +599,8 @@ def avg_pool2d(input: torch.Tensor, kernel_size, stride=None, padding=0, ceil_mo
                count_include_pad: bool = True, divisor_override: int | None = None) -> torch.Tensor:
     """2-D average pooling, drop-in for ``torch.nn.functional.avg_pool2d`` (notes section 7.5).
 
-    input: (N, C, H, W) or unbatched (C, H, W), N may be 0; float32/float64 on the CPU (others fall
-    back visibly); NCHW or channels_last (kept). kernel_size, stride (default kernel_size), padding
+    input: (N, C, H, W) or unbatched (C, H, W), N may be 0; float32/float64 on the CPU, also
+    float16/bfloat16 on CUDA (others fall back visibly); NCHW or channels_last (kept). kernel_size, stride (default kernel_size), padding
     (<= kernel_size / 2): int or (h, w). Each output is the sum of its window's elements inside the
     input divided by divisor_override (!= 0) when given, else by the window's size clipped to the
     padded input (count_include_pad=True) or to the input. Differentiable, twice too."""
