@@ -545,6 +545,29 @@ void avg_bwd_t(const at::Tensor& g, const Params& p, bool cip, int64_t ovr, at::
     });
     return;
   }
+  if (C < Vectorized<T>::size()) {  // fewer channels than a vector: torch's scatter, lane by lane, per image
+    at::parallel_for(0, p.N, 1, [&](int64_t a, int64_t b) {
+      for (int64_t n = a; n < b; ++n) {
+        T* o = op + n * HW * C;
+        const T* gn = gp + n * HWo * C;
+        std::fill_n(o, HW * C, T(0));
+        for (int64_t oh = 0; oh < Ho; ++oh) {
+          const Axis ah = axis(oh, p.sH, p.pH, p.kH, H);
+          for (int64_t ow = 0; ow < Wo; ++ow) {
+            const Axis aw = axis(ow, p.sW, p.pW, p.kW, W);
+            if (ah.i0 >= ah.i1 || aw.i0 >= aw.i1) continue;
+            const T dv = static_cast<T>(divisor(ah, aw, cip, ovr));
+            for (int64_t c = 0; c < C; ++c) {
+              const T delta = gn[(oh * Wo + ow) * C + c] / dv;
+              for (int64_t ih = ah.i0; ih < ah.i1; ++ih)
+                for (int64_t iw = aw.i0; iw < aw.i1; ++iw) o[(ih * W + iw) * C + c] += delta;
+            }
+          }
+        }
+      }
+    });
+    return;
+  }
   // NHWC: a gather. Each input pixel sums, over the outputs whose windows hold it in output order
   // (oh outer, ow inner), grad_out / divisor: the additions of torch's scatter in the same order,
   // so the same bits, with no zeroing pass and one store per element. One task = a run of input
