@@ -8,7 +8,9 @@
 // where A(m, tap) is a pointer to the K contiguous channels of the input pixel that tap `tap` of output
 // pixel m reads (nullptr = padding: a zero row). The micro-kernel holds an MR x NB tile of the output
 // in registers (MR = 6 pixels, NB = 2 vectors of output channels: 12 accumulators on AVX2) and loops
-// over (tap, k): per step two vector loads of the packed weights and MR broadcasts.
+// over (tap, k): per step two vector loads of the packed weights and MR broadcasts. A forward with
+// few output channels per group (one vector, or a one-vector tail: 8 or 24 on AVX2) uses a 12 x 1
+// vector tile instead, so no lanes multiply zero weights.
 //   forward:    m = (n, oh, ow), K = C_in / groups,  B[g][nb][kh, kw][ci][NB oc]
 //   grad_input: m = (n, ih, iw), K = C_out / groups, B[g][nb][kh, kw][oc][NB ci]; A = the grad_out
 //               pixel (oh, ow) with oh * sh = ih + pt - kh * dh (none when not divisible: stride).
@@ -41,51 +43,59 @@ namespace {
 
 using at::vec::Vectorized;
 
-constexpr int MR = 6;                      // output pixels per micro-kernel tile
+constexpr int kMR = 6;                     // output pixels per micro-kernel tile (two vectors of channels)
+constexpr int MR = kMR;
+constexpr int kMR1 = 12;                   // ... with one vector of output channels (few of them)
 constexpr int64_t kGatherBelow = 16;       // K below this: gather the taps of a tile first
 constexpr int64_t kWeightChunkBytes = 192 * 1024;  // packed weights one task sweeps (L2)
 constexpr int64_t kTilesPerTask = 8;
 
-template <typename T>
-constexpr int64_t nb_of() { return 2 * Vectorized<T>::size(); }
+template <typename T, int NV = 2>
+constexpr int64_t nb_of() { return NV * Vectorized<T>::size(); }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // floor division for a possibly negative numerator, b > 0
 inline int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
 
 // ---- the micro-kernel -------------------------------------------------------------------------
-// out[i][0..NB) = sum_{t: on[t]} sum_k ap[t * MR + i][k] * B[t][k][0..NB),  i < R.
-template <typename T, int R>
+// out[i][0..NB) = sum_{t: on[t]} sum_k ap[t * R + i][k] * B[t][k][0..NB),  i < R; NB = NV vectors.
+template <typename T, int R, int NV>
 inline void ukernel(const T* const* ap, const unsigned char* on, int64_t ntaps, int64_t K, const T* B,
                     T* out /* R x NB */) {
   using Vec = Vectorized<T>;
-  constexpr int64_t V = Vec::size(), NB = 2 * V;
-  Vec c0[R], c1[R];
-#pragma GCC unroll 8
+  constexpr int64_t V = Vec::size(), NB = NV * V;
+  Vec c0[R], c1[NV == 2 ? R : 1];
+#pragma GCC unroll 12
   for (int i = 0; i < R; ++i) {
     c0[i] = Vec(T(0));
-    c1[i] = Vec(T(0));
+    if constexpr (NV == 2) c1[i] = Vec(T(0));
   }
   for (int64_t t = 0; t < ntaps; ++t) {
     if (!on[t]) continue;
     const T* a[R];
-#pragma GCC unroll 8
-    for (int i = 0; i < R; ++i) a[i] = ap[t * MR + i];
+#pragma GCC unroll 12
+    for (int i = 0; i < R; ++i) a[i] = ap[t * R + i];
     const T* b = B + t * K * NB;
     for (int64_t k = 0; k < K; ++k, b += NB) {
-      const Vec b0 = Vec::loadu(b), b1 = Vec::loadu(b + V);
-#pragma GCC unroll 8
-      for (int i = 0; i < R; ++i) {
-        const Vec av(a[i][k]);
-        c0[i] = at::vec::fmadd(av, b0, c0[i]);
-        c1[i] = at::vec::fmadd(av, b1, c1[i]);
+      const Vec b0 = Vec::loadu(b);
+      if constexpr (NV == 2) {
+        const Vec b1 = Vec::loadu(b + V);
+#pragma GCC unroll 12
+        for (int i = 0; i < R; ++i) {
+          const Vec av(a[i][k]);
+          c0[i] = at::vec::fmadd(av, b0, c0[i]);
+          c1[i] = at::vec::fmadd(av, b1, c1[i]);
+        }
+      } else {
+#pragma GCC unroll 12
+        for (int i = 0; i < R; ++i) c0[i] = at::vec::fmadd(Vec(a[i][k]), b0, c0[i]);
       }
     }
   }
-#pragma GCC unroll 8
+#pragma GCC unroll 12
   for (int i = 0; i < R; ++i) {
     c0[i].store(out + i * NB);
-    c1[i].store(out + i * NB + V);
+    if constexpr (NV == 2) c1[i].store(out + i * NB + V);
   }
 }
 
@@ -101,11 +111,11 @@ inline void ukernel(const T* const* ap, const unsigned char* on, int64_t ntaps, 
 // do not exist, stride 2: 3/4 of the taps). The forward passes false: its absent taps are the zero
 // padding, multiplied as zeros like the rest of the tile, so that a non-finite weight gives NaN there
 // for every pixel alike (0 * inf), whatever tile the pixel falls in.
-template <typename T, typename AFill, typename OPtr>
+template <typename T, int NV = 2, int MR = kMR, typename AFill, typename OPtr>
 void gather_gemm(int64_t M, int64_t G, int64_t ntaps, int64_t K, int64_t c_g, const T* B, const T* bias_pad,
                  const AFill& a_fill, const OPtr& o_ptr, int64_t ocs = 1, int64_t run = 1, bool skip_absent = true) {
   using Vec = Vectorized<T>;
-  constexpr int64_t NB = nb_of<T>();
+  constexpr int64_t NB = nb_of<T, NV>();
   const int64_t nblk = ceil_div(c_g, NB);
   const int64_t blk_elems = ntaps * K * NB;
   const int64_t bpc = std::max<int64_t>(1, std::min<int64_t>(nblk, kWeightChunkBytes / (blk_elems * int64_t(sizeof(T)))));
@@ -167,7 +177,7 @@ void gather_gemm(int64_t M, int64_t G, int64_t ntaps, int64_t K, int64_t c_g, co
         }
         const int64_t nt = gather ? 1 : ntaps, kk = gather ? ntaps * K : K;
         for (int64_t nb = nb0; nb < nb1; ++nb) {
-          ukernel<T, MR>(ptrs.data(), on.data(), nt, kk, B + (g * nblk + nb) * blk_elems, tile);
+          ukernel<T, MR, NV>(ptrs.data(), on.data(), nt, kk, B + (g * nblk + nb) * blk_elems, tile);
           const int64_t c0 = nb * NB, nv = std::min<int64_t>(NB, c_g - c0);
           const T* bp = bias_pad + g * nblk * NB + c0;
           for (int i = 0; i < MR && m0 + i < M; ++i) {
@@ -177,7 +187,8 @@ void gather_gemm(int64_t M, int64_t G, int64_t ntaps, int64_t K, int64_t c_g, co
               for (int64_t j = 0; j < nv; ++j) o[j * ocs] = s[j] + bp[j];
             } else if (nv == NB) {
               (Vec::loadu(s) + Vec::loadu(bp)).store(o);
-              (Vec::loadu(s + Vec::size()) + Vec::loadu(bp + Vec::size())).store(o + Vec::size());
+              if constexpr (NV == 2)
+                (Vec::loadu(s + Vec::size()) + Vec::loadu(bp + Vec::size())).store(o + Vec::size());
             } else {
               for (int64_t j = 0; j < nv; ++j) o[j] = s[j] + bp[j];
             }
@@ -532,9 +543,9 @@ void dw_gw3x3_nhwc(const T* gp, const T* xp, const conv::Params& p, T* gwp) {
 // Packs w (C_out, cin_g, kH, kW) for the gather GEMM: transpose = false (forward):
 // B[g][nb][t][ci][j] = w[g*cout_g + nb*NB + j][ci][t]; transpose = true (grad_input):
 // B[g][nb][t][oc][j] = w[g*cout_g + oc][nb*NB + j][t]. Zero past the last channel.
-template <typename T>
+template <typename T, int NV = 2>
 std::vector<T> pack_weight(const T* w, const conv::Params& p, bool transpose) {
-  constexpr int64_t NB = nb_of<T>();
+  constexpr int64_t NB = nb_of<T, NV>();
   const int64_t G = p.groups, cin_g = p.cin_g(), cout_g = p.cout_g(), ntaps = p.kH * p.kW;
   const int64_t K = transpose ? cout_g : cin_g, c_g = transpose ? cin_g : cout_g;
   const int64_t nblk = ceil_div(c_g, NB);
@@ -559,9 +570,9 @@ std::vector<T> pack_weight(const T* w, const conv::Params& p, bool transpose) {
   return B;
 }
 
-template <typename T>
+template <typename T, int NV = 2>
 std::vector<T> pad_bias(const T* bias, int64_t G, int64_t c_g) {
-  constexpr int64_t NB = nb_of<T>();
+  constexpr int64_t NB = nb_of<T, NV>();
   const int64_t nblk = ceil_div(c_g, NB);
   std::vector<T> out(G * nblk * NB, T(0));
   if (bias)
@@ -570,13 +581,13 @@ std::vector<T> pad_bias(const T* bias, int64_t G, int64_t c_g) {
   return out;
 }
 
-template <typename T>
-void fwd_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias, const conv::Params& p,
-              at::Tensor& y) {
+template <typename T, int NV, int MRT>
+void fwd_impl_nv(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias, const conv::Params& p,
+                 at::Tensor& y) {
   const T* xp = x.const_data_ptr<T>();
   T* yp = y.mutable_data_ptr<T>();
-  const std::vector<T> B = pack_weight<T>(w.const_data_ptr<T>(), p, false);
-  const std::vector<T> bp = pad_bias<T>(bias.defined() ? bias.const_data_ptr<T>() : nullptr, p.groups, p.cout_g());
+  const std::vector<T> B = pack_weight<T, NV>(w.const_data_ptr<T>(), p, false);
+  const std::vector<T> bp = pad_bias<T, NV>(bias.defined() ? bias.const_data_ptr<T>() : nullptr, p.groups, p.cout_g());
   const int64_t HWo = p.H_out * p.W_out;
   auto a_fill = [&](int64_t m, const T** dst, int64_t stride) { fwd_fill(xp, p, m, dst, stride); };
   // y: NHWC, or NCHW (the launcher's choice; the two are the same memory when C == 1 or H W == 1)
@@ -585,16 +596,29 @@ void fwd_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias, 
   auto o_ptr = [&](int64_t m) -> T* { return yp + m * p.C_out; };
   auto o_nchw = [&](int64_t m) -> T* { return yp + (m / HWo) * p.C_out * HWo + m % HWo; };
   if (nchw) {
-    gather_gemm<T>(p.N * HWo, p.groups, p.kH * p.kW, p.cin_g(), p.cout_g(), B.data(), bp.data(), a_fill, o_nchw, HWo,
-                   run, false);
+    gather_gemm<T, NV, MRT>(p.N * HWo, p.groups, p.kH * p.kW, p.cin_g(), p.cout_g(), B.data(), bp.data(), a_fill,
+                            o_nchw, HWo, run, false);
     return;
   }
   if (p.cin_g() == 1 && p.cout_g() == 1) {
     dw_fwd_nhwc<T>(xp, w.const_data_ptr<T>(), bias.defined() ? bias.const_data_ptr<T>() : nullptr, p, yp);
     return;
   }
-  gather_gemm<T>(p.N * HWo, p.groups, p.kH * p.kW, p.cin_g(), p.cout_g(), B.data(), bp.data(), a_fill, o_ptr, 1,
-                 run, false);
+  gather_gemm<T, NV, MRT>(p.N * HWo, p.groups, p.kH * p.kW, p.cin_g(), p.cout_g(), B.data(), bp.data(), a_fill,
+                          o_ptr, 1, run, false);
+}
+
+// A group's output channels in one vector, or a tail of at most one vector past whole pairs (8 or 24
+// on AVX2 float: DenseNet's growth rate 8): a 12-pixel tile of one vector (no lanes of zero weights,
+// 12 accumulators); otherwise the 6-pixel tile of two vectors.
+template <typename T>
+void fwd_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias, const conv::Params& p,
+              at::Tensor& y) {
+  constexpr int64_t V = Vectorized<T>::size();
+  const int64_t c = p.cout_g(), rem = c % (2 * V);
+  const bool one = c <= 3 * V && rem != 0 && rem <= V && !(p.cin_g() == 1 && c == 1);
+  if (one) return fwd_impl_nv<T, 1, kMR1>(x, w, bias, p, y);
+  fwd_impl_nv<T, 2, kMR>(x, w, bias, p, y);
 }
 
 template <typename T>
