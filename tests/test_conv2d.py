@@ -527,7 +527,9 @@ def test_grad_input_as_nchw_forward(c, dtype):
 #  * grad_input of a stride-1 depthwise as the forward of the flipped weight (both layouts), incl.
 #    an even kernel with asymmetric 'same' padding;
 #  * LeNet's second conv shape on NCHW (W_out < 16, C_in = 6): reordered, not the direct NCHW kernel;
-#  * the direct NCHW forward with stride 2 along W (phase-split rows): few channels, depthwise.
+#  * the direct NCHW forward with stride 2 along W (phase-split rows): few channels, depthwise;
+#  * grad_weight on NHWC for small weights (C_out K <= 16384: DenseNet's layers): 1, 2 and 3 vectors
+#    of output channels, channel tails, several pixel tasks; and a weight just above the bound.
 NEW_PATH_CASES = [
     (3, 1, 28, 28, 6, 5, 1, 2, 1, 1),        # LeNet's first conv (rows of 28: a tail of 4)
     (1, 1, 11, 19, 4, 5, 1, 2, 1, 1),        # batch 1, rows of 19
@@ -548,6 +550,10 @@ NEW_PATH_CASES = [
     (2, 20, 9, 33, 12, 1, 2, 0, 1, 1),       # 1x1 stride 2 on NCHW (reordered, the gather GEMM)
     (1, 2, 6, 40, 5, 3, 2, 1, 1, 1),         # few channels, stride 2 on the direct NCHW forward
     (2, 12, 6, 40, 12, 3, 2, 1, 1, 12),      # depthwise stride 2 on the direct NCHW forward
+    (3, 10, 13, 15, 8, 3, 1, 1, 1, 1),       # small grad_weight: one vector of C_out, a channel tail, 2 tasks
+    (2, 13, 9, 9, 40, 3, 1, 1, 1, 1),        # small grad_weight: 2-vector blocks of C_out with a tail
+    (2, 7, 6, 6, 20, 1, 1, 0, 1, 1),         # small grad_weight: 3 vectors of C_out (AVX2), 1x1
+    (1, 64, 5, 5, 32, 3, 1, 1, 1, 1),        # a weight above the small grad_weight bound: the tiled path
 ]
 
 
@@ -600,7 +606,7 @@ def test_cpu_paths_gradcheck(c, layout):
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("c", [NEW_PATH_CASES[0], NEW_PATH_CASES[4], NEW_PATH_CASES[6], NEW_PATH_CASES[10],
-                               NEW_PATH_CASES[12]], ids=_id)
+                               NEW_PATH_CASES[12], NEW_PATH_CASES[19]], ids=_id)
 def test_cpu_paths_do_not_depend_on_thread_count(c, layout):
     _assert_same_bits_with_1_2_3_threads(c, layout)
 

@@ -154,11 +154,16 @@ void gather_gemm(int64_t M, int64_t G, int64_t ntaps, int64_t K, int64_t c_g, co
                 t += run - 1;
                 continue;
               }
+              // (whole vectors where K allows: K = 8, DenseNet's grad_input, is one load and store)
+              T* dst = row + t * K;
+              int64_t k = 0;
               if (src) {
                 src += g * K;
-                for (int64_t k = 0; k < K; ++k) row[t * K + k] = src[k];
+                for (; k + Vec::size() <= K; k += Vec::size()) Vec::loadu(src + k).store(dst + k);
+                for (; k < K; ++k) dst[k] = src[k];
               } else {
-                for (int64_t k = 0; k < K; ++k) row[t * K + k] = T(0);
+                for (; k + Vec::size() <= K; k += Vec::size()) Vec(T(0)).store(dst + k);
+                for (; k < K; ++k) dst[k] = T(0);
               }
             }
             ptrs[i] = row;
