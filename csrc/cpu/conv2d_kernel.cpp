@@ -626,12 +626,12 @@ void fwd_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias, 
   fwd_impl_nv<T, 2, kMR>(x, w, bias, p, y);
 }
 
-template <typename T>
-void bwd_input_impl(const at::Tensor& g, const at::Tensor& w, const conv::Params& p, at::Tensor& gi) {
+template <typename T, int NV, int MRT>
+void bwd_input_impl_nv(const at::Tensor& g, const at::Tensor& w, const conv::Params& p, at::Tensor& gi) {
   const T* gp = g.const_data_ptr<T>();
   T* op = gi.mutable_data_ptr<T>();
-  const std::vector<T> B = pack_weight<T>(w.const_data_ptr<T>(), p, true);
-  const std::vector<T> bp = pad_bias<T>(nullptr, p.groups, p.cin_g());
+  const std::vector<T> B = pack_weight<T, NV>(w.const_data_ptr<T>(), p, true);
+  const std::vector<T> bp = pad_bias<T, NV>(nullptr, p.groups, p.cin_g());
   // the input pixels of a row in residue classes of iw mod sw
   std::vector<int64_t> perm;
   perm.reserve(p.W);
@@ -665,14 +665,14 @@ void bwd_input_impl(const at::Tensor& g, const at::Tensor& w, const conv::Params
       const int64_t n = m / HW, r = m % HW, ih = r / p.W, iw = perm[r % p.W];
       return op + n * p.C_in * HW + ih * p.W + iw;
     };
-    gather_gemm<T>(p.N * HW, p.groups, p.kH * p.kW, p.cout_g(), p.cin_g(), B.data(), bp.data(), a_fill, o_nchw, HW);
+    gather_gemm<T, NV, MRT>(p.N * HW, p.groups, p.kH * p.kW, p.cout_g(), p.cin_g(), B.data(), bp.data(), a_fill, o_nchw, HW);
     return;
   }
-  if (p.cin_g() == 1 && p.cout_g() == 1) {  // depthwise: the taps in reverse, per channel
+  if (NV == 2 && p.cin_g() == 1 && p.cout_g() == 1) {  // depthwise: the taps in reverse, per channel
     depthwise<T>(p.N * HW, p.C_in, p.kH * p.kW, w.const_data_ptr<T>(), bp.data(), a_fill, o_ptr);
     return;
   }
-  gather_gemm<T>(p.N * HW, p.groups, p.kH * p.kW, p.cout_g(), p.cin_g(), B.data(), bp.data(), a_fill, o_ptr);
+  gather_gemm<T, NV, MRT>(p.N * HW, p.groups, p.kH * p.kW, p.cout_g(), p.cin_g(), B.data(), bp.data(), a_fill, o_ptr);
 }
 
 // acc[i][0..NB) += sum_l x[l * xs + i] * g[l * gs + 0..NB),  i < R.
@@ -712,6 +712,18 @@ void gw_dispatch(int r, const T* x, int64_t xs, const T* g, int64_t gs, int64_t 
     case 2: gw_ukernel<T, 2>(x, xs, g, gs, L, acc); break;
     default: gw_ukernel<T, 1>(x, xs, g, gs, L, acc); break;
   }
+}
+
+// grad_input's output channels are the input channels: few of them per group (one vector, or a
+// one-vector tail: ResNet-18 / 8's 8 -> 8 layers, DenseNet's 24) take the 12 x 1 vector tile, as the
+// forward does with few output channels; otherwise the 6 x 2 vector tile.
+template <typename T>
+void bwd_input_impl(const at::Tensor& g, const at::Tensor& w, const conv::Params& p, at::Tensor& gi) {
+  constexpr int64_t V = Vectorized<T>::size();
+  const int64_t c = p.cin_g(), rem = c % (2 * V);
+  const bool one = c <= 3 * V && rem != 0 && rem <= V && !(c == 1 && p.cout_g() == 1);
+  if (one) return bwd_input_impl_nv<T, 1, kMR1>(g, w, p, gi);
+  bwd_input_impl_nv<T, 2, kMR>(g, w, p, gi);
 }
 
 // ---- grad_weight on NHWC for small weights (DenseNet's 3x3 growth layers, its 1x1 transitions) --
