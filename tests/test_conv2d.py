@@ -529,7 +529,9 @@ def test_grad_input_as_nchw_forward(c, dtype):
 #  * LeNet's second conv shape on NCHW (W_out < 16, C_in = 6): reordered, not the direct NCHW kernel;
 #  * the direct NCHW forward with stride 2 along W (phase-split rows): few channels, depthwise;
 #  * grad_weight on NHWC for small weights (C_out K <= 16384: DenseNet's layers): 1, 2 and 3 vectors
-#    of output channels, channel tails, several pixel tasks; and a weight just above the bound.
+#    of output channels, channel tails, several pixel tasks; and a weight just above the bound;
+#  * channels_last grad_input with C_in <= 8 and rows narrower than 16 on the NCHW panel kernel
+#    (grad_out and grad_input reordered): LeNet's second conv, W_out = 4, ResNet-18 / 8's 8 -> 8.
 NEW_PATH_CASES = [
     (3, 1, 28, 28, 6, 5, 1, 2, 1, 1),        # LeNet's first conv (rows of 28: a tail of 4)
     (1, 1, 11, 19, 4, 5, 1, 2, 1, 1),        # batch 1, rows of 19
@@ -554,6 +556,7 @@ NEW_PATH_CASES = [
     (2, 13, 9, 9, 40, 3, 1, 1, 1, 1),        # small grad_weight: 2-vector blocks of C_out with a tail
     (2, 7, 6, 6, 20, 1, 1, 0, 1, 1),         # small grad_weight: 3 vectors of C_out (AVX2), 1x1
     (1, 64, 5, 5, 32, 3, 1, 1, 1, 1),        # a weight above the small grad_weight bound: the tiled path
+    (2, 8, 8, 8, 8, 3, 1, 1, 1, 1),          # ResNet-18 / 8's 8 -> 8 layer: channels_last grad_input on the panel
 ]
 
 
