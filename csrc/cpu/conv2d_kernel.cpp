@@ -616,13 +616,19 @@ void fwd_impl_nv(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bia
 // A group's output channels in one vector, or a tail of at most one vector past whole pairs (8 or 24
 // on AVX2 float: DenseNet's growth rate 8): a 12-pixel tile of one vector (no lanes of zero weights,
 // 12 accumulators); otherwise the 6-pixel tile of two vectors.
+// c_g: the channels per group of the GEMM's output (the forward's C_out / groups, grad_input's
+// C_in / groups); not for depthwise (its own kernels).
+template <typename T>
+bool one_vector_tile(const conv::Params& p, int64_t c_g) {
+  constexpr int64_t V = Vectorized<T>::size();
+  const int64_t rem = c_g % (2 * V);
+  return c_g <= 3 * V && rem != 0 && rem <= V && !(p.cin_g() == 1 && p.cout_g() == 1);
+}
+
 template <typename T>
 void fwd_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias, const conv::Params& p,
               at::Tensor& y) {
-  constexpr int64_t V = Vectorized<T>::size();
-  const int64_t c = p.cout_g(), rem = c % (2 * V);
-  const bool one = c <= 3 * V && rem != 0 && rem <= V && !(p.cin_g() == 1 && c == 1);
-  if (one) return fwd_impl_nv<T, 1, kMR1>(x, w, bias, p, y);
+  if (one_vector_tile<T>(p, p.cout_g())) return fwd_impl_nv<T, 1, kMR1>(x, w, bias, p, y);
   fwd_impl_nv<T, 2, kMR>(x, w, bias, p, y);
 }
 
@@ -719,10 +725,7 @@ void gw_dispatch(int r, const T* x, int64_t xs, const T* g, int64_t gs, int64_t 
 // forward does with few output channels; otherwise the 6 x 2 vector tile.
 template <typename T>
 void bwd_input_impl(const at::Tensor& g, const at::Tensor& w, const conv::Params& p, at::Tensor& gi) {
-  constexpr int64_t V = Vectorized<T>::size();
-  const int64_t c = p.cin_g(), rem = c % (2 * V);
-  const bool one = c <= 3 * V && rem != 0 && rem <= V && !(c == 1 && p.cout_g() == 1);
-  if (one) return bwd_input_impl_nv<T, 1, kMR1>(g, w, p, gi);
+  if (one_vector_tile<T>(p, p.cin_g())) return bwd_input_impl_nv<T, 1, kMR1>(g, w, p, gi);
   bwd_input_impl_nv<T, 2, kMR>(g, w, p, gi);
 }
 
@@ -746,10 +749,11 @@ inline bool use_gw_small(const conv::Params& p) {
   return p.groups == 1 && p.C_out * p.C_in * p.kH * p.kW <= kGwSmallMaxWeight;
 }
 
-// out[r][v] += x[i][r] * g[i][v] over the n pixels i; xs[i]: the input pixel's channel ci0, gs[i]: the
-// pixel's grad_out (the oc block's first channel); out rows of stride out_r.
+// out[r][v] += x[i][r] * g[i][v] over the n pixels i; xs[i] + xo: the input pixel's channel ci0,
+// gs[i] + go: the pixel's grad_out at the oc block's first channel; out rows of stride out_r.
 template <typename T, int R, int NV>
-inline void gw_small_tile(const T* const* xs, const T* const* gs, int64_t n, T* out, int64_t out_r) {
+inline void gw_small_tile(const T* const* xs, int64_t xo, const T* const* gs, int64_t go, int64_t n, T* out,
+                          int64_t out_r) {
   // (one array per vector of output channels: an acc[R][NV] array kept some accumulators on the stack)
   using Vec = Vectorized<T>;
   constexpr int64_t V = Vec::size();
@@ -761,8 +765,8 @@ inline void gw_small_tile(const T* const* xs, const T* const* gs, int64_t n, T* 
     if constexpr (NV >= 3) c2[r] = Vec::loadu(out + r * out_r + 2 * V);
   }
   for (int64_t i = 0; i < n; ++i) {
-    const T* xr = xs[i];
-    const T* gr = gs[i];
+    const T* xr = xs[i] + xo;
+    const T* gr = gs[i] + go;
     const Vec g0 = Vec::loadu(gr);
     if constexpr (NV == 1) {
 #pragma GCC unroll 12
@@ -795,16 +799,17 @@ inline void gw_small_tile(const T* const* xs, const T* const* gs, int64_t n, T* 
 }
 
 template <typename T, int NV>
-void gw_small_tile_r(int r, const T* const* xs, const T* const* gs, int64_t n, T* out, int64_t out_r) {
+void gw_small_tile_r(int r, const T* const* xs, int64_t xo, const T* const* gs, int64_t go, int64_t n, T* out,
+                     int64_t out_r) {
   constexpr int RM = NV == 1 ? 12 : NV == 2 ? 6 : 4;
   switch (r >= RM ? RM : r) {
 #define PYFASTDL_GW_SMALL(RR) \
-  case RR: if constexpr (RR <= RM) gw_small_tile<T, RR, NV>(xs, gs, n, out, out_r); break;
+  case RR: if constexpr (RR <= RM) gw_small_tile<T, RR, NV>(xs, xo, gs, go, n, out, out_r); break;
     PYFASTDL_GW_SMALL(12) PYFASTDL_GW_SMALL(11) PYFASTDL_GW_SMALL(10) PYFASTDL_GW_SMALL(9)
     PYFASTDL_GW_SMALL(8) PYFASTDL_GW_SMALL(7) PYFASTDL_GW_SMALL(6) PYFASTDL_GW_SMALL(5)
     PYFASTDL_GW_SMALL(4) PYFASTDL_GW_SMALL(3) PYFASTDL_GW_SMALL(2)
 #undef PYFASTDL_GW_SMALL
-    default: gw_small_tile<T, 1, NV>(xs, gs, n, out, out_r); break;
+    default: gw_small_tile<T, 1, NV>(xs, xo, gs, go, n, out, out_r); break;
   }
 }
 
@@ -866,18 +871,13 @@ void bwd_weight_small(const T* gsrc, const T* xp, const conv::Params& p, T* gwp)
             T* pt = part + t * Cin * cpad;
             for (int64_t ci0 = 0; ci0 < Cin; ci0 += RM) {
               const int rr = static_cast<int>(std::min<int64_t>(RM, Cin - ci0));
-              if (ci0 > 0)
-                for (int64_t i = 0; i < cnt; ++i) xs[i] += RM;
               for (int64_t blk = 0; blk < nblk; ++blk) {
-                if (blk > 0)
-                  for (int64_t i = 0; i < cnt; ++i) gs[i] += NB;
                 T* o = pt + ci0 * cpad + blk * NB;
-                if (NV == 1) gw_small_tile_r<T, 1>(rr, xs.data(), gs.data(), cnt, o, cpad);
-                else if (NV == 2) gw_small_tile_r<T, 2>(rr, xs.data(), gs.data(), cnt, o, cpad);
-                else gw_small_tile_r<T, 3>(rr, xs.data(), gs.data(), cnt, o, cpad);
+                const int64_t go = blk * NB;
+                if (NV == 1) gw_small_tile_r<T, 1>(rr, xs.data(), ci0, gs.data(), go, cnt, o, cpad);
+                else if (NV == 2) gw_small_tile_r<T, 2>(rr, xs.data(), ci0, gs.data(), go, cnt, o, cpad);
+                else gw_small_tile_r<T, 3>(rr, xs.data(), ci0, gs.data(), go, cnt, o, cpad);
               }
-              if (nblk > 1)
-                for (int64_t i = 0; i < cnt; ++i) gs[i] -= (nblk - 1) * NB;
             }
           }
       }
