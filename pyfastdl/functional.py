@@ -113,7 +113,8 @@ def batch_norm(input: torch.Tensor, running_mean: torch.Tensor | None, running_v
 # ---- attention ---------------------------------------------------------------------------------------
 
 _ATTENTION_DTYPES = {
-    "cpu": (torch.float32, torch.float64),
+    # CPU float16 / bfloat16: the float32 kernel on inputs converted once per call (csrc/cpu/attention.cpp)
+    "cpu": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
     "cuda": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
     "triton": (torch.float32, torch.float16, torch.bfloat16),
 }

@@ -33,7 +33,7 @@ def backend_params(dtypes):
             for b, dts in dtypes.items() for dt in dts]
 
 
-BACKENDS = backend_params({"cpu": [torch.float32, torch.float64], "cuda": [torch.float32, torch.bfloat16],
+BACKENDS = backend_params({"cpu": [torch.float32, torch.float64, torch.bfloat16, torch.float16], "cuda": [torch.float32, torch.bfloat16],
                            "triton": [torch.float32], "reference": [torch.float64]})
 
 
@@ -186,13 +186,44 @@ def test_bad_input_raises_clearly():
         torch.ops.pyfastdl.attention_fwd(q, torch.randn(1, 2, 6, 7), v, None, None, False, 1.0, 0.0, 0, 0)
 
 
-def test_strict_mode_refuses_bfloat16_on_cpu(monkeypatch):
-    q = torch.randn(1, 1, 4, 8, dtype=torch.bfloat16)
-    with pytest.raises(backends.BackendError, match="bfloat16"):
-        PF.scaled_dot_product_attention(q, q, q)
-    monkeypatch.setitem(backends._config, "strict", False)
-    out = PF.scaled_dot_product_attention(q, q, q)
-    assert backends.last_dispatch().backend == "torch" and out.shape == (1, 1, 4, 8)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", ["plain", "causal", "float-mask", "gqa-valid-lens", "dropout"])
+def test_cpu_low_precision_is_the_float32_kernel_rounded_once(dtype, kind):
+    """CPU bfloat16 / float16 run our float32 kernel on the inputs converted once (strict mode: no
+    fallback): the output is the float32 kernel's output rounded to the dtype, bit for bit, and the
+    gradients are the float32 backward's on the same (converted) tensors, rounded -- the mask's
+    gradient in the mask's dtype."""
+    g = torch.Generator().manual_seed(3)
+    Hk = 1 if kind == "gqa-valid-lens" else 2
+    q = torch.randn(2, 2, 19, 16, generator=g).to(dtype)
+    k, v = (torch.randn(2, Hk, 23, 16, generator=g).to(dtype) for _ in range(2))
+    mask = torch.randn(1, 2, 19, 23, generator=g).to(dtype).expand(2, 2, 19, 23) if kind == "float-mask" else None
+    lens = torch.tensor([5, 23]) if kind == "gqa-valid-lens" else None
+    causal, p, seed = kind == "causal", (0.3 if kind == "dropout" else 0.0), 11
+    fwd, bwd = torch.ops.pyfastdl.attention_fwd, torch.ops.pyfastdl.attention_bwd
+    out, lse = fwd(q, k, v, mask, lens, causal, 0.25, p, seed, 0)
+    mask32 = None if mask is None else mask.float()
+    out32, lse32 = fwd(q.float(), k.float(), v.float(), mask32, lens, causal, 0.25, p, seed, 0)
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    assert torch.equal(out, out32.to(dtype)) and torch.equal(lse, lse32)
+    dout = torch.randn(out.shape, generator=g).to(dtype)
+    need = [True, True, True, mask is not None]
+    grads = bwd(dout, q, k, v, out, lse, mask, lens, causal, 0.25, p, seed, 0, need)
+    grads32 = bwd(dout.float(), q.float(), k.float(), v.float(), out.float(), lse, mask32, lens, causal, 0.25, p,
+                  seed, 0, need)
+    for ours, ref in zip(grads[:3], grads32[:3]):
+        assert ours.dtype == dtype and torch.equal(ours, ref.to(dtype))
+    if mask is not None:
+        assert grads[3].dtype == dtype and torch.equal(grads[3], grads32[3].to(dtype))
+    # through the drop-in function, strict: our kernel ran, and no less accurate than torch's own
+    # bf16 / fp16 CPU kernel against float64
+    if kind == "plain":
+        qd, kd, vd = (t.clone().requires_grad_() for t in (q, k, v))
+        res = PF.scaled_dot_product_attention(qd, kd, vd)
+        assert backends.last_dispatch().backend == "cpu" and backends.last_dispatch().fallback is None
+        ref64 = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
+        theirs = F.scaled_dot_product_attention(q, k, v)
+        assert rel(res, ref64) <= 1.1 * rel(theirs, ref64) + 1e-4
 
 
 def test_opcheck_cpu_ops():

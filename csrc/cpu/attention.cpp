@@ -1,5 +1,5 @@
 // Flash-attention CPU launchers: validate (csrc/common/attention.h), lay q, k, v (and grad_out) out
-// contiguously, allocate, and run the SIMD kernels of the CPU's capability (attention_kernel.cpp).
+// contiguously (in float32 for bfloat16 / float16), allocate, and run the SIMD kernels of the CPU's capability (attention_kernel.cpp).
 // Registered under the CPU dispatch key; the schemas are in csrc/ops.cpp.
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -14,6 +14,17 @@ namespace {
 
 constexpr auto kernels = &cpu::attention_kernels;  // the table of the CPU's capability (cpu/capability.h)
 
+// bfloat16 / float16 run the float32 kernel: q, k, v (and in the backward grad_out, out) are converted
+// to contiguous float32 once per call, the products, softmax and sums are float32, and each output is
+// rounded to the input dtype once at the end. This CPU kernel has no bf16 / fp16 arithmetic (no
+// AVX512_BF16 or AMX path yet): the conversion is what it runs on every x86 CPU.
+bool low_precision(at::ScalarType t) { return t == at::kBFloat16 || t == at::kHalf; }
+
+at::Tensor as_kernel_dtype(const at::Tensor& t) {
+  if (!low_precision(t.scalar_type())) return t.contiguous();
+  return t.to(t.options().dtype(at::kFloat), /*non_blocking=*/false, /*copy=*/false, at::MemoryFormat::Contiguous);
+}
+
 // The arguments both ops share, checked and laid out; the tensors are kept alive here.
 struct Prepared {
   at::Tensor q, k, v, mask, valid_lens;
@@ -25,12 +36,13 @@ Prepared prepare(const char* op, const at::Tensor& q, const at::Tensor& k, const
                  bool is_causal, double scale, double dropout_p, int64_t seed, int64_t offset) {
   attention::check(op, q, k, v, attn_mask, valid_lens, dropout_p);
   TORCH_CHECK(q.device().is_cpu(), op, ": the CPU kernel got q on ", q.device());
-  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble, op,
-              ": the CPU kernel takes float32 or float64 q, k, v; got ", q.scalar_type());
+  const at::ScalarType dt = q.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf, op,
+              ": the CPU kernel takes float32, float64, bfloat16 or float16 q, k, v; got ", dt);
   Prepared p;
-  p.q = q.contiguous();
-  p.k = k.contiguous();
-  p.v = v.contiguous();
+  p.q = as_kernel_dtype(q);
+  p.k = as_kernel_dtype(k);
+  p.v = as_kernel_dtype(v);
   cpu::AttnArgs& a = p.a;
   a.B = q.size(0), a.Hq = q.size(1), a.L = q.size(2), a.E = q.size(3);
   a.Hk = k.size(1), a.S = k.size(2), a.Ev = v.size(3);
@@ -60,22 +72,21 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const 
                                                      const c10::optional<at::Tensor>& valid_lens, bool is_causal,
                                                      double scale, double dropout_p, int64_t seed, int64_t offset) {
   Prepared p = prepare("attention_fwd", q, k, v, attn_mask, valid_lens, is_causal, scale, dropout_p, seed, offset);
-  at::Tensor out = at::empty({p.a.B, p.a.Hq, p.a.L, p.a.Ev}, q.options());
+  at::Tensor out = at::empty({p.a.B, p.a.Hq, p.a.L, p.a.Ev}, p.q.options());  // float32 for bf16 / fp16
   at::Tensor lse = at::empty({p.a.B, p.a.Hq, p.a.L}, q.options().dtype(attention::lse_dtype(q.scalar_type())));
   if (out.numel() == 0) {
     lse.fill_(-std::numeric_limits<float>::infinity());
-    return {out, lse};
+    return {out.to(q.scalar_type()), lse};
   }
   p.a.out = out.data_ptr();
   p.a.lse = lse.data_ptr();
   if (p.a.S == 0) {  // no key at all: every row is fully masked
-    out.zero_();
     lse.fill_(-std::numeric_limits<float>::infinity());
-    return {out, lse};
+    return {out.zero_().to(q.scalar_type()), lse};
   }
   if (q.scalar_type() == at::kDouble) kernels()->fwd_double(p.a);
   else kernels()->fwd_float(p.a);
-  return {out, lse};
+  return {low_precision(q.scalar_type()) ? out.to(q.scalar_type()) : out, lse};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
@@ -85,7 +96,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
   attention::check_output_mask("attention_bwd", attn_mask, output_mask);
   Prepared p = prepare("attention_bwd", q, k, v, attn_mask, valid_lens, is_causal, scale, dropout_p, seed, offset);
   attention::check_bwd_tensors("attention_bwd", grad_out, out, lse, q, v);
-  const at::Tensor g = grad_out.contiguous(), o = out.contiguous(), l = lse.contiguous();
+  const at::Tensor g = as_kernel_dtype(grad_out), o = as_kernel_dtype(out), l = lse.contiguous();
   // Gradients not asked for are empty (0,) tensors. When the kernel runs, grad_q and grad_mask start
   // at zero (skipped blocks and the dQ sum of csrc/cpu/attention_kernel.cpp rely on it), while
   // grad_k and grad_v are written whole (every key block is copied out); otherwise all are zero.
@@ -96,8 +107,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
   };
   at::Tensor gq = grad(output_mask[0], p.q, true), gk = grad(output_mask[1], p.k, !runs),
              gv = grad(output_mask[2], p.v, !runs);
-  at::Tensor gm = output_mask[3] ? at::zeros({p.a.B, p.a.Hq, p.a.L, p.a.S}, q.options())
-                                 : at::empty({0}, q.options());
+  at::Tensor gm = output_mask[3] ? at::zeros({p.a.B, p.a.Hq, p.a.L, p.a.S}, p.q.options())
+                                 : at::empty({0}, p.q.options());
   const bool any = gq.numel() > 0 || gk.numel() > 0 || gv.numel() > 0 || gm.numel() > 0;
   if (any && runs) {
     p.a.out = const_cast<void*>(o.const_data_ptr());
@@ -112,6 +123,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
   }
   // the mask's gradient in the mask's dtype (a float32 mask on float64 q, say)
   if (output_mask[3] && gm.scalar_type() != attn_mask->scalar_type()) gm = gm.to(attn_mask->scalar_type());
+  if (low_precision(q.scalar_type())) {  // float32 gradients, rounded once
+    gq = gq.to(q.scalar_type()), gk = gk.to(q.scalar_type()), gv = gv.to(q.scalar_type());
+    if (!output_mask[3]) gm = gm.to(q.scalar_type());
+  }
   return {gq, gk, gv, gm};
 }
 
