@@ -224,6 +224,9 @@ def test_cpu_low_precision_is_the_float32_kernel_rounded_once(dtype, kind):
         ref64 = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
         theirs = F.scaled_dot_product_attention(q, k, v)
         assert rel(res, ref64) <= 1.1 * rel(theirs, ref64) + 1e-4
+        gq = torch.autograd.grad(res.sum(), qd, create_graph=True)[0]  # double backward works, in the dtype
+        assert gq.dtype == dtype and gq.requires_grad
+        assert torch.autograd.grad(gq.float().square().sum(), kd)[0].dtype == dtype
 
 
 def test_opcheck_cpu_ops():
