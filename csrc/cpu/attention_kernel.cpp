@@ -4,8 +4,8 @@
 // Forward (FlashAttention-2): one task per (b, h, block of kBq queries); the key blocks of kBk keys
 // stream past with a running row max and sum; scores S = scale Q K^T and the update O += P V are
 // small GEMMs -- float32 on AVX2 / AVX-512: the own register-blocked micro-kernel below on K^T / V
-// panels packed once per call, a block run in strips of kMR query rows whose scores, softmax and
-// P V stay in L1; otherwise (float64, DEFAULT, PYFASTDL_ATTENTION_GEMM=blas, and by
+// panels packed once per call (a block that causal cuts inside runs in strips of kMR query rows, each
+// trimmed to its own last row); otherwise (float64, DEFAULT, PYFASTDL_ATTENTION_GEMM=blas, and by
 // measurement the float32 backward at head dims > 64) the BLAS of libtorch_cpu, single-threaded in
 // every task --, the masking, exp and row sums SIMD. Only O(kBq x kBk) scores exist at a time. Backward: one task per (b, key/value head,
 // partition of its key blocks): for every key block of the partition and every query block of the
@@ -559,16 +559,16 @@ void fwd(const AttnArgs& a) {
       // padded to 512 costs 300 keys, not 512.
       for (int64_t j0 = 0; j0 < jend; j0 += kBk) {
         const int64_t bk = std::min(kBk, jend - j0);
-        if (own) {
+        const T* kt = own ? kt_pack->data() + hk_index * kt_size + j0 / kNR * a.E * kNR : nullptr;
+        const T* vp = own ? v_pack->data() + hk_index * v_size + j0 * kNR : nullptr;
+        // A block that causal cuts inside (its first row sees fewer keys than the block has) runs, with the
+        // own product, in strips of kMR query rows, each strip's keys ending at its own last row (a
+        // skipped key would add exp(-inf) = 0; the strip's scores stay in L1). Every other block runs
+        // whole. Interleaved single-threaded A/B on the 2-core EPYC (AVX2), (1, 8, 1024, E) and (4, 8,
+        // 512, 64): strips on every block were no faster on non-causal blocks (0-13% slower, within the
+        // VM's noise); the causal forward with the trimmed strips ran 7-16% faster than whole blocks.
+        if (own && trim && a.causal && key_end(a, b, i0) < j0 + bk) {
           const int64_t bk_block = bk;
-          // The own product runs the block in strips of kMR query rows: the strip's scores (kMR x bk,
-          // at most 6-12 KB) are computed, masked, turned into P and multiplied into O while they sit in
-          // L1, and the block's K^T / V panels stream from L2 past them. Against whole-block products
-          // (a 128 x 256 score block lives in L2), single-threaded on the 2-core EPYC (AVX2), (1, 8, 1024,
-          // E): 42.7 -> 37.0 ms at E = 64, 72.3 -> 61.3 ms at E = 128, causal 24.4 -> 23.2 / 42.9 -> 35.1
-          // ms (causal also trims each strip's keys). Every element is the same FMA chain as before.
-          const T* kt = kt_pack->data() + hk_index * kt_size + j0 / kNR * a.E * kNR;
-          const T* vp = v_pack->data() + hk_index * v_size + j0 * kNR;
           for (int64_t r0 = 0; r0 < bq; r0 += kMR) {
             const int64_t mr = std::min<int64_t>(kMR, bq - r0);
             // causal: a strip's keys end at its own last row (a skipped key would add exp(-inf) = 0)
@@ -585,11 +585,17 @@ void fwd(const AttnArgs& a) {
           }
           continue;
         }
-        scores(a, Q, K + j0 * a.E, bq, bk, S.data());
+        if (own && a.E > 0)
+          own_mm<T>(bq, bk, a.E, static_cast<T>(a.scale), Q, a.E, 1, kt, a.E * kNR, T(0), S.data(), bk);
+        else
+          scores(a, Q, K + j0 * a.E, bq, bk, S.data());
         apply_masks(a, S.data(), bk, b, h, i0, bq, j0, bk);
         softmax_rows(S.data(), bk, 0, bq, bk);
         if (a.dropout_p > 0) apply_dropout(a, S.data(), bk, b, h, i0, bq, j0, bk);
-        mm<T>(false, false, bq, a.Ev, bk, T(1), S.data(), bk, Vv + j0 * a.Ev, a.Ev, T(1), O.data(), a.Ev);
+        if (own)
+          own_mm<T>(bq, a.Ev, bk, T(1), S.data(), bk, 1, vp, a.S * kNR, T(1), O.data(), a.Ev);
+        else
+          mm<T>(false, false, bq, a.Ev, bk, T(1), S.data(), bk, Vv + j0 * a.Ev, a.Ev, T(1), O.data(), a.Ev);
       }
       for (int64_t r = 0; r < bq; ++r) {
         T* dst = out + (bh * a.L + i0 + r) * a.Ev;
