@@ -529,9 +529,12 @@ void fwd(const AttnArgs& a) {
       std::fill(m.begin(), m.end(), ninf);
       std::fill(l.begin(), l.end(), T(0));
       // trim: the keys that causal / 1-D valid_lens mask for every row of a block (or of a strip) may
-      // be left out -- no NaN or Inf in Q, K or V could reach the result through them.
+      // be left out -- no NaN or Inf in Q, K or V could reach the result through them. key_end grows
+      // with the row, so when the block's first row sees every key nothing is left out (and Q is not
+      // scanned).
       int64_t jend = a.S;
-      const bool trim = may_skip(a) && !kv_bad[b * a.Hk + h / group] && all_finite(Q, bq * a.E);
+      const bool trim = may_skip(a) && key_end(a, b, i0) < a.S && !kv_bad[b * a.Hk + h / group] &&
+                        all_finite(Q, bq * a.E);
       if (trim) jend = key_end(a, b, i0 + bq - 1);
       const int64_t hk_index = b * a.Hk + h / group;
       // Online softmax over rows [r0, r1) of the scores S (row stride ld; row r of the block at S + (r - r0) ld):
@@ -573,7 +576,7 @@ void fwd(const AttnArgs& a) {
           for (int64_t r0 = 0; r0 < bq; r0 += kMR) {
             const int64_t mr = std::min<int64_t>(kMR, bq - r0);
             // causal: a strip's keys end at its own last row (a skipped key would add exp(-inf) = 0)
-            const int64_t bk = trim ? std::min(bk_block, key_end(a, b, i0 + r0 + mr - 1) - j0) : bk_block;
+            const int64_t bk = std::min(bk_block, key_end(a, b, i0 + r0 + mr - 1) - j0);
             if (bk <= 0) continue;
             if (a.E > 0)
               own_mm<T>(mr, bk, a.E, static_cast<T>(a.scale), Q + r0 * a.E, a.E, 1, kt, a.E * kNR, T(0), S.data(), bk);
