@@ -257,6 +257,7 @@ namespace {
 std::string build_info() {
   return std::string("cpu_capability=") + pyfastdl::cpu::capability_name(pyfastdl::cpu::capability()) +
          ";cpu_best=" + pyfastdl::cpu::capability_name(pyfastdl::cpu::detect_capability()) +
+         ";cpu_avx512_bf16=" + (pyfastdl::cpu::cpu_has_avx512_bf16() ? "1" : "0") +
          ";cuda=" + (PYFASTDL_WITH_CUDA ? "1" : "0") + ";cuda_archs=" + PYFASTDL_CUDA_ARCHS;
 }
 }  // namespace

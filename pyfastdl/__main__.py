@@ -25,7 +25,8 @@ def info() -> None:
         print(f"available on {dev}: {', '.join(names)}")
     if "cuda" not in m["backends_available"]:
         print("available on cuda: (no CUDA device)")
-    print(f"CPU SIMD:        {b.get('cpu_capability', '?')} (best the CPU supports: {b.get('cpu_best', '?')})")
+    print(f"CPU SIMD:        {b.get('cpu_capability', '?')} (best the CPU supports: {b.get('cpu_best', '?')}; "
+          f"AVX512_BF16: {'yes' if b.get('cpu_avx512_bf16') == '1' else 'no'})")
     print(f"CUDA build:      {'yes' if b.get('cuda') == '1' else 'no'}, archs: {b.get('cuda_archs') or '-'}")
     print(f"CPU:             {m['cpu']}, {m['cores']} cores ({m['usable_cores']} usable), "
           f"torch threads {m['torch_threads']} (interop {m['interop_threads']})")

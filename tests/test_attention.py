@@ -192,7 +192,16 @@ def test_cpu_low_precision_is_the_float32_kernel_rounded_once(dtype, kind):
     """CPU bfloat16 / float16 run our float32 kernel on the inputs converted once (strict mode: no
     fallback): the output is the float32 kernel's output rounded to the dtype, bit for bit, and the
     gradients are the float32 backward's on the same (converted) tensors, rounded -- the mask's
-    gradient in the mask's dtype."""
+    gradient in the mask's dtype. (A bfloat16 forward on a CPU with AVX512_BF16 runs the bf16 kernel
+    in gemm mode auto -- tests/test_attention_bf16.py; mode "own" pins the float32 kernel here.)"""
+    old = torch.ops.pyfastdl.attention_cpu_gemm("own")
+    try:
+        _low_precision_is_the_float32_kernel_rounded_once(dtype, kind)
+    finally:
+        torch.ops.pyfastdl.attention_cpu_gemm(old)
+
+
+def _low_precision_is_the_float32_kernel_rounded_once(dtype, kind):
     g = torch.Generator().manual_seed(3)
     Hk = 1 if kind == "gqa-valid-lens" else 2
     q = torch.randn(2, 2, 19, 16, generator=g).to(dtype)

@@ -16,9 +16,22 @@ constexpr auto kernels = &cpu::attention_kernels;  // the table of the CPU's cap
 
 // bfloat16 / float16 run the float32 kernel: q, k, v (and in the backward grad_out, out) are converted
 // to contiguous float32 once per call, the products, softmax and sums are float32, and each output is
-// rounded to the input dtype once at the end. This CPU kernel has no bf16 / fp16 arithmetic (no
-// AVX512_BF16 or AMX path yet): the conversion is what it runs on every x86 CPU.
+// rounded to the input dtype once at the end. The exception: the bfloat16 forward on a CPU with
+// AVX512_BF16 (and an even head dim, gemm mode auto) runs the bf16 kernel on the inputs as they are
+// (bf16 block products with float32 sums; attention_kernel.cpp). The backward always converts.
 bool low_precision(at::ScalarType t) { return t == at::kBFloat16 || t == at::kHalf; }
+
+}  // namespace
+namespace cpu {
+int attention_gemm_mode();  // csrc/cpu/attention_gemm.cpp: 0 auto, 1 own, 2 blas
+}  // namespace cpu
+namespace {
+
+bool native_bf16(const at::Tensor& q) {
+  return q.scalar_type() == at::kBFloat16 && kernels()->fwd_bf16 != nullptr && cpu::cpu_has_avx512_bf16() &&
+         q.dim() == 4 &&
+         q.size(3) % 2 == 0 && cpu::attention_gemm_mode() == 0;  // (prepare checks the shapes)
+}
 
 at::Tensor as_kernel_dtype(const at::Tensor& t) {
   if (!low_precision(t.scalar_type())) return t.contiguous();
@@ -33,16 +46,16 @@ struct Prepared {
 
 Prepared prepare(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                  const c10::optional<at::Tensor>& attn_mask, const c10::optional<at::Tensor>& valid_lens,
-                 bool is_causal, double scale, double dropout_p, int64_t seed, int64_t offset) {
+                 bool is_causal, double scale, double dropout_p, int64_t seed, int64_t offset, bool keep_bf16 = false) {
   attention::check(op, q, k, v, attn_mask, valid_lens, dropout_p);
   TORCH_CHECK(q.device().is_cpu(), op, ": the CPU kernel got q on ", q.device());
   const at::ScalarType dt = q.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf, op,
               ": the CPU kernel takes float32, float64, bfloat16 or float16 q, k, v; got ", dt);
   Prepared p;
-  p.q = as_kernel_dtype(q);
-  p.k = as_kernel_dtype(k);
-  p.v = as_kernel_dtype(v);
+  p.q = keep_bf16 ? q.contiguous() : as_kernel_dtype(q);
+  p.k = keep_bf16 ? k.contiguous() : as_kernel_dtype(k);
+  p.v = keep_bf16 ? v.contiguous() : as_kernel_dtype(v);
   cpu::AttnArgs& a = p.a;
   a.B = q.size(0), a.Hq = q.size(1), a.L = q.size(2), a.E = q.size(3);
   a.Hk = k.size(1), a.S = k.size(2), a.Ev = v.size(3);
@@ -71,8 +84,9 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const 
                                                      const c10::optional<at::Tensor>& attn_mask,
                                                      const c10::optional<at::Tensor>& valid_lens, bool is_causal,
                                                      double scale, double dropout_p, int64_t seed, int64_t offset) {
-  Prepared p = prepare("attention_fwd", q, k, v, attn_mask, valid_lens, is_causal, scale, dropout_p, seed, offset);
-  at::Tensor out = at::empty({p.a.B, p.a.Hq, p.a.L, p.a.Ev}, p.q.options());  // float32 for bf16 / fp16
+  const bool bf16 = native_bf16(q);
+  Prepared p = prepare("attention_fwd", q, k, v, attn_mask, valid_lens, is_causal, scale, dropout_p, seed, offset, bf16);
+  at::Tensor out = at::empty({p.a.B, p.a.Hq, p.a.L, p.a.Ev}, p.q.options());  // float32 for bf16 / fp16 (not native)
   at::Tensor lse = at::empty({p.a.B, p.a.Hq, p.a.L}, q.options().dtype(attention::lse_dtype(q.scalar_type())));
   if (out.numel() == 0) {
     lse.fill_(-std::numeric_limits<float>::infinity());
@@ -84,9 +98,10 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const 
     lse.fill_(-std::numeric_limits<float>::infinity());
     return {out.zero_().to(q.scalar_type()), lse};
   }
-  if (q.scalar_type() == at::kDouble) kernels()->fwd_double(p.a);
+  if (bf16) kernels()->fwd_bf16(p.a);
+  else if (q.scalar_type() == at::kDouble) kernels()->fwd_double(p.a);
   else kernels()->fwd_float(p.a);
-  return {low_precision(q.scalar_type()) ? out.to(q.scalar_type()) : out, lse};
+  return {low_precision(q.scalar_type()) && !bf16 ? out.to(q.scalar_type()) : out, lse};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(

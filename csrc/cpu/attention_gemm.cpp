@@ -41,7 +41,8 @@ std::atomic<int>& mode_ref() {
   return mode;
 }
 
-// The block product of the last CPU attention forward / backward: -1 none yet, 1 own, 2 blas.
+// The block product of the last CPU attention forward / backward: -1 none yet, 1 own, 2 blas, 3 the bf16
+// kernel (bfloat16 inputs on a CPU with AVX512_BF16).
 std::atomic<int> last_fwd{-1}, last_bwd{-1};
 
 }  // namespace
@@ -49,10 +50,12 @@ std::atomic<int> last_fwd{-1}, last_bwd{-1};
 // Declared where used (attention_kernel.cpp, ops.cpp): 0 auto, 1 own, 2 blas.
 int attention_gemm_mode() { return mode_ref().load(); }
 
-void attention_gemm_note(bool backward, bool own) { (backward ? last_bwd : last_fwd).store(own ? 1 : 2); }
+void attention_gemm_note(bool backward, bool own, bool bf16) {
+  (backward ? last_bwd : last_fwd).store(bf16 ? 3 : own ? 1 : 2);
+}
 
 std::string attention_cpu_gemm(c10::string_view mode) {
-  auto name = [](int a) { return a < 0 ? "none" : kModeNames[a]; };
+  auto name = [](int a) { return a < 0 ? "none" : a == 3 ? "bf16" : kModeNames[a]; };
   if (mode.empty()) return kModeNames[mode_ref().load()];
   if (mode == "last") return std::string("fwd=") + name(last_fwd.load()) + ";bwd=" + name(last_bwd.load());
   bool ok = false;

@@ -29,7 +29,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <memory>
 #include <type_traits>
@@ -362,28 +364,11 @@ void pack_panels(const T* X, int64_t sk, int64_t sc, int64_t K, int64_t N, T* ds
 inline int64_t panels_size(int64_t K, int64_t N) { return (N + kNR - 1) / kNR * kNR * K; }
 
 #if PYFASTDL_ATTN_UKERNEL
-// C[m x n] (m = MR, n <= kNR) = alpha A B + beta C on one panel Bp; beta is 0 (C not read) or 1.
+// Stores the kMR x kNR register tile (c0 | c1 per row) of a micro-kernel: C[MR x n] = alpha acc + beta C,
+// beta 0 (C not read) or 1. Inlined into each micro-kernel, so the accumulators stay in registers.
 template <int MR>
-inline void ukernel(int64_t K, const float* A, int64_t rsa, int64_t csa, const float* Bp, float alpha, float beta,
-                    float* C, int64_t ldc, int64_t n) {
-  VReg c0[MR], c1[MR];
-#pragma GCC unroll 16
-  for (int i = 0; i < MR; ++i) c0[i] = c1[i] = vzero();
-  int64_t off[MR];
-#pragma GCC unroll 16
-  for (int i = 0; i < MR; ++i) off[i] = i * rsa;
-  const float* a = A;
-  for (int64_t k = 0; k < K; ++k) {
-    const VReg b0 = vload(Bp), b1 = vload(Bp + kW);
-#pragma GCC unroll 16
-    for (int i = 0; i < MR; ++i) {
-      const VReg ai = vbcast(a + off[i]);
-      c0[i] = vfma(ai, b0, c0[i]);
-      c1[i] = vfma(ai, b1, c1[i]);
-    }
-    a += csa;
-    Bp += kNR;
-  }
+inline void store_tile(const VReg (&c0)[MR], const VReg (&c1)[MR], float alpha, float beta, float* C, int64_t ldc,
+                       int64_t n) {
   const VReg va = vset(alpha);
   if (n == kNR) {
 #pragma GCC unroll 16
@@ -418,6 +403,31 @@ inline void ukernel(int64_t K, const float* A, int64_t rsa, int64_t csa, const f
   }
 }
 
+// C[m x n] (m = MR, n <= kNR) = alpha A B + beta C on one panel Bp; beta is 0 (C not read) or 1.
+template <int MR>
+inline void ukernel(int64_t K, const float* A, int64_t rsa, int64_t csa, const float* Bp, float alpha, float beta,
+                    float* C, int64_t ldc, int64_t n) {
+  VReg c0[MR], c1[MR];
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i) c0[i] = c1[i] = vzero();
+  int64_t off[MR];
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i) off[i] = i * rsa;
+  const float* a = A;
+  for (int64_t k = 0; k < K; ++k) {
+    const VReg b0 = vload(Bp), b1 = vload(Bp + kW);
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i) {
+      const VReg ai = vbcast(a + off[i]);
+      c0[i] = vfma(ai, b0, c0[i]);
+      c1[i] = vfma(ai, b1, c1[i]);
+    }
+    a += csa;
+    Bp += kNR;
+  }
+  store_tile<MR>(c0, c1, alpha, beta, C, ldc, n);
+}
+
 template <int R>
 inline void ukernel_rows(int64_t m, int64_t K, const float* A, int64_t rsa, int64_t csa, const float* Bp, float alpha,
                          float beta, float* C, int64_t ldc, int64_t n) {
@@ -442,12 +452,128 @@ void gemm_panels(int64_t M, int64_t N, int64_t K, float alpha, const float* A, i
 }
 #endif
 
+// ---- the bf16 block product (AVX512_BF16) -------------------------------------------------------------
+// bfloat16 operands held as their bits (uint16_t). vdpbf16ps multiplies pairs of bf16 exactly and adds
+// both products into a float32 lane, so the k loop runs over *pairs* of k: B is packed in pair panels
+// (panel of kNR columns; pair row kp holds, per column c, B(2kp, c) and B(2kp + 1, c) side by side --
+// 2 kNR bf16, two zmm), and A's pair (A(i, 2kp), A(i, 2kp + 1)) is one 32-bit broadcast, so A must be
+// contiguous along k with an even row length (zero-padded where the operand is our own scratch). The
+// same 12 x 32 register tile and epilogue as the float32 kernel: twice the multiply-adds per
+// instruction. The instruction reads no MXCSR: round to nearest even, bf16 denormals read as zero.
+inline int64_t round2(int64_t x) { return (x + 1) / 2 * 2; }
+
+// bf16 elements of the pair panels of an N-column, K-row operand.
+inline int64_t pair_panels_size(int64_t K, int64_t N) { return (N + kNR - 1) / kNR * kNR * round2(K); }
+
+#if defined(CPU_CAPABILITY_AVX512)
+#define PYFASTDL_ATTN_BF16 1
+#define PYFASTDL_TARGET_BF16 __attribute__((target("avx512bf16")))
+
+// Packs X(k, c) = X[k sk + c sc] (k < K, c < N) into pair panels: panel p at dst + p round2(K) kNR, X(k, c)
+// at [(k / 2) 2 kNR + 2 (c - p kNR) + k % 2]; zero past column N and at the odd K's last row.
+void pack_pair_panels(const uint16_t* X, int64_t sk, int64_t sc, int64_t K, int64_t N, uint16_t* dst) {
+  const int64_t K2 = round2(K);
+  for (int64_t c0 = 0; c0 < N; c0 += kNR) {
+    uint16_t* panel = dst + (c0 / kNR) * K2 * kNR;
+    const int64_t n = std::min<int64_t>(kNR, N - c0);
+    for (int64_t k = 0; k < K2; ++k) {
+      uint16_t* row = panel + (k / 2) * 2 * kNR + k % 2;
+      for (int64_t c = 0; c < kNR; ++c) row[2 * c] = k < K && c < n ? X[k * sk + (c0 + c) * sc] : uint16_t(0);
+    }
+  }
+}
+
+inline __m512i load_pair(const uint16_t* p) {
+  int32_t x;
+  std::memcpy(&x, p, sizeof x);
+  return _mm512_set1_epi32(x);
+}
+
+// C[MR x n] = alpha A B + beta C over Kp pairs of k: A rows at A + i rsa (bf16, contiguous along k), B one
+// pair panel.
+template <int MR>
+PYFASTDL_TARGET_BF16 inline void ukernel_bf16(int64_t Kp, const uint16_t* A, int64_t rsa, const uint16_t* Bp,
+                                              float alpha, float beta, float* C, int64_t ldc, int64_t n) {
+  VReg c0[MR], c1[MR];
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i) c0[i] = c1[i] = vzero();
+  for (int64_t kp = 0; kp < Kp; ++kp) {
+    const __m512bh b0 = (__m512bh)_mm512_loadu_si512(Bp), b1 = (__m512bh)_mm512_loadu_si512(Bp + 2 * kW);
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i) {
+      const __m512bh ai = (__m512bh)load_pair(A + i * rsa + 2 * kp);
+      c0[i] = _mm512_dpbf16_ps(c0[i], ai, b0);
+      c1[i] = _mm512_dpbf16_ps(c1[i], ai, b1);
+    }
+    Bp += 2 * kNR;
+  }
+  store_tile<MR>(c0, c1, alpha, beta, C, ldc, n);
+}
+
+template <int R>
+PYFASTDL_TARGET_BF16 inline void ukernel_bf16_rows(int64_t m, int64_t Kp, const uint16_t* A, int64_t rsa,
+                                                   const uint16_t* Bp, float alpha, float beta, float* C, int64_t ldc,
+                                                   int64_t n) {
+  if constexpr (R > 0) {
+    if (m == R) ukernel_bf16<R>(Kp, A, rsa, Bp, alpha, beta, C, ldc, n);
+    else ukernel_bf16_rows<R - 1>(m, Kp, A, rsa, Bp, alpha, beta, C, ldc, n);
+  }
+}
+
+// C[M x N] = alpha A B + beta C (beta 0 or 1) over K (even) rows of B in pair panels panel_stride apart.
+PYFASTDL_TARGET_BF16 void gemm_pair_panels(int64_t M, int64_t N, int64_t K, float alpha, const uint16_t* A,
+                                           int64_t rsa, const uint16_t* Bp, int64_t panel_stride, float beta, float* C,
+                                           int64_t ldc) {
+  const int64_t Kp = K / 2;
+  for (int64_t j = 0; j < N; j += kNR) {
+    const uint16_t* bp = Bp + (j / kNR) * panel_stride;
+    const int64_t n = std::min<int64_t>(kNR, N - j);
+    int64_t i = 0;
+    for (; i + kMR <= M; i += kMR) ukernel_bf16<kMR>(Kp, A + i * rsa, rsa, bp, alpha, beta, C + i * ldc + j, ldc, n);
+    if (i < M) ukernel_bf16_rows<kMR - 1>(M - i, Kp, A + i * rsa, rsa, bp, alpha, beta, C + i * ldc + j, ldc, n);
+  }
+}
+
+// Pb[r, 0 .. n) = bf16(P[r, 0 .. n)) (round to nearest even, NaN stays NaN) for rows r < m (row strides ldp,
+// ldb); with pad, also Pb[r, n] = 0 where n is odd (the pair panels' zero row).
+PYFASTDL_TARGET_BF16 void to_bf16_rows(const float* P, int64_t ldp, int64_t m, int64_t n, uint16_t* Pb, int64_t ldb,
+                                       bool pad) {
+  for (int64_t r = 0; r < m; ++r) {
+    const float* src = P + r * ldp;
+    uint16_t* dst = Pb + r * ldb;
+    int64_t c = 0;
+    for (; c + 16 <= n; c += 16)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + c), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + c)));
+    if (c < n) {
+      const __mmask16 tail = static_cast<__mmask16>((1u << (n - c)) - 1);
+      _mm256_mask_storeu_epi16(dst + c, tail, (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(tail, src + c)));
+    }
+    if (pad && n % 2) dst[n] = 0;
+  }
+}
+
+// True when the bf16 x[0, n) holds no NaN and no +-inf (exponent bits all ones).
+bool all_finite(const uint16_t* x, int64_t n) {
+  bool bad = false;
+  for (int64_t i = 0; i < n; ++i) bad |= (x[i] & 0x7f80) == 0x7f80;
+  return !bad;
+}
+#else
+#define PYFASTDL_ATTN_BF16 0
+// declared for the forward template's discarded bf16 branches; never defined or called here
+void pack_pair_panels(const uint16_t* X, int64_t sk, int64_t sc, int64_t K, int64_t N, uint16_t* dst);
+void gemm_pair_panels(int64_t M, int64_t N, int64_t K, float alpha, const uint16_t* A, int64_t rsa, const uint16_t* Bp,
+                      int64_t panel_stride, float beta, float* C, int64_t ldc);
+void to_bf16_rows(const float* P, int64_t ldp, int64_t m, int64_t n, uint16_t* Pb, int64_t ldb, bool pad);
+bool all_finite(const uint16_t* x, int64_t n);
+#endif
+
 }  // namespace (reopened below after the mode's declarations)
 }  // namespace CPU_CAPABILITY
 
 // csrc/cpu/attention_gemm.cpp: 0 auto, 1 own, 2 blas; which product the last call used.
 int attention_gemm_mode();
-void attention_gemm_note(bool backward, bool own);
+void attention_gemm_note(bool backward, bool own, bool bf16 = false);
 
 namespace CPU_CAPABILITY {
 namespace {
@@ -482,13 +608,17 @@ void own_mm(int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t rsa, i
   TORCH_INTERNAL_ASSERT(false, "attention: the own block product is float32 on AVX2 / AVX-512 only");
 }
 
-template <typename T>
+// T: the arithmetic (float32 / float64). kBf16: q, k, v and out are bfloat16 (their bits, In = uint16_t), the
+// block products the AVX512_BF16 kernel on bf16 pair panels (P rounded to bf16 before P V, as torch's bf16
+// flash attention does), the masks, softmax, sums and O float32; needs an even head dim E.
+template <typename T, bool kBf16 = false>
 void fwd(const AttnArgs& a) {
+  using In = std::conditional_t<kBf16, uint16_t, T>;
   const int64_t nqb = (a.L + kBq - 1) / kBq, group = a.Hq / a.Hk;
-  const T* q = static_cast<const T*>(a.q);
-  const T* k = static_cast<const T*>(a.k);
-  const T* v = static_cast<const T*>(a.v);
-  T* out = static_cast<T*>(a.out);
+  const In* q = static_cast<const In*>(a.q);
+  const In* k = static_cast<const In*>(a.k);
+  const In* v = static_cast<const In*>(a.v);
+  In* out = static_cast<In*>(a.out);
   const T ninf = -std::numeric_limits<T>::infinity();
   // Per key/value head (b, hk): K or V holds a NaN or an Inf, so masked keys still matter (NaN + -inf,
   // 0 * inf in P V) and no key block is skipped.
@@ -500,31 +630,55 @@ void fwd(const AttnArgs& a) {
         kv_bad[t] = !all_finite(k + t * a.S * a.E, a.S * a.E) || !all_finite(v + t * a.S * a.Ev, a.S * a.Ev);
     });
   }
-  // The own product: K^T (keys as columns) and V in panels, once per key/value head.
-  const bool own = use_own_gemm<T>(false, a);
-  const int64_t kt_size = panels_size(a.E, a.S), v_size = panels_size(a.S, a.Ev);
-  std::unique_ptr<Scratch<T>> kt_pack, v_pack;
+  // The own product: K^T (keys as columns) and V in panels (bf16: pair panels), once per key/value head.
+  // Ek, Sk: the packed row counts (bf16: rounded up to pairs).
+  const bool own = kBf16 || use_own_gemm<T>(false, a);
+  if constexpr (kBf16) attention_gemm_note(false, true, true);
+  const int64_t Ek = kBf16 ? round2(a.E) : a.E, Sk = kBf16 ? round2(a.S) : a.S;
+  const int64_t kt_size = kBf16 ? pair_panels_size(a.E, a.S) : panels_size(a.E, a.S);
+  const int64_t v_size = kBf16 ? pair_panels_size(a.S, a.Ev) : panels_size(a.S, a.Ev);
+  std::unique_ptr<Scratch<In>> kt_pack, v_pack;
   if (own) {
-    kt_pack = std::make_unique<Scratch<T>>(a.B * a.Hk * kt_size, false);
-    v_pack = std::make_unique<Scratch<T>>(a.B * a.Hk * v_size, false);
+    kt_pack = std::make_unique<Scratch<In>>(a.B * a.Hk * kt_size, false);
+    v_pack = std::make_unique<Scratch<In>>(a.B * a.Hk * v_size, false);
     at::parallel_for(0, a.B * a.Hk, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
-        pack_panels(k + t * a.S * a.E, 1, a.E, a.E, a.S, kt_pack->data() + t * kt_size);
-        pack_panels(v + t * a.S * a.Ev, a.Ev, 1, a.S, a.Ev, v_pack->data() + t * v_size);
+        if constexpr (kBf16) {
+          pack_pair_panels(k + t * a.S * a.E, 1, a.E, a.E, a.S, kt_pack->data() + t * kt_size);
+          pack_pair_panels(v + t * a.S * a.Ev, a.Ev, 1, a.S, a.Ev, v_pack->data() + t * v_size);
+        } else {
+          pack_panels(k + t * a.S * a.E, 1, a.E, a.E, a.S, kt_pack->data() + t * kt_size);
+          pack_panels(v + t * a.S * a.Ev, a.Ev, 1, a.S, a.Ev, v_pack->data() + t * v_size);
+        }
       }
     });
   }
+  // The two block products of the own kernel: S[mr x bk] = scale Q K^T (rows of Q at Qr, K^T panels at kt),
+  // and O[mr x Ev] += P V (P = S, row stride ld; V panels at vp); bf16: P rounded into Pb first.
+  auto qk = [&](int64_t mr, int64_t bk, const In* Qr, const In* kt, T* S) {
+    if constexpr (kBf16) gemm_pair_panels(mr, bk, Ek, static_cast<float>(a.scale), Qr, a.E, kt, Ek * kNR, 0.f, S, bk);
+    else own_mm<T>(mr, bk, a.E, static_cast<T>(a.scale), Qr, a.E, 1, kt, a.E * kNR, T(0), S, bk);
+  };
+  auto pv = [&](int64_t mr, int64_t bk, const T* P, In* Pb, const In* vp, T* O) {
+    if constexpr (kBf16) {
+      to_bf16_rows(P, bk, mr, bk, Pb, round2(bk), true);
+      gemm_pair_panels(mr, a.Ev, round2(bk), 1.f, Pb, round2(bk), vp, Sk * kNR, 1.f, O, a.Ev);
+    } else {
+      own_mm<T>(mr, a.Ev, bk, T(1), P, bk, 1, vp, a.S * kNR, T(1), O, a.Ev);
+    }
+  };
   at::parallel_for(0, a.B * a.Hq * nqb, 1, [&](int64_t t0, int64_t t1) {
     BlasSingleThread blas1;
     // Sized to the blocks that occur (small inputs: a few elements, not 128 KiB mmapped and zeroed per call)
     const int64_t sq = std::min(kBq, a.L), sk = std::min(kBk, a.S);
     Scratch<T> S(sq * sk), O(sq * a.Ev), m(sq), l(sq);
+    Scratch<In> Pb(kBf16 ? sq * round2(sk) : 0, false);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t bh = t / nqb, b = bh / a.Hq, h = bh % a.Hq;
       const int64_t i0 = (t % nqb) * kBq, bq = std::min(kBq, a.L - i0);
-      const T* Q = q + (bh * a.L + i0) * a.E;
-      const T* K = k + (b * a.Hk + h / group) * a.S * a.E;
-      const T* Vv = v + (b * a.Hk + h / group) * a.S * a.Ev;
+      const In* Q = q + (bh * a.L + i0) * a.E;
+      const In* K = k + (b * a.Hk + h / group) * a.S * a.E;
+      const In* Vv = v + (b * a.Hk + h / group) * a.S * a.Ev;
       std::fill(O.begin(), O.end(), T(0));
       std::fill(m.begin(), m.end(), ninf);
       std::fill(l.begin(), l.end(), T(0));
@@ -562,8 +716,8 @@ void fwd(const AttnArgs& a) {
       // padded to 512 costs 300 keys, not 512.
       for (int64_t j0 = 0; j0 < jend; j0 += kBk) {
         const int64_t bk = std::min(kBk, jend - j0);
-        const T* kt = own ? kt_pack->data() + hk_index * kt_size + j0 / kNR * a.E * kNR : nullptr;
-        const T* vp = own ? v_pack->data() + hk_index * v_size + j0 * kNR : nullptr;
+        const In* kt = own ? kt_pack->data() + hk_index * kt_size + j0 / kNR * Ek * kNR : nullptr;
+        const In* vp = own ? v_pack->data() + hk_index * v_size + j0 * kNR : nullptr;
         // A block that causal cuts inside (its first row sees fewer keys than the block has) runs, with the
         // own product, in strips of kMR query rows, each strip's keys ending at its own last row (a
         // skipped key would add exp(-inf) = 0; the strip's scores stay in L1). Every other block runs
@@ -578,39 +732,42 @@ void fwd(const AttnArgs& a) {
             // causal: a strip's keys end at its own last row (a skipped key would add exp(-inf) = 0)
             const int64_t bk = std::min(bk_block, key_end(a, b, i0 + r0 + mr - 1) - j0);
             if (bk <= 0) continue;
-            if (a.E > 0)
-              own_mm<T>(mr, bk, a.E, static_cast<T>(a.scale), Q + r0 * a.E, a.E, 1, kt, a.E * kNR, T(0), S.data(), bk);
-            else
-              std::fill(S.data(), S.data() + mr * bk, T(0));
+            if (a.E > 0) qk(mr, bk, Q + r0 * a.E, kt, S.data());
+            else std::fill(S.data(), S.data() + mr * bk, T(0));
             apply_masks(a, S.data(), bk, b, h, i0 + r0, mr, j0, bk);
             softmax_rows(S.data(), bk, r0, r0 + mr, bk);
             if (a.dropout_p > 0) apply_dropout(a, S.data(), bk, b, h, i0 + r0, mr, j0, bk);
-            own_mm<T>(mr, a.Ev, bk, T(1), S.data(), bk, 1, vp, a.S * kNR, T(1), O.data() + r0 * a.Ev, a.Ev);
+            pv(mr, bk, S.data(), Pb.data(), vp, O.data() + r0 * a.Ev);
           }
           continue;
         }
-        if (own && a.E > 0)
-          own_mm<T>(bq, bk, a.E, static_cast<T>(a.scale), Q, a.E, 1, kt, a.E * kNR, T(0), S.data(), bk);
-        else
-          scores(a, Q, K + j0 * a.E, bq, bk, S.data());
+        if (own && a.E > 0) {
+          qk(bq, bk, Q, kt, S.data());
+        } else {
+          if constexpr (kBf16) std::fill(S.data(), S.data() + bq * bk, T(0));  // E = 0 (E > 0 is own)
+          else scores(a, Q, K + j0 * a.E, bq, bk, S.data());
+        }
         apply_masks(a, S.data(), bk, b, h, i0, bq, j0, bk);
         softmax_rows(S.data(), bk, 0, bq, bk);
         if (a.dropout_p > 0) apply_dropout(a, S.data(), bk, b, h, i0, bq, j0, bk);
-        if (own)
-          own_mm<T>(bq, a.Ev, bk, T(1), S.data(), bk, 1, vp, a.S * kNR, T(1), O.data(), a.Ev);
-        else
+        if (own) {
+          pv(bq, bk, S.data(), Pb.data(), vp, O.data());
+        } else if constexpr (!kBf16) {
           mm<T>(false, false, bq, a.Ev, bk, T(1), S.data(), bk, Vv + j0 * a.Ev, a.Ev, T(1), O.data(), a.Ev);
+        }
       }
       for (int64_t r = 0; r < bq; ++r) {
-        T* dst = out + (bh * a.L + i0 + r) * a.Ev;
+        T* o_row = O.data() + r * a.Ev;
         T* lse = static_cast<T*>(a.lse) + bh * a.L + i0 + r;
         if (l[r] == T(0)) {  // a fully masked row: P = 0, out = 0 V (0, or NaN where V is not finite, as torch)
-          std::copy(O.begin() + r * a.Ev, O.begin() + (r + 1) * a.Ev, dst);
           *lse = ninf;
         } else {
-          scale_row(O.data() + r * a.Ev, a.Ev, T(1) / l[r], dst);
+          scale_row(o_row, a.Ev, T(1) / l[r]);
           *lse = m[r] + std::log(l[r]);
         }
+        In* dst = out + (bh * a.L + i0 + r) * a.Ev;
+        if constexpr (kBf16) to_bf16_rows(o_row, a.Ev, 1, a.Ev, dst, a.Ev, false);
+        else std::copy(o_row, o_row + a.Ev, dst);
       }
     }
   });
@@ -803,7 +960,11 @@ void bwd(const AttnArgs& a) {
   });
 }
 
-const AttentionKernels kTable{&fwd<float>, &fwd<double>, &bwd<float>, &bwd<double>};
+#if PYFASTDL_ATTN_BF16
+const AttentionKernels kTable{&fwd<float>, &fwd<double>, &fwd<float, true>, &bwd<float>, &bwd<double>};
+#else
+const AttentionKernels kTable{&fwd<float>, &fwd<double>, nullptr, &bwd<float>, &bwd<double>};
+#endif
 
 }  // namespace
 }  // namespace CPU_CAPABILITY

@@ -36,6 +36,9 @@ struct AttnArgs {
 struct AttentionKernels {
   void (*fwd_float)(const AttnArgs& a);
   void (*fwd_double)(const AttnArgs& a);
+  // bfloat16 q, k, v, out with bf16 block products (AVX512_BF16 dot products, float32 sums and softmax):
+  // null where the capability has none (DEFAULT, AVX2); call only when cpu_has_avx512_bf16() and E is even.
+  void (*fwd_bf16)(const AttnArgs& a);
   void (*bwd_float)(const AttnArgs& a);
   void (*bwd_double)(const AttnArgs& a);
 };

@@ -40,6 +40,20 @@ inline Capability detect_capability() {
   return Capability::DEFAULT;
 }
 
+// Whether the CPU runs AVX512_BF16 (vdpbf16ps); checked beside the capability by the kernels
+// that have a bf16 path (the attention forward); PYFASTDL_CPU_ARCH below AVX512 leaves it unused.
+inline bool cpu_has_avx512_bf16() {
+#if defined(__x86_64__) || defined(__i386__)
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512bf16") != 0;
+  }();
+  return has;
+#else
+  return false;
+#endif
+}
+
 // The capability in use: the best the CPU has, or a lower one forced by PYFASTDL_CPU_ARCH.
 inline Capability capability() {
   static const Capability chosen = [] {
