@@ -1,12 +1,12 @@
-"""The CPU attention's bfloat16 forward kernel (issue 12): on a CPU with AVX512_BF16 (and the AVX-512
-kernel table in use), a bfloat16 forward with an even head dim runs its block products with vdpbf16ps
-on bf16 pair panels -- Q K^T from the inputs as they are, P rounded to bf16 before P V, as torch's
-own bf16 flash attention does -- with float32 sums, masks and softmax (csrc/cpu/attention_kernel.cpp,
-fwd<float, true>). Checked against the float64 kernel on the same (bf16) inputs, torch, and the
-float32 kernel on the same inputs; NaN / Inf as the float32 kernel; the same dropout mask; bits
-independent of the thread count. Elsewhere (no AVX512_BF16, an odd head dim, gemm mode own / blas)
-the bf16 forward is the float32 kernel's, rounded (tests/test_attention.py). The backward is the
-float32 kernel's on converted tensors in every case."""
+"""The CPU attention's bfloat16 kernels (issue 12): on a CPU with AVX512_BF16 (and the AVX-512 kernel
+table in use), bfloat16 attention with even head dims runs its block products with vdpbf16ps on bf16
+pair panels -- Q K^T, dO V^T from the inputs as they are; P and dS rounded to bf16 as operands, as
+torch's own bf16 flash attention does -- with float32 sums, masks, softmax and gradients, rounded once
+(csrc/cpu/attention_kernel.cpp, fwd<float, true> / bwd<float, true>). Checked against the float64
+kernel on the same (bf16) inputs, torch, and the float32 kernel on the same inputs; NaN / Inf as the
+float32 kernel; the same dropout mask; bits independent of the thread count. Elsewhere (no
+AVX512_BF16, an odd head dim, gemm mode own / blas) bf16 is the float32 kernel's, rounded
+(tests/test_attention.py)."""
 import math
 
 import pytest
@@ -48,13 +48,20 @@ def run_fwd(q, k, v, mask, lens, causal, scale, p):
         return out, lse, gemm_mode("last").split(";")[0]
 
 
+def run_bwd(dout, q, k, v, out, lse, mask, lens, causal, scale, p, mode_name="auto"):
+    need = [True, True, True, mask is not None and mask.is_floating_point()]
+    with mode(mode_name):
+        grads = torch.ops.pyfastdl.attention_bwd(dout, q, k, v, out, lse, mask, lens, causal, scale, p, SEED, 0, need)
+        return grads[:3] + (grads[3:] if need[3] else ()), gemm_mode("last").split(";")[1]
+
+
 @needs_bf16
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_bf16_kernel_matches_float64_and_float32(case):
-    q, k, v, mask, lens, _ = make(case)
-    causal, p, E = case[7], case[10], case[5]
+    q, k, v, mask, lens, dout = make(case)
+    causal, p, E, Ev = case[7], case[10], case[5], case[6]
     scale = 1 / math.sqrt(E)
-    qb, kb, vb = (t.bfloat16() for t in (q, k, v))
+    qb, kb, vb, db = (t.bfloat16() for t in (q, k, v, dout))
     mb = mask.bfloat16() if mask is not None and mask.is_floating_point() else mask
     out, lse, last = run_fwd(qb, kb, vb, mb, lens, causal, scale, p)
     assert last == ("fwd=bf16" if E % 2 == 0 else "fwd=own"), last  # odd head dims: the float32 kernel
@@ -79,6 +86,19 @@ def test_bf16_kernel_matches_float64_and_float32(case):
                                                 enable_gqa=case[1] != case[2])
         ok = torch.isfinite(ref)
         assert rel_err(out[ok], ref[ok]) <= 1.5 * rel_err(theirs[ok], ref[ok]) + 2e-3
+    # the backward (on our forward's out and lse): every gradient against the float64 kernel's, and the
+    # float32 kernel's rounded once as the floor -- dS and P rounded to bf16 cost about as much again
+    # (measured: 1.3-1.5x the floor)
+    grads, last = run_bwd(db, qb, kb, vb, out, lse, mb, lens, causal, scale, p)
+    assert last == ("bwd=bf16" if E % 2 == 0 and Ev % 2 == 0 else "bwd=own"), last
+    refs, _ = run_bwd(db.double(), qb.double(), kb.double(), vb.double(), out.double(), lse.double(), m64, lens, causal,
+                      scale, p)
+    m32 = None if mb is None else mb.float() if mb.is_floating_point() else mb
+    g32, _ = run_bwd(db.float(), qb.float(), kb.float(), vb.float(), out.float(), lse, m32, lens, causal, scale, p, "own")
+    for name, ours, r, f32 in zip(["grad_q", "grad_k", "grad_v", "grad_mask"], grads, refs, g32):
+        assert ours.dtype == torch.bfloat16 and ours.shape == r.shape, name
+        floor = rel_err(f32.bfloat16(), r)
+        assert rel_err(ours, r) <= 2 * floor + 1e-4, (name, rel_err(ours, r), floor)
 
 
 @needs_bf16
@@ -111,6 +131,14 @@ def test_bf16_kernel_nan_and_inf_as_the_float32_kernel(causal):
     assert torch.equal(torch.isnan(lse), torch.isnan(lse32))
     fin = torch.isfinite(out32)
     assert rel_err(out[fin], out32[fin]) < 1e-2
+    dout = torch.randn(out.shape, generator=g).bfloat16()
+    grads, last = run_bwd(dout, q, k, v, out, lse, None, lens, causal, 0.2, 0.0)
+    assert last == "bwd=bf16"
+    g32, _ = run_bwd(dout.float(), q.float(), k.float(), v.float(), out.float(), lse, None, lens, causal, 0.2, 0.0, "own")
+    for ours, theirs in zip(grads, g32):
+        assert torch.equal(torch.isnan(ours), torch.isnan(theirs)) and torch.isnan(ours).any()
+        fin = torch.isfinite(theirs)
+        assert rel_err(ours[fin], theirs[fin]) < 2e-2
 
 
 @needs_bf16
@@ -118,22 +146,26 @@ def test_bf16_kernel_bits_do_not_depend_on_the_thread_count():
     case = (1, 2, 2, 300, 600, 64, 80, True, "float", None, 0.1)
     q, k, v, mask, lens, _ = make(case)
     args = [t.bfloat16() for t in (q, k, v, mask)] + [lens, True, 0.125, 0.1]
+    dout = torch.randn(1, 2, 300, 80).bfloat16()
     old = torch.get_num_threads()
+    res = []
     try:
-        torch.set_num_threads(1)
-        one = run_fwd(*args)
-        torch.set_num_threads(max(2, old))
-        many = run_fwd(*args)
+        for n in (1, max(2, old)):
+            torch.set_num_threads(n)
+            out, lse, last = run_fwd(*args)
+            grads, last_bwd = run_bwd(dout, *args[:3], out, lse, *args[3:])
+            assert (last, last_bwd) == ("fwd=bf16", "bwd=bf16")
+            res.append((out, lse) + tuple(grads))
     finally:
         torch.set_num_threads(old)
-    assert one[2] == many[2] == "fwd=bf16"
-    assert torch.equal(one[0], many[0]) and torch.equal(one[1], many[1])
+    for one, many in zip(*res):
+        assert torch.equal(one, many)
 
 
 @needs_bf16
 def test_bf16_kernel_through_the_drop_in_function():
-    """Strict mode, through pyfastdl.functional: the bf16 kernel runs, non-contiguous inputs are laid out,
-    and every input gets a gradient (the float32 backward, on the converted tensors)."""
+    """Strict mode, through pyfastdl.functional: the bf16 kernels run, non-contiguous inputs are laid out,
+    and every input gets a gradient."""
     g = torch.Generator().manual_seed(7)
     x = torch.randn(2, 70, 4, 64, generator=g).bfloat16()
     q = x.transpose(1, 2).requires_grad_()  # (B, H, L, E) view of a (B, L, H, E) tensor: not contiguous
@@ -144,6 +176,7 @@ def test_bf16_kernel_through_the_drop_in_function():
     ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=True)
     assert rel_err(out, ref) < 1e-2
     gq, gk, gv = torch.autograd.grad(out.float().square().sum(), (q, k, v))
+    assert gemm_mode("last") == "fwd=bf16;bwd=bf16"
     rq, rk, rv = torch.autograd.grad(ref.square().sum(), (q, k, v))
     for ours, theirs in ((gq, rq), (gk, rk), (gv, rv)):
         assert ours.dtype == torch.bfloat16 and rel_err(ours, theirs) < 3e-2

@@ -16,9 +16,10 @@ constexpr auto kernels = &cpu::attention_kernels;  // the table of the CPU's cap
 
 // bfloat16 / float16 run the float32 kernel: q, k, v (and in the backward grad_out, out) are converted
 // to contiguous float32 once per call, the products, softmax and sums are float32, and each output is
-// rounded to the input dtype once at the end. The exception: the bfloat16 forward on a CPU with
-// AVX512_BF16 (and an even head dim, gemm mode auto) runs the bf16 kernel on the inputs as they are
-// (bf16 block products with float32 sums; attention_kernel.cpp). The backward always converts.
+// rounded to the input dtype once at the end. The exception: bfloat16 on a CPU with AVX512_BF16 (even
+// head dims, gemm mode auto) runs the bf16 kernels on the inputs as they are: bf16 block products with
+// float32 sums and softmax (attention_kernel.cpp); the backward's gradients are float32 there too, and
+// rounded once.
 bool low_precision(at::ScalarType t) { return t == at::kBFloat16 || t == at::kHalf; }
 
 }  // namespace
@@ -27,10 +28,10 @@ int attention_gemm_mode();  // csrc/cpu/attention_gemm.cpp: 0 auto, 1 own, 2 bla
 }  // namespace cpu
 namespace {
 
-bool native_bf16(const at::Tensor& q) {
+// Whether the bf16 kernels run (the forward reads q's head dim; the backward also v's).
+bool native_bf16(const at::Tensor& q, const at::Tensor& v) {
   return q.scalar_type() == at::kBFloat16 && kernels()->fwd_bf16 != nullptr && cpu::cpu_has_avx512_bf16() &&
-         q.dim() == 4 &&
-         q.size(3) % 2 == 0 && cpu::attention_gemm_mode() == 0;  // (prepare checks the shapes)
+         q.dim() == 4 && v.dim() == 4 && q.size(3) % 2 == 0 && cpu::attention_gemm_mode() == 0;  // (prepare checks)
 }
 
 at::Tensor as_kernel_dtype(const at::Tensor& t) {
@@ -84,7 +85,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const 
                                                      const c10::optional<at::Tensor>& attn_mask,
                                                      const c10::optional<at::Tensor>& valid_lens, bool is_causal,
                                                      double scale, double dropout_p, int64_t seed, int64_t offset) {
-  const bool bf16 = native_bf16(q);
+  const bool bf16 = native_bf16(q, v);
   Prepared p = prepare("attention_fwd", q, k, v, attn_mask, valid_lens, is_causal, scale, dropout_p, seed, offset, bf16);
   at::Tensor out = at::empty({p.a.B, p.a.Hq, p.a.L, p.a.Ev}, p.q.options());  // float32 for bf16 / fp16 (not native)
   at::Tensor lse = at::empty({p.a.B, p.a.Hq, p.a.L}, q.options().dtype(attention::lse_dtype(q.scalar_type())));
@@ -109,21 +110,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
     const at::Tensor& lse, const c10::optional<at::Tensor>& attn_mask, const c10::optional<at::Tensor>& valid_lens,
     bool is_causal, double scale, double dropout_p, int64_t seed, int64_t offset, std::array<bool, 4> output_mask) {
   attention::check_output_mask("attention_bwd", attn_mask, output_mask);
-  Prepared p = prepare("attention_bwd", q, k, v, attn_mask, valid_lens, is_causal, scale, dropout_p, seed, offset);
+  const bool bf16 = native_bf16(q, v) && v.size(3) % 2 == 0;
+  Prepared p = prepare("attention_bwd", q, k, v, attn_mask, valid_lens, is_causal, scale, dropout_p, seed, offset, bf16);
   attention::check_bwd_tensors("attention_bwd", grad_out, out, lse, q, v);
-  const at::Tensor g = as_kernel_dtype(grad_out), o = as_kernel_dtype(out), l = lse.contiguous();
+  const at::Tensor g = bf16 ? grad_out.contiguous() : as_kernel_dtype(grad_out);
+  const at::Tensor o = bf16 ? out.contiguous() : as_kernel_dtype(out), l = lse.contiguous();
+  const at::TensorOptions opts = p.q.options().dtype(q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
   // Gradients not asked for are empty (0,) tensors. When the kernel runs, grad_q and grad_mask start
   // at zero (skipped blocks and the dQ sum of csrc/cpu/attention_kernel.cpp rely on it), while
   // grad_k and grad_v are written whole (every key block is copied out); otherwise all are zero.
   const bool runs = p.a.B * p.a.Hq * p.a.L > 0 && p.a.S > 0 && p.a.Ev > 0;
-  const auto grad = [&](bool need, const at::Tensor& like, bool zero) {
-    if (!need) return at::empty({0}, like.options());
-    return zero ? at::zeros_like(like, at::MemoryFormat::Contiguous) : at::empty_like(like, at::MemoryFormat::Contiguous);
+  const auto grad = [&](bool need, const at::Tensor& like, bool zero) {  // float32 / float64, like's shape
+    if (!need) return at::empty({0}, opts);
+    return zero ? at::zeros(like.sizes(), opts) : at::empty(like.sizes(), opts);
   };
   at::Tensor gq = grad(output_mask[0], p.q, true), gk = grad(output_mask[1], p.k, !runs),
              gv = grad(output_mask[2], p.v, !runs);
-  at::Tensor gm = output_mask[3] ? at::zeros({p.a.B, p.a.Hq, p.a.L, p.a.S}, p.q.options())
-                                 : at::empty({0}, p.q.options());
+  at::Tensor gm = output_mask[3] ? at::zeros({p.a.B, p.a.Hq, p.a.L, p.a.S}, opts) : at::empty({0}, opts);
   const bool any = gq.numel() > 0 || gk.numel() > 0 || gv.numel() > 0 || gm.numel() > 0;
   if (any && runs) {
     p.a.out = const_cast<void*>(o.const_data_ptr());
@@ -133,7 +136,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
     p.a.grad_k = gk.numel() > 0 ? gk.data_ptr() : nullptr;
     p.a.grad_v = gv.numel() > 0 ? gv.data_ptr() : nullptr;
     p.a.grad_mask = gm.numel() > 0 ? gm.data_ptr() : nullptr;
-    if (q.scalar_type() == at::kDouble) kernels()->bwd_double(p.a);
+    if (bf16) kernels()->bwd_bf16(p.a);
+    else if (q.scalar_type() == at::kDouble) kernels()->bwd_double(p.a);
     else kernels()->bwd_float(p.a);
   }
   // the mask's gradient in the mask's dtype (a float32 mask on float64 q, say)

@@ -552,6 +552,28 @@ PYFASTDL_TARGET_BF16 void to_bf16_rows(const float* P, int64_t ldp, int64_t m, i
   }
 }
 
+// The float32 pair panels of the backward's B operands P and dS (rows: queries, columns: keys), rounded to
+// bf16: X[r, c] (r < K, c < N, row stride ld) into pack_pair_panels' layout, zero past column N and at an
+// odd K's last row. Per pair of rows and 16 columns: both rows rounded and each pair put in one 32-bit lane.
+PYFASTDL_TARGET_BF16 void pack_pair_panels_f32(const float* X, int64_t ld, int64_t K, int64_t N, uint16_t* dst) {
+  const int64_t K2 = round2(K);
+  for (int64_t c0 = 0; c0 < N; c0 += kNR) {
+    uint16_t* panel = dst + (c0 / kNR) * K2 * kNR;
+    for (int64_t k = 0; k < K2; k += 2) {
+      uint16_t* row = panel + k * kNR;
+      for (int64_t h = 0; h < kNR; h += 16) {
+        const int64_t n = std::clamp<int64_t>(N - c0 - h, 0, 16);
+        const __mmask16 live = static_cast<__mmask16>((1u << n) - 1);
+        const __m512 x0 = _mm512_maskz_loadu_ps(live, X + k * ld + c0 + h);
+        const __m512 x1 = k + 1 < K ? _mm512_maskz_loadu_ps(live, X + (k + 1) * ld + c0 + h) : _mm512_setzero_ps();
+        const __m512i lo = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(x0));
+        const __m512i hi = _mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(x1)), 16);
+        _mm512_storeu_si512(row + 2 * h, _mm512_or_si512(lo, hi));
+      }
+    }
+  }
+}
+
 // True when the bf16 x[0, n) holds no NaN and no +-inf (exponent bits all ones).
 bool all_finite(const uint16_t* x, int64_t n) {
   bool bad = false;
@@ -560,13 +582,42 @@ bool all_finite(const uint16_t* x, int64_t n) {
 }
 #else
 #define PYFASTDL_ATTN_BF16 0
-// declared for the forward template's discarded bf16 branches; never defined or called here
-void pack_pair_panels(const uint16_t* X, int64_t sk, int64_t sc, int64_t K, int64_t N, uint16_t* dst);
-void gemm_pair_panels(int64_t M, int64_t N, int64_t K, float alpha, const uint16_t* A, int64_t rsa, const uint16_t* Bp,
-                      int64_t panel_stride, float beta, float* C, int64_t ldc);
-void to_bf16_rows(const float* P, int64_t ldp, int64_t m, int64_t n, uint16_t* Pb, int64_t ldb, bool pad);
-bool all_finite(const uint16_t* x, int64_t n);
+// for the kernels' discarded bf16 branches; never called here
+[[noreturn]] inline void no_bf16() {
+  TORCH_INTERNAL_ASSERT(false, "attention: the bf16 kernels need AVX512_BF16 and the AVX-512 table");
+  std::abort();
+}
+inline void pack_pair_panels(const uint16_t*, int64_t, int64_t, int64_t, int64_t, uint16_t*) { no_bf16(); }
+inline void gemm_pair_panels(int64_t, int64_t, int64_t, float, const uint16_t*, int64_t, const uint16_t*, int64_t, float,
+                             float*, int64_t) {
+  no_bf16();
+}
+inline void to_bf16_rows(const float*, int64_t, int64_t, int64_t, uint16_t*, int64_t, bool) { no_bf16(); }
+inline void pack_pair_panels_f32(const float*, int64_t, int64_t, int64_t, uint16_t*) { no_bf16(); }
+inline bool all_finite(const uint16_t*, int64_t) { no_bf16(); }
 #endif
+
+// An element of q, k, v, out or grad_out as float (bf16: its bits are the float's upper half).
+inline float as_float(uint16_t x) {
+  const uint32_t u = static_cast<uint32_t>(x) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+template <typename T>
+inline T as_float(T x) {
+  return x;
+}
+
+// dst[c, r] = X[r, c] for r < rows, c < cols (X row stride ldx, dst row stride ldd), dst[c, rows..ldd) zero.
+template <typename In>
+void transpose_pad(const In* X, int64_t ldx, int64_t rows, int64_t cols, In* dst, int64_t ldd) {
+  for (int64_t c = 0; c < cols; ++c) {
+    In* d = dst + c * ldd;
+    for (int64_t r = 0; r < rows; ++r) d[r] = X[r * ldx + c];
+    std::fill(d + rows, d + ldd, In(0));
+  }
+}
 
 }  // namespace (reopened below after the mode's declarations)
 }  // namespace CPU_CAPABILITY
@@ -782,16 +833,23 @@ int64_t bwd_parts(const AttnArgs& a, int64_t nkb) {
   return std::max<int64_t>(1, std::min<int64_t>({nkb, 8, (32 + heads - 1) / heads}));
 }
 
-template <typename T>
+// kBf16: q, k, v, out and grad_out are bfloat16 (In = uint16_t), the five block products the AVX512_BF16
+// kernel (P and dS rounded to bf16 as their operands, as torch's bf16 backward does), everything else and
+// the gradients float32; needs even head dims E and Ev. dV and dK are then accumulated transposed,
+// dV^T += dO^T P and dK^T += scale Q^T dS, so that P and dS are the packed operand (rows rounded in pairs)
+// and dO^T, Q^T (transposed once per call) the broadcast one.
+template <typename T, bool kBf16 = false>
 void bwd(const AttnArgs& a) {
-  const bool own = use_own_gemm<T>(true, a);
+  using In = std::conditional_t<kBf16, uint16_t, T>;
+  const bool own = kBf16 || use_own_gemm<T>(true, a);
+  if constexpr (kBf16) attention_gemm_note(true, true, true);
   const int64_t nkb = (a.S + kBk - 1) / kBk, group = a.Hq / a.Hk;
-  const T* q = static_cast<const T*>(a.q);
-  const T* k = static_cast<const T*>(a.k);
-  const T* v = static_cast<const T*>(a.v);
-  const T* o = static_cast<const T*>(a.out);
+  const In* q = static_cast<const In*>(a.q);
+  const In* k = static_cast<const In*>(a.k);
+  const In* v = static_cast<const In*>(a.v);
+  const In* o = static_cast<const In*>(a.out);
   const T* lse_all = static_cast<const T*>(a.lse);
-  const T* dout = static_cast<const T*>(a.grad_out);
+  const In* dout = static_cast<const In*>(a.grad_out);
   T* dq = static_cast<T*>(a.grad_q);
   T* dk = static_cast<T*>(a.grad_k);
   T* dv = static_cast<T*>(a.grad_v);
@@ -803,7 +861,7 @@ void bwd(const AttnArgs& a) {
   at::parallel_for(0, rows, 256, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       T s = 0;
-      for (int64_t c = 0; c < a.Ev; ++c) s += dout[r * a.Ev + c] * o[r * a.Ev + c];
+      for (int64_t c = 0; c < a.Ev; ++c) s += as_float(dout[r * a.Ev + c]) * as_float(o[r * a.Ev + c]);
       delta[r] = s;
     }
   });
@@ -830,28 +888,41 @@ void bwd(const AttnArgs& a) {
   for (auto& part : dq_part) part = std::make_unique<Scratch<T>>(rows * a.E);
   const T ninf = -std::numeric_limits<T>::infinity();
   // The own product: per key/value head K^T (for the scores), K (dQ += dS K), V^T (dP = dO V^T); per
-  // query head Q (dK += dS^T Q) and dO (dV += P^T dO), each packed once into panels.
-  const int64_t kt_size = panels_size(a.E, a.S), kr_size = panels_size(a.S, a.E), vt_size = panels_size(a.Ev, a.S);
-  const int64_t qr_size = panels_size(a.L, a.E), dor_size = panels_size(a.L, a.Ev);
-  std::unique_ptr<Scratch<T>> kt_pack, kr_pack, vt_pack, qr_pack, dor_pack;
+  // query head Q (dK += dS^T Q) and dO (dV += P^T dO), each packed once into panels. bf16: pair panels, and
+  // Q, dO instead transposed (rows of Lk = round2(L) bf16, the pad zero): the A operands of dK^T and dV^T.
+  const int64_t Ek = kBf16 ? round2(a.E) : a.E, Evk = kBf16 ? round2(a.Ev) : a.Ev, Sk = kBf16 ? round2(a.S) : a.S;
+  const int64_t Lk = round2(a.L);
+  const auto psize = [](int64_t K, int64_t N) { return kBf16 ? pair_panels_size(K, N) : panels_size(K, N); };
+  const int64_t kt_size = psize(a.E, a.S), kr_size = psize(a.S, a.E), vt_size = psize(a.Ev, a.S);
+  const int64_t qr_size = kBf16 ? a.E * Lk : panels_size(a.L, a.E), dor_size = kBf16 ? a.Ev * Lk : panels_size(a.L, a.Ev);
+  std::unique_ptr<Scratch<In>> kt_pack, kr_pack, vt_pack, qr_pack, dor_pack;
+  const auto pack = [](const In* X, int64_t sk, int64_t sc, int64_t K, int64_t N, In* dst) {
+    if constexpr (kBf16) pack_pair_panels(X, sk, sc, K, N, dst);
+    else pack_panels(X, sk, sc, K, N, dst);
+  };
   if (own) {
-    kt_pack = std::make_unique<Scratch<T>>(a.B * a.Hk * kt_size, false);
-    if (dq != nullptr) kr_pack = std::make_unique<Scratch<T>>(a.B * a.Hk * kr_size, false);
-    if (need_ds) vt_pack = std::make_unique<Scratch<T>>(a.B * a.Hk * vt_size, false);
-    if (dk != nullptr) qr_pack = std::make_unique<Scratch<T>>(a.B * a.Hq * qr_size, false);
-    if (dv != nullptr) dor_pack = std::make_unique<Scratch<T>>(a.B * a.Hq * dor_size, false);
+    kt_pack = std::make_unique<Scratch<In>>(a.B * a.Hk * kt_size, false);
+    if (dq != nullptr) kr_pack = std::make_unique<Scratch<In>>(a.B * a.Hk * kr_size, false);
+    if (need_ds) vt_pack = std::make_unique<Scratch<In>>(a.B * a.Hk * vt_size, false);
+    if (dk != nullptr) qr_pack = std::make_unique<Scratch<In>>(a.B * a.Hq * qr_size, false);
+    if (dv != nullptr) dor_pack = std::make_unique<Scratch<In>>(a.B * a.Hq * dor_size, false);
     at::parallel_for(0, a.B * a.Hk, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
-        pack_panels(k + t * a.S * a.E, 1, a.E, a.E, a.S, kt_pack->data() + t * kt_size);
-        if (kr_pack) pack_panels(k + t * a.S * a.E, a.E, 1, a.S, a.E, kr_pack->data() + t * kr_size);
-        if (vt_pack) pack_panels(v + t * a.S * a.Ev, 1, a.Ev, a.Ev, a.S, vt_pack->data() + t * vt_size);
+        pack(k + t * a.S * a.E, 1, a.E, a.E, a.S, kt_pack->data() + t * kt_size);
+        if (kr_pack) pack(k + t * a.S * a.E, a.E, 1, a.S, a.E, kr_pack->data() + t * kr_size);
+        if (vt_pack) pack(v + t * a.S * a.Ev, 1, a.Ev, a.Ev, a.S, vt_pack->data() + t * vt_size);
       }
     });
     if (qr_pack || dor_pack)
       at::parallel_for(0, a.B * a.Hq, 1, [&](int64_t t0, int64_t t1) {
         for (int64_t t = t0; t < t1; ++t) {
-          if (qr_pack) pack_panels(q + t * a.L * a.E, a.E, 1, a.L, a.E, qr_pack->data() + t * qr_size);
-          if (dor_pack) pack_panels(dout + t * a.L * a.Ev, a.Ev, 1, a.L, a.Ev, dor_pack->data() + t * dor_size);
+          if constexpr (kBf16) {
+            if (qr_pack) transpose_pad(q + t * a.L * a.E, a.E, a.L, a.E, qr_pack->data() + t * qr_size, Lk);
+            if (dor_pack) transpose_pad(dout + t * a.L * a.Ev, a.Ev, a.L, a.Ev, dor_pack->data() + t * dor_size, Lk);
+          } else {
+            if (qr_pack) pack_panels(q + t * a.L * a.E, a.E, 1, a.L, a.E, qr_pack->data() + t * qr_size);
+            if (dor_pack) pack_panels(dout + t * a.L * a.Ev, a.Ev, 1, a.L, a.Ev, dor_pack->data() + t * dor_size);
+          }
         }
       });
   }
@@ -861,6 +932,8 @@ void bwd(const AttnArgs& a) {
     const int64_t sq = std::min(kBq, a.L), sk = std::min(kBk, a.S);
     Scratch<T> P(sq * sk), Pd(a.dropout_p > 0 ? sq * sk : 0), dP(need_ds ? sq * sk : 0), dK(sk * a.E),
         dV(sk * a.Ev);
+    // bf16: P or dS in pair panels, dS rows; dK, dV above hold dK^T, dV^T (E x sk, Ev x sk)
+    Scratch<In> Pp(kBf16 ? round2(sq) * ((sk + kNR - 1) / kNR * kNR) : 0, false), dSb(kBf16 ? sq * round2(sk) : 0, false);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t bhk = t / parts, part = t % parts, b = bhk / a.Hk, hk = bhk % a.Hk;
       T* dqp = dq == nullptr ? nullptr : part == 0 ? dq : dq_part[part - 1]->data();
@@ -871,8 +944,8 @@ void bwd(const AttnArgs& a) {
         // dK, dV rows stay 0). Below, causal trims further per query block.
         const int64_t bk_live = skip_ok && a.valid_lens_dim == 1 && a.valid_lens[b] > 0
                                     ? std::min(bk_all, a.valid_lens[b] - j0) : bk_all;
-        const T* K = k + (bhk * a.S + j0) * a.E;
-        const T* Vv = v + (bhk * a.S + j0) * a.Ev;
+        const In* K = k + (bhk * a.S + j0) * a.E;
+        const In* Vv = v + (bhk * a.S + j0) * a.Ev;
         std::fill(dK.begin(), dK.end(), T(0));
         std::fill(dV.begin(), dV.end(), T(0));
         const bool keys_dead = bk_live <= 0;
@@ -883,13 +956,17 @@ void bwd(const AttnArgs& a) {
             // causal: keys past this query block's last row are masked for all of its rows
             const int64_t bk = skip_ok && a.causal ? std::min(bk_live, i0 + bq - j0) : bk_live;
             if (bk <= 0) continue;
-            const T* Q = q + (bh * a.L + i0) * a.E;
-            const T* dO = dout + (bh * a.L + i0) * a.Ev;
-            if (own && a.E > 0)
-              own_mm<T>(bq, bk, a.E, static_cast<T>(a.scale), Q, a.E, 1,
-                        kt_pack->data() + bhk * kt_size + j0 / kNR * a.E * kNR, a.E * kNR, T(0), P.data(), bk);
-            else
+            const In* Q = q + (bh * a.L + i0) * a.E;
+            const In* dO = dout + (bh * a.L + i0) * a.Ev;
+            const In* kt = own ? kt_pack->data() + bhk * kt_size + j0 / kNR * Ek * kNR : nullptr;
+            if constexpr (kBf16) {
+              if (a.E > 0) gemm_pair_panels(bq, bk, Ek, static_cast<float>(a.scale), Q, a.E, kt, Ek * kNR, 0.f, P.data(), bk);
+              else std::fill(P.data(), P.data() + bq * bk, T(0));
+            } else if (own && a.E > 0) {
+              own_mm<T>(bq, bk, a.E, static_cast<T>(a.scale), Q, a.E, 1, kt, a.E * kNR, T(0), P.data(), bk);
+            } else {
               scores(a, Q, K, bq, bk, P.data());
+            }
             apply_masks(a, P.data(), bk, b, h, i0, bq, j0, bk);
             for (int64_t r = 0; r < bq; ++r) {
               const T lse = lse_all[bh * a.L + i0 + r];
@@ -903,7 +980,13 @@ void bwd(const AttnArgs& a) {
               apply_dropout(a, Pd.data(), bk, b, h, i0, bq, j0, bk);
               Pv = Pd.data();
             }
-            if (dv != nullptr) {  // dV += Pd^T dO
+            if constexpr (kBf16) {
+              if (dv != nullptr) {  // dV^T += dO^T Pd
+                pack_pair_panels_f32(Pv, bk, bq, bk, Pp.data());
+                gemm_pair_panels(a.Ev, bk, round2(bq), 1.f, dor_pack->data() + bh * dor_size + i0, Lk, Pp.data(),
+                                 round2(bq) * kNR, 1.f, dV.data(), sk);
+              }
+            } else if (dv != nullptr) {  // dV += Pd^T dO
               if (own)
                 own_mm<T>(bk, a.Ev, bq, T(1), Pv, 1, bk, dor_pack->data() + bh * dor_size + i0 * kNR, a.L * kNR, T(1),
                           dV.data(), a.Ev);
@@ -911,7 +994,10 @@ void bwd(const AttnArgs& a) {
                 mm<T>(true, false, bk, a.Ev, bq, T(1), Pv, bk, dO, a.Ev, T(1), dV.data(), a.Ev);
             }
             if (!need_ds) continue;
-            if (own)  // dPd = dO V^T
+            if constexpr (kBf16)  // dPd = dO V^T
+              gemm_pair_panels(bq, bk, Evk, 1.f, dO, a.Ev, vt_pack->data() + bhk * vt_size + j0 / kNR * Evk * kNR,
+                               Evk * kNR, 0.f, dP.data(), bk);
+            else if (own)  // dPd = dO V^T
               own_mm<T>(bq, bk, a.Ev, T(1), dO, a.Ev, 1, vt_pack->data() + bhk * vt_size + j0 / kNR * a.Ev * kNR,
                         a.Ev * kNR, T(0), dP.data(), bk);
             else
@@ -929,24 +1015,42 @@ void bwd(const AttnArgs& a) {
             }
             if (a.E == 0) continue;
             const T sc = static_cast<T>(a.scale);
-            if (dk != nullptr) {  // dK += scale dS^T Q
-              if (own)
-                own_mm<T>(bk, a.E, bq, sc, dP.data(), 1, bk, qr_pack->data() + bh * qr_size + i0 * kNR, a.L * kNR, T(1),
-                          dK.data(), a.E);
-              else
-                mm<T>(true, false, bk, a.E, bq, sc, dP.data(), bk, Q, a.E, T(1), dK.data(), a.E);
-            }
-            if (dqp != nullptr) {  // dQ += scale dS K
-              if (own)
-                own_mm<T>(bq, a.E, bk, sc, dP.data(), bk, 1, kr_pack->data() + bhk * kr_size + j0 * kNR, a.S * kNR, T(1),
-                          dqp + (bh * a.L + i0) * a.E, a.E);
-              else
-                mm<T>(false, false, bq, a.E, bk, sc, dP.data(), bk, K, a.E, T(1), dqp + (bh * a.L + i0) * a.E, a.E);
+            if constexpr (kBf16) {
+              if (dk != nullptr) {  // dK^T += scale Q^T dS
+                pack_pair_panels_f32(dP.data(), bk, bq, bk, Pp.data());
+                gemm_pair_panels(a.E, bk, round2(bq), sc, qr_pack->data() + bh * qr_size + i0, Lk, Pp.data(),
+                                 round2(bq) * kNR, 1.f, dK.data(), sk);
+              }
+              if (dqp != nullptr) {  // dQ += scale dS K
+                to_bf16_rows(dP.data(), bk, bq, bk, dSb.data(), round2(bk), true);
+                gemm_pair_panels(bq, a.E, round2(bk), sc, dSb.data(), round2(bk), kr_pack->data() + bhk * kr_size + j0 * kNR,
+                                 Sk * kNR, 1.f, dqp + (bh * a.L + i0) * a.E, a.E);
+              }
+            } else {
+              if (dk != nullptr) {  // dK += scale dS^T Q
+                if (own)
+                  own_mm<T>(bk, a.E, bq, sc, dP.data(), 1, bk, qr_pack->data() + bh * qr_size + i0 * kNR, a.L * kNR, T(1),
+                            dK.data(), a.E);
+                else
+                  mm<T>(true, false, bk, a.E, bq, sc, dP.data(), bk, Q, a.E, T(1), dK.data(), a.E);
+              }
+              if (dqp != nullptr) {  // dQ += scale dS K
+                if (own)
+                  own_mm<T>(bq, a.E, bk, sc, dP.data(), bk, 1, kr_pack->data() + bhk * kr_size + j0 * kNR, a.S * kNR,
+                            T(1), dqp + (bh * a.L + i0) * a.E, a.E);
+                else
+                  mm<T>(false, false, bq, a.E, bk, sc, dP.data(), bk, K, a.E, T(1), dqp + (bh * a.L + i0) * a.E, a.E);
+              }
             }
           }
         }
-        if (dk != nullptr) std::copy(dK.begin(), dK.begin() + bk_all * a.E, dk + (bhk * a.S + j0) * a.E);
-        if (dv != nullptr) std::copy(dV.begin(), dV.begin() + bk_all * a.Ev, dv + (bhk * a.S + j0) * a.Ev);
+        if constexpr (kBf16) {  // dK^T, dV^T (row stride sk) back to rows
+          if (dk != nullptr) transpose_pad(dK.data(), sk, a.E, bk_all, dk + (bhk * a.S + j0) * a.E, a.E);
+          if (dv != nullptr) transpose_pad(dV.data(), sk, a.Ev, bk_all, dv + (bhk * a.S + j0) * a.Ev, a.Ev);
+        } else {
+          if (dk != nullptr) std::copy(dK.begin(), dK.begin() + bk_all * a.E, dk + (bhk * a.S + j0) * a.E);
+          if (dv != nullptr) std::copy(dV.begin(), dV.begin() + bk_all * a.Ev, dv + (bhk * a.S + j0) * a.Ev);
+        }
       }
     }
   });
@@ -961,9 +1065,10 @@ void bwd(const AttnArgs& a) {
 }
 
 #if PYFASTDL_ATTN_BF16
-const AttentionKernels kTable{&fwd<float>, &fwd<double>, &fwd<float, true>, &bwd<float>, &bwd<double>};
+const AttentionKernels kTable{&fwd<float>, &fwd<double>, &fwd<float, true>, &bwd<float>, &bwd<double>,
+                              &bwd<float, true>};
 #else
-const AttentionKernels kTable{&fwd<float>, &fwd<double>, nullptr, &bwd<float>, &bwd<double>};
+const AttentionKernels kTable{&fwd<float>, &fwd<double>, nullptr, &bwd<float>, &bwd<double>, nullptr};
 #endif
 
 }  // namespace

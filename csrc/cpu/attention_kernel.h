@@ -41,6 +41,9 @@ struct AttentionKernels {
   void (*fwd_bf16)(const AttnArgs& a);
   void (*bwd_float)(const AttnArgs& a);
   void (*bwd_double)(const AttnArgs& a);
+  // bfloat16 q, k, v, out, grad_out; float32 gradients (bf16 block products, as fwd_bf16): null where the
+  // capability has none; call only when cpu_has_avx512_bf16() and E, Ev are even.
+  void (*bwd_bf16)(const AttnArgs& a);
 };
 
 PYFASTDL_CPU_KERNELS(AttentionKernels, attention_kernels)
