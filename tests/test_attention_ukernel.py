@@ -160,13 +160,14 @@ def test_own_matches_blas_float64_and_torch(case):
 
 @needs_ukernel
 def test_auto_is_the_measured_rule_and_float64_keeps_blas():
-    """auto: the own kernel for float32, except the backward at head dims > 64 (BLAS measured as fast
-    or faster there on the EPYC); float64 always BLAS."""
+    """auto: the own kernel for float32, except on AVX2 the backward at head dims > 64 (BLAS measured as
+    fast or faster there on the EPYC Zen 4; on AVX-512 the own backward was 1.3-2x faster); float64
+    always BLAS."""
     with mode("auto"):
         run_ops(CASES[2], torch.float32)  # E = Ev = 64
         assert gemm_mode("last") == "fwd=own;bwd=own"
         run_ops(CASES[4], torch.float32)  # E = Ev = 128
-        assert gemm_mode("last") == "fwd=own;bwd=blas"
+        assert gemm_mode("last") == ("fwd=own;bwd=own" if CAPABILITY == "AVX512" else "fwd=own;bwd=blas")
         run_ops(CASES[8], torch.float32)  # E = 7, Ev = 16
         assert gemm_mode("last") == "fwd=own;bwd=own"
         run_ops(CASES[2], torch.float64)

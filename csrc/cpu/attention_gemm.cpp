@@ -1,9 +1,10 @@
 // The block-product switch of the CPU flash attention (csrc/cpu/attention_kernel.cpp): the own
 // register-blocked SIMD micro-kernel on packed K / V panels ("own"), or one BLAS sgemm per block
 // ("blas", the fallback and the tests' oracle). "auto" is the own kernel wherever the capability has
-// one (AVX2, AVX-512) and the dtype is float32, except the backward at head dims > 64 (BLAS measured
-// as fast or faster there: attention_kernel.cpp, use_own_gemm); float64 and the DEFAULT capability
-// always use BLAS.
+// one (AVX2, AVX-512) and the dtype is float32, except on AVX2 the backward at head dims > 64 (BLAS
+// measured as fast or faster there: attention_kernel.cpp, use_own_gemm), and for bfloat16 on a CPU with
+// AVX512_BF16 the bf16 kernels; float64 and the DEFAULT capability always use BLAS. "own" and "blas"
+// pin the float32 kernel for bfloat16 too.
 // The mode comes from PYFASTDL_ATTENTION_GEMM=auto|own|blas, read once at the first use, and can be
 // changed later by the op attention_cpu_gemm(mode) (tests, benchmark), which returns the old mode.
 #include <ATen/ATen.h>

@@ -6,7 +6,7 @@
 // small GEMMs -- float32 on AVX2 / AVX-512: the own register-blocked micro-kernel below on K^T / V
 // panels packed once per call (a block that causal cuts inside runs in strips of kMR query rows, each
 // trimmed to its own last row); otherwise (float64, DEFAULT, PYFASTDL_ATTENTION_GEMM=blas, and by
-// measurement the float32 backward at head dims > 64) the BLAS of libtorch_cpu, single-threaded in
+// measurement on AVX2 the float32 backward at head dims > 64) the BLAS of libtorch_cpu, single-threaded in
 // every task --, the masking, exp and row sums SIMD. Only O(kBq x kBk) scores exist at a time. Backward: one task per (b, key/value head,
 // partition of its key blocks): for every key block of the partition and every query block of the
 // heads that read those keys, P is recomputed from the saved log-sum-exp, dV += P^T dO,
@@ -631,16 +631,19 @@ namespace {
 
 // Whether this call's float32 block products run on the own micro-kernel (PYFASTDL_ATTENTION_GEMM /
 // attention_cpu_gemm); float64 and the DEFAULT capability keep the BLAS. "auto" is the faster one as
-// measured single-threaded on the 2-core EPYC (AVX2), own / BLAS time: the own kernel everywhere except
-// the backward at head dims > 64, where MKL's sgemm was as fast or faster (fwd+bwd at (1, 4, 1024, 128):
-// 0.91-1.01x non-causal, 0.87-0.95x causal, against 1.00-1.12x at head dim 64 and 0.99-1.08x for the
-// forward at 128).
+// measured single-threaded, own / BLAS time:
+//  - AVX2 (2-core EPYC Zen 4, AVX-512 hidden): the own kernel everywhere except the backward at head dims
+//    > 64, where MKL's sgemm was as fast or faster (fwd+bwd at (1, 4, 1024, 128): 0.91-1.01x non-causal,
+//    0.87-0.95x causal, against 1.00-1.12x at head dim 64 and 0.99-1.08x for the forward at 128);
+//  - AVX-512 (2-core EPYC Zen 5): the own kernel everywhere -- its backward ran 1.3-2.1x faster than the
+//    BLAS at head dims 64, 96 and 128, causal and not (one and two threads, 2026-12-02).
 template <typename T>
 bool use_own_gemm(bool backward, const AttnArgs& a) {
   bool own = false;
 #if PYFASTDL_ATTN_UKERNEL
   const int mode = attention_gemm_mode();
-  own = std::is_same_v<T, float> && (mode == 1 || (mode == 0 && !(backward && std::max(a.E, a.Ev) > 64)));
+  const bool blas_faster = kW == 8 && backward && std::max(a.E, a.Ev) > 64;  // AVX2 only
+  own = std::is_same_v<T, float> && (mode == 1 || (mode == 0 && !blas_faster));
 #endif
   attention_gemm_note(backward, own);
   return own;
