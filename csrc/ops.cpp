@@ -298,6 +298,20 @@ TORCH_LIBRARY_FRAGMENT(pyfastdl, m) {
   m.def("attention_cpu_gemm(str mode) -> str", &pyfastdl::cpu::attention_cpu_gemm);
 }
 
+// ---- LSTM/GRU CPU whole-sequence GEMM switch (tests, benchmark): csrc/cpu/rnn.cpp ----------------------
+namespace pyfastdl {
+namespace cpu {
+std::string rnn_cpu_gemm(c10::string_view mode);
+}  // namespace cpu
+}  // namespace pyfastdl
+
+TORCH_LIBRARY_FRAGMENT(pyfastdl, m) {
+  // mode "auto" | "own" | "blas" sets the whole-sequence GEMMs of the CPU LSTM/GRU (input projection,
+  // grad_input, weight gradients: the packed micro-kernel or ATen's BLAS) and returns the previous mode;
+  // "" returns the mode; "last" returns "own" / "blas" of the last such GEMM ("none" before any).
+  m.def("rnn_cpu_gemm(str mode) -> str", &pyfastdl::cpu::rnn_cpu_gemm);
+}
+
 // ---- 2-D pooling (family "pool2d") -------------------------------------------------------------------
 // input (N, C, H, W): N >= 0, C, H, W >= 1 (the functional takes unbatched (C, H, W) and adds N = 1);
 // float32/float64 on the CPU, float32/float64/float16/bfloat16 on CUDA; contiguous (NCHW) or

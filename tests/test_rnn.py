@@ -604,3 +604,70 @@ def test_gradcheck_seq_row_split(reverse):
                                                   _seq_args("lstm", reverse, lengths, I=2, H=16)))
     _two_threads(lambda: torch.autograd.gradcheck(lambda *a: GRUSeqFunction.apply(*a, OPS),
                                                   _seq_args("gru", reverse, lengths, I=2, H=16)))
+
+
+# ---- the whole-sequence GEMMs (csrc/cpu/rnn.cpp, seq_mm): the packed micro-kernel or ATen's BLAS ------
+
+class _seq_gemm:
+    """with _seq_gemm("own"): the CPU LSTM/GRU whole-sequence GEMM mode, restored afterwards."""
+
+    def __init__(self, mode):
+        self.mode = mode
+
+    def __enter__(self):
+        self.old = OPS.rnn_cpu_gemm(self.mode)
+
+    def __exit__(self, *exc):
+        OPS.rnn_cpu_gemm(self.old)
+
+
+@pytest.mark.parametrize("mode", ["own", "blas"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+@pytest.mark.parametrize("T,B,I,H,kw", [
+    (4, 5, 3, 7, dict(bidirectional=True)),        # tails of the 6-row blocks and of the panels
+    (9, 13, 37, 33, dict(num_layers=2, bias=False)),
+    (30, 7, 50, 70, dict()),                       # more rows (T B = 210) than one 48-row task
+    (3, 2, 1, 1, dict()),
+], ids=["tails", "no-bias", "rows", "tiny"])
+def test_seq_gemm_modes_match_torch(mode, kind, T, B, I, H, kw, dtype):
+    lengths = [T - (b * (T - 1)) // max(B - 1, 1) for b in range(B)]  # packed, uneven
+    with _seq_gemm(mode):
+        _compare(kind, "cpu", dtype, T, B, I, H, **kw)
+        assert OPS.rnn_cpu_gemm("last") == mode
+        _compare(kind, "cpu", dtype, T, B, I, H, lengths=lengths, **kw)
+        assert OPS.rnn_cpu_gemm("last") == mode
+
+
+def test_seq_gemm_own_bits_do_not_depend_on_the_thread_count():
+    old = torch.get_num_threads()
+    res = []
+    try:
+        with _seq_gemm("own"):
+            for n in (1, max(2, old)):
+                torch.set_num_threads(n)
+                _, ours = _pair("LSTM", 40, 50, torch.float32, "cpu", num_layers=2)
+                res.append(_run(ours, torch.randn(20, 9, 40, generator=_gen(3), dtype=F64).float(), None, None, False, True))
+    finally:
+        torch.set_num_threads(old)
+    for a, b in zip(*res):
+        assert torch.equal(a, b)
+
+
+def test_seq_gemm_auto_rule():
+    """auto: own on the AVX-512 table of an AMD CPU (MKL runs its AVX2 code there), BLAS elsewhere."""
+    info = dict(item.partition("=")[::2] for item in OPS.build_info().split(";"))
+    try:
+        with open("/proc/cpuinfo") as f:
+            amd = "AuthenticAMD" in f.read()
+    except OSError:
+        amd = False
+    with _seq_gemm("auto"):
+        _compare("GRU", "cpu", torch.float32, 3, 2, 4, 5)
+        assert OPS.rnn_cpu_gemm("last") == ("own" if amd and info["cpu_capability"] == "AVX512" else "blas")
+
+
+def test_seq_gemm_bad_mode_is_a_clear_error():
+    with pytest.raises(RuntimeError, match="rnn_cpu_gemm: expected mode"):
+        OPS.rnn_cpu_gemm("fast")
+    assert OPS.rnn_cpu_gemm("") in ("auto", "own", "blas")

@@ -28,7 +28,11 @@
 #include <torch/library.h>
 
 #include <array>
+#include <atomic>
+#include <cctype>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include "common/rnn.h"
@@ -227,13 +231,125 @@ void step_gemm(const cpu::RnnKernelsT<T>& k, int64_t m, int64_t K, int64_t N, co
   constexpr int64_t kMinWork = 1 << 15;  // multiply-adds per thread at least
   const int64_t grain = std::max<int64_t>(1, kMinWork / std::max<int64_t>(1, m * K * k.nr));
   if (np <= grain) {
-    k.gemm_packed(m, K, N, 0, np, a, lda, bp, c, ldc, acc);
+    k.gemm_packed(m, K, N, 0, np, a, lda, 1, bp, c, ldc, acc);
     return;
   }
-  at::parallel_for(0, np, grain, [&](int64_t p0, int64_t p1) { k.gemm_packed(m, K, N, p0, p1, a, lda, bp, c, ldc, acc); });
+  at::parallel_for(0, np, grain, [&](int64_t p0, int64_t p1) {
+    k.gemm_packed(m, K, N, p0, p1, a, lda, 1, bp, c, ldc, acc);
+  });
+}
+
+// ---- the whole-sequence GEMMs: the input projection before the time loop, grad_input and the weight
+// gradients after it -------------------------------------------------------------------------------
+// Either ATen's BLAS (at::mm / at::addmm) or the packed micro-kernel above run as a full GEMM: B packed
+// in parallel over its panels, C split into tasks of kSeqRows rows (all panels), each element one
+// sequential sum over K (bits independent of the thread count); a transposed A (the weight gradients'
+// dgates^T) is transposed per task into a row block first (read in place, with K-strided broadcasts,
+// it ran 1.3x slower; ATen's transposing copy of the whole A took longer than the GEMM's gain).
+// The switch: PYFASTDL_RNN_GEMM=auto|own|blas (read once) or the op rnn_cpu_gemm(mode). auto = own on
+// the AVX-512 capability of an AMD CPU, BLAS elsewhere: torch's MKL runs its AVX2 code on AMD CPUs (its
+// square float32 matmul reached 192 GFLOP/s of the 474 an AVX-512 FMA loop reaches on the 2-core EPYC
+// Zen 5, and these GEMMs took 67% of an LSTM layer's fwd+bwd there), while on Intel MKL has AVX-512
+// kernels, and on AVX2 (the EPYC Zen 4) ours was not measured against it as a full GEMM.
+constexpr int64_t kSeqRows = 48;  // rows per task: a multiple of the micro-kernel's 6
+
+constexpr const char* kSeqModes[] = {"auto", "own", "blas"};
+
+int parse_seq_mode(std::string m) {
+  for (auto& ch : m) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+  for (int i = 0; i < 3; ++i)
+    if (m == kSeqModes[i]) return i;
+  return -1;
+}
+
+std::atomic<int>& seq_mode() {
+  static std::atomic<int> mode{[] {
+    const char* env = std::getenv("PYFASTDL_RNN_GEMM");
+    if (!env || !*env) return 0;
+    const int m = parse_seq_mode(env);
+    TORCH_CHECK(m >= 0, "PYFASTDL_RNN_GEMM: expected auto, own or blas, got '", env, "'");
+    return m;
+  }()};
+  return mode;
+}
+
+std::atomic<int> last_seq_gemm{-1};  // the last sequence GEMM: -1 none yet, 1 own, 2 blas
+
+bool own_seq_gemm() {
+  const int m = seq_mode().load();
+  bool own = m == 1;
+  if (m == 0) {
+#if defined(__x86_64__) || defined(__i386__)
+    own = cpu::capability() == cpu::Capability::AVX512 && __builtin_cpu_is("amd");
+#endif
+  }
+  last_seq_gemm.store(own ? 1 : 2);
+  return own;
+}
+
+// C (M, N) = op(A) op(B) (+ bias, an (N,) row added to every row): op(A) = A (M, K), or A^T with A
+// given (K, M) when ta; op(B) = B (K, N), or B^T with B given (N, K) when tb.
+at::Tensor seq_mm(const at::Tensor& A, bool ta, const at::Tensor& B, bool tb, const at::Tensor& bias = {}) {
+  if (!own_seq_gemm()) {
+    const at::Tensor a = ta ? A.t() : A, b = tb ? B.t() : B;
+    return bias.defined() ? at::addmm(bias, a, b) : at::mm(a, b);
+  }
+  const at::Tensor a = A.contiguous(), b = B.contiguous();
+  const int64_t M = a.size(ta ? 1 : 0), K = a.size(ta ? 0 : 1), N = tb ? b.size(0) : b.size(1);
+  at::Tensor c = at::empty({M, N}, a.options());
+  if (M == 0 || N == 0) return c;
+  if (K == 0) return bias.defined() ? c.copy_(bias.view({1, N}).expand({M, N})) : c.zero_();
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "rnn_seq_mm", [&] {
+    using T = scalar_t;
+    const auto& k = kern<T>();
+    const int64_t np = (N + k.nr - 1) / k.nr, ldk = tb ? 1 : N, ldn = tb ? K : 1;
+    at::Tensor packed = at::empty({np * k.nr * K}, a.options());
+    const T* bsrc = b.const_data_ptr<T>();
+    T* bp = packed.mutable_data_ptr<T>();
+    at::parallel_for(0, np, 1, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p)
+        k.pack_b(K, std::min<int64_t>(k.nr, N - p * k.nr), bsrc + p * k.nr * ldn, ldk, ldn, bp + p * k.nr * K);
+    });
+    const bool acc = bias.defined();
+    if (acc) c.copy_(bias.contiguous().view({1, N}).expand({M, N}));
+    const T* ap = a.const_data_ptr<T>();
+    T* cp = c.mutable_data_ptr<T>();
+    const int64_t nrb = (M + kSeqRows - 1) / kSeqRows;
+    at::parallel_for(0, nrb, 1, [&](int64_t t0, int64_t t1) {
+      std::vector<T> rows(ta ? kSeqRows * K : 0);  // op(A)'s rows [r0, r0 + m) when A is given transposed
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t r0 = t * kSeqRows, m = std::min(kSeqRows, M - r0);
+        const T* arows = ap + r0 * K;
+        if (ta) {  // rows[i][k] = A[k][r0 + i], in tiles of 16 k
+          for (int64_t k0 = 0; k0 < K; k0 += 16)
+            for (int64_t i = 0; i < m; ++i)
+              for (int64_t kk = k0; kk < std::min(K, k0 + 16); ++kk) rows[i * K + kk] = ap[kk * M + r0 + i];
+          arows = rows.data();
+        }
+        k.gemm_packed(m, K, N, 0, np, arows, K, 1, bp, cp + r0 * N, N, acc);
+      }
+    });
+  });
+  return c;
 }
 
 }  // namespace
+
+namespace cpu {
+// The op rnn_cpu_gemm (csrc/ops.cpp): sets the whole-sequence GEMM mode and returns the previous one;
+// "" returns the mode, "last" what the last sequence GEMM used ("own", "blas" or "none").
+std::string rnn_cpu_gemm(c10::string_view mode) {
+  if (mode.empty()) return kSeqModes[seq_mode().load()];
+  if (mode == "last") {
+    const int l = last_seq_gemm.load();
+    return l < 0 ? "none" : kSeqModes[l];
+  }
+  const int m = parse_seq_mode(std::string(mode));
+  TORCH_CHECK(m >= 0, "rnn_cpu_gemm: expected mode 'auto', 'own', 'blas', '' or 'last', got '", std::string(mode),
+              "'");
+  return kSeqModes[seq_mode().exchange(m)];
+}
+}  // namespace cpu
 
 // ---- cells -------------------------------------------------------------------------------------------
 
@@ -362,7 +478,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_seq_
   const Seq s = rnn::check_lstm_seq_fwd(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, kDtypes);
   const int64_t H = s.d.H;
   const at::Tensor h0c = h0.contiguous(), c0c = c0.contiguous(), bhh = opt(b_hh), whh = w_hh.contiguous();
-  at::Tensor gates = project(input, w_ih, opt(b_ih));  // (N, 4H) contiguous
+  at::Tensor gates = seq_mm(input, false, w_ih, true, opt(b_ih));  // (N, 4H) contiguous
   at::Tensor output = at::empty({s.N, H}, input.options()), cs = at::empty({s.N, H}, input.options());
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "lstm_seq_fwd", [&] {
     using T = scalar_t;
@@ -427,11 +543,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                                             dhp + a * H, H, false);
     });
   });
-  if (mask[0]) gi = at::mm(dg, w_ih);
+  if (mask[0]) gi = seq_mm(dg, false, w_ih, false);
   if (mask[1]) gh0 = dh;
   if (mask[2]) gc0 = dc;
-  if (mask[3]) gwi = at::mm(dg.t(), input);
-  if (mask[4]) gwh = at::mm(dg.t(), prev_states(s, outc, h0c, reverse));
+  if (mask[3]) gwi = seq_mm(dg, true, input, false);
+  if (mask[4]) gwh = seq_mm(dg, true, prev_states(s, outc, h0c, reverse), false);
   if (mask[5]) gb = dg.sum(0);
   return {gi, gh0, gc0, gwi, gwh, gb};
 }
@@ -445,7 +561,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_seq_fwd_cpu(const at::Tensor&
   const Seq s = rnn::check_gru_seq_fwd(input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, kDtypes);
   const int64_t H = s.d.H;
   const at::Tensor h0c = h0.contiguous(), bhh = opt(b_hh), whh = w_hh.contiguous();
-  const at::Tensor gx = project(input, w_ih, opt(b_ih));  // (N, 3H)
+  const at::Tensor gx = seq_mm(input, false, w_ih, true, opt(b_ih));  // (N, 3H)
   at::Tensor ghh = at::empty({s.d.B, 3 * H}, input.options());
   at::Tensor output = at::empty({s.N, H}, input.options()), ws = at::empty({s.N, 4 * H}, input.options());
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "gru_seq_fwd", [&] {
@@ -507,10 +623,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                                             dhp + a * H, H, true);
     });
   });
-  if (mask[0]) gi = at::mm(dgx, w_ih);
+  if (mask[0]) gi = seq_mm(dgx, false, w_ih, false);
   if (mask[1]) gh0 = dh;
-  if (mask[2]) gwi = at::mm(dgx.t(), input);
-  if (mask[3]) gwh = at::mm(dgh.t(), prev_states(s, outc, h0c, reverse));
+  if (mask[2]) gwi = seq_mm(dgx, true, input, false);
+  if (mask[3]) gwh = seq_mm(dgh, true, prev_states(s, outc, h0c, reverse), false);
   if (mask[4]) gbi = dgx.sum(0);
   if (mask[5]) gbh = dgh.sum(0);
   return {gi, gh0, gwi, gwh, gbi, gbh};
