@@ -153,3 +153,11 @@ esac
     assert "| build | 2 |" in summary and "TIMEOUT (budget 2 s)" in summary, summary
     assert "| bench | 1 | 0 | skipped: the build failed |" in summary, summary
     assert "gpu-check: build: budget 2 s" in r.stdout
+
+
+def test_cpu_fma_peak_measures_the_loop():
+    """The bench report's FMA peak row (pyfastdl.bench.core.fma_peak): a positive, finite GFLOP/s."""
+    g = torch.ops.pyfastdl.cpu_fma_peak(200000, 2)
+    assert 0.1 < g < 1e6
+    with pytest.raises(RuntimeError, match="cpu_fma_peak: expected iters > 0 and reps > 0"):
+        torch.ops.pyfastdl.cpu_fma_peak(0, 1)

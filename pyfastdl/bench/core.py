@@ -39,7 +39,7 @@ from typing import Callable
 import torch
 
 __all__ = ["Case", "Target", "Config", "pyfastdl_providers", "torch_compile", "measure", "stream_bandwidth",
-           "matmul_peak", "machine_info", "allocator_info", "families", "run", "write_report", "TUNED_MALLOC"]
+           "matmul_peak", "fma_peak", "machine_info", "allocator_info", "families", "run", "write_report", "TUNED_MALLOC"]
 
 # --tuned-malloc: glibc keeps freed big blocks instead of unmapping them (see allocator_info; glibc
 # 2.36 honours a 64 MB mmap threshold through the tunable -- checked by the probe, not assumed).
@@ -184,6 +184,14 @@ def matmul_peak(device: str = "cpu", n: int | None = None, dtype=torch.float32, 
     c = torch.empty(n, n, dtype=dtype, device=device)
     t = _best_time(lambda: torch.mm(a, b, out=c), device, reps)
     return 2 * n**3 / t / 1e9
+
+
+def fma_peak() -> float:
+    """The CPU's float32 FMA throughput in GFLOP/s: a register-only loop of 12 vector FMA chains with
+    the SIMD capability in use, on every torch thread at once, best of 3 (torch.ops.pyfastdl.cpu_fma_peak).
+    The hardware's limit, beside the matmul peak (which MKL does not reach on AMD CPUs: its AVX2 code)."""
+    import pyfastdl  # noqa: F401  (registers torch.ops.pyfastdl)
+    return float(torch.ops.pyfastdl.cpu_fma_peak())
 
 
 def _mmap_probe_mb(mb: int = 48) -> str:
@@ -443,6 +451,8 @@ def run(family_names: list[str] | None, cfg: Config, out_dir: str | Path) -> lis
     limit = {"bandwidth_start_gbs": stream_bandwidth(cfg.device)}
     if any(c.bound == "compute" for c in cases):
         limit["matmul_gflops"] = matmul_peak(cfg.device)
+        if not str(cfg.device).startswith("cuda"):
+            limit["fma_gflops"] = fma_peak()
     rows = []
     bar = tqdm(cases, desc="bench", unit="case", file=sys.stderr, dynamic_ncols=True)
     for case in bar:
@@ -515,6 +525,9 @@ def _markdown(meta: dict, rows: list[dict]) -> str:
     ]
     if "matmul_gflops" in lim:
         lines.append(f"| matmul peak | {lim['matmul_gflops']:.0f} GFLOP/s (float32 square matmul, best of 5) |")
+    if "fma_gflops" in lim:
+        lines.append(f"| FMA peak | {lim['fma_gflops']:.0f} GFLOP/s (float32 FMA loop with the kernels' SIMD capability, "
+                     "all threads, best of 3; % limit stays against the matmul peak) |")
     lines += [
         "", "How to read: every provider of a case ran in this process on the same inputs, in interleaved "
         "rounds (A B C, B C A, ...). *median ms* is the median per-iteration time over the rounds "
