@@ -817,15 +817,17 @@ void fwd(const AttnArgs& a) {
       for (int64_t r = 0; r < bq; ++r) {
         T* o_row = O.data() + r * a.Ev;
         T* lse = static_cast<T*>(a.lse) + bh * a.L + i0 + r;
-        if (l[r] == T(0)) {  // a fully masked row: P = 0, out = 0 V (0, or NaN where V is not finite, as torch)
-          *lse = ninf;
-        } else {
-          scale_row(o_row, a.Ev, T(1) / l[r]);
-          *lse = m[r] + std::log(l[r]);
-        }
         In* dst = out + (bh * a.L + i0 + r) * a.Ev;
-        if constexpr (kBf16) to_bf16_rows(o_row, a.Ev, 1, a.Ev, dst, a.Ev, false);
-        else std::copy(o_row, o_row + a.Ev, dst);
+        // a fully masked row: P = 0, out = 0 V (0, or NaN where V is not finite, as torch)
+        *lse = l[r] == T(0) ? ninf : m[r] + std::log(l[r]);
+        if constexpr (kBf16) {  // scaled in place, then rounded into out
+          if (l[r] != T(0)) scale_row(o_row, a.Ev, T(1) / l[r]);
+          to_bf16_rows(o_row, a.Ev, 1, a.Ev, dst, a.Ev, false);
+        } else if (l[r] == T(0)) {
+          std::copy(o_row, o_row + a.Ev, dst);
+        } else {
+          scale_row(o_row, a.Ev, T(1) / l[r], dst);  // straight into out
+        }
       }
     }
   });

@@ -231,21 +231,19 @@ void step_gemm(const cpu::RnnKernelsT<T>& k, int64_t m, int64_t K, int64_t N, co
   constexpr int64_t kMinWork = 1 << 15;  // multiply-adds per thread at least
   const int64_t grain = std::max<int64_t>(1, kMinWork / std::max<int64_t>(1, m * K * k.nr));
   if (np <= grain) {
-    k.gemm_packed(m, K, N, 0, np, a, lda, 1, bp, c, ldc, acc);
+    k.gemm_packed(m, K, N, 0, np, a, lda, bp, c, ldc, acc);
     return;
   }
-  at::parallel_for(0, np, grain, [&](int64_t p0, int64_t p1) {
-    k.gemm_packed(m, K, N, p0, p1, a, lda, 1, bp, c, ldc, acc);
-  });
+  at::parallel_for(0, np, grain, [&](int64_t p0, int64_t p1) { k.gemm_packed(m, K, N, p0, p1, a, lda, bp, c, ldc, acc); });
 }
 
 // ---- the whole-sequence GEMMs: the input projection before the time loop, grad_input and the weight
 // gradients after it -------------------------------------------------------------------------------
 // Either ATen's BLAS (at::mm / at::addmm) or the packed micro-kernel above run as a full GEMM: B packed
-// in parallel over its panels, C split into tasks of kSeqRows rows (all panels), each element one
-// sequential sum over K (bits independent of the thread count); a transposed A (the weight gradients'
-// dgates^T) is transposed per task into a row block first (read in place, with K-strided broadcasts,
-// it ran 1.3x slower; ATen's transposing copy of the whole A took longer than the GEMM's gain).
+// in parallel over its panels, C split into tasks of kSeqRows rows (all panels), each element summed in
+// a fixed order (K in chunks, below: bits independent of the thread count); a transposed A (the weight
+// gradients' dgates^T) is transposed per task into a row block first (read in place, with K-strided
+// broadcasts, it ran 1.3x slower; ATen's transposing copy of the whole A took longer than the GEMM's gain).
 // The switch: PYFASTDL_RNN_GEMM=auto|own|blas (read once) or the op rnn_cpu_gemm(mode). auto = own on
 // the AVX-512 capability of an AMD CPU, BLAS elsewhere: torch's MKL runs its AVX2 code on AMD CPUs (its
 // square float32 matmul reached 192 GFLOP/s of the 474 an AVX-512 FMA loop reaches on the 2-core EPYC
@@ -338,7 +336,7 @@ at::Tensor seq_mm(const at::Tensor& A, bool ta, const at::Tensor& B, bool tb, co
         }
         for (int64_t q = 0; q < nq; ++q) {  // C (+)= the chunk's product, summed from zero in registers
           const int64_t k0 = q * kSeqKc, kc = std::min(kSeqKc, K - k0);
-          k.gemm_packed(m, kc, N, 0, np, arows + k0, K, 1, bp + np * k.nr * k0, cp + r0 * N, N, acc || q > 0);
+          k.gemm_packed(m, kc, N, 0, np, arows + k0, K, bp + np * k.nr * k0, cp + r0 * N, N, acc || q > 0);
         }
       }
     });

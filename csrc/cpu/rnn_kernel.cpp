@@ -187,22 +187,18 @@ void pack_b(int64_t K, int64_t N, const T* b, int64_t ldk, int64_t ldn, T* out) 
 
 // The accumulators are named variables, not an array: GCC keeps an array of Vectorized in memory and
 // stores it back at every k.
-// A(i, k) = a[i lda + k csa]: rows of A (csa = 1) or of A^T read in place (lda = 1).
 template <typename T, int MR>
-inline void micro(int64_t K, const T* a, int64_t lda, int64_t csa, const T* bp, T* c, int64_t ldc, int64_t cnt,
-                  bool acc) {
+inline void micro(int64_t K, const T* a, int64_t lda, const T* bp, T* c, int64_t ldc, int64_t cnt, bool acc) {
   using V = Vectorized<T>;
   constexpr int64_t W = V::size();
   V x00(T(0)), x01(T(0)), x10(T(0)), x11(T(0)), x20(T(0)), x21(T(0)), x30(T(0)), x31(T(0)), x40(T(0)),
       x41(T(0)), x50(T(0)), x51(T(0));
-  const int64_t o1 = lda, o2 = 2 * lda, o3 = 3 * lda, o4 = 4 * lda, o5 = 5 * lda;
-  const T* ak = a;
-  constexpr int64_t o0 = 0;
-  for (int64_t k = 0; k < K; ++k, ak += csa) {
+  const T *a0 = a, *a1 = a + lda, *a2 = a + 2 * lda, *a3 = a + 3 * lda, *a4 = a + 4 * lda, *a5 = a + 5 * lda;
+  for (int64_t k = 0; k < K; ++k) {
     const V b0 = V::loadu(bp + k * 2 * W), b1 = V::loadu(bp + k * 2 * W + W);
 #define PYFASTDL_RNN_ROW(i)                 \
   if constexpr (MR > i) {                   \
-    const V ai(ak[o##i]);                   \
+    const V ai(a##i[k]);                    \
     x##i##0 = at::vec::fmadd(ai, b0, x##i##0); \
     x##i##1 = at::vec::fmadd(ai, b1, x##i##1); \
   }
@@ -232,22 +228,22 @@ inline void micro(int64_t K, const T* a, int64_t lda, int64_t csa, const T* bp, 
 }
 
 template <typename T>
-void gemm_packed(int64_t m, int64_t K, int64_t N, int64_t p0, int64_t p1, const T* a, int64_t lda, int64_t csa,
-                 const T* bp, T* c, int64_t ldc, bool acc) {
+void gemm_packed(int64_t m, int64_t K, int64_t N, int64_t p0, int64_t p1, const T* a, int64_t lda, const T* bp,
+                 T* c, int64_t ldc, bool acc) {
   constexpr int64_t NR = kNr<T>;
   for (int64_t p = p0; p < p1; ++p) {
     const int64_t n0 = p * NR, cnt = std::min<int64_t>(NR, N - n0);
     const T* b = bp + p * NR * K;
     int64_t r = 0;
-    for (; r + kMr <= m; r += kMr) micro<T, kMr>(K, a + r * lda, lda, csa, b, c + r * ldc + n0, ldc, cnt, acc);
+    for (; r + kMr <= m; r += kMr) micro<T, kMr>(K, a + r * lda, lda, b, c + r * ldc + n0, ldc, cnt, acc);
     const T* ar = a + r * lda;
     T* cr = c + r * ldc + n0;
     switch (m - r) {
-      case 5: micro<T, 5>(K, ar, lda, csa, b, cr, ldc, cnt, acc); break;
-      case 4: micro<T, 4>(K, ar, lda, csa, b, cr, ldc, cnt, acc); break;
-      case 3: micro<T, 3>(K, ar, lda, csa, b, cr, ldc, cnt, acc); break;
-      case 2: micro<T, 2>(K, ar, lda, csa, b, cr, ldc, cnt, acc); break;
-      case 1: micro<T, 1>(K, ar, lda, csa, b, cr, ldc, cnt, acc); break;
+      case 5: micro<T, 5>(K, ar, lda, b, cr, ldc, cnt, acc); break;
+      case 4: micro<T, 4>(K, ar, lda, b, cr, ldc, cnt, acc); break;
+      case 3: micro<T, 3>(K, ar, lda, b, cr, ldc, cnt, acc); break;
+      case 2: micro<T, 2>(K, ar, lda, b, cr, ldc, cnt, acc); break;
+      case 1: micro<T, 1>(K, ar, lda, b, cr, ldc, cnt, acc); break;
       default: break;
     }
   }

@@ -41,12 +41,11 @@ struct RnnKernelsT {
   // (pack_b) into panels of nr columns: panel p holds B[k][p*nr + j] at bp[p*nr*K + k*nr + j], the
   // columns past N zero. gemm_packed computes the columns of panels [p0, p1) with a register-blocked
   // micro-kernel (rows in blocks of up to 6, one panel at a time, so a panel stays in L1 over all the
-  // row blocks); accumulate: C += A B, else C = A B. A(i, k) = a[i lda + k csa] (csa = 1: rows of A;
-  // lda = 1: A^T's rows, read in place).
+  // row blocks); accumulate: C += A B, else C = A B.
   int64_t nr;
   // B[k][n] = b[k * ldk + n * ldn]; out holds ceil(N / nr) * nr * K elements.
   void (*pack_b)(int64_t K, int64_t N, const T* b, int64_t ldk, int64_t ldn, T* out);
-  void (*gemm_packed)(int64_t m, int64_t K, int64_t N, int64_t p0, int64_t p1, const T* a, int64_t lda, int64_t csa,
+  void (*gemm_packed)(int64_t m, int64_t K, int64_t N, int64_t p0, int64_t p1, const T* a, int64_t lda,
                       const T* bp, T* c, int64_t ldc, bool accumulate);
 };
 
