@@ -557,6 +557,11 @@ NEW_PATH_CASES = [
     (2, 7, 6, 6, 20, 1, 1, 0, 1, 1),         # small grad_weight: 3 vectors of C_out (AVX2), 1x1
     (1, 64, 5, 5, 32, 3, 1, 1, 1, 1),        # a weight above the small grad_weight bound: the tiled path
     (2, 8, 8, 8, 8, 3, 1, 1, 1, 1),          # ResNet-18 / 8's 8 -> 8 layer: channels_last grad_input on the panel
+    # kernel rows read in place (few channels, dilation 1 along W): forward and small grad_weight
+    (2, 3, 20, 21, 64, 7, 2, 3, 1, 1),       # the stem's channels: whole tiles of whole vectors, edge pixels
+    (1, 3, 5, 3, 4, 5, 1, 2, 1, 1),          # a kernel wider than the input: every pixel gathered
+    (2, 3, 11, 13, 9, 3, 1, 2, (2, 1), 1),   # dilation along H only: rows read in place
+    (3, 6, 10, 9, 16, 5, 1, 2, 1, 1),        # 270 pixels: a partial tile, rows across images
 ]
 
 
@@ -609,7 +614,7 @@ def test_cpu_paths_gradcheck(c, layout):
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("c", [NEW_PATH_CASES[0], NEW_PATH_CASES[4], NEW_PATH_CASES[6], NEW_PATH_CASES[10],
-                               NEW_PATH_CASES[12], NEW_PATH_CASES[19]], ids=_id)
+                               NEW_PATH_CASES[12], NEW_PATH_CASES[19], NEW_PATH_CASES[24]], ids=_id)
 def test_cpu_paths_do_not_depend_on_thread_count(c, layout):
     _assert_same_bits_with_1_2_3_threads(c, layout)
 

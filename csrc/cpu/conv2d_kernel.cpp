@@ -16,10 +16,15 @@
 //               pixel (oh, ow) with oh * sh = ih + pt - kh * dh (none when not divisible: stride).
 //               Input pixels of a row are visited by residue class of iw mod sw, so the taps that hit
 //               nothing for a whole tile are skipped (stride 2: 3/4 of them).
-// Few channels (K < 16: LeNet's C_in = 1 and 6, the stem's 3): the MR pixels' taps are gathered into
-// a small buffer first (a per-tile im2col of MR rows), so the K loop runs over kH * kW * K at once.
+// Few channels (K < 16: LeNet's C_in = 1 and 6, the stem's 3): the forward reads each kernel row of a
+// pixel in place, kW * K contiguous values (one group, dilation 1 along W), so the K loop runs over
+// kW * K per row; only pixels whose rows cross the left or right padding are gathered into a small
+// buffer first (grad_input: every pixel, a per-tile im2col of MR rows, kH * kW * K at once). A whole
+// tile of whole channel vectors is stored from the registers, bias added, with no tile buffer.
 // grad_weight: per task (group, oc block, kh) an accumulator tile in memory, MR input channels x NB
 // output channels per micro-kernel call, summed over the valid ow of each (n, oh) row in order.
+// Small weights (bwd_weight_small): per task of 512 pixels a partial [tap][ci][C_out]; a kernel row of a
+// pixel inside the input along W is again read in place as kW * C_in rows of the partial.
 // Every output element is computed by one task in a fixed order: results do not depend on the
 // thread count.
 #include <ATen/ATen.h>
@@ -59,17 +64,19 @@ inline int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a +
 
 // ---- the micro-kernel -------------------------------------------------------------------------
 // out[i][0..NB) = sum_{t: on[t]} sum_k ap[t * R + i][k] * B[t][k][0..NB),  i < R; NB = NV vectors.
+// orow given: orow[i][0..NB) = out[i] + bias[0..NB) instead, stored from the registers (whole vectors:
+// the caller's rows hold NB channels); out is not written.
 template <typename T, int R, int NV>
 inline void ukernel(const T* const* ap, const unsigned char* on, int64_t ntaps, int64_t K, const T* B,
-                    T* out /* R x NB */) {
+                    T* out /* R x NB */, T* const* orow = nullptr, const T* bias = nullptr) {
   using Vec = Vectorized<T>;
   constexpr int64_t V = Vec::size(), NB = NV * V;
-  Vec c0[R], c1[NV == 2 ? R : 1];
-#pragma GCC unroll 12
-  for (int i = 0; i < R; ++i) {
-    c0[i] = Vec(T(0));
-    if constexpr (NV == 2) c1[i] = Vec(T(0));
-  }
+  static_assert(NV >= 1 && NV <= 4, "one to four vectors of output channels");
+  Vec c[NV][R];
+#pragma GCC unroll 4
+  for (int v = 0; v < NV; ++v)
+#pragma GCC unroll 14
+    for (int i = 0; i < R; ++i) c[v][i] = Vec(T(0));
   for (int64_t t = 0; t < ntaps; ++t) {
     if (!on[t]) continue;
     const T* a[R];
@@ -77,26 +84,31 @@ inline void ukernel(const T* const* ap, const unsigned char* on, int64_t ntaps, 
     for (int i = 0; i < R; ++i) a[i] = ap[t * R + i];
     const T* b = B + t * K * NB;
     for (int64_t k = 0; k < K; ++k, b += NB) {
-      const Vec b0 = Vec::loadu(b);
-      if constexpr (NV == 2) {
-        const Vec b1 = Vec::loadu(b + V);
-#pragma GCC unroll 12
-        for (int i = 0; i < R; ++i) {
-          const Vec av(a[i][k]);
-          c0[i] = at::vec::fmadd(av, b0, c0[i]);
-          c1[i] = at::vec::fmadd(av, b1, c1[i]);
-        }
-      } else {
-#pragma GCC unroll 12
-        for (int i = 0; i < R; ++i) c0[i] = at::vec::fmadd(Vec(a[i][k]), b0, c0[i]);
+      Vec bv[NV];
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) bv[v] = Vec::loadu(b + v * V);
+#pragma GCC unroll 14
+      for (int i = 0; i < R; ++i) {
+        const Vec av(a[i][k]);
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) c[v][i] = at::vec::fmadd(av, bv[v], c[v][i]);
       }
     }
   }
-#pragma GCC unroll 12
-  for (int i = 0; i < R; ++i) {
-    c0[i].store(out + i * NB);
-    if constexpr (NV == 2) c1[i].store(out + i * NB + V);
+  if (orow) {
+    Vec bv[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) bv[v] = Vec::loadu(bias + v * V);
+#pragma GCC unroll 14
+    for (int i = 0; i < R; ++i)
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) (c[v][i] + bv[v]).store(orow[i] + v * V);
+    return;
   }
+#pragma GCC unroll 14
+  for (int i = 0; i < R; ++i)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) c[v][i].store(out + i * NB + v * V);
 }
 
 // ---- the gather GEMM driver (forward and grad_input) ------------------------------------------
@@ -107,13 +119,22 @@ inline void ukernel(const T* const* ap, const unsigned char* on, int64_t ntaps, 
 // base (channel 0); ocs: the output's channel stride (1: NHWC; H * W: NCHW, written directly so that
 // an NCHW output needs no reorder). run: taps t .. t + run - 1 (t a multiple of run) of a pixel read
 // adjacent pixels when all are inside (the forward's kernel row with dw == 1 and one group: run = kW).
+// row_fill(m0, n, dst, stride) (forward, run > 1): for pixels m0 + i, i < n: dst[kh * stride + i] = the
+// input pixel where kernel row kh of the pixel starts, or nullptr (top/bottom padding); returns the
+// mask of the pixels whose rows lie inside the input along W (the others' dst is not set).
 // skip_absent: a tap that no pixel of the tile reads is skipped (grad_input: the grad_out pixels that
 // do not exist, stride 2: 3/4 of the taps). The forward passes false: its absent taps are the zero
 // padding, multiplied as zeros like the rest of the tile, so that a non-finite weight gives NaN there
 // for every pixel alike (0 * inf), whatever tile the pixel falls in.
-template <typename T, int NV = 2, int MR = kMR, typename AFill, typename OPtr>
+struct NoRowFill {
+  template <typename P>
+  unsigned operator()(int64_t, int, P, int64_t) const { return 0; }
+};
+
+template <typename T, int NV = 2, int MR = kMR, typename AFill, typename OPtr, typename RowFill = NoRowFill>
 void gather_gemm(int64_t M, int64_t G, int64_t ntaps, int64_t K, int64_t c_g, const T* B, const T* bias_pad,
-                 const AFill& a_fill, const OPtr& o_ptr, int64_t ocs = 1, int64_t run = 1, bool skip_absent = true) {
+                 const AFill& a_fill, const OPtr& o_ptr, int64_t ocs = 1, int64_t run = 1, bool skip_absent = true,
+                 const RowFill* row_fill = nullptr) {
   using Vec = Vectorized<T>;
   constexpr int64_t NB = nb_of<T, NV>();
   const int64_t nblk = ceil_div(c_g, NB);
@@ -123,10 +144,11 @@ void gather_gemm(int64_t M, int64_t G, int64_t ntaps, int64_t K, int64_t c_g, co
   const int64_t ntiles = ceil_div(M, MR);
   const int64_t npc = ceil_div(ntiles, kTilesPerTask);
   const bool gather = K < kGatherBelow;
-  const std::vector<T> zeros(std::max<int64_t>(K, 1), T(0));
+  // (run > 1: a kernel row of run taps read as one tap of run * K channels, where it lies inside)
+  const std::vector<T> zeros(std::max<int64_t>(K * run, 1), T(0));
   at::parallel_for(0, G * cpg * npc, 1, [&](int64_t begin, int64_t end) {
-    std::vector<const T*> base(ntaps * MR), ptrs(gather ? MR : ntaps * MR);
-    std::vector<unsigned char> on(gather ? 1 : ntaps);
+    std::vector<const T*> base(ntaps * MR), ptrs(ntaps * MR);
+    std::vector<unsigned char> on(ntaps);
     std::vector<T> buf(gather ? MR * ntaps * K : 0);
     alignas(64) T tile[MR * NB];
     for (int64_t idx = begin; idx < end; ++idx) {
@@ -135,41 +157,68 @@ void gather_gemm(int64_t M, int64_t G, int64_t ntaps, int64_t K, int64_t c_g, co
       const int64_t t_end = std::min(ntiles, (pc + 1) * kTilesPerTask);
       for (int64_t tile_i = pc * kTilesPerTask; tile_i < t_end; ++tile_i) {
         const int64_t m0 = tile_i * MR;
-        for (int i = 0; i < MR; ++i) {
+        // Pixel i's taps gathered into its row of buf ([t][K]: kH kernel rows of run * K channels).
+        auto gather_pixel = [&](int i) -> T* {
+          T* row = buf.data() + i * ntaps * K;
+          for (int64_t t = 0; t < ntaps; ++t) {
+            const T* src = base[t * MR + i];
+            // a whole kernel row in one copy when its pixels are adjacent (G == 1, dilation 1 along W)
+            if (run > 1 && t % run == 0 && src && base[(t + run - 1) * MR + i]) {
+              std::copy(src, src + run * K, row + t * K);
+              t += run - 1;
+              continue;
+            }
+            // (whole vectors where K allows: K = 8, DenseNet's grad_input, is one load and store)
+            T* dst = row + t * K;
+            int64_t k = 0;
+            if (src) {
+              src += g * K;
+              for (; k + Vec::size() <= K; k += Vec::size()) Vec::loadu(src + k).store(dst + k);
+              for (; k < K; ++k) dst[k] = src[k];
+            } else {
+              for (; k + Vec::size() <= K; k += Vec::size()) Vec(T(0)).store(dst + k);
+              for (; k < K; ++k) dst[k] = T(0);
+            }
+          }
+          return row;
+        };
+        auto fill_pixel = [&](int i) {
           const int64_t m = m0 + i;
           if (m < M) {
             a_fill(m, base.data() + i, MR);
           } else {
             for (int64_t t = 0; t < ntaps; ++t) base[t * MR + i] = nullptr;
           }
-        }
-        if (gather) {
+        };
+        // Few channels, kernel rows of adjacent pixels (run > 1, row_fill given: the forward): the
+        // micro-kernel reads each pixel's kernel rows in place, as kH taps of run * K contiguous
+        // channels (the packed weights' [kh][kw][k] order is the same; a row in the top or bottom
+        // padding reads zeros). Only a pixel whose rows cross the left or right padding is gathered,
+        // into its own row of buf. The same products in the same order as a gathered tile, without
+        // the per-tap pointers and most of the copies.
+        const bool by_rows = gather && run > 1 && row_fill != nullptr;
+        const int64_t nrows = ntaps / run;
+        if (by_rows) {
+          const unsigned inside = (*row_fill)(m0, static_cast<int>(std::min<int64_t>(MR, M - m0)), ptrs.data(), MR);
           for (int i = 0; i < MR; ++i) {
-            T* row = buf.data() + i * ntaps * K;
-            for (int64_t t = 0; t < ntaps; ++t) {
-              const T* src = base[t * MR + i];
-              // a whole kernel row in one copy when its pixels are adjacent (G == 1, dilation 1 along W)
-              if (run > 1 && t % run == 0 && src && base[(t + run - 1) * MR + i]) {
-                std::copy(src, src + run * K, row + t * K);
-                t += run - 1;
-                continue;
-              }
-              // (whole vectors where K allows: K = 8, DenseNet's grad_input, is one load and store)
-              T* dst = row + t * K;
-              int64_t k = 0;
-              if (src) {
-                src += g * K;
-                for (; k + Vec::size() <= K; k += Vec::size()) Vec::loadu(src + k).store(dst + k);
-                for (; k < K; ++k) dst[k] = src[k];
-              } else {
-                for (; k + Vec::size() <= K; k += Vec::size()) Vec(T(0)).store(dst + k);
-                for (; k < K; ++k) dst[k] = T(0);
-              }
+            if (inside >> i & 1u) {
+              for (int64_t r = 0; r < nrows; ++r)
+                if (!ptrs[r * MR + i]) ptrs[r * MR + i] = zeros.data();
+            } else {
+              fill_pixel(i);
+              const T* row = gather_pixel(i);
+              for (int64_t r = 0; r < nrows; ++r) ptrs[r * MR + i] = row + r * run * K;
             }
-            ptrs[i] = row;
+          }
+          for (int64_t r = 0; r < nrows; ++r) on[r] = 1;
+        } else if (gather) {
+          for (int i = 0; i < MR; ++i) {
+            fill_pixel(i);
+            ptrs[i] = gather_pixel(i);
           }
           on[0] = 1;
         } else {
+          for (int i = 0; i < MR; ++i) fill_pixel(i);
           for (int64_t t = 0; t < ntaps; ++t) {
             bool any = false;
             for (int i = 0; i < MR; ++i) {
@@ -180,20 +229,26 @@ void gather_gemm(int64_t M, int64_t G, int64_t ntaps, int64_t K, int64_t c_g, co
             on[t] = any || !skip_absent;
           }
         }
-        const int64_t nt = gather ? 1 : ntaps, kk = gather ? ntaps * K : K;
+        const int64_t nt = by_rows ? nrows : gather ? 1 : ntaps;
+        const int64_t kk = by_rows ? run * K : gather ? ntaps * K : K;
         for (int64_t nb = nb0; nb < nb1; ++nb) {
-          ukernel<T, MR, NV>(ptrs.data(), on.data(), nt, kk, B + (g * nblk + nb) * blk_elems, tile);
           const int64_t c0 = nb * NB, nv = std::min<int64_t>(NB, c_g - c0);
           const T* bp = bias_pad + g * nblk * NB + c0;
+          if (ocs == 1 && nv == NB && m0 + MR <= M) {  // a whole tile of whole vectors: no tile buffer
+            T* orow[MR];
+            for (int i = 0; i < MR; ++i) orow[i] = o_ptr(m0 + i) + g * c_g + c0;
+            ukernel<T, MR, NV>(ptrs.data(), on.data(), nt, kk, B + (g * nblk + nb) * blk_elems, tile, orow, bp);
+            continue;
+          }
+          ukernel<T, MR, NV>(ptrs.data(), on.data(), nt, kk, B + (g * nblk + nb) * blk_elems, tile);
           for (int i = 0; i < MR && m0 + i < M; ++i) {
             T* o = o_ptr(m0 + i) + (g * c_g + c0) * ocs;
             const T* s = tile + i * NB;
             if (ocs != 1) {
               for (int64_t j = 0; j < nv; ++j) o[j * ocs] = s[j] + bp[j];
             } else if (nv == NB) {
-              (Vec::loadu(s) + Vec::loadu(bp)).store(o);
-              if constexpr (NV == 2)
-                (Vec::loadu(s + Vec::size()) + Vec::loadu(bp + Vec::size())).store(o + Vec::size());
+              for (int v = 0; v < NV; ++v)
+                (Vec::loadu(s + v * Vec::size()) + Vec::loadu(bp + v * Vec::size())).store(o + v * Vec::size());
             } else {
               for (int64_t j = 0; j < nv; ++j) o[j] = s[j] + bp[j];
             }
@@ -600,9 +655,29 @@ void fwd_impl_nv(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bia
   const int64_t run = p.groups == 1 && p.dw == 1 ? p.kW : 1;
   auto o_ptr = [&](int64_t m) -> T* { return yp + m * p.C_out; };
   auto o_nchw = [&](int64_t m) -> T* { return yp + (m / HWo) * p.C_out * HWo + m % HWo; };
+  auto row_fill = [&](int64_t m0, int cnt, const T** dst, int64_t stride) -> unsigned {
+    int64_t n = m0 / HWo, oh = m0 % HWo / p.W_out, ow = m0 % p.W_out;  // then stepped: no division per pixel
+    unsigned inside = 0;
+    for (int i = 0; i < cnt; ++i) {
+      const int64_t ih0 = oh * p.sh - p.pt, iw0 = ow * p.sw - p.pl;
+      if (iw0 >= 0 && iw0 + p.kW <= p.W) {
+        inside |= 1u << i;
+        const T* xn = xp + (n * p.H * p.W + iw0) * p.C_in;
+        for (int64_t kh = 0; kh < p.kH; ++kh) {
+          const int64_t ih = ih0 + kh * p.dh;
+          dst[kh * stride + i] = ih >= 0 && ih < p.H ? xn + ih * p.W * p.C_in : nullptr;
+        }
+      }
+      if (++ow == p.W_out) {
+        ow = 0;
+        if (++oh == p.H_out) oh = 0, ++n;
+      }
+    }
+    return inside;
+  };
   if (nchw) {
     gather_gemm<T, NV, MRT>(p.N * HWo, p.groups, p.kH * p.kW, p.cin_g(), p.cout_g(), B.data(), bp.data(), a_fill,
-                            o_nchw, HWo, run, false);
+                            o_nchw, HWo, run, false, &row_fill);
     return;
   }
   if (p.cin_g() == 1 && p.cout_g() == 1) {
@@ -610,7 +685,7 @@ void fwd_impl_nv(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bia
     return;
   }
   gather_gemm<T, NV, MRT>(p.N * HWo, p.groups, p.kH * p.kW, p.cin_g(), p.cout_g(), B.data(), bp.data(), a_fill,
-                          o_ptr, 1, run, false);
+                          o_ptr, 1, run, false, &row_fill);
 }
 
 // A group's output channels in one vector, or a tail of at most one vector past whole pairs (8 or 24
@@ -754,48 +829,32 @@ inline bool use_gw_small(const conv::Params& p) {
 template <typename T, int R, int NV>
 inline void gw_small_tile(const T* const* xs, int64_t xo, const T* const* gs, int64_t go, int64_t n, T* out,
                           int64_t out_r) {
-  // (one array per vector of output channels: an acc[R][NV] array kept some accumulators on the stack)
+  // (accumulators as c[NV][R], fully unrolled: with one array per vector (c0[R], c1[..], c2[..]) GCC 12
+  // kept the AVX-512 6 x 2 tile on the stack, stored every iteration)
   using Vec = Vectorized<T>;
   constexpr int64_t V = Vec::size();
-  Vec c0[R], c1[NV >= 2 ? R : 1], c2[NV >= 3 ? R : 1];
+  Vec c[NV][R];
+#pragma GCC unroll 3
+  for (int v = 0; v < NV; ++v)
 #pragma GCC unroll 12
-  for (int r = 0; r < R; ++r) {
-    c0[r] = Vec::loadu(out + r * out_r);
-    if constexpr (NV >= 2) c1[r] = Vec::loadu(out + r * out_r + V);
-    if constexpr (NV >= 3) c2[r] = Vec::loadu(out + r * out_r + 2 * V);
-  }
+    for (int r = 0; r < R; ++r) c[v][r] = Vec::loadu(out + r * out_r + v * V);
   for (int64_t i = 0; i < n; ++i) {
     const T* xr = xs[i] + xo;
     const T* gr = gs[i] + go;
-    const Vec g0 = Vec::loadu(gr);
-    if constexpr (NV == 1) {
+    Vec gv[NV];
+#pragma GCC unroll 3
+    for (int v = 0; v < NV; ++v) gv[v] = Vec::loadu(gr + v * V);
 #pragma GCC unroll 12
-      for (int r = 0; r < R; ++r) c0[r] = at::vec::fmadd(Vec(xr[r]), g0, c0[r]);
-    } else if constexpr (NV == 2) {
-      const Vec g1 = Vec::loadu(gr + V);
-#pragma GCC unroll 12
-      for (int r = 0; r < R; ++r) {
-        const Vec xv(xr[r]);
-        c0[r] = at::vec::fmadd(xv, g0, c0[r]);
-        c1[r] = at::vec::fmadd(xv, g1, c1[r]);
-      }
-    } else {
-      const Vec g1 = Vec::loadu(gr + V), g2 = Vec::loadu(gr + 2 * V);
-#pragma GCC unroll 12
-      for (int r = 0; r < R; ++r) {
-        const Vec xv(xr[r]);
-        c0[r] = at::vec::fmadd(xv, g0, c0[r]);
-        c1[r] = at::vec::fmadd(xv, g1, c1[r]);
-        c2[r] = at::vec::fmadd(xv, g2, c2[r]);
-      }
+    for (int r = 0; r < R; ++r) {
+      const Vec xv(xr[r]);
+#pragma GCC unroll 3
+      for (int v = 0; v < NV; ++v) c[v][r] = at::vec::fmadd(xv, gv[v], c[v][r]);
     }
   }
+#pragma GCC unroll 3
+  for (int v = 0; v < NV; ++v)
 #pragma GCC unroll 12
-  for (int r = 0; r < R; ++r) {
-    c0[r].store(out + r * out_r);
-    if constexpr (NV >= 2) c1[r].store(out + r * out_r + V);
-    if constexpr (NV >= 3) c2[r].store(out + r * out_r + 2 * V);
-  }
+    for (int r = 0; r < R; ++r) c[v][r].store(out + r * out_r + v * V);
 }
 
 template <typename T, int NV>
@@ -826,11 +885,12 @@ void bwd_weight_small(const T* gsrc, const T* xp, const conv::Params& p, T* gwp)
   const int RM = NV == 1 ? 12 : NV == 2 ? 6 : 4;
   const int64_t ntask = ceil_div(M, kGwSmallPixels);
   const int64_t psize = K * cpad;  // a task's partial: [t][ci][cpad]
+  const bool by_rows = p.dw == 1 && p.kW > 1;
   std::vector<T> partial(ntask * psize);
   at::parallel_for(0, ntask, 1, [&](int64_t b, int64_t e) {
     std::vector<T> gbuf(kGwSmallPixels * cpad);
     std::vector<const T*> xs(kGwSmallPixels), gs(kGwSmallPixels);
-    std::vector<int64_t> ih0(kGwSmallPixels), iw0(kGwSmallPixels), nb(kGwSmallPixels);
+    std::vector<int64_t> ih0(kGwSmallPixels), iw0(kGwSmallPixels), nb(kGwSmallPixels), edge(kGwSubPixels);
     for (int64_t task = b; task < e; ++task) {
       const int64_t m0 = task * kGwSmallPixels, np = std::min(kGwSmallPixels, M - m0);
       // grad_out rows of the task, zero-padded to whole blocks (the lanes past C_out are discarded)
@@ -853,44 +913,73 @@ void bwd_weight_small(const T* gsrc, const T* xp, const conv::Params& p, T* gwp)
       // sub-blocks of kGwSubPixels pixels: the input pixels their taps read stay in L1 across the
       // (tap, channel block) sweeps (sweeps over all 512 pixels missed L1; with the sub-blocks DenseNet's
       // 40 -> 8 layer went from 36 to 44 GFLOP/s on one thread, 2026-12-02)
+      auto tiles = [&](int64_t cnt, int64_t nrow, T* pt) {  // pt[j][cpad] += sum_i xs[i][j] gs[i], j < nrow
+        for (int64_t ci0 = 0; ci0 < nrow; ci0 += RM) {
+          const int rr = static_cast<int>(std::min<int64_t>(RM, nrow - ci0));
+          for (int64_t blk = 0; blk < nblk; ++blk) {
+            T* o = pt + ci0 * cpad + blk * NB;
+            const int64_t go = blk * NB;
+            if (NV == 1) gw_small_tile_r<T, 1>(rr, xs.data(), ci0, gs.data(), go, cnt, o, cpad);
+            else if (NV == 2) gw_small_tile_r<T, 2>(rr, xs.data(), ci0, gs.data(), go, cnt, o, cpad);
+            else gw_small_tile_r<T, 3>(rr, xs.data(), ci0, gs.data(), go, cnt, o, cpad);
+          }
+        }
+      };
       for (int64_t s0 = 0; s0 < np; s0 += kGwSubPixels) {
         const int64_t s1 = std::min(np, s0 + kGwSubPixels);
-        for (int64_t kh = 0; kh < p.kH; ++kh)
+        for (int64_t kh = 0; kh < p.kH; ++kh) {
+          // Kernel rows of adjacent pixels (dilation 1 along W): a pixel whose row kh lies inside the
+          // input along W reads kW * C_in contiguous values, the rows of the partial for taps
+          // (kh, 0..kW) in their [kw][ci] order: one sweep of kW C_in rows (tiles of RM rows) instead
+          // of kW sweeps of C_in (the stem: 21 rows in tiles of 6, not 3 rows per tap). The pixels
+          // that cross the left or right padding are summed per tap below.
+          int64_t nedge = 0;
+          if (by_rows) {
+            int64_t cnt = 0;
+            for (int64_t i = s0; i < s1; ++i) {
+              const int64_t ih = ih0[i] + kh * p.dh;
+              if (ih < 0 || ih >= p.H) continue;
+              if (iw0[i] >= 0 && iw0[i] + p.kW <= p.W) {
+                xs[cnt] = xp + nb[i] + (ih * p.W + iw0[i]) * Cin;
+                gs[cnt] = gbuf.data() + i * cpad;
+                ++cnt;
+              } else {
+                edge[nedge++] = i;
+              }
+            }
+            if (cnt > 0) tiles(cnt, p.kW * Cin, part + kh * p.kW * Cin * cpad);
+            if (nedge == 0) continue;
+          }
           for (int64_t kw = 0; kw < p.kW; ++kw) {
             const int64_t t = kh * p.kW + kw;
             // the pixels whose tap t lies inside the input, in order
             int64_t cnt = 0;
-            for (int64_t i = s0; i < s1; ++i) {
+            for (int64_t e = 0; e < (by_rows ? nedge : s1 - s0); ++e) {
+              const int64_t i = by_rows ? edge[e] : s0 + e;
               const int64_t ih = ih0[i] + kh * p.dh, iw = iw0[i] + kw * p.dw;
               if (ih < 0 || ih >= p.H || iw < 0 || iw >= p.W) continue;
               xs[cnt] = xp + nb[i] + (ih * p.W + iw) * Cin;
               gs[cnt] = gbuf.data() + i * cpad;
               ++cnt;
             }
-            if (cnt == 0) continue;
-            T* pt = part + t * Cin * cpad;
-            for (int64_t ci0 = 0; ci0 < Cin; ci0 += RM) {
-              const int rr = static_cast<int>(std::min<int64_t>(RM, Cin - ci0));
-              for (int64_t blk = 0; blk < nblk; ++blk) {
-                T* o = pt + ci0 * cpad + blk * NB;
-                const int64_t go = blk * NB;
-                if (NV == 1) gw_small_tile_r<T, 1>(rr, xs.data(), ci0, gs.data(), go, cnt, o, cpad);
-                else if (NV == 2) gw_small_tile_r<T, 2>(rr, xs.data(), ci0, gs.data(), go, cnt, o, cpad);
-                else gw_small_tile_r<T, 3>(rr, xs.data(), ci0, gs.data(), go, cnt, o, cpad);
-              }
-            }
+            if (cnt > 0) tiles(cnt, Cin, part + t * Cin * cpad);
           }
+        }
       }
     }
   });
-  // gw (C_out, C_in, kH, kW): the sum over the tasks in order, in float64
-  at::parallel_for(0, Cout * K, 1024, [&](int64_t b, int64_t e) {
-    for (int64_t j = b; j < e; ++j) {
-      const int64_t oc = j / K, k = j % K, ci = k / ntaps, t = k % ntaps;
-      const int64_t src = (t * Cin + ci) * cpad + oc;
-      double s = 0;
-      for (int64_t task = 0; task < ntask; ++task) s += static_cast<double>(partial[task * psize + src]);
-      gwp[j] = static_cast<T>(s);
+  // gw (C_out, C_in, kH, kW): the sum over the tasks in order, in float64, a partial row (t, ci) of
+  // cpad channels at a time (contiguous in every task's partial)
+  at::parallel_for(0, K, 8, [&](int64_t b, int64_t e) {
+    std::vector<double> acc(cpad);
+    for (int64_t row = b; row < e; ++row) {
+      const int64_t t = row / Cin, ci = row % Cin;
+      std::fill(acc.begin(), acc.end(), 0.0);
+      for (int64_t task = 0; task < ntask; ++task) {
+        const T* src = partial.data() + task * psize + row * cpad;
+        for (int64_t c = 0; c < cpad; ++c) acc[c] += static_cast<double>(src[c]);
+      }
+      for (int64_t oc = 0; oc < Cout; ++oc) gwp[(oc * Cin + ci) * ntaps + t] = static_cast<T>(acc[oc]);
     }
   });
 }
