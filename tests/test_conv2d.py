@@ -562,6 +562,7 @@ NEW_PATH_CASES = [
     (1, 3, 5, 3, 4, 5, 1, 2, 1, 1),          # a kernel wider than the input: every pixel gathered
     (2, 3, 11, 13, 9, 3, 1, 2, (2, 1), 1),   # dilation along H only: rows read in place
     (3, 6, 10, 9, 16, 5, 1, 2, 1, 1),        # 270 pixels: a partial tile, rows across images
+    (1, 3, 12, 140, 10, 7, 2, 3, 1, 1),      # direct NCHW, AVX-512 tiles: rows of 70 (4 + 1 vectors), 6 + 4 channels
 ]
 
 

@@ -57,7 +57,7 @@ bool use_bwd_input_as_nchw_fwd(const conv::Params& p) {
 // convolutions, the ResNet stem): the direct NCHW kernel (vectorized along the output row, a register
 // tile of output channels x taps) on grad_out and input as they are, no reorder to NHWC.
 // Also any grouped convolution with few input channels per group (depthwise: one group after the other).
-bool use_nchw_bwd_weight(const conv::Params& p) { return !p.channels_last && p.cin_g() <= 4; }
+bool use_nchw_bwd_weight(const conv::Params& p) { static const bool off = std::getenv("EXP_GW"); return !off && !p.channels_last && p.cin_g() <= 4; }
 
 // grad_input of a stride-1 depthwise convolution: the depthwise forward of grad_out by the flipped
 // weight, with padding dh (kH - 1) - top (...), on the forward's kernels of the layout (NCHW: the direct

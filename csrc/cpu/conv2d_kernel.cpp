@@ -332,7 +332,7 @@ __attribute__((noinline)) void nchw_tile(const T* const* rows /* [C_in * kH] pad
   constexpr int64_t V = Vec::size();
   const int64_t ksz = cin * kH * kW;
   Vec acc[OCR][NV];
-#pragma GCC unroll 4
+#pragma GCC unroll 8
   for (int o = 0; o < OCR; ++o)
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) acc[o][v] = Vec(bias[o]);
@@ -343,7 +343,7 @@ __attribute__((noinline)) void nchw_tile(const T* const* rows /* [C_in * kH] pad
 #pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) xv[v] = Vec::loadu(row + koff[kw] + v * V);
       const int64_t wi = r * kW + kw;
-#pragma GCC unroll 4
+#pragma GCC unroll 8
       for (int o = 0; o < OCR; ++o) {
         const Vec wv(w[o * ksz + wi]);
 #pragma GCC unroll 4
@@ -351,7 +351,7 @@ __attribute__((noinline)) void nchw_tile(const T* const* rows /* [C_in * kH] pad
       }
     }
   }
-#pragma GCC unroll 4
+#pragma GCC unroll 8
   for (int o = 0; o < OCR; ++o)
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) {
@@ -365,6 +365,7 @@ template <typename T, int OCR>
 inline void nchw_tile_nv(int nv, const T* const* rows, int64_t cin, int64_t kH, int64_t kW, const int64_t* koff, const T* w,
                          const T* bias, T* const* out, int64_t count) {
   switch (nv) {
+    case 4: if constexpr (Vectorized<T>::size() == 16) nchw_tile<T, OCR, 4>(rows, cin, kH, kW, koff, w, bias, out, count); break;
     case 3: nchw_tile<T, OCR, 3>(rows, cin, kH, kW, koff, w, bias, out, count); break;
     case 2: nchw_tile<T, OCR, 2>(rows, cin, kH, kW, koff, w, bias, out, count); break;
     default: nchw_tile<T, OCR, 1>(rows, cin, kH, kW, koff, w, bias, out, count); break;
@@ -378,8 +379,9 @@ void fwd_nchw_small(const at::Tensor& x, const at::Tensor& w, const at::Tensor& 
   constexpr int64_t V = Vec::size();
   // 4 output channels x 3 vectors: 12 accumulators, 3 input vectors and one broadcast weight, the 16
   // registers of AVX2. (3 x 4 needed 17: two accumulators lived on the stack, each step's FMA waiting on
-  // the previous one's store: the stem's forward at 45% of peak, 2026-12-01.)
-  constexpr int OCR = 4, NVMAX = 3;
+  // the previous one's store: the stem's forward at 45% of peak, 2026-12-01.) AVX-512 (32 registers):
+  // 8 x 3, 24 accumulators, half the input loads per FMA.
+  constexpr int OCR = V == 16 ? 6 : 4, NVMAX = V == 16 ? 4 : 3;
   const T* xp = x.const_data_ptr<T>();
   const T* wp = w.const_data_ptr<T>();
   T* yp = y.mutable_data_ptr<T>();
@@ -443,10 +445,17 @@ void fwd_nchw_small(const at::Tensor& x, const at::Tensor& w, const at::Tensor& 
             for (int o = 0; o < OCR; ++o)
               outs[o] = yp + ((n * p.C_out + oc0 + std::min(o, ocr - 1)) * Ho + oh) * Wo + ow0;
             const T* wo = wp + oc0 * C * p.kH * p.kW;
-            if (ocr == 4) nchw_tile_nv<T, 4>(nv, rows.data(), C, p.kH, p.kW, koff.data(), wo, b.data() + oc0, outs, count);
-            else if (ocr == 3) nchw_tile_nv<T, 3>(nv, rows.data(), C, p.kH, p.kW, koff.data(), wo, b.data() + oc0, outs, count);
-            else if (ocr == 2) nchw_tile_nv<T, 2>(nv, rows.data(), C, p.kH, p.kW, koff.data(), wo, b.data() + oc0, outs, count);
-            else nchw_tile_nv<T, 1>(nv, rows.data(), C, p.kH, p.kW, koff.data(), wo, b.data() + oc0, outs, count);
+            switch (ocr) {
+#define PYFASTDL_NCHW_TILE(RR)                                                                                  \
+  case RR:                                                                                                      \
+    if constexpr (RR <= OCR)                                                                                    \
+      nchw_tile_nv<T, RR>(nv, rows.data(), C, p.kH, p.kW, koff.data(), wo, b.data() + oc0, outs, count);       \
+    break;
+              PYFASTDL_NCHW_TILE(8) PYFASTDL_NCHW_TILE(7) PYFASTDL_NCHW_TILE(6) PYFASTDL_NCHW_TILE(5)
+              PYFASTDL_NCHW_TILE(4) PYFASTDL_NCHW_TILE(3) PYFASTDL_NCHW_TILE(2)
+#undef PYFASTDL_NCHW_TILE
+              default: nchw_tile_nv<T, 1>(nv, rows.data(), C, p.kH, p.kW, koff.data(), wo, b.data() + oc0, outs, count);
+            }
           }
         }
     }
@@ -1180,6 +1189,8 @@ void gw_nchw_pass_kb(int kb, int64_t nimg, int64_t rows, int64_t nfull, bool tai
 #define PYFASTDL_GW_PASS(KB) \
   gw_nchw_pass<T, OCB, KB>(nimg, rows, nfull, tail, g0, g_img, g_ch, g_row, x0, x_img, x_row, off, tmask, out, out_oc)
   switch (kb) {
+    case 6: if constexpr (Vectorized<T>::size() == 16) PYFASTDL_GW_PASS(6); break;
+    case 5: if constexpr (Vectorized<T>::size() == 16) PYFASTDL_GW_PASS(5); break;
     case 4: PYFASTDL_GW_PASS(4); break;
     case 3: PYFASTDL_GW_PASS(3); break;
     case 2: PYFASTDL_GW_PASS(2); break;
@@ -1193,7 +1204,8 @@ void bwd_weight_nchw_impl(const at::Tensor& g, const at::Tensor& x, const conv::
                           at::Tensor& gb) {
   using Vec = Vectorized<T>;
   constexpr int64_t V = Vec::size();
-  constexpr int OCB = 3, KB = 4;
+  // 3 output channels x 4 taps: 12 accumulators (AVX2's 16 registers); AVX-512: 4 x 6, 24 of its 32
+  constexpr int OCB = V == 16 ? 4 : 3, KB = V == 16 ? 6 : 4;
   const int64_t Ho = p.H_out, Wo = p.W_out, HWo = Ho * Wo, Cout = p.C_out, Cin = p.C_in;
   const T* gp = g.const_data_ptr<T>();
   if (gb.defined()) conv_simd::grad_bias_nchw<T>(gp, p.N, Cout, HWo, gb.mutable_data_ptr<T>());
@@ -1274,7 +1286,11 @@ void bwd_weight_nchw_impl(const at::Tensor& g, const at::Tensor& x, const conv::
           const T* gq = g0 + oc0 * g_ch;
           T* o = part + oc0 * ntaps + t0;
           const int64_t x_row = p.sh * Wq;
-          if (ocb == 3)
+          if (ocb == 4) {
+            if constexpr (OCB >= 4)
+              gw_nchw_pass_kb<T, 4>(kb, ni, rows, nfull, tail, gq, g_img, g_ch, g_row, xbuf.data(), x_img, x_row,
+                                    off.data() + t0, tmask, o, ntaps);
+          } else if (ocb == 3)
             gw_nchw_pass_kb<T, 3>(kb, ni, rows, nfull, tail, gq, g_img, g_ch, g_row, xbuf.data(), x_img, x_row,
                                   off.data() + t0, tmask, o, ntaps);
           else if (ocb == 2)
