@@ -168,21 +168,40 @@ struct Wino {
   }
 
   // dst[xi * xs + k * NB + j] = (G g G^T)[xi] of g = w'[nb * NB + j][k] (zero past C_out), k in [k0, k1).
-  void transform_weight_block(int64_t nb, int64_t k0, int64_t k1, T* dst, int64_t xs) const {
-    alignas(64) T g[9][NB];
+  // The 3x3 filters of 16 k and NB output channels are first transposed into gk[k][tap][j] (the
+  // AVX-512 table: in-register 16 x 16 transposes, at::vec::transpose_mxn): the filters of one k lie
+  // K * 9 floats apart along the output channels, and gathering them one float at a time was half of
+  // ResNet-18's 3x3 512-channel forward at 7 x 7 (2026-12-02, Zen 5).
+  // Only the transform rows i in [i0, i1) (points xi = 6 i + jj), at dst + (xi - 6 i0) * xs.
+  void transform_weight_block(int64_t nb, int64_t k0, int64_t k1, T* dst, int64_t xs, int i0 = 0, int i1 = 6) const {
+    constexpr int64_t KC = 16;
+    alignas(64) T gk[KC * 9 * NB];
     Vec t[6][3], r[6];
-    for (int64_t k = k0; k < k1; ++k) {
-      for (int64_t j = 0; j < NB; ++j) {
-        const int64_t co = nb * NB + j;
-        for (int tap = 0; tap < 9; ++tap)
-          g[tap][j] = co >= Co ? T(0) : ft ? w[(k * Co + co) * 9 + 8 - tap] : w[(co * K + k) * 9 + tap];
+    const int64_t co0 = nb * NB, rows = std::max<int64_t>(0, std::min<int64_t>(NB, Co - co0));
+    for (int64_t kc0 = k0; kc0 < k1; kc0 += KC) {
+      const int64_t kc = std::min<int64_t>(KC, k1 - kc0);
+      if (rows < NB) std::fill(gk, gk + kc * 9 * NB, T(0));
+      if (rows > 0) {
+        if (!ft) {  // w (Co, K, 3, 3): per output channel, the 9 kc values of k in [kc0, kc0 + kc) in a row
+          at::vec::transpose_mxn<T>(w + (co0 * K + kc0) * 9, K * 9, gk, NB, static_cast<int>(rows),
+                                    static_cast<int>(kc * 9));
+        } else {  // w (K, Co, 3, 3) read flipped: per k, the output channels' 9 taps in a row
+          for (int64_t kl = 0; kl < kc; ++kl)
+            at::vec::transpose_mxn<T>(w + ((kc0 + kl) * Co + co0) * 9, 9, gk + kl * 9 * NB, NB,
+                                      static_cast<int>(rows), 9);
+        }
       }
-      for (int64_t h = 0; h < NB; h += V) {
-        for (int c = 0; c < 3; ++c)  // along kh, per column kw
-          g3(Vec::loadu(&g[c][h]), Vec::loadu(&g[3 + c][h]), Vec::loadu(&g[6 + c][h]), &t[0][c], 3);
-        for (int i = 0; i < 6; ++i) {  // along kw, per row
-          g3(t[i][0], t[i][1], t[i][2], r, 1);
-          for (int jj = 0; jj < 6; ++jj) r[jj].store(dst + (i * 6 + jj) * xs + k * NB + h);
+      for (int64_t kl = 0; kl < kc; ++kl) {
+        const T* g = gk + kl * 9 * NB;
+        auto tap = [&](int i, int64_t h) { return Vec::loadu(g + (ft ? 8 - i : i) * NB + h); };
+        T* d = dst + (kc0 + kl) * NB;
+        for (int64_t h = 0; h < NB; h += V) {
+          for (int c = 0; c < 3; ++c)  // along kh, per column kw
+            g3(tap(c, h), tap(3 + c, h), tap(6 + c, h), &t[0][c], 3);
+          for (int i = i0; i < i1; ++i) {  // along kw, per row
+            g3(t[i][0], t[i][1], t[i][2], r, 1);
+            for (int jj = 0; jj < 6; ++jj) r[jj].store(d + ((i - i0) * 6 + jj) * xs + h);
+          }
         }
       }
     }
@@ -265,13 +284,13 @@ struct Wino {
   }
 
   // C[xi][t][0..NB) = V[xi][t][0..K) B[xi][0..K)[0..NB) for the nt tiles of a block, xi in [x0, x1):
-  // A = V (xi stride as, row stride Kp), B (xi stride bs), C (xi stride cs, row stride ldc).
+  // A = V (xi stride as, row stride Kp), B (point x0 first, xi stride bs), C (xi stride cs, row stride ldc).
   void gemm(const T* A, int64_t as, const T* B, int64_t bs, T* C, int64_t cs, int64_t ldc, int64_t nt, int64_t x0,
             int64_t x1) const {
     const int64_t nmt = ceil_div(nt, MR);
     for (int64_t xi = x0; xi < x1; ++xi)
       for (int64_t mt = 0; mt < nmt; ++mt)
-        ukernel<T>(A + xi * as + mt * MR * Kp, Kp, K, B + xi * bs, C + xi * cs + mt * MR * ldc, ldc);
+        ukernel<T>(A + xi * as + mt * MR * Kp, Kp, K, B + (xi - x0) * bs, C + xi * cs + mt * MR * ldc, ldc);
   }
 
   void run() {
@@ -307,11 +326,15 @@ struct Wino {
     for (int64_t t0 = 0; t0 < tiles; t0 += Tb) {
       const int64_t nt = std::min(Tb, tiles - t0);
       at::parallel_for(0, nblk, 1, [&](int64_t b, int64_t e) {
-        std::vector<T> Vb(NP * Tb * Kp, T(0)), Ub(NP * K * NB), Mb(NP * Tb * NB);
+        // U of the task's channels one transform row (6 points) at a time: 6 K NB floats, written and
+        // read back in L2 (all 36 points of 512 channels, 2.4 MB, went out to L3 and back)
+        std::vector<T> Vb(NP * Tb * Kp, T(0)), Ub(6 * K * NB), Mb(NP * Tb * NB);
         for (int64_t tl = 0; tl < nt; ++tl) input_tile(t0 + tl, Vb.data(), Tb, tl);
         for (int64_t nb = b; nb < e; ++nb) {
-          transform_weight_block(nb, 0, K, Ub.data(), K * NB);
-          gemm(Vb.data(), Tb * Kp, Ub.data(), K * NB, Mb.data(), Tb * NB, NB, nt, 0, NP);
+          for (int i = 0; i < 6; ++i) {
+            transform_weight_block(nb, 0, K, Ub.data(), K * NB, i, i + 1);
+            gemm(Vb.data(), Tb * Kp, Ub.data(), K * NB, Mb.data(), Tb * NB, NB, nt, 6 * i, 6 * i + 6);
+          }
           for (int64_t tl = 0; tl < nt; ++tl)
             output_tile(t0 + tl, Mb.data() + tl * NB, Tb * NB, nb * NB, std::min(Co, (nb + 1) * NB));
         }
