@@ -563,6 +563,8 @@ NEW_PATH_CASES = [
     (2, 3, 11, 13, 9, 3, 1, 2, (2, 1), 1),   # dilation along H only: rows read in place
     (3, 6, 10, 9, 16, 5, 1, 2, 1, 1),        # 270 pixels: a partial tile, rows across images
     (1, 3, 12, 140, 10, 7, 2, 3, 1, 1),      # direct NCHW, AVX-512 tiles: rows of 70 (4 + 1 vectors), 6 + 4 channels
+    (4, 40, 12, 12, 48, 3, 1, 1, 1, 1),      # tiled grad_weight: 3 chunks of rows, channel tails on both sides
+    (2, 40, 13, 13, 48, 3, 2, 1, 1, 1),      # ... stride 2
 ]
 
 
@@ -615,7 +617,8 @@ def test_cpu_paths_gradcheck(c, layout):
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("c", [NEW_PATH_CASES[0], NEW_PATH_CASES[4], NEW_PATH_CASES[6], NEW_PATH_CASES[10],
-                               NEW_PATH_CASES[12], NEW_PATH_CASES[19], NEW_PATH_CASES[24]], ids=_id)
+                               NEW_PATH_CASES[12], NEW_PATH_CASES[19], NEW_PATH_CASES[24],
+                               NEW_PATH_CASES[29]], ids=_id)
 def test_cpu_paths_do_not_depend_on_thread_count(c, layout):
     _assert_same_bits_with_1_2_3_threads(c, layout)
 
