@@ -22,9 +22,30 @@ constexpr auto kernels = &cpu::conv2d_kernels;  // the table of the CPU's capabi
 constexpr auto kernels_1x1 = &cpu::conv2d_1x1_kernels;
 constexpr auto kernels_panel = &cpu::conv2d_panel_kernels;
 
+// t in memory format fmt: itself if it already is; an NCHW <-> NHWC copy of a 4-D float tensor on the
+// kernels' transposes (torch's .contiguous(format) moved 3 MB at about 10 GB/s here, 2026-12-02, Zen 5:
+// a third of a ResNet-18 downsample's grad_input on NCHW); anything else (strided views) by torch.
+at::Tensor as_format(const at::Tensor& t, at::MemoryFormat fmt) {
+  if (t.is_contiguous(fmt)) {
+    // (a tensor contiguous in both formats, C == 1 or H W == 1, gets fmt's strides: the same memory order)
+    if (t.dim() != 4 || fmt != at::MemoryFormat::Contiguous) return t;
+    const int64_t C = t.size(1), H = t.size(2), W = t.size(3);
+    const std::array<int64_t, 4> st = {C * H * W, H * W, W, 1};
+    return t.strides() == at::IntArrayRef(st) ? t : t.as_strided(t.sizes(), st);
+  }
+  const bool to_nhwc = fmt == at::MemoryFormat::ChannelsLast;
+  const at::MemoryFormat from = to_nhwc ? at::MemoryFormat::Contiguous : at::MemoryFormat::ChannelsLast;
+  if (t.dim() != 4 || !t.is_contiguous(from) || t.numel() == 0 ||
+      (t.scalar_type() != at::kFloat && t.scalar_type() != at::kDouble))
+    return t.contiguous(fmt);
+  at::Tensor out = at::empty(t.sizes(), t.options().memory_format(fmt));
+  kernels()->reorder(t, out, to_nhwc);
+  return out;
+}
+
 // Output of the op in the input's memory format, from the NHWC result of the kernel.
 at::Tensor to_input_format(const at::Tensor& nhwc, bool channels_last) {
-  return channels_last ? nhwc : nhwc.contiguous();
+  return channels_last ? nhwc : as_format(nhwc, at::MemoryFormat::Contiguous);
 }
 
 // Few input channels on NCHW input (LeNet's convolutions): the direct NCHW kernel, vectorized along
@@ -84,6 +105,17 @@ bool use_1x1(const conv::Params& p) {
 // ResNet-18 downsample 8x64x56x56 -> 128, stride 2: forward 4.3-9.4 -> 2.0-3.4 ms (torch 2.6-4.7 ms),
 // grad_input 6.3 -> 2.6-3.3 ms, grad_weight 7.0 -> 2.3-2.6 ms (minimums of 15).
 bool use_nchw_1x1(const conv::Params& p) { return use_1x1(p) && !p.channels_last; }
+// ... but its gradients only on large planes: on small ones each channel's plane is a short row, and
+// grad_out and the input reordered to NHWC (and grad_input back) win. Measured on the 2-core AMD EPYC
+// Zen 5 (AVX-512), 2026-12-02, 2 threads, ResNet-18's downsamples at batch 8, grad_input + grad_weight
+// + grad_bias: 256 -> 512 at 14 -> 7 px 3.85 -> 1.2 ms, 128 -> 256 at 28 -> 14 px 2.15 -> 1.34 ms; 64 -> 128
+// at 56 -> 28 px (784 output pixels) stays on the NCHW kernels (1.3 ms against 5.0). A padded 1x1 also
+// stays: the NHWC grad_weight skips the padding, so a non-finite grad_out there would not reach it as
+// in torch (test_conv2d_1x1.py: test_1x1_nhwc_grad_weight_skips_padding).
+bool use_nchw_1x1_bwd(const conv::Params& p) {
+  const bool padded = p.pt != 0 || p.pb != 0 || p.pl != 0 || p.pr != 0;
+  return use_nchw_1x1(p) && (padded || p.H_out * p.W_out >= 392);
+}
 
 // grad_input on channels_last input: per output pixel the C_in channels of W^T g (K = C_out contiguous),
 // written to the input pixel it read; the rest zeroed row by row. The gather GEMM over the input pixels
@@ -158,7 +190,7 @@ at::Tensor conv2d_fwd_cpu(const at::Tensor& input, const at::Tensor& weight, con
     if (y.numel() > 0) kernels()->fwd_nchw(input.contiguous(), w, b, p, y);
     return y;
   }
-  const at::Tensor x = input.contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor x = as_format(input, at::MemoryFormat::ChannelsLast);
   // NCHW output written by the kernel directly (no reorder), except for depthwise (NHWC vectors)
   const bool nhwc_out = p.channels_last || is_depthwise(p);
   at::Tensor y = at::empty({p.N, p.C_out, p.H_out, p.W_out},
@@ -177,7 +209,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_bwd_cpu(const at::Tensor& 
                                          {at::kFloat, at::kDouble}, "conv2d_bwd");
   const auto cl = at::MemoryFormat::ChannelsLast;
   at::Tensor gi, gw, gb;
-  if (use_nchw_1x1(p)) {  // grad_out, input and grad_input in NCHW as they are
+  if (use_nchw_1x1_bwd(p)) {  // grad_out, input and grad_input in NCHW as they are
     const at::Tensor go = grad_out.contiguous();
     if (output_mask[0]) {
       gi = at::empty({p.N, p.C_in, p.H, p.W}, input.options().memory_format(at::MemoryFormat::Contiguous));
@@ -205,8 +237,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_bwd_cpu(const at::Tensor& 
   const bool gi_wino = output_mask[0] && cpu::winograd_selected(p, input.scalar_type(), true);
   const bool gi_cl_panel = output_mask[0] && !gi_wino && use_cl_panel_bwd_input(p);
   const bool gi_panel = output_mask[0] && !gi_wino && (use_nchw_panel_bwd_input(p) || gi_cl_panel);
+  // 1x1 grad_input on the NHWC kernel: channels_last input, or NCHW input on small planes (reordered)
+  const bool gi_1x1_nhwc = output_mask[0] && (use_nhwc_1x1_bwd_input(p) || (use_1x1(p) && !p.channels_last &&
+                                                                            !use_bwd_input_as_nchw_fwd(p) && !gi_panel));
   const at::Tensor g = ((output_mask[0] && !use_bwd_input_as_nchw_fwd(p) && !gi_dw && !gi_panel) || ((output_mask[1] || output_mask[2]) && !wb_nchw))
-                           ? grad_out.contiguous(cl)
+                           ? as_format(grad_out, cl)
                            : grad_out;  // (only its sizes are read on the direct NCHW paths)
   if (gi_dw) {
     const at::Tensor wf = weight.flip({2, 3}).contiguous();
@@ -217,14 +252,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_bwd_cpu(const at::Tensor& 
     gi = conv2d_fwd_cpu(grad_out.contiguous(fmt), wf, c10::nullopt, st, pad, dil, p.groups).contiguous(fmt);
   } else if (output_mask[0]) {
     gi = at::empty({p.N, p.C_in, p.H, p.W},
-                   input.options().memory_format((p.channels_last && !gi_cl_panel) || (is_depthwise(p) && !gi_panel)
+                   input.options().memory_format((p.channels_last && !gi_cl_panel) || (is_depthwise(p) && !gi_panel) ||
+                                                 gi_1x1_nhwc
                                                      ? cl : at::MemoryFormat::Contiguous));
     if (gi.numel() > 0) {
       if (g.numel() == 0 || weight.numel() == 0) gi.zero_();
-      else if (use_nhwc_1x1_bwd_input(p)) kernels_1x1()->bwd_input_nhwc(g, weight.contiguous(), p, gi);
+      else if (gi_1x1_nhwc) kernels_1x1()->bwd_input_nhwc(g, weight.contiguous(), p, gi);
       else if (gi_panel) {
         kernels_panel()->bwd_input_nchw(grad_out.contiguous(), weight.contiguous(), p, gi);
-        if (gi_cl_panel) gi = gi.contiguous(cl);
+        if (gi_cl_panel) gi = as_format(gi, cl);
       }
       else if (gi_wino) cpu::conv2d_winograd_bwd_input(g, weight, p, gi);
       else if (use_bwd_input_as_nchw_fwd(p)) {
@@ -250,7 +286,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_bwd_cpu(const at::Tensor& 
     } else if (wb_nchw) {
       kernels()->bwd_weight_nchw(grad_out.contiguous(), input.contiguous(), p, gw, gb);
     } else {
-      kernels()->bwd_weight(g, input.contiguous(cl), p, gw, gb);
+      kernels()->bwd_weight(g, as_format(input, cl), p, gw, gb);
     }
   }
   return {gi, gw, gb};

@@ -1318,7 +1318,32 @@ void bwd_weight_nchw(const at::Tensor& g, const at::Tensor& x, const conv::Param
                              [&] { bwd_weight_nchw_impl<scalar_t>(g, x, p, gw, gb); });
 }
 
-const Conv2dKernels kTable{&fwd, &bwd_input, &bwd_weight, &fwd_nchw, &bwd_weight_nchw};
+template <typename T>
+void reorder_impl(const at::Tensor& src, at::Tensor& dst, bool to_nhwc) {
+  const int64_t N = src.size(0), C = src.size(1), HW = src.size(2) * src.size(3);
+  constexpr int64_t PB = 64;  // pixels per task: C x 64 values moved
+  const int64_t npb = ceil_div(HW, PB);
+  const T* s = src.const_data_ptr<T>();
+  T* d = dst.mutable_data_ptr<T>();
+  at::parallel_for(0, N * npb, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, C * PB)), [&](int64_t b, int64_t e) {
+    for (int64_t idx = b; idx < e; ++idx) {
+      const int64_t n = idx / npb, p0 = (idx % npb) * PB;
+      const int np = static_cast<int>(std::min(PB, HW - p0));
+      const T* sn = s + n * C * HW;
+      T* dn = d + n * C * HW;
+      if (to_nhwc)  // [C][HW] -> [HW][C]
+        at::vec::transpose_mxn<T>(sn + p0, HW, dn + p0 * C, C, static_cast<int>(C), np);
+      else
+        at::vec::transpose_mxn<T>(sn + p0 * C, C, dn + p0, HW, np, static_cast<int>(C));
+    }
+  });
+}
+
+void reorder(const at::Tensor& src, at::Tensor& dst, bool to_nhwc) {
+  AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "conv2d_reorder_cpu", [&] { reorder_impl<scalar_t>(src, dst, to_nhwc); });
+}
+
+const Conv2dKernels kTable{&fwd, &bwd_input, &bwd_weight, &fwd_nchw, &bwd_weight_nchw, &reorder};
 
 }  // namespace
 }  // namespace CPU_CAPABILITY

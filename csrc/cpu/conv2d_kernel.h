@@ -35,6 +35,10 @@ struct Conv2dKernels {
   // fixed tasks of output pixels, their partial sums added in order.
   void (*bwd_weight_nchw)(const at::Tensor& g, const at::Tensor& x, const conv::Params& p, at::Tensor& gw,
                           at::Tensor& gb);
+  // dst = src in the other memory format: src (N, C, H, W) contiguous NCHW and dst channels_last
+  // (to_nhwc), or the reverse; both float or both double, same sizes. Per image blocks of pixels
+  // transposed (16 x 16 in registers on AVX-512).
+  void (*reorder)(const at::Tensor& src, at::Tensor& dst, bool to_nhwc);
 };
 
 PYFASTDL_CPU_KERNELS(Conv2dKernels, conv2d_kernels)
