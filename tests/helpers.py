@@ -82,21 +82,17 @@ def assert_schema_matches_cpp(triton_ops, op: str) -> None:
 
 # ---- processes on this machine (gloo) -----------------------------------------------------------------
 
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank_worker(rank, port, tmp, world, scenarios):
+def _rank_worker(rank, tmp, world, scenarios):
     import datetime
     import traceback
 
     import torch.distributed as dist
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    # The ranks meet through a file in the fixture's own directory, not a TCP port: a port picked free
+    # and then bound by the store could be taken in between by another test's gloo processes (pytest
+    # runs two workers). One CI run, 2026-12-02, lost this module's ranks to a SIGABRT at set-up.
+    dist.init_process_group("gloo", init_method="file://" + os.path.join(tmp, "rendezvous"), rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=60))
     out = {}
     try:
         for name, scenario in scenarios:
@@ -116,7 +112,7 @@ def run_in_ranks(tmp: str, world: int, scenarios) -> list:
     they are pickled), a barrier after each; an exception is recorded as ``out[name + "/exception"]``
     and the next scenario still runs. Returns each rank's ``out``."""
     import torch.multiprocessing as mp
-    mp.spawn(_rank_worker, args=(_free_port(), tmp, world, scenarios), nprocs=world, join=True)
+    mp.spawn(_rank_worker, args=(tmp, world, scenarios), nprocs=world, join=True)
     return [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False) for r in range(world)]
 
 
